@@ -1,0 +1,96 @@
+"""flaxlora's own Flax T5 and BERT, and their Hugging Face checkpoint I/O.
+
+    model, params, config = models.load('google-t5/t5-small')
+    models.save('/tmp/out', model, params)
+
+A model family is a module (`t5`, `bert`) that provides:
+  MODEL_TYPES: the config.json `model_type` values it reads.
+  MODULE: its flax module class (the model's type).
+  config_from_hf(dict) -> config;  config_to_hf(model) -> dict (for saving,
+    head and label count included)
+  build(config, *, dtype, **head_kwargs) -> nn.Module
+  init(model, rng) -> params (unboxed fp32 arrays)
+  hf_rules(model, keys=None) -> list[hf_io.Rule]  (keys: the checkpoint's names)
+  HF_IGNORE: checkpoint names that are buffers, not parameters.
+"""
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxlora.models import bert
+from flaxlora.models import hf_io
+from flaxlora.models import t5
+
+FAMILIES = {'t5': t5, 'bert': bert}
+
+
+def family_of(config_dict: dict[str, Any], source: str = 'config.json'):
+  """The family module for a config.json dict."""
+  model_type = config_dict.get('model_type')
+  for family in FAMILIES.values():
+    if model_type in family.MODEL_TYPES:
+      return family
+  known = sorted(t for f in FAMILIES.values() for t in f.MODEL_TYPES)
+  raise ValueError(f'{source}: model_type {model_type!r} is not supported; '
+                   f'flaxlora reads {known}.')
+
+
+def family_of_model(model) -> Any:
+  for family in FAMILIES.values():
+    if isinstance(model, family.MODULE):
+      return family
+  raise TypeError(f'{type(model).__name__} is not a flaxlora model.')
+
+
+def load(path_or_hub_id: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32,
+         rng: jax.Array | None = None, **head_kwargs):
+  """Loads a Hugging Face checkpoint (folder or hub id) into flaxlora.
+
+  Args:
+    path_or_hub_id: a folder with config.json and model.safetensors (or a
+      sharded index), or a hub id such as 'google-t5/t5-small'.
+    dtype: compute dtype of the model (params are always fp32).
+    rng: initialises parameters the checkpoint lacks (a new task head).
+    **head_kwargs: family options, e.g. BERT's head='classification',
+      num_labels=2.
+
+  Returns:
+    (model, params, config); params is a nested dict of fp32 jax arrays.
+  """
+  folder = hf_io.resolve(path_or_hub_id)
+  config_dict = hf_io.read_config(folder)
+  family = family_of(config_dict, str(folder / hf_io.CONFIG_FILE))
+  config = family.config_from_hf(config_dict)
+  model = family.build(config, dtype=dtype, **head_kwargs)
+  tensors = hf_io.read_tensors(folder)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  init_params = family.init(model, rng)
+  params, fresh = hf_io.to_flax(
+      tensors, family.hf_rules(model, keys=set(tensors)), init_params,
+      source=str(folder), ignore=family.HF_IGNORE)
+  if fresh:
+    print(f'flaxlora: newly initialised (not in {folder}): {fresh}')
+  return model, jax.tree.map(jnp.asarray, params), config
+
+
+def save(folder: str | os.PathLike, model, params,
+         tokenizer=None) -> pathlib.Path:
+  """Writes `params` as a Hugging Face folder that `transformers` loads.
+
+  Args:
+    folder: destination; replaced atomically.
+    model: the flaxlora model the params belong to.
+    params: its params (plain arrays, e.g. after `lora.merge`).
+    tokenizer: optional transformers tokenizer, saved next to the weights.
+  """
+  family = family_of_model(model)
+  params = jax.tree.map(np.asarray, params)
+  tensors = hf_io.to_hf(params, family.hf_rules(model))
+  folder = hf_io.write_folder(folder, family.config_to_hf(model), tensors)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(folder))
+  return folder

@@ -1,0 +1,170 @@
+"""Building blocks shared by the T5 and BERT models.
+
+Every parameter is created with logical axis names (`nn.with_logical_partitioning`)
+so that `flaxlora.sharding` can map them to mesh axes by rules.
+
+The single dense op, `dot`, is the only place where a kernel meets an
+activation. A PEFT method may put an *adapted kernel* in place of a plain
+kernel array in the params tree (for example `flaxlora.peft.lora.LoraKernel`).
+An adapted kernel is any pytree node with a method
+
+  `dot(x, *, dtype, dropout_rng) -> y`
+
+and a `needs_rng` property. The models stay PEFT-agnostic: they only call
+`dot`.
+
+Logical axis names used by the models (the one vocabulary `sharding` maps):
+  vocab, embed, mlp, heads (the joined N*D dimension), relpos_buckets,
+  relpos_heads, positions, token_types, classes. Adapters add lora_rank and
+  prompt.
+"""
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+
+def _unbox(value: Any) -> Any:
+  if isinstance(value, nn.meta.AxisMetadata):
+    return value.unbox()
+  return value
+
+
+def param(module: nn.Module, name: str, init: Initializer,
+          shape: Sequence[int], axes: Sequence[str | None]) -> Any:
+  """Returns the fp32 parameter `name` of `module`, created with logical axes.
+
+  When the params passed to `apply` already hold a value at this path, that
+  value is returned as it is: an array, or an adapted kernel placed there by a
+  PEFT method (which flax's own shape check would reject).
+  """
+  if module.has_variable('params', name):
+    value = _unbox(module.get_variable('params', name))
+    value_shape = getattr(value, 'shape', None)
+    if value_shape is not None and tuple(value_shape) != tuple(shape):
+      raise ValueError(
+          f'parameter {"/".join(module.path)}/{name} has shape '
+          f'{tuple(value_shape)}, but the model config needs {tuple(shape)}; '
+          'check that the params belong to this config.')
+    return value
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)),
+                      tuple(shape), jnp.float32)
+
+
+def dot(x: Array, kernel: Any, *, dtype: jnp.dtype,
+        dropout_rng: Array | None = None) -> Array:
+  """`x @ kernel` in compute dtype `dtype`, accumulating in fp32.
+
+  Args:
+    x: [..., in] activations.
+    kernel: [in, out] array, or an adapted kernel (see module docstring).
+    dtype: compute dtype; with bf16, inputs are cast to bf16 and the product
+      accumulates in fp32 before the result is cast back to bf16.
+    dropout_rng: rng for an adapted kernel's own dropout; None when
+      deterministic.
+
+  Returns:
+    [..., out] in `dtype`.
+  """
+  if hasattr(kernel, 'dot'):
+    return kernel.dot(x, dtype=dtype, dropout_rng=dropout_rng)
+  y = jnp.matmul(x.astype(dtype), kernel.astype(dtype),
+                 preferred_element_type=jnp.float32)
+  return y.astype(dtype)
+
+
+class Dense(nn.Module):
+  """A dense layer, kernel [in, out] with logical axes `axes`.
+
+  Attributes:
+    features: output size.
+    axes: logical names of the kernel's (in, out) dimensions; the bias takes
+      the second.
+    use_bias: whether to add a bias.
+    dtype: compute dtype (params stay fp32).
+    kernel_init: initializer of the kernel.
+  """
+  features: int
+  axes: tuple[str, str]
+  use_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.normal(0.02)
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    kernel = param(self, 'kernel', self.kernel_init,
+                   (x.shape[-1], self.features), self.axes)
+    rng = None
+    if not deterministic and getattr(kernel, 'needs_rng', False):
+      rng = self.make_rng('dropout')
+    y = dot(x, kernel, dtype=self.dtype, dropout_rng=rng)
+    if self.use_bias:
+      bias = param(self, 'bias', nn.initializers.zeros, (self.features,),
+                   (self.axes[1],))
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Embed(nn.Module):
+  """An embedding table [num_embeddings, features].
+
+  Attributes:
+    num_embeddings: table size (V for words).
+    features: H.
+    axes: logical names of the table's two dimensions.
+    dtype: compute dtype of the looked-up vectors.
+    embedding_init: initializer of the table.
+  """
+  num_embeddings: int
+  features: int
+  axes: tuple[str, str] = ('vocab', 'embed')
+  dtype: jnp.dtype = jnp.float32
+  embedding_init: Initializer = nn.initializers.normal(1.0)
+
+  def setup(self):
+    self.embedding = param(self, 'embedding', self.embedding_init,
+                           (self.num_embeddings, self.features), self.axes)
+
+  def __call__(self, ids: Array) -> Array:
+    """[B, T] int ids -> [B, T, H]."""
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: Array) -> Array:
+    """[B, T, H] -> [B, T, V] logits against the table (tied output layer)."""
+    return dot(x, self.embedding.T, dtype=self.dtype)
+
+
+class RMSNorm(nn.Module):
+  """T5's layer norm: scale only, no mean subtraction, computed in fp32."""
+  eps: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = param(self, 'scale', nn.initializers.ones, (x.shape[-1],),
+                  ('embed',))
+    x32 = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(variance + self.eps)
+    return (y * scale).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """BERT's layer norm (scale and bias), computed in fp32."""
+  eps: float = 1e-12
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = x.shape[-1]
+    scale = param(self, 'scale', nn.initializers.ones, (features,), ('embed',))
+    bias = param(self, 'bias', nn.initializers.zeros, (features,), ('embed',))
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(variance + self.eps)
+    return (y * scale + bias).astype(self.dtype)
