@@ -31,6 +31,9 @@ FAMILIES = {'t5': t5, 'bert': bert}
 def family_of(config_dict: dict[str, Any], source: str = 'config.json'):
   """The family module for a config.json dict."""
   model_type = config_dict.get('model_type')
+  if model_type is None:
+    raise ValueError(f'{source} has no "model_type"; add e.g. '
+                     '"model_type": "bert" or "t5".')
   for family in FAMILIES.values():
     if model_type in family.MODEL_TYPES:
       return family
@@ -56,7 +59,8 @@ def load(path_or_hub_id: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32,
     dtype: compute dtype of the model (params are always fp32).
     rng: initialises parameters the checkpoint lacks (a new task head).
     **head_kwargs: family options, e.g. BERT's head='classification',
-      num_labels=2.
+      num_labels=2 (BERT's default head is the one config.json's
+      `architectures` names).
 
   Returns:
     (model, params, config); params is a nested dict of fp32 jax arrays.

@@ -10,9 +10,11 @@ import json
 import os
 import pathlib
 import shutil
+import struct
 import tempfile
 from typing import Any, Iterable, Mapping
 
+import ml_dtypes
 import numpy as np
 from safetensors import numpy as st_numpy
 
@@ -66,9 +68,13 @@ def resolve(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
         f'checkpoint folder {text!r} does not exist; pass a folder that holds '
         f'{CONFIG_FILE} and {WEIGHTS_FILE}, or a Hugging Face hub id.')
   import huggingface_hub  # pylint: disable=g-import-not-at-top
+  # huggingface_hub reads HF_HUB_OFFLINE once, at import; honour a later
+  # setting too so that an offline run fails at once instead of retrying.
+  offline = os.environ.get('HF_HUB_OFFLINE', '').upper() in ('1', 'ON',
+                                                               'YES', 'TRUE')
   try:
     return pathlib.Path(huggingface_hub.snapshot_download(
-        text, allow_patterns=HUB_PATTERNS))
+        text, allow_patterns=HUB_PATTERNS, local_files_only=offline))
   except Exception as e:  # the hub raises many kinds; all mean "not reachable"
     raise OSError(
         f'could not get {text!r} from the Hugging Face hub or its cache '
@@ -84,11 +90,52 @@ def read_config(folder: pathlib.Path) -> dict[str, Any]:
     raise FileNotFoundError(
         f'{file} is missing: a checkpoint folder needs {CONFIG_FILE} next to '
         f'its weights.')
+  return _read_json(file)
+
+
+def _read_json(file: pathlib.Path) -> dict[str, Any]:
   try:
-    return json.loads(file.read_text())
+    value = json.loads(file.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f'{file}, line {e.lineno}: not valid JSON ({e.msg}).'
                      ) from e
+  if not isinstance(value, dict):
+    raise ValueError(f'{file}: expected a JSON object, got '
+                     f'{type(value).__name__}.')
+  return value
+
+
+# safetensors dtype names -> numpy; ml_dtypes adds bfloat16, which
+# `safetensors.numpy` cannot load.
+_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
+           'BF16': ml_dtypes.bfloat16, 'I64': np.int64, 'I32': np.int32,
+           'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
+
+
+def read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
+  """Reads one safetensors file (memory-mapped) into name -> numpy array.
+
+  The format is an 8-byte little-endian header size, a JSON header of
+  {name: {dtype, shape, data_offsets}}, then the raw little-endian data.
+  """
+  try:
+    with open(file, 'rb') as f:
+      (size,) = struct.unpack('<Q', f.read(8))
+      header = json.loads(f.read(size))
+    data = np.memmap(file, dtype=np.uint8, mode='r', offset=8 + size)
+    tensors = {}
+    for name, info in header.items():
+      if name == '__metadata__':
+        continue
+      if info['dtype'] not in _DTYPES:
+        raise ValueError(f'tensor {name!r} has dtype {info["dtype"]}, which '
+                         'flaxlora does not read')
+      begin, end = info['data_offsets']
+      tensors[name] = data[begin:end].view(_DTYPES[info['dtype']]).reshape(
+          info['shape'])
+    return tensors
+  except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+    raise ValueError(f'{file}: not a readable safetensors file ({e}).') from e
 
 
 def read_tensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
@@ -98,7 +145,9 @@ def read_tensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
   if single.is_file():
     files = [single]
   elif index.is_file():
-    weight_map = json.loads(index.read_text())['weight_map']
+    weight_map = _read_json(index).get('weight_map')
+    if not isinstance(weight_map, dict):
+      raise ValueError(f'{index}: has no "weight_map" object.')
     files = [folder / name for name in sorted(set(weight_map.values()))]
     for file in files:
       if not file.is_file():
@@ -113,10 +162,7 @@ def read_tensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
         f'{folder} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}.{hint}')
   tensors = {}
   for file in files:
-    try:
-      tensors.update(st_numpy.load_file(str(file)))
-    except Exception as e:
-      raise ValueError(f'{file}: not a readable safetensors file ({e}).') from e
+    tensors.update(read_safetensors(file))
   return tensors
 
 
@@ -217,15 +263,26 @@ def write_folder(folder: str | os.PathLike, config: Mapping[str, Any],
                        metadata={'format': 'pt'})
     for name, text in dict(extra_files).items():
       (staging / name).write_text(text)
-    if folder.exists():
-      old = folder.with_name(f'.{folder.name}.old')
-      shutil.rmtree(old, ignore_errors=True)
-      folder.rename(old)
-      staging.rename(folder)
-      shutil.rmtree(old)
-    else:
-      staging.rename(folder)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
+  staging.chmod(0o755)  # mkdtemp makes it private to its owner
+  _swap_in(staging, folder)
   return folder
+
+
+def _swap_in(staging: pathlib.Path, folder: pathlib.Path) -> None:
+  """Renames `staging` to `folder`; an old `folder` survives any failure."""
+  old = folder.with_name(f'.{folder.name}.old')
+  had_old = folder.exists()
+  try:
+    if had_old:
+      shutil.rmtree(old, ignore_errors=True)
+      folder.rename(old)
+    staging.rename(folder)
+  except BaseException:
+    if had_old and old.exists() and not folder.exists():
+      old.rename(folder)
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  shutil.rmtree(old, ignore_errors=True)

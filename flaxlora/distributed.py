@@ -1,0 +1,307 @@
+"""Running one program over several processes (hosts) with `jax.distributed`.
+
+Every process runs the same program. Call `initialize_distributed()` first
+thing, before any other JAX call:
+
+  * TPU pod slices, SLURM and Open MPI jobs: no arguments; JAX finds the
+    coordinator, the process count and this process's id itself.
+  * Anything else (several GPU hosts, several CPU processes): pass, or set in
+    the environment, the coordinator's `host:port` (JAX_COORDINATOR_ADDRESS),
+    the number of processes (JAX_NUM_PROCESSES) and this process's id
+    (JAX_PROCESS_ID, 0 on the coordinator).
+
+Afterwards `jax.devices()` lists the devices of all processes, and
+`sharding.make_mesh` builds a mesh over them. The rest of this module puts
+arrays onto such a mesh without ever holding one whole on a device:
+`init_sharded` (shape-first init), `load_sharded` (a checkpoint read slice by
+slice), `host_to_global` and `global_batch` (host numpy -> global arrays) and
+`to_host` (global arrays -> numpy on every process).
+"""
+import functools
+import importlib.util
+import math
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from flaxlora import models
+from flaxlora import sharding
+from flaxlora.models import hf_io
+
+Tree = Any
+
+def _env_int(name: str, value: int | None) -> int | None:
+  """`value`, else the integer in environment variable `name`, else None."""
+  if value is not None:
+    return int(value)
+  text = os.environ.get(name, '')
+  if not text:
+    return None
+  try:
+    return int(text)
+  except ValueError:
+    raise ValueError(f'environment variable {name}={text!r} must be an '
+                     'integer.') from None
+
+
+def _auto_detectable() -> bool:
+  """Whether JAX can find the job by itself: a TPU VM (libtpu installed), or
+  a SLURM / Open MPI launch of several tasks."""
+  if importlib.util.find_spec('libtpu') is not None:
+    return True
+  if os.environ.get('SLURM_JOB_ID') and _env_int('SLURM_NTASKS', None):
+    return _env_int('SLURM_NTASKS', None) > 1
+  return (_env_int('OMPI_COMM_WORLD_SIZE', None) or 1) > 1
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None,
+                           local_device_ids: Any = None) -> bool:
+  """Joins this process to a multi-process JAX job, when there is one.
+
+  Arguments left None come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
+  and JAX_PROCESS_ID. With none of them set, JAX's own detection runs on a
+  TPU pod slice, SLURM or Open MPI; otherwise this is a single-process run
+  and nothing happens.
+
+  Args:
+    coordinator_address: 'host:port' of process 0, reachable by all.
+    num_processes: number of processes in the job.
+    process_id: this process's index in [0, num_processes).
+    local_device_ids: restricts this process to some local devices (e.g.
+      one process per GPU).
+
+  Returns:
+    True when the job spans several processes.
+  """
+  if jax.distributed.is_initialized():
+    return jax.process_count() > 1
+  address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  count = _env_int('JAX_NUM_PROCESSES', num_processes)
+  index = _env_int('JAX_PROCESS_ID', process_id)
+  explicit = (address, count, index)
+  if all(v is None for v in explicit):
+    if not _auto_detectable():
+      return False
+    jax.distributed.initialize(local_device_ids=local_device_ids)
+    return jax.process_count() > 1
+  if any(v is None for v in explicit):
+    raise ValueError(
+        'multi-process run needs all of coordinator_address '
+        f'(JAX_COORDINATOR_ADDRESS, got {address!r}), num_processes '
+        f'(JAX_NUM_PROCESSES, got {count!r}) and process_id '
+        f'(JAX_PROCESS_ID, got {index!r}); set the missing ones, or none '
+        'of them for a single process.')
+  if not 0 <= index < count:
+    raise ValueError(f'process_id {index} must be in [0, num_processes='
+                     f'{count}).')
+  jax.distributed.initialize(coordinator_address=address,
+                             num_processes=count, process_id=index,
+                             local_device_ids=local_device_ids)
+  return count > 1
+
+
+def is_main_process() -> bool:
+  """True on the process that writes logs, summaries and exports."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """Waits until every process reaches the barrier `name`."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree: Any) -> Any:
+  """Full numpy copies of (possibly multi-process) global arrays, on every
+  process. Collective: all processes must call it with the same tree."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(one, tree)
+
+
+def init_sharded(model: Any, rng: jax.Array, mesh: Mesh,
+                 rules: sharding.Rules, *init_args,
+                 **init_kwargs) -> tuple[Tree, Tree]:
+  """Initialises params directly into their shards, never whole on a device.
+
+  Shape first: `jax.eval_shape` gives the param shapes and their logical
+  axes, which give the shardings; then `jax.jit(init, out_shardings=...)`
+  makes every device compute only its own slices.
+
+  Args:
+    model: a flaxlora model (its family's `init` and `logical_axes` are
+      used), or any flax module whose params carry logical-axis boxes, then
+      initialised as `model.init(rng, *init_args, **init_kwargs)`.
+    rng: PRNG key.
+    mesh: the device mesh.
+    rules: logical -> mesh axes table.
+    *init_args: init inputs (dummy batch arrays), for a plain flax module.
+    **init_kwargs: more init keyword arguments, for a plain flax module.
+
+  Returns:
+    (params as unboxed sharded jax arrays, their logical axes).
+  """
+  family = None if init_args or init_kwargs else _family_or_none(model)
+  if family is not None:
+    init = functools.partial(family.init, model)
+    axes = family.logical_axes(model)
+  else:
+    def init(r):
+      out = model.init(r, *init_args, **init_kwargs)
+      return nn.unbox(out['params'])
+    axes = sharding.logical_axes(jax.eval_shape(
+        lambda r: model.init(r, *init_args, **init_kwargs)['params'], rng))
+  abstract = jax.eval_shape(init, rng)
+  shardings = sharding.named_shardings(abstract, axes, mesh, rules)
+  return jax.jit(init, out_shardings=shardings)(rng), axes
+
+
+def _family_or_none(model: Any) -> Any:
+  try:
+    return models.family_of_model(model)
+  except TypeError:
+    return None
+
+
+def host_to_global(host: Tree, shardings: Tree,
+                   dtype: Any = np.float32) -> Tree:
+  """Places host arrays into sharded global arrays, one slice per device.
+
+  Each device's callback reads only its own slice (`host[index]`), so a
+  memory-mapped numpy array or a lazy slicer (see `load_sharded`) is never
+  copied whole onto one device. Every process must hold (or be able to
+  read) the full host tree.
+
+  Args:
+    host: numpy arrays, or objects with `.shape` and `__getitem__(slices)`.
+    shardings: same structure, NamedShardings.
+    dtype: dtype of the result.
+  """
+  def one(value, target):
+    return jax.make_array_from_callback(
+        tuple(value.shape), target,
+        lambda index: np.asarray(value[index], dtype))
+  return jax.tree.map(one, host, shardings,
+                      is_leaf=lambda x: hasattr(x, 'shape'))
+
+
+def global_batch(local_batch: Tree, mesh: Mesh,
+                 rules: sharding.Rules) -> Tree:
+  """Global [B, ...] arrays from each process's local [B / processes, ...].
+
+  Each process passes the rows its own devices hold (its share of the global
+  batch, in process order); `jax.make_array_from_process_local_data` joins
+  them without any cross-host copy.
+  """
+  def one(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(
+        sharding.batch_sharding(mesh, rules, x.ndim), x)
+  return jax.tree.map(one, local_batch)
+
+
+def process_rows(mesh: Mesh, rules: sharding.Rules,
+                 global_batch_size: int) -> slice:
+  """The rows of a global batch that this process feeds to `global_batch`.
+
+  Args:
+    mesh: the device mesh.
+    rules: logical -> mesh axes table (the `batch` rule splits rows).
+    global_batch_size: B, summed over all processes.
+  """
+  target = sharding.batch_sharding(mesh, rules, 1)
+  axes = target.spec[0] or ()
+  axes = axes if isinstance(axes, tuple) else (axes,)
+  parts = math.prod(mesh.shape[a] for a in axes)
+  if global_batch_size % parts:
+    raise ValueError(f'global batch size {global_batch_size} must divide by '
+                     f'the {parts} batch shards of mesh {dict(mesh.shape)} '
+                     "(the 'batch' rule's axes).")
+  rows = set()
+  for index in target.addressable_devices_indices_map(
+      (global_batch_size,)).values():
+    rows.update(range(*index[0].indices(global_batch_size)))
+  lo, hi = min(rows), max(rows) + 1
+  if len(rows) != hi - lo:
+    raise ValueError(f'mesh {dict(mesh.shape)} gives this process '
+                     'non-contiguous batch rows; put the batch axes first '
+                     'in the mesh device order.')
+  return slice(lo, hi)
+
+
+class _Slicer:
+  """A checkpoint tensor read lazily, one device slice at a time."""
+
+  def __init__(self, array: np.ndarray):
+    self.array = array  # a memory-mapped (possibly transposed) view
+    self.shape = array.shape
+
+  def __getitem__(self, index):
+    return np.asarray(self.array[index], np.float32)
+
+
+def load_sharded(path_or_hub_id: Any, mesh: Mesh, rules: sharding.Rules, *,
+                 dtype: Any = np.float32, rng: jax.Array | None = None,
+                 **head_kwargs) -> tuple[Any, Tree, Any]:
+  """Like `models.load`, but each device reads only its slice of each tensor.
+
+  The safetensors files are memory-mapped; `jax.make_array_from_callback`
+  asks for each addressable device's index, so no array is ever whole on
+  one device (and, on several hosts, each host reads only its own slices).
+  Parameters the checkpoint lacks (a new task head) are initialised
+  sharded.
+
+  Returns:
+    (model, params as sharded global arrays, config).
+  """
+  folder = hf_io.resolve(path_or_hub_id)
+  config_dict = hf_io.read_config(folder)
+  family = models.family_of(config_dict, str(folder / hf_io.CONFIG_FILE))
+  config = family.config_from_hf(config_dict)
+  model = family.build(config, dtype=dtype, **head_kwargs)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  init = functools.partial(family.init, model)
+  abstract = jax.eval_shape(init, rng)
+  shardings = sharding.named_shardings(
+      abstract, family.logical_axes(model), mesh, rules)
+  tensors = hf_io.read_tensors(folder)
+  hf_rules = family.hf_rules(model, keys=set(tensors))
+  # `to_flax` reads values from `expected` only for the optional params the
+  # checkpoint lacks: those get small placeholders, the rest stays abstract.
+  missing = [r.path for r in hf_rules if r.optional and r.key not in tensors]
+  expected = _replace(abstract, missing,
+                      lambda x, _: np.zeros(x.shape, np.float32))
+  host, fresh = hf_io.to_flax(tensors, hf_rules, expected, source=str(folder),
+                              ignore=family.HF_IGNORE)
+  params = host_to_global(jax.tree.map(_Slicer, host), shardings)
+  if fresh:
+    pick = lambda tree: [_get(tree, path) for path in missing]
+    values = jax.jit(lambda r: pick(init(r)),
+                     out_shardings=pick(shardings))(rng)
+    by_path = dict(zip(missing, values))
+    params = _replace(params, missing, lambda _, path: by_path[path])
+    print(f'flaxlora: newly initialised (not in {folder}): {fresh}')
+  return model, params, config
+
+
+def _get(tree: Tree, path: tuple[str, ...]) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _replace(tree: Tree, paths: list[tuple[str, ...]], fn) -> Tree:
+  """A copy of nested dict `tree` with `fn(leaf, path)` at `paths`."""
+  def one(key_path, leaf):
+    path = tuple(k.key for k in key_path)
+    return fn(leaf, path) if path in paths else leaf
+  return jax.tree_util.tree_map_with_path(one, tree)

@@ -1,0 +1,440 @@
+"""T5 encoder-decoder (v1.0 and v1.1 / Flan) in Flax linen.
+
+    model = t5.build(t5.T5Config(...), dtype=jnp.bfloat16)
+    params = t5.init(model, jax.random.PRNGKey(0))
+    logits = model.apply({'params': params}, input_ids, attention_mask,
+                         decoder_input_ids)                     # [B, T, V]
+
+Variants: v1.0 (ReLU FFN, output layer tied to `shared`, decoder output
+scaled by d_model**-0.5) and v1.1 / Flan (gated-GELU FFN, untied `lm_head`, no
+scaling). As in the reference, attention scores are not scaled by 1/sqrt(D)
+and the relative position bias is computed once per stack (its table lives in
+`relpos_bias`) and shared by all blocks.
+
+Incremental decoding uses the flax 'cache' collection:
+
+    cache = model.apply(v, encoded, attention_mask, max_length,
+                        method='init_cache', mutable=['cache'])[1]['cache']
+    logits, v = model.apply({'params': p, 'cache': cache}, ids, index,
+                            attention_mask, method='decode_step',
+                            mutable=['cache'])
+
+`init_cache` computes the cross-attention keys/values once (at
+decoder/block_i/cross_attention/{key,value}, [B, S, N, D]) and zero
+self-attention buffers (decoder/block_i/attention/{key,value}, [B, L, N, D]);
+each `decode_step` writes position `index` of the self-attention buffers.
+`flaxlora.models.decoding` drives this inside one jitted loop.
+
+The Hugging Face config and checkpoint names live in `t5_hf`; this module
+re-exports them so that `t5` is the family module of `flaxlora.models`.
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxlora.models import layers
+
+Array = jax.Array
+_NEG = float(np.finfo(np.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """The architecture of a T5 model (field names follow HF's T5Config)."""
+  vocab_size: int = 32128
+  d_model: int = 512
+  d_kv: int = 64
+  d_ff: int = 2048
+  num_layers: int = 6
+  num_decoder_layers: int | None = None  # None: num_layers
+  num_heads: int = 8
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  dropout_rate: float = 0.1
+  layer_norm_epsilon: float = 1e-6
+  feed_forward_proj: str = 'relu'  # 'relu' (v1.0) | 'gated-gelu' (v1.1)
+  tie_word_embeddings: bool = True
+  scale_decoder_outputs: bool | None = None  # None: tie_word_embeddings
+  pad_token_id: int = 0
+  eos_token_id: int = 1
+  decoder_start_token_id: int = 0
+
+  def __post_init__(self):
+    if self.feed_forward_proj not in ('relu', 'gated-gelu'):
+      raise ValueError(
+          f'T5Config.feed_forward_proj={self.feed_forward_proj!r} is not '
+          "supported; use 'relu' (T5 v1.0) or 'gated-gelu' (v1.1, Flan).")
+    if self.num_decoder_layers is None:
+      object.__setattr__(self, 'num_decoder_layers', self.num_layers)
+    if self.scale_decoder_outputs is None:
+      object.__setattr__(self, 'scale_decoder_outputs',
+                         self.tie_word_embeddings)
+
+
+def relative_position_bucket(relative_position: Array, *, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> Array:
+  """T5's bucket of `key_position - query_position` (int array, any shape).
+
+  Half the buckets hold exact small distances, the rest log-spaced distances
+  up to `max_distance`; bidirectional buckets split by sign first.
+  """
+  buckets = jnp.zeros_like(relative_position)
+  if bidirectional:
+    num_buckets //= 2
+    buckets += (relative_position > 0).astype(buckets.dtype) * num_buckets
+    distance = jnp.abs(relative_position)
+  else:
+    distance = -jnp.minimum(relative_position, 0)
+  max_exact = num_buckets // 2
+  # The float32 log, then truncation, reproduces the reference's buckets.
+  safe = jnp.maximum(distance, 1).astype(jnp.float32)
+  large = max_exact + (jnp.log(safe / max_exact) /
+                       np.log(max_distance / max_exact) *
+                       (num_buckets - max_exact)).astype(buckets.dtype)
+  large = jnp.minimum(large, num_buckets - 1)
+  return buckets + jnp.where(distance < max_exact, distance, large)
+
+
+def _init(std: float) -> layers.Initializer:
+  return nn.initializers.normal(std)
+
+
+class Attention(nn.Module):
+  """Multi-head attention without 1/sqrt(D) scaling (T5's convention).
+
+  Bias tensors are additive fp32 [B or 1, N or 1, T, S] and carry both the
+  relative position bias and the masks.
+  """
+  config: T5Config
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    c = self.config
+    inner, hidden = c.num_heads * c.d_kv, c.d_model
+    dense = lambda n, axes, std: layers.Dense(  # pylint: disable=g-long-lambda
+        n, axes=axes, dtype=self.dtype, kernel_init=_init(std))
+    self.q = dense(inner, ('embed', 'heads'), (hidden * c.d_kv)**-0.5)
+    self.k = dense(inner, ('embed', 'heads'), hidden**-0.5)
+    self.v = dense(inner, ('embed', 'heads'), hidden**-0.5)
+    self.o = dense(hidden, ('heads', 'embed'), inner**-0.5)
+    self.dropout = nn.Dropout(c.dropout_rate)
+
+  def _heads(self, x: Array) -> Array:
+    """[B, T, N*D] -> [B, T, N, D]."""
+    return x.reshape(*x.shape[:-1], self.config.num_heads, self.config.d_kv)
+
+  def project_kv(self, source: Array, deterministic: bool = True):
+    """[B, S, H] -> keys and values, each [B, S, N, D]."""
+    return (self._heads(self.k(source, deterministic)),
+            self._heads(self.v(source, deterministic)))
+
+  def _attend(self, x, k, v, bias, deterministic):
+    q = self._heads(self.q(x, deterministic))  # [B, T, N, D]
+    scores = jnp.einsum('btnd,bsnd->bnts', q, k.astype(self.dtype),
+                        preferred_element_type=jnp.float32) + bias
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = self.dropout(probs, deterministic=deterministic)
+    out = jnp.einsum('bnts,bsnd->btnd', probs.astype(self.dtype),
+                     v.astype(self.dtype))
+    out = out.reshape(*out.shape[:2], -1)  # [B, T, N*D]
+    return self.o(out, deterministic)
+
+  def __call__(self, x: Array, source: Array, bias: Array,
+               deterministic: bool = True) -> Array:
+    """x [B, T, H] attends over source [B, S, H] -> [B, T, H]."""
+    k, v = self.project_kv(source, deterministic)
+    return self._attend(x, k, v, bias, deterministic)
+
+  def init_cache(self, source: Array | None, batch: int, length: int):
+    """Cross-attention: keys/values of `source`; self-attention: zeros."""
+    c = self.config
+    if source is not None:
+      k, v = self.project_kv(source)
+    else:
+      k = v = jnp.zeros((batch, length, c.num_heads, c.d_kv), self.dtype)
+    self.put_variable('cache', 'key', k)
+    self.put_variable('cache', 'value', v)
+
+  def cached(self, x: Array, bias: Array, index: Array | None,
+             deterministic: bool = True) -> Array:
+    """Attention over cached keys/values; `index` writes x's own first.
+
+    Args:
+      x: [B, 1, H] the current position.
+      bias: [B or 1, N or 1, 1, L] (self) or [B, 1, 1, S] (cross).
+      index: the position of x in the self-attention buffers; None for
+        cross-attention, whose cache is read only.
+      deterministic: disables dropout.
+    """
+    k = self.get_variable('cache', 'key')
+    v = self.get_variable('cache', 'value')
+    if index is not None:
+      k_new, v_new = self.project_kv(x, deterministic)
+      start = (0, index, 0, 0)
+      k = jax.lax.dynamic_update_slice(k, k_new.astype(k.dtype), start)
+      v = jax.lax.dynamic_update_slice(v, v_new.astype(v.dtype), start)
+      self.put_variable('cache', 'key', k)
+      self.put_variable('cache', 'value', v)
+    return self._attend(x, k, v, bias, deterministic)
+
+
+class Mlp(nn.Module):
+  """T5's feed-forward: ReLU (v1.0) or gated tanh-GELU (v1.1)."""
+  config: T5Config
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    c = self.config
+    dense = lambda n, axes, std: layers.Dense(  # pylint: disable=g-long-lambda
+        n, axes=axes, dtype=self.dtype, kernel_init=_init(std))
+    if c.feed_forward_proj == 'gated-gelu':
+      self.wi_0 = dense(c.d_ff, ('embed', 'mlp'), c.d_model**-0.5)
+      self.wi_1 = dense(c.d_ff, ('embed', 'mlp'), c.d_model**-0.5)
+    else:
+      self.wi = dense(c.d_ff, ('embed', 'mlp'), c.d_model**-0.5)
+    self.wo = dense(c.d_model, ('mlp', 'embed'), c.d_ff**-0.5)
+    self.dropout = nn.Dropout(c.dropout_rate)
+
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    """[B, T, H] -> [B, T, H]."""
+    if self.config.feed_forward_proj == 'gated-gelu':
+      h = (jax.nn.gelu(self.wi_0(x, deterministic), approximate=True) *
+           self.wi_1(x, deterministic))
+    else:
+      h = jax.nn.relu(self.wi(x, deterministic))
+    h = self.dropout(h, deterministic=deterministic)
+    return self.wo(h, deterministic)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: self-attention, [cross-attention], MLP."""
+  config: T5Config
+  decoder: bool
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    c = self.config
+    norm = lambda: layers.RMSNorm(c.layer_norm_epsilon, dtype=self.dtype)
+    self.attention = Attention(c, self.dtype)
+    self.attention_norm = norm()
+    if self.decoder:
+      self.cross_attention = Attention(c, self.dtype)
+      self.cross_attention_norm = norm()
+    self.mlp = Mlp(c, self.dtype)
+    self.mlp_norm = norm()
+    self.dropout = nn.Dropout(c.dropout_rate)
+
+  def _residual(self, x, y, deterministic):
+    return x + self.dropout(y, deterministic=deterministic)
+
+  def __call__(self, x, self_bias, encoded=None, cross_bias=None,
+               deterministic=True, index=None):
+    """x [B, T, H] -> [B, T, H]; with `index`, one cached step (T = 1)."""
+    h = self.attention_norm(x)
+    if index is None:
+      h = self.attention(h, h, self_bias, deterministic)
+    else:
+      h = self.attention.cached(h, self_bias, index, deterministic)
+    x = self._residual(x, h, deterministic)
+    if self.decoder:
+      h = self.cross_attention_norm(x)
+      if index is None:
+        h = self.cross_attention(h, encoded, cross_bias, deterministic)
+      else:
+        h = self.cross_attention.cached(h, cross_bias, None, deterministic)
+      x = self._residual(x, h, deterministic)
+    h = self.mlp(self.mlp_norm(x), deterministic)
+    return self._residual(x, h, deterministic)
+
+
+def _mask_bias(mask: Array) -> Array:
+  """Boolean mask (True = attend) -> additive fp32 bias."""
+  return jnp.where(mask, 0.0, _NEG).astype(jnp.float32)
+
+
+class Stack(nn.Module):
+  """The encoder (`decoder=False`) or decoder stack, sharing `embed`."""
+  config: T5Config
+  decoder: bool
+  embed: nn.Module
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    c = self.config
+    self.relpos_bias = layers.Embed(
+        c.relative_attention_num_buckets, c.num_heads,
+        axes=('relpos_buckets', 'relpos_heads'), dtype=jnp.float32,
+        embedding_init=_init(c.d_model**-0.5))
+    depth = c.num_decoder_layers if self.decoder else c.num_layers
+    for i in range(depth):
+      setattr(self, f'block_{i}', Block(c, self.decoder, self.dtype))
+    self.depth = depth
+    self.final_norm = layers.RMSNorm(c.layer_norm_epsilon, dtype=self.dtype)
+    self.dropout = nn.Dropout(c.dropout_rate)
+
+  def _blocks(self):
+    return [getattr(self, f'block_{i}') for i in range(self.depth)]
+
+  def position_bias(self, query_pos: Array, key_pos: Array) -> Array:
+    """[Tq], [Tk] positions -> [1, N, Tq, Tk] fp32 bias."""
+    c = self.config
+    buckets = relative_position_bucket(
+        key_pos[None, :] - query_pos[:, None], bidirectional=not self.decoder,
+        num_buckets=c.relative_attention_num_buckets,
+        max_distance=c.relative_attention_max_distance)
+    return jnp.transpose(self.relpos_bias(buckets), (2, 0, 1))[None]
+
+  def __call__(self, ids, mask, encoded=None, encoder_mask=None,
+               deterministic=True, prefix=None):
+    """ids [B, T], mask [B, T] (1 = token) -> [B, T, H].
+
+    The decoder also takes encoded [B, S, H] and encoder_mask [B, S].
+    `prefix` [B, P, H] is prepended to the embedded ids (prompt tuning); the
+    mask must then cover P + T positions.
+    """
+    x = self.embed(ids)
+    if prefix is not None:
+      x = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)
+    x = self.dropout(x, deterministic=deterministic)
+    length = x.shape[1]
+    pos = jnp.arange(length)
+    keep = mask[:, None, None, :].astype(bool)  # [B, 1, 1, T]
+    if self.decoder:
+      keep = keep & (pos[None, :] <= pos[:, None])[None, None]
+    self_bias = self.position_bias(pos, pos) + _mask_bias(keep)
+    cross_bias = None
+    if self.decoder:
+      cross_bias = _mask_bias(encoder_mask[:, None, None, :].astype(bool))
+    for block in self._blocks():
+      x = block(x, self_bias, encoded, cross_bias, deterministic)
+    return self.dropout(self.final_norm(x), deterministic=deterministic)
+
+  def init_cache(self, encoded: Array, max_length: int):
+    for block in self._blocks():
+      block.attention.init_cache(None, encoded.shape[0], max_length)
+      block.cross_attention.init_cache(encoded, 0, 0)
+
+  def step(self, ids, index, encoder_mask, deterministic=True):
+    """One decoder position: ids [B, 1] at `index` -> [B, 1, H]."""
+    x = self.dropout(self.embed(ids), deterministic=deterministic)
+    length = self.block_0.attention.get_variable('cache', 'key').shape[1]
+    key_pos = jnp.arange(length)
+    keep = (key_pos <= index)[None, None, None, :]
+    self_bias = (self.position_bias(jnp.reshape(index, (1,)), key_pos) +
+                 _mask_bias(keep))
+    cross_bias = _mask_bias(encoder_mask[:, None, None, :].astype(bool))
+    for block in self._blocks():
+      x = block(x, self_bias, None, cross_bias, deterministic, index=index)
+    return self.dropout(self.final_norm(x), deterministic=deterministic)
+
+
+class T5(nn.Module):
+  """T5 encoder-decoder with an LM head. See the module docstring."""
+  config: T5Config
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    c = self.config
+    self.shared = layers.Embed(c.vocab_size, c.d_model, dtype=self.dtype,
+                               embedding_init=_init(1.0))
+    self.encoder = Stack(c, False, self.shared, self.dtype)
+    self.decoder = Stack(c, True, self.shared, self.dtype)
+    if not c.tie_word_embeddings:
+      self.lm_head = layers.Dense(c.vocab_size, axes=('embed', 'vocab'),
+                                  dtype=self.dtype, kernel_init=_init(1.0))
+
+  def __call__(self, input_ids, attention_mask, decoder_input_ids,
+               decoder_attention_mask=None, deterministic=True, prompt=None):
+    """-> logits [B, T, V] for source ids [B, S] and decoder ids [B, T]."""
+    encoded = self.encode(input_ids, attention_mask, deterministic, prompt)
+    return self.decode(decoder_input_ids, encoded,
+                       source_mask(attention_mask, prompt),
+                       decoder_attention_mask, deterministic)
+
+  def encode(self, input_ids, attention_mask, deterministic=True,
+             prompt=None):
+    """[B, S] ids and mask -> [B, S, H] (or [B, P + S, H] with a prompt).
+
+    prompt: optional soft prompt [P, H] or [B, P, H] prepended to the
+      embedded source (prompt tuning); pair it with `source_mask`.
+    """
+    prefix = None
+    if prompt is not None:
+      prefix = jnp.broadcast_to(prompt, (input_ids.shape[0],) +
+                                prompt.shape[-2:])
+    return self.encoder(input_ids, source_mask(attention_mask, prompt),
+                        deterministic=deterministic, prefix=prefix)
+
+  def decode(self, decoder_input_ids, encoded, attention_mask,
+             decoder_attention_mask=None, deterministic=True):
+    """ids [B, T], encoded [B, S, H], source mask [B, S] -> [B, T, V]."""
+    if decoder_attention_mask is None:
+      decoder_attention_mask = jnp.ones_like(decoder_input_ids)
+    x = self.decoder(decoder_input_ids, decoder_attention_mask, encoded,
+                     attention_mask, deterministic)
+    return self.logits(x)
+
+  def logits(self, x: Array) -> Array:
+    """Final decoder states [B, T, H] -> [B, T, V]."""
+    if self.config.scale_decoder_outputs:
+      x = x * self.config.d_model**-0.5
+    if self.config.tie_word_embeddings:
+      return self.shared.attend(x)
+    return self.lm_head(x)
+
+  def init_cache(self, encoded: Array, max_length: int):
+    """Fills the 'cache' collection (call with mutable=['cache'])."""
+    self.decoder.init_cache(encoded, max_length)
+
+  def decode_step(self, ids, index, attention_mask, deterministic=True):
+    """ids [B, 1] at decoder position `index` -> logits [B, 1, V]."""
+    x = self.decoder.step(ids, index, attention_mask, deterministic)
+    return self.logits(x)
+
+
+def source_mask(attention_mask: Array, prompt: Array | None) -> Array:
+  """The encoder mask [B, S] extended by P ones when a prompt is prepended."""
+  if prompt is None:
+    return attention_mask
+  ones = jnp.ones((attention_mask.shape[0], prompt.shape[-2]),
+                  attention_mask.dtype)
+  return jnp.concatenate([ones, attention_mask], axis=1)
+
+
+def build(config: T5Config, *, dtype: Any = jnp.float32) -> T5:
+  return T5(config, dtype)
+
+
+def _dummy_inputs():
+  ids = jnp.ones((1, 1), jnp.int32)
+  return ids, ids, ids
+
+
+def init(model: T5, rng: Array) -> dict[str, Any]:
+  """Fresh fp32 params (plain arrays) for `model`."""
+  variables = jax.jit(model.init)(rng, *_dummy_inputs())
+  return nn.meta.unbox(variables['params'])
+
+
+def logical_axes(model: T5) -> dict[str, Any]:
+  """The params tree with a `PartitionSpec` of logical axis names per leaf."""
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                            *_dummy_inputs())
+  return nn.get_partition_spec(abstract)['params']
+
+
+MODULE = T5
+MODEL_TYPES = ('t5',)
+
+# t5_hf reads T5Config from this module, so it is imported once that exists.
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from flaxlora.models import t5_hf
+
+config_from_hf = t5_hf.config_from_hf
+config_to_hf = t5_hf.config_to_hf
+hf_rules = t5_hf.hf_rules
+HF_IGNORE = t5_hf.HF_IGNORE

@@ -1,0 +1,208 @@
+"""Hugging Face PEFT `PROMPT_TUNING` folders for flaxlora's prompt tuning.
+
+    prompt_io.save_prompt('out/', model, adapter, method)
+    method, adapter = prompt_io.load_prompt('out/', model)
+
+A PEFT prompt tuning folder holds `adapter_config.json` and
+`adapter_model.safetensors` with the soft prompt under 'prompt_embeddings'
+[P * num_transformer_submodules, H], plus any "modules to save" (trained head
+copies, flaxlora's `trainable`) as 'base_model.<transformers name>'.
+
+PEFT sets num_transformer_submodules = 2 for encoder-decoder models (T5), so
+its T5 files hold [2P, H]; only the first P rows are ever used (prepended to
+the encoder input). `save_prompt` writes the same layout with the unused
+second half zero; `load_prompt` takes the first P rows.
+
+Placement: for T5 both frameworks prepend the prompt to the encoder input, so
+a prompt gives the same outputs in either. For BERT flaxlora inserts it after
+[CLS] and PEFT before it (see `prompt`): the files round-trip exactly, but a
+BERT prompt trained in one framework is placed differently by the other.
+"""
+import json
+import os
+import pathlib
+import re
+import tempfile
+from typing import Any
+
+import numpy as np
+from safetensors import numpy as st_numpy
+
+from flaxlora.peft import base as peft_base
+from flaxlora.peft import lora
+from flaxlora.peft import prompt as prompt_lib
+
+CONFIG_FILE = 'adapter_config.json'
+WEIGHTS_FILE = 'adapter_model.safetensors'
+PROMPT_KEY = 'prompt_embeddings'
+PREFIX = 'base_model.'  # PEFT's prefix of modules_to_save tensors
+
+# flaxlora model -> PEFT task_type.
+_BERT_TASKS = {None: 'FEATURE_EXTRACTION', 'classification': 'SEQ_CLS',
+               'qa': 'QUESTION_ANS'}
+
+
+def _family(model: Any) -> tuple[str, Any]:
+  from flaxlora import models  # pylint: disable=g-import-not-at-top
+  family = models.family_of_model(model)
+  names = [k for k, v in models.FAMILIES.items() if v is family]
+  return names[0], family
+
+
+def _model_facts(model: Any) -> dict[str, Any]:
+  """task_type, token_dim, layers, heads and submodules of `model`."""
+  name, _ = _family(model)
+  c = model.config
+  if name == 't5':
+    return dict(task_type='SEQ_2_SEQ_LM', token_dim=c.d_model,
+                num_layers=c.num_layers, num_attention_heads=c.num_heads,
+                num_transformer_submodules=2)
+  return dict(task_type=_BERT_TASKS[model.head], token_dim=c.hidden_size,
+              num_layers=c.num_hidden_layers,
+              num_attention_heads=c.num_attention_heads,
+              num_transformer_submodules=1)
+
+
+def _split(method: peft_base.PeftMethod, adapter: Any
+           ) -> tuple[np.ndarray, dict[str, Any]]:
+  """(prompt [P, H], {path: trained copy}) from a prompt (+ trainable)."""
+  prompt, copies = None, {}
+  for config, sub in lora.parts(method, adapter):
+    if isinstance(config, prompt_lib.PromptConfig):
+      prompt = np.asarray(sub['prompt'], np.float32)
+    elif isinstance(config, peft_base.TrainableConfig):
+      copies.update(peft_base.flatten(sub))
+    else:
+      raise ValueError(
+          f'save_prompt writes prompt tuning (+ trainable copies) only; the '
+          f'method also has {type(config).__name__}. Save LoRA adapters with '
+          'peft_io.save_peft.')
+  if prompt is None:
+    raise ValueError('save_prompt: the method has no prompt_tuning part.')
+  return prompt, copies
+
+
+def _rules_by_path(model: Any) -> dict[str, Any]:
+  _, family = _family(model)
+  return {'/'.join(r.path): r for r in family.hf_rules(model)}
+
+
+def save_prompt(folder: str | os.PathLike, model: Any, adapter: Any,
+                method: peft_base.PeftMethod, *,
+                base_model_name_or_path: str | None = None) -> pathlib.Path:
+  """Writes a PEFT PROMPT_TUNING folder that `PeftModel.from_pretrained` reads.
+
+  Args:
+    folder: destination (created; its two files are replaced atomically).
+    model: the flaxlora model the adapter was trained for.
+    adapter: the adapter of `method`.
+    method: prompt_tuning, or a chain of it with `trainable` head copies.
+    base_model_name_or_path: recorded for PEFT (the base checkpoint).
+  """
+  prompt, copies = _split(method, adapter)
+  facts = _model_facts(model)
+  p, h = prompt.shape
+  if h != facts['token_dim']:
+    raise ValueError(f'save_prompt: prompt width {h} is not the model '
+                     f'hidden size {facts["token_dim"]}.')
+  rows = [prompt] + [np.zeros_like(prompt)] * (
+      facts['num_transformer_submodules'] - 1)
+  tensors = {PROMPT_KEY: np.ascontiguousarray(np.concatenate(rows))}
+  rules, modules = _rules_by_path(model), []
+  for path, value in sorted(copies.items()):
+    if path not in rules:
+      raise ValueError(f'save_prompt: trained copy {path} has no '
+                       'transformers name in this model family.')
+    rule = rules[path]
+    value = np.asarray(value, np.float32)
+    tensors[PREFIX + rule.key] = np.ascontiguousarray(
+        value.T if rule.transpose else value)
+    module = rule.key.rsplit('.', 1)[0]
+    if module not in modules:
+      modules.append(module)
+  config = dict(facts, peft_type='PROMPT_TUNING', num_virtual_tokens=p,
+                prompt_tuning_init='RANDOM', prompt_tuning_init_text=None,
+                tokenizer_name_or_path=None, tokenizer_kwargs=None,
+                base_model_name_or_path=base_model_name_or_path,
+                revision=None, inference_mode=True, auto_mapping=None,
+                modules_to_save=modules or None)
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  _write_atomic(folder / CONFIG_FILE, lambda f: pathlib.Path(f).write_text(
+      json.dumps(config, indent=2, sort_keys=True) + '\n'))
+  _write_atomic(folder / WEIGHTS_FILE, lambda f: st_numpy.save_file(
+      tensors, f, metadata={'format': 'pt'}))
+  return folder
+
+
+def _write_atomic(path: pathlib.Path, write) -> None:
+  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def _read(folder: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:
+  config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+  for file in (config_file, weights_file):
+    if not file.is_file():
+      raise FileNotFoundError(f'{file} is missing: a PEFT adapter folder '
+                              f'holds {CONFIG_FILE} and {WEIGHTS_FILE}.')
+  try:
+    config = json.loads(config_file.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{config_file}, line {e.lineno}: not valid JSON '
+                     f'({e.msg}).') from e
+  return config, st_numpy.load_file(str(weights_file))
+
+
+def load_prompt(folder: str | os.PathLike, model: Any
+                ) -> tuple[peft_base.PeftMethod, Any]:
+  """Reads a PEFT PROMPT_TUNING folder (written by PEFT or `save_prompt`).
+
+  Returns:
+    (method, adapter): prompt_tuning(P), chained with `trainable` when the
+    folder holds modules_to_save tensors; adapter {'prompt': [P, H]} (or the
+    chain's tuple).
+  """
+  folder = pathlib.Path(folder)
+  config, tensors = _read(folder)
+  kind = config.get('peft_type')
+  if kind != 'PROMPT_TUNING':
+    raise ValueError(f'{folder / CONFIG_FILE}: peft_type {kind!r} is not '
+                     "PROMPT_TUNING; read LoRA folders with "
+                     'peft_io.load_peft.')
+  facts = _model_facts(model)
+  p = int(config['num_virtual_tokens'])
+  subs = config.get('num_transformer_submodules') or facts[
+      'num_transformer_submodules']
+  if PROMPT_KEY not in tensors:
+    raise ValueError(f'{folder / WEIGHTS_FILE} has no {PROMPT_KEY!r} tensor.')
+  table = tensors.pop(PROMPT_KEY)
+  if table.shape != (p * subs, facts['token_dim']):
+    raise ValueError(
+        f'{folder / WEIGHTS_FILE}: {PROMPT_KEY!r} has shape {table.shape}, '
+        f'but num_virtual_tokens={p} x num_transformer_submodules={subs} and '
+        f'this model\'s hidden size {facts["token_dim"]} need '
+        f'{(p * subs, facts["token_dim"])}; was it made for another model?')
+  adapter = {'prompt': np.asarray(table[:p], np.float32)}
+  method = prompt_lib.prompt_tuning(p)
+  by_key = {r.key: r for r in _rules_by_path(model).values()}
+  copies = {}
+  for key, value in sorted(tensors.items()):
+    rule = by_key.get(key[len(PREFIX):]) if key.startswith(PREFIX) else None
+    if rule is None:
+      raise ValueError(f'{folder / WEIGHTS_FILE}: tensor {key!r} is not a '
+                       'prompt or a module of this model; was it made for '
+                       'another model?')
+    value = np.asarray(value, np.float32)
+    copies['/'.join(rule.path)] = value.T if rule.transpose else value
+  if not copies:
+    return method, adapter
+  method = peft_base.chain(method, peft_base.trainable(
+      [re.escape(path) for path in sorted(copies)]))
+  return method, (adapter, peft_base.unflatten(copies))

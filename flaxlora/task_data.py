@@ -1,0 +1,188 @@
+"""Records and features of a run's train and eval data, from its config.
+
+Three record kinds (see `flaxlora.data.sources`): 'classification',
+'squad' and 'seq2seq'. BERT tasks tokenize the first two directly; T5
+(task 'seq2seq') turns any kind into source/target text first
+(`data.format` names the kind read: SQuAD becomes 'question: .. context:
+..' -> answer, classification becomes sentence -> label name).
+
+Sources (`data.source`):
+  files      data.train_file / data.eval_file (or `data.eval_from_train`
+             held out of the train file by `data.split_seed`)
+  hub        data.hub_name ('glue/sst2', 'squad', 'xsum'); needs `datasets`
+  generated  `flaxlora.synthetic` (data.generated.*), for runlocal
+"""
+import dataclasses
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from flaxlora import synthetic
+from flaxlora.data import buckets
+from flaxlora.data import classification
+from flaxlora.data import seq2seq
+from flaxlora.data import sources
+from flaxlora.data import squad
+
+KINDS = ('classification', 'squad', 'seq2seq')
+GENERATED_KIND = {'majority': 'classification', 'lookup': 'squad',
+                  **{k: 'seq2seq' for k in synthetic.SEQ2SEQ}}
+
+
+@dataclasses.dataclass
+class Data:
+  """A run's data.
+
+  Attributes:
+    train: tokenized train features.
+    eval: tokenized eval features.
+    eval_records: the eval records (references, contexts, ids).
+    kind: the kind of records read (before any text-to-text conversion).
+  """
+  train: buckets.Tokenized
+  eval: buckets.Tokenized
+  eval_records: list[dict[str, Any]]
+  kind: str
+
+
+def record_kind(config: Any) -> str:
+  kind = config.data.get('format', '') if config.task == 'seq2seq' else (
+      config.task)
+  if kind not in KINDS:
+    raise ValueError(f'data.format={kind!r} (task {config.task!r}): use one '
+                     f'of {KINDS}.')
+  return kind
+
+
+def _articles(text: str, option: str) -> slice | None:
+  if not text:
+    return None
+  try:
+    parts = [int(p) if p.strip() else None for p in text.split(':')]
+    return slice(*parts)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{option}={text!r}: use a slice like '0:40' or "
+                     "'40:'.") from e
+
+
+def _check_file(path: str, option: str) -> str:
+  if not path:
+    raise ValueError(f'{option} is empty; data.source="files" needs it.')
+  if not pathlib.Path(path).expanduser().is_file():
+    hint = ('; the :local_data variants read ../shared/data next to the '
+            'repository, which this machine lacks' if 'shared/data' in path
+            else '')
+    raise FileNotFoundError(f'{option}={path!r} does not exist{hint}. Fix '
+                            f'the path (--config.{option}=...).')
+  return path
+
+
+def _read_file(d: Any, kind: str, path: str, option: str, articles: str):
+  path = _check_file(path, option)
+  if kind == 'classification':
+    return sources.read_classification(
+        path, labels=tuple(d.labels), text_field=d.text_field,
+        pair_field=d.get('pair_field', '') or None,
+        label_field=d.label_field)
+  if kind == 'squad':
+    return sources.read_squad(
+        path, articles=_articles(articles, option.replace('file',
+                                                          'articles')))
+  return sources.read_seq2seq(path, source_field=d.source_field,
+                              target_field=d.target_field,
+                              id_field=d.get('id_field', '') or None)
+
+
+def _split(records: list, held_out: int, seed: int, path: str):
+  if held_out >= len(records):
+    raise ValueError(f'data.eval_from_train={held_out} leaves no training '
+                     f'examples of the {len(records)} in {path}.')
+  order = np.random.default_rng(seed).permutation(len(records))
+  train = [records[i] for i in order[:-held_out]]
+  held = [records[i] for i in sorted(order[-held_out:])]
+  return train, held
+
+
+def read_records(config: Any) -> tuple[list, list, str]:
+  """(train records, eval records, their kind)."""
+  d, kind = config.data, record_kind(config)
+  if d.source == 'generated':
+    g = d.generated
+    if GENERATED_KIND.get(g.kind) != kind:
+      raise ValueError(f'data.generated.kind={g.kind!r} does not make '
+                       f'{kind!r} records; use one of '
+                       f'{[k for k, v in GENERATED_KIND.items() if v == kind]}.')
+    make = lambda n, split: synthetic.generate(  # pylint: disable=g-long-lambda
+        g.kind, n, seed=g.seed, min_len=g.min_len, max_len=g.max_len,
+        split=split)
+    return make(g.num_train, 'train'), make(g.num_eval, 'eval'), kind
+  if d.source == 'hub':
+    return (sources.load_hub(d.hub_name, d.train_split),
+            sources.load_hub(d.hub_name, d.eval_split), kind)
+  if d.source != 'files':
+    raise ValueError(f"data.source={d.source!r}: use 'files', 'hub' or "
+                     "'generated'.")
+  train = _read_file(d, kind, d.train_file, 'data.train_file',
+                     d.get('train_articles', ''))
+  held_out = int(d.get('eval_from_train', 0))
+  if held_out:
+    return (*_split(train, held_out, d.split_seed, d.train_file), kind)
+  return train, _read_file(d, kind, d.eval_file, 'data.eval_file',
+                           d.get('eval_articles', '')), kind
+
+
+def _subset(records: list, limit: int, seed: int | None) -> list:
+  if not limit or limit >= len(records):
+    return records
+  if seed is None:
+    return records[:limit]
+  keep = np.random.default_rng(seed).permutation(len(records))[:limit]
+  return [records[i] for i in sorted(keep)]
+
+
+def to_text(records: list, kind: str, config: Any) -> list:
+  """Records of any kind as seq2seq records for T5."""
+  if kind == 'seq2seq':
+    return records
+  if kind == 'squad':
+    return seq2seq.squad_to_text(records)
+  names = tuple(config.data.label_names)
+  if len(names) < len(config.data.labels):
+    raise ValueError(f'data.label_names {names} must name each of the '
+                     f'labels {tuple(config.data.labels)}.')
+  return [{'id': r.get('id', str(i)), 'source': r['text'] if r.get(
+      'text_pair') is None else f'{r["text"]} {r["text_pair"]}',
+           'target': names[r['label']], 'references': [names[r['label']]],
+           'origin': r['origin']} for i, r in enumerate(records)]
+
+
+def _tokenize(records: list, config: Any, tokenizer: Any):
+  d = config.data
+  if config.task == 'classification':
+    return classification.tokenize(records, tokenizer, max_length=d.max_length,
+                                   buckets=tuple(d.buckets))
+  if config.task == 'squad':
+    return squad.tokenize(records, tokenizer, max_length=d.max_length,
+                          doc_stride=d.doc_stride, buckets=tuple(d.buckets))
+  return seq2seq.tokenize(
+      records, tokenizer, max_source_length=d.max_source_length,
+      max_target_length=d.max_target_length, prefix=d.source_prefix,
+      source_buckets=tuple(d.buckets),
+      target_buckets=tuple(d.get('target_buckets', ())))
+
+
+def load(config: Any, tokenizer: Any) -> Data:
+  """Reads, subsets, converts and tokenizes the run's data."""
+  train, evaluation, kind = read_records(config)
+  train = _subset(train, config.data.max_train_examples,
+                  config.data.split_seed)
+  evaluation = _subset(evaluation, config.eval.max_examples, None)
+  for name, records in (('train', train), ('eval', evaluation)):
+    if not records:
+      raise ValueError(f'the {name} data is empty; check data.* options.')
+  if config.task == 'seq2seq':
+    train = to_text(train, kind, config)
+    evaluation = to_text(evaluation, kind, config)
+  return Data(_tokenize(train, config, tokenizer),
+              _tokenize(evaluation, config, tokenizer), evaluation, kind)

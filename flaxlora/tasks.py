@@ -1,0 +1,204 @@
+"""Per task: batch -> model inputs, the loss as (sum, weight), eval metrics.
+
+A task is a small class built from (config, model); the trainer needs only
+
+  loss(params, kwargs, batch, rng) -> (loss_sum, weight)   rng None: eval
+  eval_outputs(params, kwargs, batch) -> dict of [B, ...] arrays (jittable)
+  metrics(data, outputs, generate) -> dict of floats
+
+`outputs` are the host (numpy) eval outputs of every eval batch, each with
+the batch's global 'index' and 'weight' (weight 0 marks padding rows).
+Losses are sums over labelled positions with their count, so sharded and
+accumulated reductions stay exact.
+
+Registry: TASKS = {'classification': ..., 'squad': ..., 'seq2seq': ...}.
+"""
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flaxlora import metrics as metrics_lib
+from flaxlora.data import squad as squad_data
+
+
+def _apply(model, params, kwargs, inputs, rng):
+  """model.apply with dropout when `rng` is given, deterministic without."""
+  if rng is None:
+    return model.apply({'params': params}, *inputs, deterministic=True,
+                       **kwargs)
+  return model.apply({'params': params}, *inputs, deterministic=False,
+                     rngs={'dropout': rng}, **kwargs)
+
+
+def _ce(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels)
+
+
+def _loss_metrics(outputs: list[dict]) -> dict[str, float]:
+  loss_sum = sum(float(o['loss_sum'].sum()) for o in outputs)
+  weight = sum(float(o['loss_weight'].sum()) for o in outputs)
+  return {'loss': loss_sum / max(weight, 1.0)}
+
+
+def _rows(outputs: list[dict], name: str) -> tuple[np.ndarray, np.ndarray]:
+  """(indices, values) of the real (weight > 0) rows of output `name`."""
+  index = np.concatenate([o['index'] for o in outputs])
+  values = np.concatenate([o[name] for o in outputs])
+  real = np.concatenate([o['weight'] for o in outputs]) > 0
+  return index[real], values[real]
+
+
+class Classification:
+  """BERT sequence classification: loss, accuracy and F1."""
+
+  def __init__(self, config: Any, model: Any):
+    self.config, self.model = config, model
+
+  def _logits(self, params, kwargs, batch, rng):
+    inputs = (batch['input_ids'], batch['attention_mask'],
+              batch['token_type_ids'])
+    return _apply(self.model, params, kwargs, inputs, rng)  # [B, C]
+
+  def loss(self, params, kwargs, batch, rng):
+    ce = _ce(self._logits(params, kwargs, batch, rng), batch['label'])
+    return (ce * batch['weight']).sum(), batch['weight'].sum()
+
+  def eval_outputs(self, params, kwargs, batch):
+    logits = self._logits(params, kwargs, batch, None)
+    ce = _ce(logits, batch['label'])
+    return {'prediction': jnp.argmax(logits, -1), 'label': batch['label'],
+            'loss_sum': ce * batch['weight'], 'loss_weight': batch['weight']}
+
+  def metrics(self, data, outputs, generate=None):
+    del data, generate
+    _, predictions = _rows(outputs, 'prediction')
+    _, labels = _rows(outputs, 'label')
+    num_classes = self.model.num_labels
+    average = 'binary' if num_classes == 2 else 'macro'
+    result = _loss_metrics(outputs)
+    result['accuracy'] = metrics_lib.accuracy(predictions, labels)
+    result['f1'] = metrics_lib.f1(predictions, labels, average=average,
+                                  num_classes=num_classes)
+    return result
+
+
+class Squad:
+  """BERT extractive QA: start/end cross-entropy; SQuAD EM/F1 by n-best."""
+
+  def __init__(self, config: Any, model: Any):
+    self.config, self.model = config, model
+
+  def _logits(self, params, kwargs, batch, rng):
+    inputs = (batch['input_ids'], batch['attention_mask'],
+              batch['token_type_ids'])
+    return _apply(self.model, params, kwargs, inputs, rng)  # 2 x [B, T]
+
+  def _ce(self, start, end, batch):
+    return 0.5 * (_ce(start, batch['start_positions']) +
+                  _ce(end, batch['end_positions']))
+
+  def loss(self, params, kwargs, batch, rng):
+    start, end = self._logits(params, kwargs, batch, rng)
+    ce = self._ce(start, end, batch)
+    return (ce * batch['weight']).sum(), batch['weight'].sum()
+
+  def eval_outputs(self, params, kwargs, batch):
+    start, end = self._logits(params, kwargs, batch, None)
+    ce = self._ce(start, end, batch)
+    return {'start_logits': start, 'end_logits': end,
+            'loss_sum': ce * batch['weight'], 'loss_weight': batch['weight']}
+
+  def predictions(self, data, outputs) -> dict[str, str]:
+    index, start = _rows(outputs, 'start_logits')
+    _, end = _rows(outputs, 'end_logits')
+    return squad_data.best_answers(
+        data.eval, data.eval_records, index, start, end,
+        n_best=self.config.eval.n_best,
+        max_answer_length=self.config.eval.max_answer_length)
+
+  def metrics(self, data, outputs, generate=None):
+    del generate
+    predictions = self.predictions(data, outputs)
+    references = {r['id']: [a['text'] for a in r['answers']]
+                  for r in data.eval_records}
+    result = _loss_metrics(outputs)
+    result.update(metrics_lib.squad(predictions, references))
+    return result
+
+
+class Seq2Seq:
+  """T5 text-to-text: teacher-forced loss; generated text for the metric
+  (data.metric: 'rouge', 'squad' exact match / F1, or 'accuracy')."""
+
+  METRICS = ('rouge', 'squad', 'accuracy')
+
+  def __init__(self, config: Any, model: Any):
+    self.config, self.model = config, model
+    if config.data.metric not in self.METRICS:
+      raise ValueError(f'data.metric={config.data.metric!r}: use one of '
+                       f'{self.METRICS}.')
+
+  def _logits(self, params, kwargs, batch, rng):
+    inputs = (batch['input_ids'], batch['attention_mask'],
+              batch['decoder_input_ids'], batch['decoder_attention_mask'])
+    return _apply(self.model, params, kwargs, inputs, rng)  # [B, T, V]
+
+  def _token_ce(self, params, kwargs, batch, rng):
+    ce = _ce(self._logits(params, kwargs, batch, rng), batch['labels'])
+    weights = batch['decoder_attention_mask'] * batch['weight'][:, None]
+    return ce * weights, weights
+
+  def loss(self, params, kwargs, batch, rng):
+    ce, weights = self._token_ce(params, kwargs, batch, rng)
+    return ce.sum(), weights.sum()
+
+  def eval_outputs(self, params, kwargs, batch):
+    ce, weights = self._token_ce(params, kwargs, batch, None)
+    return {'loss_sum': ce.sum(-1), 'loss_weight': weights.sum(-1)}
+
+  def predictions(self, data, generated: dict[int, str]) -> list[str]:
+    return [generated.get(i, '') for i in range(len(data.eval_records))]
+
+  def metrics(self, data, outputs, generate: Callable[[], dict[int, str]]):
+    """`generate()` -> {eval record index: generated text}."""
+    result = _loss_metrics(outputs)
+    texts = self.predictions(data, generate())
+    records = data.eval_records
+    metric = self.config.data.metric
+    if metric == 'rouge':
+      result.update(metrics_lib.rouge(texts, [r['target'] for r in records],
+                                      split_sentences=True))
+    elif metric == 'squad':
+      result.update(metrics_lib.squad(
+          {str(i): t for i, t in enumerate(texts)},
+          {str(i): r.get('references', [r['target']])
+           for i, r in enumerate(records)}))
+    else:
+      correct = [t.strip() == r['target'].strip()
+                 for t, r in zip(texts, records)]
+      result['accuracy'] = float(np.mean(correct))
+    return result
+
+
+TASKS = {'classification': Classification, 'squad': Squad,
+         'seq2seq': Seq2Seq}
+
+
+def make(config: Any, model: Any):
+  if config.task not in TASKS:
+    raise ValueError(f'task={config.task!r}: use one of {sorted(TASKS)}.')
+  return TASKS[config.task](config, model)
+
+
+def eval_fn(task: Any, method: Any) -> Callable:
+  """jit((adapter, base, batch) -> outputs + the batch's index and weight)."""
+  def run(adapter, base, batch):
+    params, kwargs = method.apply(base, adapter)
+    out = task.eval_outputs(params, kwargs, batch)
+    out.update(index=batch['index'], weight=batch['weight'])
+    return out
+  return jax.jit(run)

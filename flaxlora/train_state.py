@@ -1,0 +1,182 @@
+"""The train state, the optimizer built from a config, and the train step.
+
+The state is only what training changes: the adapter, its optimizer state,
+the step and the rng. The base params are a separate, non-donated argument
+of the jitted step; gradients are taken w.r.t. the adapter alone, so the
+optimizer never sees the base and XLA computes no gradient for it.
+
+Dropout rngs are `fold_in(state.rng, state.step)` (and the micro-batch
+number under gradient accumulation), so a run resumed from a checkpoint
+draws exactly the numbers an uninterrupted run draws.
+"""
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Params = Any
+# loss_fn(params, kwargs, batch, rng) -> (loss_sum, weight): the sum over
+# labelled positions and their count, so sharded and accumulated reductions
+# stay exact.
+LossFn = Callable[[Params, dict, dict, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+class TrainState(NamedTuple):
+  """What a checkpoint holds (besides the data position).
+
+  Attributes:
+    step: int32 scalar, the number of optimizer updates done.
+    adapter: the trainable PEFT state (a pytree of fp32 arrays).
+    opt_state: the optimizer state of `adapter`.
+    rng: the run's base key; per-step keys are folded from it.
+  """
+  step: jax.Array
+  adapter: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def schedule(opt: Any, total_steps: int) -> optax.Schedule:
+  """Warmup (linear from 0) then 'linear' (to 0), 'cosine' or 'constant'.
+
+  Args:
+    opt: the config's optimizer section (lr, warmup_steps, schedule).
+    total_steps: the number of optimizer updates of the run.
+  """
+  warmup = int(opt.warmup_steps)
+  if warmup < 0 or (total_steps > 1 and warmup >= total_steps):
+    raise ValueError(
+        f'optimizer.warmup_steps={warmup} must be in [0, {total_steps}) (the '
+        'run has that many steps); lower it.')
+  decay_steps = max(total_steps - warmup, 1)
+  lr = float(opt.lr)
+  decays = {
+      'linear': lambda: optax.linear_schedule(lr, 0.0, decay_steps),
+      'cosine': lambda: optax.cosine_decay_schedule(lr, decay_steps),
+      'constant': lambda: optax.constant_schedule(lr),
+  }
+  if opt.schedule not in decays:
+    raise ValueError(f'optimizer.schedule={opt.schedule!r}: use one of '
+                     f'{sorted(decays)}.')
+  if not warmup:
+    return decays[opt.schedule]()
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup), decays[opt.schedule]()],
+      [warmup])
+
+
+def optimizer(opt: Any, total_steps: int) -> optax.GradientTransformation:
+  """Clipping + AdamW or Adafactor from the config's optimizer section.
+
+  Gradient accumulation is done by the train step (micro-batches summed
+  exactly), so one optimizer update is one step.
+  """
+  lr = schedule(opt, total_steps)
+  if opt.name == 'adamw':
+    tx = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                     weight_decay=opt.weight_decay)
+  elif opt.name == 'adafactor':
+    tx = optax.adafactor(lr, weight_decay_rate=opt.weight_decay or None)
+  else:
+    raise ValueError(f"optimizer.name={opt.name!r}: use 'adamw' or "
+                     "'adafactor'.")
+  if opt.clip_norm < 0:
+    raise ValueError(f'optimizer.clip_norm={opt.clip_norm} must be >= 0 '
+                     '(0 disables clipping).')
+  if opt.clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), tx)
+  return tx
+
+
+def _micro_batches(batch: dict, accum: int) -> dict:
+  """[B, ...] -> [accum, B / accum, ...] (row i goes to micro-batch i % accum).
+
+  Interleaving keeps each device's rows on that device when B is sharded.
+  """
+  def split(x):
+    if x.shape[0] % accum:
+      raise ValueError(f'train.batch_size ({x.shape[0]} rows) is not a '
+                       f'multiple of optimizer.grad_accum_steps={accum}.')
+    x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def loss_and_grads(loss_fn: LossFn, method: Any, base: Params, adapter: Any,
+                   batch: dict, rng: jax.Array, accum: int):
+  """(loss_sum, weight, grads of loss_sum) over `accum` micro-batches."""
+  def one(adapter, micro, rng):
+    params, kwargs = method.apply(base, adapter)
+    return loss_fn(params, kwargs, micro, rng)
+
+  grad_fn = jax.value_and_grad(one, has_aux=True)
+  if accum == 1:
+    (loss_sum, weight), grads = grad_fn(adapter, batch, rng)
+    return loss_sum, weight, grads
+
+  def body(carry, inputs):
+    i, micro = inputs
+    (loss_sum, weight), grads = grad_fn(adapter, micro,
+                                        jax.random.fold_in(rng, i))
+    total = jax.tree.map(jnp.add, carry, (loss_sum, weight, grads))
+    return total, None
+
+  zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+           jax.tree.map(jnp.zeros_like, adapter))
+  micro = _micro_batches(batch, accum)
+  total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+  return total
+
+
+def train_step(state: TrainState, base: Params, batch: dict, *,
+               loss_fn: LossFn, method: Any, tx: optax.GradientTransformation,
+               accum: int = 1) -> tuple[TrainState, dict]:
+  """One optimizer update of the adapter; base params stay untouched.
+
+  Args:
+    state: the TrainState (donated by `jit_train_step`).
+    base: frozen base params (not donated, never differentiated).
+    batch: the global batch (arrays [B, ...]).
+    loss_fn: see `LossFn`.
+    method: the PEFT method (`apply(base, adapter) -> (params, kwargs)`).
+    tx: the optimizer.
+    accum: micro-batches per update (gradient accumulation).
+
+  Returns:
+    (new state, {'loss', 'weight', 'grad_norm'}) where loss is the mean over
+    labelled positions of the whole batch.
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  loss_sum, weight, grads = loss_and_grads(loss_fn, method, base,
+                                           state.adapter, batch, rng, accum)
+  # Dividing summed grads by the total weight gives the exact mean gradient.
+  denominator = jnp.maximum(weight, 1.0)
+  grads = jax.tree.map(lambda g: g / denominator, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.adapter)
+  adapter = optax.apply_updates(state.adapter, updates)
+  new_state = TrainState(state.step + 1, adapter, opt_state, state.rng)
+  metrics = {'loss': loss_sum / denominator, 'weight': weight,
+             'grad_norm': optax.global_norm(grads)}
+  return new_state, metrics
+
+
+def jit_train_step(loss_fn: LossFn, method: Any,
+                   tx: optax.GradientTransformation, accum: int = 1,
+                   state_shardings: Any = None):
+  """`train_step` jitted; the state is donated, the base is not.
+
+  With `state_shardings`, the new state keeps the layout of the old one, so
+  a restored checkpoint and a fresh state run the same program.
+  """
+  step = functools.partial(train_step, loss_fn=loss_fn, method=method, tx=tx,
+                           accum=accum)
+  out = None if state_shardings is None else (state_shardings, None)
+  return jax.jit(step, donate_argnums=(0,), out_shardings=out)
+
+
+def create(rng: jax.Array, adapter: Any,
+           tx: optax.GradientTransformation) -> TrainState:
+  """A fresh state at step 0."""
+  return TrainState(jnp.zeros((), jnp.int32), adapter, tx.init(adapter), rng)

@@ -1,0 +1,342 @@
+"""`train_and_evaluate(config, workdir)`: the whole run, resumable.
+
+    summary = trainer.train_and_evaluate(config, 'workdirs/x')
+
+Builds the model, data, PEFT method and optimizer from the config
+(`flaxlora.build`, `flaxlora.task_data`, `flaxlora.tasks`), trains the
+adapter with periodic eval and checkpoints, and leaves in the workdir
+`config.json`, `metrics.jsonl`, `summary.json`, loss/eval plots, orbax
+checkpoints (`checkpoints/`), the final adapter (`adapter/`, flaxlora's
+format) and a PEFT folder (`peft/`). See `flaxlora.workdir`.
+
+A run restarted in the same workdir resumes from its latest checkpoint and
+ends with exactly the adapter of an uninterrupted run: the checkpoint holds
+the adapter, optimizer state, step, rng and the data position, and dropout
+rngs are folded from (seed, step). A finished run (summary.json present)
+is not rerun.
+"""
+import dataclasses
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from flaxlora import build
+from flaxlora import checkpoint
+from flaxlora import distributed
+from flaxlora import export
+from flaxlora import sharding
+from flaxlora import task_data
+from flaxlora import tasks
+from flaxlora import train_state
+from flaxlora import workdir as workdir_lib
+from flaxlora.data import pipeline
+from flaxlora.peft import lora
+
+CHECKPOINT_DIR = 'checkpoints'
+ADAPTER_DIR = 'adapter'
+PEFT_DIR = 'peft'
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run builds once (see `setup`)."""
+  config: Any
+  workdir: pathlib.Path
+  model: Any
+  family: Any
+  tokenizer: Any
+  data: task_data.Data
+  task: Any
+  method: Any
+  mesh: Any
+  rules: Any
+  base: Any
+  base_axes: Any
+  total_steps: int
+  is_main: bool
+
+
+def _total_steps(config: Any, steps_per_epoch: int) -> int:
+  t = config.train
+  if t.steps > 0:
+    return int(t.steps)
+  if t.epochs > 0:
+    return max(1, math.ceil(t.epochs * steps_per_epoch))
+  raise ValueError('set train.steps or train.epochs to a positive value.')
+
+
+def _check_batch(config: Any, mesh: Any, rules: Any) -> None:
+  for name in ('batch_size', 'eval_batch_size'):
+    size = config.train[name]
+    try:
+      distributed.process_rows(mesh, rules, size)
+    except ValueError as e:
+      raise ValueError(f'train.{name}={size}: {e}') from None
+  accum = config.optimizer.grad_accum_steps
+  if accum < 1 or config.train.batch_size % accum:
+    raise ValueError(f'optimizer.grad_accum_steps={accum} must be >= 1 and '
+                     f'divide train.batch_size={config.train.batch_size}.')
+
+
+def setup(config: Any, workdir: pathlib.Path) -> Run:
+  """Builds model, base params, data, task, method and mesh."""
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.resolve_rules(config.get('sharding_rules', None))
+  _check_batch(config, mesh, rules)
+  rng = jax.random.PRNGKey(config.train.seed)
+  model, base, base_axes, family = build.model_and_params(
+      config, jax.random.fold_in(rng, 1), mesh, rules)
+  tokenizer = build.tokenizer(config)
+  build.check_vocab(tokenizer, model)
+  data = task_data.load(config, tokenizer)
+  method = build.peft_method(config.peft, config.model.family)
+  steps_per_epoch = len(data.train) // config.train.batch_size
+  if not steps_per_epoch:
+    raise ValueError(
+        f'the train data has {len(data.train)} examples, fewer than '
+        f'train.batch_size={config.train.batch_size}; lower the batch size.')
+  return Run(config, workdir, model, family, tokenizer, data,
+             tasks.make(config, model), method, mesh, rules, base, base_axes,
+             _total_steps(config, steps_per_epoch),
+             distributed.is_main_process())
+
+
+def init_state(run: Run, tx: Any) -> tuple[train_state.TrainState, Any]:
+  """A fresh train state and its shardings (shape first: eval_shape, then a
+  jit that writes each shard in place)."""
+  rng = jax.random.PRNGKey(run.config.train.seed)
+  adapter_rng, state_rng = jax.random.fold_in(rng, 2), jax.random.fold_in(
+      rng, 3)
+  abstract = jax.eval_shape(run.method.init, adapter_rng, run.base)
+  axes = lora.adapter_logical_axes(run.base_axes, abstract)
+  adapter_shardings = sharding.named_shardings(abstract, axes, run.mesh,
+                                               run.rules)
+  replicated = jax.sharding.NamedSharding(run.mesh,
+                                          jax.sharding.PartitionSpec())
+  shardings = train_state.TrainState(
+      replicated, adapter_shardings,
+      sharding.optimizer_shardings(tx, abstract, adapter_shardings, run.mesh),
+      replicated)
+  adapter = jax.jit(run.method.init, out_shardings=adapter_shardings)(
+      adapter_rng, run.base)
+  state = jax.jit(lambda a: train_state.create(state_rng, a, tx),
+                  out_shardings=shardings)(adapter)
+  return state, shardings
+
+
+def loader(run: Run, train: bool) -> pipeline.Loader:
+  t = run.config.train
+  if train:
+    return pipeline.Loader(
+        run.data.train, global_batch_size=t.batch_size, seed=t.seed,
+        shuffle=True, drop_remainder=True,
+        process_index=jax.process_index(), process_count=jax.process_count())
+  return pipeline.Loader(
+      run.data.eval, global_batch_size=t.eval_batch_size, shuffle=False,
+      drop_remainder=False, num_epochs=1,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _device_batch(run: Run, batch: dict) -> dict:
+  return distributed.global_batch(batch, run.mesh, run.rules)
+
+
+def evaluate(run: Run, eval_step: Any, state: train_state.TrainState
+             ) -> dict[str, float]:
+  """Eval metrics of the current adapter on the whole eval set."""
+  outputs = []
+  for batch in loader(run, train=False):
+    out = eval_step(state.adapter, run.base, _device_batch(run, batch))
+    outputs.append(distributed.to_host(out))
+  generate = lambda: _generate_all(run, state)  # pylint: disable=g-long-lambda
+  return run.task.metrics(run.data, outputs, generate)
+
+
+def _generate_all(run: Run, state: train_state.TrainState) -> dict[int, str]:
+  """{eval record index: generated text} (seq2seq eval)."""
+  from flaxlora.models import decoding  # pylint: disable=g-import-not-at-top
+  e = run.config.eval
+  params, kwargs = run.method.apply(run.base, state.adapter)
+  texts = {}
+  for batch in loader(run, train=False):
+    device = _device_batch(run, batch)
+    tokens = decoding.generate(
+        run.model, params, device['input_ids'], device['attention_mask'],
+        max_new_tokens=e.max_new_tokens, num_beams=e.num_beams,
+        length_penalty=e.length_penalty, model_kwargs=kwargs)
+    tokens = distributed.to_host(tokens)
+    index = distributed.to_host(device['index'])
+    for i, row in zip(index, tokens):
+      if i >= 0:
+        texts[int(i)] = run.tokenizer.decode(row, skip_special_tokens=True)
+  return texts
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+def _check_finite(pending: list, ckpt: checkpoint.Checkpointer) -> float:
+  """Raises at the first non-finite loss of `pending` [(step, loss)]."""
+  last = float('nan')
+  for step, loss in pending:
+    last = float(loss)
+    if not math.isfinite(last):
+      good = ckpt.latest_step()
+      kept = (f'the last good checkpoint is step {good} in {ckpt.directory}'
+              if good is not None else 'no checkpoint was written yet')
+      raise NonFiniteLossError(
+          f'training loss is {last} at step {step}; stopped ({kept}). Lower '
+          'optimizer.lr, enable clipping (optimizer.clip_norm) or check the '
+          'data.')
+  pending.clear()
+  return last
+
+
+def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *,
+                       overwrite: bool = False) -> dict[str, Any]:
+  """Trains and evaluates per `config`, writing to `workdir`; see module doc.
+
+  Returns:
+    The summary (also written to summary.json).
+  """
+  is_main = distributed.is_main_process()
+  workdir = workdir_lib.prepare(workdir, config, overwrite=overwrite,
+                                write=is_main)
+  finished = workdir_lib.read_summary(workdir)
+  if finished is not None:
+    print(f'flaxlora: {workdir} holds a finished run (summary.json); '
+          'nothing to do. Pass --overwrite to run it again.')
+    return finished
+  run = setup(config, workdir)
+  return _train(run)
+
+
+def _train(run: Run) -> dict[str, Any]:
+  """The train loop with eval, checkpoints, logging and the final export."""
+  c = run.config
+  tx = train_state.optimizer(c.optimizer, run.total_steps)
+  state, state_shardings = init_state(run, tx)
+  ckpt = checkpoint.Checkpointer(
+      run.workdir / CHECKPOINT_DIR, keep=c.checkpoint.keep,
+      best_metric=c.checkpoint.best_metric, best_mode=c.checkpoint.best_mode)
+  train_loader = loader(run, train=True)
+  restored = ckpt.restore_latest(state)
+  start = 0
+  if restored is not None:
+    start, state, data_state = restored
+    train_loader.restore(data_state)
+    print(f'flaxlora: resuming from step {start} ({ckpt.directory})')
+  log = workdir_lib.MetricsLog(run.workdir, start, write=run.is_main)
+  step_fn = train_state.jit_train_step(run.task.loss, run.method, tx,
+                                       c.optimizer.grad_accum_steps,
+                                       state_shardings)
+  eval_step = tasks.eval_fn(run.task, run.method)
+  progress = _Progress(run.total_steps)
+  pending, last_eval, train_loss = [], None, float('nan')
+  for step in range(start + 1, run.total_steps + 1):
+    batch = _device_batch(run, next(train_loader))
+    state, metrics = step_fn(state, run.base, batch)
+    pending.append((step, metrics['loss']))
+    final = step == run.total_steps
+    do_log = final or step % max(c.train.log_every, 1) == 0
+    do_eval = final or (c.train.eval_every and step % c.train.eval_every == 0)
+    do_save = final or do_eval or (c.train.checkpoint_every and
+                                   step % c.train.checkpoint_every == 0)
+    if do_log or do_save:
+      train_loss = _check_finite(pending, ckpt)
+    if do_log:
+      record = {'loss': train_loss, 'grad_norm': metrics['grad_norm'],
+                **progress.update(step)}
+      log.log(step, 'train', record)
+      print(progress.line(step, train_loss), flush=True)
+    tic = time.perf_counter()
+    if do_eval:
+      last_eval = evaluate(run, eval_step, state)
+      log.log(step, 'eval', last_eval)
+      print(f'eval step {step}: ' + ', '.join(
+          f'{k} {v:.4f}' for k, v in last_eval.items()), flush=True)
+    if do_save:
+      ckpt.save(step, state, train_loader.state(),
+                metrics=last_eval if do_eval else None)
+    progress.exclude(time.perf_counter() - tic)
+  if last_eval is None:  # resumed after the last step: eval once more
+    last_eval = evaluate(run, eval_step, state)
+  return _finish(run, state, ckpt, log, last_eval)
+
+
+class _Progress:
+  """Steps/s (train steps only: eval and checkpoint time is left out) and
+  ETA for the progress line. The first logged step, which compiles, starts
+  the clock."""
+
+  def __init__(self, total: int):
+    self.total = total
+    self.mark = None  # (step, time) of the previous log
+    self.excluded = 0.0
+    self.rate = None
+
+  def exclude(self, seconds: float) -> None:
+    self.excluded += seconds
+
+  def update(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    if self.mark is not None and step > self.mark[0]:
+      elapsed = max(now - self.mark[1] - self.excluded, 1e-9)
+      self.rate = (step - self.mark[0]) / elapsed
+    self.mark, self.excluded = (step, now), 0.0
+    return {} if self.rate is None else {'steps_per_s': self.rate}
+
+  def line(self, step: int, loss: float) -> str:
+    text = f'step {step}/{self.total} loss {loss:.4f}'
+    if self.rate:
+      eta = (self.total - step) / self.rate
+      text += f' {self.rate:.2f} steps/s ETA {eta:.0f}s'
+    return text
+
+
+def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
+            log: workdir_lib.MetricsLog, last_eval: dict) -> dict[str, Any]:
+  """Exports the adapter, writes summary.json and plots (main process)."""
+  c = run.config
+  adapter = distributed.to_host(state.adapter)
+  summary = {'step': run.total_steps, **{f'eval_{k}': v for k, v in
+                                         last_eval.items()}}
+  train = [r for r in log.records if r['split'] == 'train']
+  if train:
+    summary['train_loss'] = train[-1]['loss']
+  best = c.checkpoint.best_metric
+  evals = [r for r in log.records if r['split'] == 'eval' and best in r]
+  if best and evals:
+    pick = max if c.checkpoint.best_mode == 'max' else min
+    top = pick(evals, key=lambda r: r[best])
+    summary.update({f'best_{best}': top[best], 'best_step': top['step']})
+  summary['trainable_params'] = int(sum(np.size(x) for x in
+                                        jax.tree.leaves(adapter)))
+  summary['base_params'] = int(sum(np.size(x) for x in
+                                   jax.tree.leaves(run.base)))
+  ckpt.close()
+  if run.is_main:
+    spec = {'peft': c.peft.to_dict(), 'family': c.model.family,
+            'model': c.model.path or 'model.init', 'task': c.task}
+    export.save_adapter(run.workdir / ADAPTER_DIR, adapter, spec)
+    _save_peft(run, adapter)
+    workdir_lib.write_summary(run.workdir, summary)
+    workdir_lib.plot(run.workdir)
+  distributed.sync('flaxlora_finish')
+  return summary
+
+
+def _save_peft(run: Run, adapter: Any) -> None:
+  """The adapter as a Hugging Face PEFT folder (when peft_io supports it)."""
+  try:
+    from flaxlora.peft import peft_io  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  base = distributed.to_host(run.base)
+  peft_io.save_peft(run.workdir / PEFT_DIR, run.model, base, adapter,
+                    run.method)

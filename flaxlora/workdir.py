@@ -1,0 +1,229 @@
+"""What a run leaves in its workdir, apart from checkpoints.
+
+  config.json     the resolved config; a later run of another config in the
+                  same workdir is refused (naming the differing keys)
+  metrics.jsonl   one JSON object per logged step ({'step', 'split', ...})
+  summary.json    the final metrics, written last (a finished run has it)
+  loss.png, eval.png  curves drawn from metrics.jsonl (matplotlib Agg)
+  adapter/        the final adapter (see `flaxlora.export`)
+
+Only the main process writes (callers check); every write is atomic (a
+temporary file renamed into place), so a killed run never leaves half a file.
+"""
+import json
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Iterable, Mapping
+
+CONFIG_FILE = 'config.json'
+METRICS_FILE = 'metrics.jsonl'
+SUMMARY_FILE = 'summary.json'
+LOSS_PLOT = 'loss.png'
+EVAL_PLOT = 'eval.png'
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+  """The config as plain JSON types (tuples become lists)."""
+  as_dict = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  return json.loads(json.dumps(as_dict, sort_keys=True, default=str))
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  flat = {}
+  for key, value in tree.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, Mapping) and value:
+      flat.update(flatten(value, name + '.'))
+    else:
+      flat[name] = value
+  return flat
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]
+                ) -> list[str]:
+  """Dotted keys whose values differ, with both values."""
+  old_flat, new_flat = flatten(old), flatten(new)
+  diffs = []
+  for key in sorted(set(old_flat) | set(new_flat)):
+    before = old_flat.get(key, '<absent>')
+    after = new_flat.get(key, '<absent>')
+    if before != after:
+      diffs.append(f'{key}: {before!r} -> {after!r}')
+  return diffs
+
+
+def write_atomic(path: pathlib.Path, text: str) -> None:
+  """Writes `text` to `path` through a temporary file in the same folder."""
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
+  try:
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600 files
+    with os.fdopen(fd, 'w') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def prepare(workdir: str | os.PathLike, config: Any, *,
+            overwrite: bool = False, write: bool = True) -> pathlib.Path:
+  """Claims `workdir` for `config`.
+
+  A workdir that holds a run of another config is refused, without touching
+  it, unless `overwrite`, which empties the workdir first (any run in it is
+  discarded). A workdir of the same config is kept, so the run resumes.
+
+  Args:
+    workdir: the run's folder; created when absent.
+    config: the run's ConfigDict.
+    overwrite: replace a run of another config.
+    write: whether this process writes (the main process).
+
+  Returns:
+    The workdir as a Path.
+
+  Raises:
+    ValueError: the workdir holds a run of another config.
+  """
+  workdir = pathlib.Path(workdir)
+  new = config_dict(config)
+  config_file = workdir / CONFIG_FILE
+  if config_file.exists():
+    try:
+      old = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+      old = {'<unreadable config.json>': str(e)}
+    diffs = config_diff(old, new)
+    if diffs and not overwrite:
+      shown = '\n  '.join(diffs[:20])
+      raise ValueError(
+          f'workdir {workdir} holds a run of a different config '
+          f'({len(diffs)} differing keys):\n  {shown}\nUse another '
+          '--workdir, or pass --overwrite to discard that run.')
+  if overwrite and write and workdir.exists():
+    clear(workdir)
+  if write:
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_atomic(config_file, json.dumps(new, indent=2, sort_keys=True))
+  return workdir
+
+
+def clear(workdir: pathlib.Path) -> None:
+  """Empties `workdir` (used only for --overwrite)."""
+  for child in workdir.iterdir():
+    if child.is_dir() and not child.is_symlink():
+      shutil.rmtree(child)
+    else:
+      child.unlink()
+
+
+def _jsonable(value: Any) -> Any:
+  if hasattr(value, 'item'):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of metrics.jsonl (a torn last line is ignored)."""
+  path = pathlib.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return []
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      break  # A run killed mid-write; later steps are rewritten on resume.
+  return records
+
+
+class MetricsLog:
+  """Appends records to metrics.jsonl; on resume, drops records past `step`.
+
+  A run resumed from the checkpoint of step k repeats steps k+1.. exactly,
+  so their records are dropped and logged again rather than duplicated.
+  """
+
+  def __init__(self, workdir: pathlib.Path, resume_step: int,
+               write: bool = True):
+    self.path = pathlib.Path(workdir) / METRICS_FILE
+    self.write = write
+    kept = [r for r in read_metrics(workdir) if r['step'] <= resume_step]
+    self.records = kept
+    if write:
+      write_atomic(self.path, ''.join(json.dumps(r) + '\n' for r in kept))
+
+  def log(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+    record = {'step': int(step), 'split': split}
+    record.update({k: _jsonable(v) for k, v in metrics.items()})
+    self.records.append(record)
+    if self.write:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+        f.flush()
+
+
+def write_summary(workdir: pathlib.Path, summary: Mapping[str, Any]) -> None:
+  write_atomic(pathlib.Path(workdir) / SUMMARY_FILE,
+               json.dumps({k: _jsonable(v) for k, v in summary.items()},
+                          indent=2, sort_keys=True))
+
+
+def read_summary(workdir: str | os.PathLike) -> dict[str, Any] | None:
+  path = pathlib.Path(workdir) / SUMMARY_FILE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def _curves(records: Iterable[Mapping[str, Any]], split: str
+            ) -> dict[str, tuple[list[int], list[float]]]:
+  curves = {}
+  for record in records:
+    if record.get('split') != split:
+      continue
+    for key, value in record.items():
+      if key in ('step', 'split') or not isinstance(value, (int, float)):
+        continue
+      steps, values = curves.setdefault(key, ([], []))
+      steps.append(record['step'])
+      values.append(value)
+  return curves
+
+
+def plot(workdir: pathlib.Path) -> list[pathlib.Path]:
+  """Draws loss.png (train loss) and eval.png (every eval metric)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
+  records = read_metrics(workdir)
+  written = []
+  for split, keys, name in (('train', ('loss',), LOSS_PLOT),
+                            ('eval', None, EVAL_PLOT)):
+    curves = _curves(records, split)
+    keys = [k for k in (keys or sorted(curves)) if k in curves]
+    if not keys:
+      continue
+    fig, axes = pyplot.subplots(1, len(keys), figsize=(4 * len(keys), 3),
+                                squeeze=False)
+    for ax, key in zip(axes[0], keys):
+      steps, values = curves[key]
+      ax.plot(steps, values, marker='.' if len(steps) < 30 else None)
+      ax.set_title(f'{split} {key}')
+      ax.set_xlabel('step')
+    fig.tight_layout()
+    path = pathlib.Path(workdir) / name
+    tmp = path.with_name(f'.{name}.tmp.png')
+    fig.savefig(tmp, dpi=80)
+    pyplot.close(fig)
+    os.replace(tmp, path)
+    written.append(path)
+  return written

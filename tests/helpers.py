@@ -1,0 +1,65 @@
+"""Tiny shared test utilities: small Hugging Face BERT checkpoints on disk.
+
+Import as `import helpers` (pytest puts tests/ on sys.path).
+"""
+import pathlib
+
+import numpy as np
+
+TINY_BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                 num_attention_heads=4, intermediate_size=37,
+                 max_position_embeddings=64, type_vocab_size=2)
+ARCHITECTURES = {None: 'BertModel',
+                 'classification': 'BertForSequenceClassification',
+                 'qa': 'BertForQuestionAnswering'}
+
+
+def tiny_bert_torch(head=None, seed=0, **overrides):
+  """A random transformers BERT (eval mode) of TINY_BERT size with `head`."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  kwargs = dict(TINY_BERT, num_labels=3 if head == 'classification' else 2)
+  kwargs.update(overrides)
+  config = transformers.BertConfig(**kwargs)
+  model = getattr(transformers, ARCHITECTURES[head])(config).eval()
+  with torch.no_grad():  # non-zero biases and norms, so a mix-up shows
+    for p in model.parameters():
+      if p.ndim == 1:
+        p.add_(0.1 * torch.randn_like(p))
+  return model
+
+
+def save_tiny_bert(folder, head=None, seed=0, **overrides):
+  """Saves `tiny_bert_torch(...)` as safetensors; returns (folder, model)."""
+  model = tiny_bert_torch(head, seed, **overrides)
+  model.save_pretrained(str(folder), safe_serialization=True)
+  return pathlib.Path(folder), model
+
+
+def batch(seed=0, b=3, t=9, vocab=TINY_BERT['vocab_size']):
+  """ids, mask (padding at the end of rows 1 and 2), token types: [B, T]."""
+  rng = np.random.RandomState(seed)
+  ids = rng.randint(1, vocab, (b, t)).astype(np.int32)
+  mask = np.ones((b, t), np.int32)
+  mask[1, t - 3:] = 0
+  mask[2, t // 2:] = 0
+  ids = np.where(mask == 1, ids, 0)
+  token_types = np.zeros((b, t), np.int32)
+  token_types[:, t // 3:] = 1
+  return ids, mask, token_types
+
+
+def torch_outputs(model, ids, mask, token_types):
+  """The transformers model's outputs as a dict of numpy arrays."""
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(ids, dtype=torch.long),
+                attention_mask=torch.tensor(mask, dtype=torch.long),
+                token_type_ids=torch.tensor(token_types, dtype=torch.long))
+  return {k: v.numpy() for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def max_diff(a, b) -> float:
+  return float(np.max(np.abs(np.asarray(a, np.float32) -
+                             np.asarray(b, np.float32))))
