@@ -122,7 +122,7 @@ def _runlocal(c: ml_collections.ConfigDict, task: str) -> None:
   c.optimizer.update(lr=1e-2, warmup_steps=10, schedule='cosine')
   c.train.update(steps=60, batch_size=16, eval_batch_size=16, eval_every=30,
                  log_every=10, checkpoint_every=30)
-  c.eval.update(max_new_tokens=12, max_examples=32)
+  c.eval.update(max_new_tokens=16, max_examples=32)
 
 
 def get_sweep(arg: str | None = None) -> list[dict]:

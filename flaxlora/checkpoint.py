@@ -14,6 +14,7 @@ so a run killed at any moment leaves only whole checkpoints behind.
     restored = ckpt.restore_latest(abstract_state)   # None on a fresh run
     ckpt.save(step, state, loader.state(), metrics={'accuracy': 0.9})
 """
+import logging
 import os
 import pathlib
 from typing import Any, Mapping
@@ -24,6 +25,17 @@ from orbax.checkpoint import checkpoint_managers
 
 STATE = 'state'
 DATA = 'data'
+
+
+class _QuietUntracked(logging.Filter):
+  """Drops orbax's warning for checkpoints saved between evals (no metrics
+  by design: the latest-N policy keeps them, not the best-metric one)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'did not provide metrics' not in record.getMessage()
+
+
+logging.getLogger('absl').addFilter(_QuietUntracked())
 
 
 class Checkpointer:

@@ -3,7 +3,7 @@
 Records follow `flaxlora.data.sources`' kinds, so the rest of the pipeline
 cannot tell them from file data:
 
-  reverse, copy, sort  (seq2seq)  'abcd' -> 'dcba' / 'abcd' / 'abcd' sorted
+  reverse, copy, sort  (seq2seq)  'a b c' -> 'c b a' / 'a b c' / sorted
                                   (`flaxlora.data.synthetic`'s strings)
   majority   (classification)     'good bad great' -> 1 (more positive words)
   lookup     (squad)              context 'kiwi is red . fig is blue .',
@@ -42,11 +42,16 @@ def generate(kind: str, num: int, *, seed: int, min_len: int = 3,
     raise ValueError(f'data.generated: need 1 <= min_len ({min_len}) <= '
                      f'max_len ({max_len}).')
   salt = {'train': 0, 'eval': 1}[split]
-  if kind in SEQ2SEQ:  # strings of letters, for the byte tokenizer
+  if kind in SEQ2SEQ:
     records = data_synthetic.text_to_text(
         kind, num, seed=2 * seed + salt, min_length=min_len,
         max_length=max_len)
-    return [dict(r, origin=f'generated:{kind}:{split}[{i}]', id=f'{split}-{i}')
+    # Letters as words ('f c d' -> 'd c f'), so that ROUGE-1 credits the
+    # right letters and ROUGE-2/L their order.
+    return [{'id': f'{split}-{i}', 'source': ' '.join(r['source']),
+             'target': ' '.join(r['target']),
+             'references': [' '.join(r['target'])],
+             'origin': f'generated:{kind}:{split}[{i}]'}
             for i, r in enumerate(records)]
   rng = np.random.default_rng([seed, salt])
   make = {'majority': _majority, 'lookup': _lookup}[kind]

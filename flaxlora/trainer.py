@@ -83,26 +83,27 @@ def _check_batch(config: Any, mesh: Any, rules: Any) -> None:
 
 
 def setup(config: Any, workdir: pathlib.Path) -> Run:
-  """Builds model, base params, data, task, method and mesh."""
+  """Builds data (first: input errors surface before any compile), then the
+  mesh, model, base params, task and method."""
+  tokenizer = build.tokenizer(config)
+  data = task_data.load(config, tokenizer)
+  steps_per_epoch = len(data.train) // config.train.batch_size
+  if not steps_per_epoch:
+    raise ValueError(
+        f'the train data has {len(data.train)} examples, fewer than '
+        f'train.batch_size={config.train.batch_size}; lower the batch size.')
+  total_steps = _total_steps(config, steps_per_epoch)
+  method = build.peft_method(config.peft, config.model.family)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.resolve_rules(config.get('sharding_rules', None))
   _check_batch(config, mesh, rules)
   rng = jax.random.PRNGKey(config.train.seed)
   model, base, base_axes, family = build.model_and_params(
       config, jax.random.fold_in(rng, 1), mesh, rules)
-  tokenizer = build.tokenizer(config)
   build.check_vocab(tokenizer, model)
-  data = task_data.load(config, tokenizer)
-  method = build.peft_method(config.peft, config.model.family)
-  steps_per_epoch = len(data.train) // config.train.batch_size
-  if not steps_per_epoch:
-    raise ValueError(
-        f'the train data has {len(data.train)} examples, fewer than '
-        f'train.batch_size={config.train.batch_size}; lower the batch size.')
-  return Run(config, workdir, model, family, tokenizer, data,
+  return Run(config, pathlib.Path(workdir), model, family, tokenizer, data,
              tasks.make(config, model), method, mesh, rules, base, base_axes,
-             _total_steps(config, steps_per_epoch),
-             distributed.is_main_process())
+             total_steps, distributed.is_main_process())
 
 
 def init_state(run: Run, tx: Any) -> tuple[train_state.TrainState, Any]:
@@ -205,14 +206,17 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *,
     The summary (also written to summary.json).
   """
   is_main = distributed.is_main_process()
-  workdir = workdir_lib.prepare(workdir, config, overwrite=overwrite,
-                                write=is_main)
+  # Refuse a workdir of another config before building anything, and claim
+  # it only once the inputs proved valid: a bad config leaves it untouched.
+  workdir_lib.prepare(workdir, config, overwrite=overwrite, write=False)
   finished = workdir_lib.read_summary(workdir)
-  if finished is not None:
+  if finished is not None and not overwrite:
     print(f'flaxlora: {workdir} holds a finished run (summary.json); '
           'nothing to do. Pass --overwrite to run it again.')
     return finished
   run = setup(config, workdir)
+  workdir_lib.prepare(workdir, config, overwrite=overwrite, write=is_main)
+  distributed.sync('flaxlora_workdir')
   return _train(run)
 
 

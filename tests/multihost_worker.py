@@ -37,11 +37,11 @@ VOCAB = 96  # divisible by every tensor size used (1, 2, 4)
 def tiny_model(family: str):
   if family == 't5':
     return t5.build(t5.T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1,
         num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
-        feed_forward_proj='gated-gelu', tie_word_embeddings=False))
+        feed_forward_proj='gated-gelu'))
   return bert.build(bert.BertConfig(
-      vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+      vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
       num_attention_heads=4, intermediate_size=64, max_position_embeddings=16,
       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
                     head='classification', num_labels=4)
@@ -83,32 +83,61 @@ def loss_fn(model, method, family, adapter, base, batch):
       logits.astype(jnp.float32), labels).mean()
 
 
-def train(family: str, mesh, rules=sharding.RULES, steps: int = STEPS):
+METHOD = lora.lora(rank=4, alpha=8.0)  # PEFT's default targets: q, v
+TX = optax.adamw(3e-2, weight_decay=0.01)
+
+
+def state_shardings(family: str, mesh, rules=sharding.RULES):
+  """(abstract train state, its shardings, base shardings) on `mesh`.
+
+  Shapes only (`jax.eval_shape`): also the restore target of a checkpoint.
+  """
+  model = tiny_model(family)
+  axes = model_family(family).logical_axes(model)
+  abstract_base = jax.eval_shape(
+      lambda rng: model_family(family).init(model, rng), jax.random.PRNGKey(0))
+  base_shardings = sharding.named_shardings(abstract_base, axes, mesh, rules)
+  adapter = jax.eval_shape(METHOD.init, jax.random.PRNGKey(1), abstract_base)
+  adapter_shardings = sharding.named_shardings(
+      adapter, lora.adapter_logical_axes(axes, adapter), mesh, rules)
+  state = {'adapter': adapter, 'opt_state': jax.eval_shape(TX.init, adapter)}
+  shardings = {'adapter': adapter_shardings,
+               'opt_state': sharding.optimizer_shardings(
+                   TX, adapter, adapter_shardings, mesh)}
+  return state, shardings, base_shardings
+
+
+def train(family: str, mesh, rules=sharding.RULES, steps: int = STEPS,
+          host_base=None):
   """LoRA (q, v; rank 4) + AdamW, grads w.r.t. the adapter only.
+
+  Args:
+    family: 't5' or 'bert'.
+    mesh: the device mesh.
+    rules: logical -> mesh axes table.
+    steps: train steps.
+    host_base: numpy base params to place (saves compiling the sharded
+      init); None initialises them with `distributed.init_sharded`.
 
   Returns:
     (losses [steps] numpy, train state {'adapter', 'opt_state'} as global
-    arrays, its shardings).
+    arrays, its shardings, the base params).
   """
   model = tiny_model(family)
-  rng = jax.random.PRNGKey(0)
-  base, axes = distributed.init_sharded(model, rng, mesh, rules)
-  base_shardings = sharding.named_shardings(base, axes, mesh, rules)
-  method = lora.lora(rank=4, alpha=8.0, targets=family)
-  abstract = jax.eval_shape(method.init, jax.random.PRNGKey(1), base)
-  adapter_shardings = sharding.named_shardings(
-      abstract, lora.adapter_logical_axes(axes, abstract), mesh, rules)
-  adapter = jax.jit(method.init, out_shardings=adapter_shardings)(
+  _, shardings, base_shardings = state_shardings(family, mesh, rules)
+  if host_base is None:
+    base, _ = distributed.init_sharded(model, jax.random.PRNGKey(0), mesh,
+                                       rules)
+  else:
+    base = distributed.host_to_global(host_base, base_shardings)
+  adapter = jax.jit(METHOD.init, out_shardings=shardings['adapter'])(
       jax.random.PRNGKey(1), base)
-  tx = optax.adamw(3e-2, weight_decay=0.01)
-  opt_shardings = sharding.optimizer_shardings(tx, abstract,
-                                               adapter_shardings, mesh)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(adapter)
+  opt_state = jax.jit(TX.init, out_shardings=shardings['opt_state'])(adapter)
 
   def step(adapter, opt_state, base, batch):
     loss, grads = jax.value_and_grad(
-        lambda a: loss_fn(model, method, family, a, base, batch))(adapter)
-    updates, opt_state = tx.update(grads, opt_state, adapter)
+        lambda a: loss_fn(model, METHOD, family, a, base, batch))(adapter)
+    updates, opt_state = TX.update(grads, opt_state, adapter)
     return optax.apply_updates(adapter, updates), opt_state, loss
 
   batches = global_batches(family)
@@ -117,9 +146,10 @@ def train(family: str, mesh, rules=sharding.RULES, steps: int = STEPS):
   replicated = NamedSharding(mesh, PartitionSpec())
   # The base is a separate, non-donated argument; only the state is donated.
   step = jax.jit(step, donate_argnums=(0, 1),
-                 in_shardings=(adapter_shardings, opt_shardings,
+                 in_shardings=(shardings['adapter'], shardings['opt_state'],
                                base_shardings, batch_shardings),
-                 out_shardings=(adapter_shardings, opt_shardings, replicated))
+                 out_shardings=(shardings['adapter'], shardings['opt_state'],
+                                replicated))
   rows = distributed.process_rows(mesh, rules, BATCH)
   losses = []
   for batch in batches[:steps]:
@@ -128,8 +158,11 @@ def train(family: str, mesh, rules=sharding.RULES, steps: int = STEPS):
         adapter, opt_state, base, distributed.global_batch(local, mesh, rules))
     losses.append(loss)
   state = {'adapter': adapter, 'opt_state': opt_state}
-  shardings = {'adapter': adapter_shardings, 'opt_state': opt_shardings}
-  return np.array(distributed.to_host(losses)), state, shardings
+  return np.array(distributed.to_host(losses)), state, shardings, base
+
+
+def model_family(family: str):
+  return {'t5': t5, 'bert': bert}[family]
 
 
 def flat_arrays(tree) -> dict[str, np.ndarray]:
@@ -144,6 +177,7 @@ def main(argv):
   parser.add_argument('--num_processes', type=int, required=True)
   parser.add_argument('--process_id', type=int, required=True)
   parser.add_argument('--mesh', default='2,2,2', help='data,fsdp,tensor')
+  parser.add_argument('--families', default='t5', help='t5,bert')
   parser.add_argument('--out', required=True)
   args = parser.parse_args(argv)
   distributed.initialize_distributed(args.coordinator, args.num_processes,
@@ -151,8 +185,8 @@ def main(argv):
   sizes = dict(zip(sharding.MESH_AXES, map(int, args.mesh.split(','))))
   mesh = sharding.make_mesh(sizes)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  for family in ('t5', 'bert'):
-    losses, state, _ = train(family, mesh)
+  for family in args.families.split(','):
+    losses, state, _, _ = train(family, mesh)
     adapter = flat_arrays(distributed.to_host(state['adapter']))
     if distributed.is_main_process():
       np.savez(os.path.join(args.out, f'result_{family}.npz'), losses=losses,

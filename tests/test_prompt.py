@@ -147,7 +147,8 @@ def random_prompt(seed, p=P, h=32):
 def t5_logits(model, params, inputs, p=None):
   ids, mask, dec = inputs
   kw = {} if p is None else {'prompt': jnp.asarray(p)}
-  return np.asarray(model.apply({'params': params}, ids, mask, dec, **kw))
+  return np.asarray(jax.jit(model.apply)({'params': params}, ids, mask, dec,
+                                         **kw))
 
 
 def test_t5_zero_length_prompt_is_base_and_prompt_changes_output(t5_setup):
@@ -200,7 +201,7 @@ def test_t5_peft_round_trips(t5_setup, tmp_path):
 def test_t5_generation_with_prompt_equals_concatenated_embeddings(t5_setup):
   folder, model, params, inputs = t5_setup
   ids, mask, _ = inputs
-  p = random_prompt(3)
+  p = 10 * random_prompt(3)  # large enough to change greedy choices
   ours = np.asarray(decoding.generate(
       model, params, ids, mask, max_new_tokens=6,
       model_kwargs={'prompt': jnp.asarray(p)}))
@@ -264,15 +265,18 @@ def test_bert_prompt_after_cls_matches_transformers(head, tmp_path):
   model, params, _ = models.load(folder)
   ids, mask, types = helpers.batch()
   p = random_prompt(5)
-  out = model.apply({'params': params}, ids, mask, types,
-                    prompt=jnp.asarray(p))
-  base = model.apply({'params': params}, ids, mask, types)
-  zero = model.apply({'params': params}, ids, mask, types,
-                     prompt=jnp.zeros((0, 32)))
+  apply = jax.jit(model.apply)
+  out = apply({'params': params}, ids, mask, types, prompt=jnp.asarray(p))
+  base = apply({'params': params}, ids, mask, types)
+  zero = apply({'params': params}, ids, mask, types,
+               prompt=jnp.zeros((0, 32)))
   ref = bert_reference(hf, ids, mask, types, p)
   if head == 'classification':
-    assert helpers.max_diff(out, ref.logits.numpy()) < 1e-4
-    assert helpers.max_diff(out, base) > 1e-3
+    # The tiny head's logits are ~0.03, so the prompt's effect is judged
+    # against the parity error rather than an absolute size.
+    error = helpers.max_diff(out, ref.logits.numpy())
+    assert error < 1e-5
+    assert helpers.max_diff(out, base) > 20 * error
     np.testing.assert_allclose(np.asarray(zero), np.asarray(base), atol=1e-6)
   else:
     # Prompt positions dropped: logits [B, T] index the original tokens.
@@ -299,7 +303,7 @@ def test_bert_gradients_reach_only_the_prompt(tmp_path):
     logits = model.apply({'params': p}, ids, mask, types, **kw)
     return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
 
-  grads = jax.grad(loss)(adapter)
+  grads = jax.jit(jax.grad(loss))(adapter)
   assert jax.tree.structure(grads) == jax.tree.structure(adapter)
   assert float(jnp.abs(grads[0]['prompt']).sum()) > 0
   assert float(jnp.abs(grads[1]['classifier']['kernel']).sum()) > 0

@@ -283,8 +283,13 @@ def _boxed_init(model: Bert, rng: Array) -> Any:
 
 
 def init(model: Bert, rng: Array) -> Any:
-  """Fresh fp32 params (plain arrays, logical-axis boxes removed)."""
-  return nn.unbox(jax.jit(lambda r: _boxed_init(model, r))(rng))
+  """Fresh fp32 params (plain arrays, logical-axis boxes removed).
+
+  Eager on purpose: a jit would compile anew for every model, which costs more
+  than it saves here; sharded init goes through `jax.jit(..., out_shardings)`
+  in `flaxlora.sharding` instead.
+  """
+  return nn.unbox(_boxed_init(model, rng))
 
 
 def logical_axes(model: Bert) -> Any:

@@ -121,6 +121,8 @@ def read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
   try:
     with open(file, 'rb') as f:
       (size,) = struct.unpack('<Q', f.read(8))
+      if size > file.stat().st_size - 8:
+        raise ValueError(f'header size {size} exceeds the file')
       header = json.loads(f.read(size))
     data = np.memmap(file, dtype=np.uint8, mode='r', offset=8 + size)
     tensors = {}
@@ -134,7 +136,8 @@ def read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
       tensors[name] = data[begin:end].view(_DTYPES[info['dtype']]).reshape(
           info['shape'])
     return tensors
-  except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+  except (OSError, ValueError, KeyError, TypeError, AttributeError,
+          struct.error) as e:
     raise ValueError(f'{file}: not a readable safetensors file ({e}).') from e
 
 

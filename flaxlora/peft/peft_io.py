@@ -20,6 +20,8 @@ import shutil
 import tempfile
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors import numpy as st_numpy
 
@@ -187,3 +189,153 @@ def save_merged(folder: str | os.PathLike, model, base: Mapping[str, Any],
   """Writes a plain HF checkpoint with the adapter merged (fp32)."""
   return models.save(folder, model, merge.merge(base, adapter, method),
                      tokenizer=tokenizer)
+
+
+def _read_config(folder: pathlib.Path) -> dict[str, Any]:
+  file = folder / CONFIG_FILE
+  if not file.is_file():
+    raise FileNotFoundError(f'{file} is missing; is {folder} a PEFT adapter '
+                            'folder (save_pretrained of a PeftModel)?')
+  try:
+    config = json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{file}, line {e.lineno}: not valid JSON ({e.msg}).'
+                     ) from e
+  if config.get('peft_type') != 'LORA':
+    raise ValueError(f'{file}: peft_type {config.get("peft_type")!r}; '
+                     'load_peft reads LORA adapters only.')
+  for key, value in config.items():
+    if key in HONOURED or key in INFORMATIONAL:
+      continue
+    if key not in DEFAULTS:
+      raise ValueError(f'{file}: unknown field {key!r}; flaxlora does not '
+                       'know what it changes, so it refuses the adapter.')
+    if value not in DEFAULTS[key]:
+      raise ValueError(f'{file}: {key}={value!r} is not supported (only '
+                       f'{DEFAULTS[key][0]!r}).')
+  init = config.get('init_lora_weights', True)
+  if init not in (True, False, 'gaussian'):
+    raise ValueError(f'{file}: init_lora_weights={init!r} changes the base '
+                     'weights (PiSSA/OLoRA/LoftQ); convert the adapter to '
+                     'plain LoRA in PEFT first.')
+  return config
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any):
+  """PEFT's rank_pattern/alpha_pattern lookup (first suffix regex match)."""
+  for key, value in patterns.items():
+    if re.match(rf'(.*\.)?({key})$', module):
+      return value
+  return default
+
+
+def _group(tensors: Mapping[str, np.ndarray], source: str):
+  """{module: {'A', 'B', 'M'}} and {key: tensor} of modules to save."""
+  lora_tensors, saved = {}, {}
+  for key, value in tensors.items():
+    if not key.startswith(PREFIX):
+      raise ValueError(f'{source}: tensor {key!r} lacks the {PREFIX!r} '
+                       'prefix PEFT writes.')
+    key = key[len(PREFIX):].replace('.modules_to_save.default', '')
+    for suffix, part in ((_A, 'A'), (_B, 'B'), (_M, 'M')):
+      if key.endswith(suffix):
+        lora_tensors.setdefault(key[:-len(suffix)], {})[part] = value
+        break
+    else:
+      saved[key] = value
+  return lora_tensors, saved
+
+
+def _lora_entry(module, parts, w_shape, source, use_dora):
+  """{'a': [in, R], 'b': [R, out] (+ 'magnitude')} from PEFT tensors."""
+  if 'A' not in parts or 'B' not in parts:
+    raise ValueError(f'{source}: module {module!r} lacks lora_A or lora_B.')
+  lora_a, lora_b = parts['A'], parts['B']                  # [R, in], [out, R]
+  if (lora_a.ndim != 2 or lora_b.ndim != 2 or lora_a.shape[1] != w_shape[0]
+      or lora_b.shape[0] != w_shape[1] or lora_b.shape[1] != lora_a.shape[0]):
+    raise ValueError(
+        f'{source}: tensors {PREFIX + module + _A!r} {lora_a.shape} and '
+        f'{PREFIX + module + _B!r} {lora_b.shape} do not fit the base kernel '
+        f'({w_shape[1]}, {w_shape[0]}) [out, in]; was the adapter trained '
+        'on another base model?')
+  a = np.asarray(lora_a, np.float32).T
+  b = np.asarray(lora_b, np.float32).T
+  entry = {'a': a, 'b': b}
+  if use_dora != ('M' in parts):
+    raise ValueError(f'{source}: use_dora={use_dora} but module {module!r} '
+                     f'{"lacks" if use_dora else "has"} {_M[1:]}.')
+  if use_dora:
+    if parts['M'].shape != (w_shape[1],):
+      raise ValueError(f'{source}: tensor {PREFIX + module + _M!r} has shape '
+                       f'{parts["M"].shape}, the base needs ({w_shape[1]},).')
+    entry['magnitude'] = np.asarray(parts['M'], np.float32)
+  return entry
+
+
+def load_peft(folder: str | os.PathLike, model, base: Mapping[str, Any]
+              ) -> tuple[peft_base.PeftMethod, Any]:
+  """Reads a PEFT LoRA folder into (method, adapter) for `model`.
+
+  Ranks come from the tensors (checked against r / rank_pattern); alphas
+  follow lora_alpha / alpha_pattern with PEFT's matching rules. Modules to
+  save become a chained `base.trainable` whose adapter holds their weights.
+  """
+  folder = pathlib.Path(folder)
+  config = _read_config(folder)
+  source = str(folder / WEIGHTS_FILE)
+  lora_tensors, saved = _group(
+      hf_io.read_safetensors(folder / WEIGHTS_FILE), source)
+  if not lora_tensors:
+    raise ValueError(f'{source}: no lora_A/lora_B tensors.')
+  family = models.family_of_model(model)
+  keys = {m + '.weight' for m in lora_tensors} | set(saved)
+  by_key = {r.key: r for r in family.hf_rules(model, keys=keys)}
+  r, alpha = int(config['r']), float(config['lora_alpha'])
+  entries, ranks, alphas = {}, {}, {}
+  for module, parts in sorted(lora_tensors.items()):
+    rule = by_key.get(module + '.weight')
+    if rule is None or not rule.transpose:
+      raise ValueError(f'{source}: module {module!r} is not a Linear layer '
+                       f'of this {type(model).__name__}; another base model?')
+    path = '/'.join(rule.path)
+    w_shape = tuple(peft_base.get(base, path).shape)
+    entries[path] = _lora_entry(module, parts, w_shape, source,
+                                bool(config.get('use_dora')))
+    rank = entries[path]['a'].shape[1]
+    if rank != _pattern_value(config.get('rank_pattern') or {}, module, r):
+      raise ValueError(f'{source}: {module} has rank {rank}, but r / '
+                       'rank_pattern in adapter_config.json say otherwise.')
+    if rank != r:
+      ranks[re.escape(path)] = rank
+    module_alpha = _pattern_value(config.get('alpha_pattern') or {}, module,
+                                  alpha)
+    if module_alpha != alpha:
+      alphas[re.escape(path)] = module_alpha
+  method = lora.lora(
+      rank=r, alpha=alpha, targets=[re.escape(p) for p in entries],
+      dropout=float(config.get('lora_dropout') or 0.0), rank_pattern=ranks,
+      alpha_pattern=alphas, use_rslora=bool(config.get('use_rslora')),
+      init='gaussian' if config.get('init_lora_weights') == 'gaussian'
+      else 'default', use_dora=bool(config.get('use_dora')))
+  adapter = jax.tree.map(jnp.asarray, peft_base.unflatten(entries))
+  if not saved:
+    return method, adapter
+  copies = {}
+  for key, value in saved.items():
+    rule = by_key.get(key)
+    if rule is None:
+      raise ValueError(f'{source}: saved module tensor {key!r} is not a '
+                       f'parameter of this {type(model).__name__}.')
+    path = '/'.join(rule.path)
+    value = np.asarray(value, np.float32)
+    value = value.T if rule.transpose else value
+    want = tuple(peft_base.get(base, path).shape)
+    if value.shape != want:
+      raise ValueError(f'{source}: tensor {PREFIX + key!r} has shape '
+                       f'{np.shape(saved[key])}; the base needs {want} for '
+                       f'{path}.')
+    copies[path] = value
+  method = peft_base.chain(method, peft_base.trainable(
+      [re.escape(p) for p in sorted(copies)]))
+  copies = jax.tree.map(jnp.asarray, peft_base.unflatten(copies))
+  return method, (adapter, copies)

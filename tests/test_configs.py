@@ -1,0 +1,134 @@
+"""Every config builds in all its variants, loads without JAX, and says how
+to run it; variant and override errors are clear."""
+import importlib
+import itertools
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from configs import common
+from flaxlora import sweeps
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# config name -> its variant strings (every combination the docstring names).
+VARIANTS = {
+    't5_lora': [','.join(filter(None, combo)) for combo in itertools.product(
+        ('', 'size=base', 'size=large'),
+        ('', 'task=qa', 'task=classification'),
+        ('', 'local_data'), ('', 'runlocal'))],
+    'bert_sentiment_lora': ['', 'local_data', 'runlocal',
+                            'local_data,runlocal'],
+    'bert_squad_lora': ['', 'local_data', 'runlocal', 'local_data,runlocal'],
+}
+
+
+def _module(name):
+  return importlib.import_module(f'configs.{name}')
+
+
+@pytest.mark.parametrize('name', sorted(VARIANTS))
+def test_every_variant_builds(name):
+  module = _module(name)
+  for variant in VARIANTS[name]:
+    config = module.get_config(variant or None)
+    assert isinstance(config, ml_collections.ConfigDict)
+    for section in ('task', 'model', 'tokenizer', 'peft', 'data',
+                    'optimizer', 'train', 'checkpoint', 'mesh', 'eval'):
+      assert section in config, (name, variant, section)
+    assert config.peft.method == 'lora'
+    assert config.train.steps > 0 or config.train.epochs > 0
+    if 'runlocal' in variant:
+      # Offline in seconds: a random tiny model and generated data.
+      assert config.model.path == '' and config.model.init
+      assert config.data.source == 'generated'
+      assert config.tokenizer in ('bytes', 'words')
+    elif 'local_data' in variant:
+      assert config.data.source == 'files'
+      shared = str(REPO.parent / 'shared' / 'data')
+      assert config.data.train_file.startswith(shared)
+    else:
+      assert config.data.source == 'hub'
+      assert config.model.path.startswith(('google-t5/', 'bert-base'))
+
+
+def test_real_defaults_point_at_the_hub():
+  t5 = _module('t5_lora').get_config()
+  assert (t5.model.path, t5.data.hub_name) == ('google-t5/t5-small', 'xsum')
+  assert _module('t5_lora').get_config('size=base').model.path == (
+      'google-t5/t5-base')
+  sst = _module('bert_sentiment_lora').get_config()
+  assert (sst.model.path, sst.data.hub_name) == ('bert-base-uncased',
+                                                 'glue/sst2')
+  squad = _module('bert_squad_lora').get_config()
+  assert (squad.model.path, squad.data.hub_name) == ('bert-base-uncased',
+                                                     'squad')
+  assert _module('bert_squad_lora').get_config('local_data').model.path == (
+      common.MINILM)
+
+
+@pytest.mark.parametrize('name', sorted(VARIANTS))
+def test_docstring_opens_with_the_command(name):
+  doc = _module(name).__doc__.strip().splitlines()
+  command = ' '.join(line.strip().rstrip('\\') for line in doc[2:4])
+  assert command.startswith(
+      f'python -m experiments.run --config=configs/{name}.py:runlocal'), doc
+  assert '--workdir=' in command
+
+
+def test_configs_load_without_jax():
+  code = ('import sys; from configs import t5_lora, bert_sentiment_lora, '
+          'bert_squad_lora\n'
+          'for m in (t5_lora, bert_sentiment_lora, bert_squad_lora):\n'
+          '  m.get_config("runlocal")\n'
+          'bad = [m for m in sys.modules if m.split(".")[0] in '
+          '("jax", "flax", "flaxlora", "numpy")]\n'
+          'assert not bad, bad')
+  subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True)
+
+
+def test_unknown_variant_is_named_with_the_known_ones():
+  with pytest.raises(ValueError, match=r"unknown config variant 'runlcoal'.*"
+                     r"known variants: \['local_data', 'runlocal'\]"):
+    _module('bert_sentiment_lora').get_config('runlcoal')
+  with pytest.raises(ValueError, match='task=.summ.*summarization'):
+    _module('t5_lora').get_config('task=summ')
+  with pytest.raises(ValueError, match="variant 'size' needs a value"):
+    _module('t5_lora').get_config('size')
+  with pytest.raises(ValueError, match="runlocal=.maybe. is not a bool"):
+    _module('t5_lora').get_config('runlocal=maybe')
+
+
+def test_configs_are_locked_against_typos():
+  config = _module('t5_lora').get_config('runlocal')
+  config.lock()
+  with pytest.raises(AttributeError, match='stpes'):
+    config.train.stpes = 3
+  with pytest.raises(TypeError):
+    config.train.steps = 'many'
+
+
+def test_sweeps_override_existing_keys():
+  for name in ('t5_lora', 'bert_sentiment_lora'):
+    path = f'configs/{name}.py:runlocal'
+    config = _module(name).get_config('runlocal')
+    points = sweeps.points(str(REPO / path))
+    assert len(points) == 4
+    for point in points:
+      swept = sweeps.apply(config, point)
+      for key, value in point.items():
+        node = swept
+        for part in key.split('.'):
+          node = node[part]
+        assert node == value
+
+
+def test_parse_arg_and_sweep_helpers():
+  arg = common.parse_arg('size=base,runlocal', size='small', runlocal=False,
+                         steps=3)
+  assert (arg.size, arg.runlocal, arg.steps) == ('base', True, 3)
+  assert common.parse_arg(None, x=1).x == 1
+  grid = common.product(common.sweep('a', [1, 2]), common.sweep('b', [3]))
+  assert grid == [{'a': 1, 'b': 3}, {'a': 2, 'b': 3}]

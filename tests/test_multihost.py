@@ -1,0 +1,89 @@
+"""Two processes on localhost (4 CPU devices each) train through jax.distributed.
+
+They run `multihost_worker.py`: the same sharded LoRA steps as
+`test_sharding.py`, on a (data 2, fsdp 2, tensor 2) mesh over all 8 devices
+of both processes, and write an orbax checkpoint together. This process (8
+devices of its own) checks their losses and adapter against a single-device
+run and restores their checkpoint on other mesh shapes.
+"""
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import multihost_worker
+from flaxlora import distributed
+from flaxlora import sharding
+
+WORKER = pathlib.Path(__file__).with_name('multihost_worker.py')
+PROCESSES = 2
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  """Runs the two worker processes once; returns their output folder."""
+  out = tmp_path_factory.mktemp('multihost')
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  address = f'127.0.0.1:{_free_port()}'
+  procs = [subprocess.Popen(
+      [sys.executable, str(WORKER), '--coordinator', address,
+       '--num_processes', str(PROCESSES), '--process_id', str(i),
+       '--mesh', '2,2,2', '--families', 't5', '--out', str(out)],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(PROCESSES)]
+  logs = []
+  try:
+    for proc in procs:
+      logs.append(proc.communicate(timeout=240)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for i, proc in enumerate(procs):
+    assert proc.returncode == 0, f'process {i} failed:\n{logs[i][-4000:]}'
+  return out
+
+
+def test_two_processes_match_single_device(workdir):
+  result = np.load(workdir / 'result_t5.npz')
+  assert int(result['processes']) == PROCESSES
+  assert int(result['devices']) == 8
+  one = sharding.make_mesh({}, devices=jax.devices()[:1])
+  losses, state, _, _ = multihost_worker.train('t5', one)
+  np.testing.assert_allclose(result['losses'], losses, atol=1e-5, rtol=0)
+  adapter = multihost_worker.flat_arrays(
+      distributed.to_host(state['adapter']))
+  for key, value in adapter.items():
+    np.testing.assert_allclose(result[key], value, atol=1e-5, rtol=0,
+                               err_msg=key)
+  assert losses[-1] < losses[0]  # the steps did train
+
+
+@pytest.mark.parametrize('shape', [(1, 2, 4), (8, 1, 1)])
+def test_checkpoint_restores_in_one_process_on_another_mesh(workdir, shape):
+  result = np.load(workdir / 'result_t5.npz')
+  mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
+  abstract, shardings, _ = multihost_worker.state_shardings('t5', mesh)
+  with ocp.StandardCheckpointer() as checkpointer:
+    state = checkpointer.restore(
+        workdir / 'ckpt_t5', sharding.abstract_sharded(abstract, shardings))
+  adapter = multihost_worker.flat_arrays(distributed.to_host(state['adapter']))
+  assert adapter
+  for key, value in adapter.items():
+    np.testing.assert_array_equal(value, result[key], err_msg=key)
+  for leaf, target in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
+    assert leaf.sharding.is_equivalent_to(target, leaf.ndim)
+  assert int(state['opt_state'][0].count) == multihost_worker.STEPS

@@ -1,0 +1,102 @@
+"""`experiments.run` end to end: the README's offline job in a subprocess,
+every other `runlocal` variant in-process (shortened), and flag errors."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from safetensors import numpy as st_numpy
+
+from configs import bert_sentiment_lora
+from configs import bert_squad_lora
+from configs import t5_lora
+from flaxlora import trainer
+from flaxlora import workdir as workdir_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_env(cache_dir=None):
+  """The subprocess environment: conftest's JAX settings (+ a shared
+  persistent compilation cache, so later runs skip compiling)."""
+  env = dict(os.environ)
+  if cache_dir is not None:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  return env
+
+
+def check_workdir(workdir: pathlib.Path, metric: str) -> dict:
+  """Asserts that a finished workdir holds everything a run writes."""
+  for name in ('config.json', 'metrics.jsonl', 'summary.json', 'loss.png',
+               'eval.png', 'adapter/adapter.safetensors',
+               'adapter/method.json'):
+    assert (workdir / name).is_file(), name
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()
+                 if p.name.isdigit())
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert steps[-1] == summary['step']
+  assert f'eval_{metric}' in summary and 'eval_loss' in summary
+  records = workdir_lib.read_metrics(workdir)
+  assert {r['split'] for r in records} == {'train', 'eval'}
+  assert st_numpy.load_file(str(workdir / 'adapter/adapter.safetensors'))
+  return summary
+
+
+def test_readme_job_t5_runlocal(tmp_path):
+  """The README's offline main job, exactly as documented."""
+  workdir = tmp_path / 't5'
+  result = subprocess.run(
+      [sys.executable, '-m', 'experiments.run',
+       '--config=configs/t5_lora.py:runlocal', f'--workdir={workdir}'],
+      cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'steps/s ETA' in result.stdout
+  summary = check_workdir(workdir, 'rouge1')
+  losses = [r['loss'] for r in workdir_lib.read_metrics(workdir)
+            if r['split'] == 'train']
+  assert losses[-1] < 0.8 * losses[0], losses  # it learns
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['model']['init']['d_model'] == 64
+  assert summary['trainable_params'] < summary['base_params']
+  if (workdir / 'peft').exists():
+    assert (workdir / 'peft' / 'adapter_config.json').is_file()
+
+
+def _short(config):
+  config.train.update(steps=4, eval_every=2, log_every=2, checkpoint_every=2)
+  config.eval.max_examples = 16
+  return config
+
+
+@pytest.mark.parametrize('make, metric', [
+    (lambda: bert_sentiment_lora.get_config('runlocal'), 'accuracy'),
+    (lambda: bert_squad_lora.get_config('runlocal'), 'f1'),
+    (lambda: t5_lora.get_config('task=qa,runlocal'), 'f1'),
+    (lambda: t5_lora.get_config('task=classification,runlocal'), 'accuracy'),
+], ids=['bert_sentiment', 'bert_squad', 't5_qa', 't5_classification'])
+def test_runlocal_variants(tmp_path, make, metric):
+  summary = trainer.train_and_evaluate(_short(make()), tmp_path)
+  assert summary == check_workdir(tmp_path, metric)
+  assert summary['step'] == 4
+  # Rerunning a finished workdir does nothing and returns its summary.
+  assert trainer.train_and_evaluate(_short(make()), tmp_path) == summary
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--config.train.stpes=3', 'stpes'),
+    ('--config.train.steps=many', 'steps'),
+    ('--config=configs/t5_lora.py:runlcoal', "unknown config variant"),
+])
+def test_bad_flags_fail_before_touching_the_workdir(tmp_path, flag, message):
+  workdir = tmp_path / 'run'
+  args = [sys.executable, '-m', 'experiments.run', f'--workdir={workdir}']
+  if not flag.startswith('--config='):
+    args.append('--config=configs/t5_lora.py:runlocal')
+  result = subprocess.run(args + [flag], cwd=REPO, env=run_env(),
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert message in result.stderr, result.stderr[-2000:]
+  assert not workdir.exists()
