@@ -124,14 +124,15 @@ def resolve_rules(overrides: Mapping[str, Any] | Iterable | None = None
   """`RULES` with some entries replaced or added.
 
   Args:
-    overrides: {logical: mesh_axes} or (logical, mesh_axes) pairs, e.g.
+    overrides: {logical: mesh_axes} (a dict or ConfigDict, e.g. a config's
+      `sharding_rules`) or (logical, mesh_axes) pairs, e.g.
       {'vocab': None} to replicate a vocabulary whose size the tensor axis
       does not divide. Mesh axes may be None, a name or a tuple of names.
   """
   table = dict(RULES)
   if overrides:
-    pairs = (overrides.items() if isinstance(overrides, Mapping)
-             else overrides)
+    # A dict or ml_collections.ConfigDict (not a Mapping), or pairs.
+    pairs = overrides.items() if hasattr(overrides, 'items') else overrides
     for logical, mesh_axes in pairs:
       if isinstance(mesh_axes, list):
         mesh_axes = tuple(mesh_axes)

@@ -46,10 +46,8 @@ def schedule(opt: Any, total_steps: int) -> optax.Schedule:
     total_steps: the number of optimizer updates of the run.
   """
   warmup = int(opt.warmup_steps)
-  if warmup < 0 or (total_steps > 1 and warmup >= total_steps):
-    raise ValueError(
-        f'optimizer.warmup_steps={warmup} must be in [0, {total_steps}) (the '
-        'run has that many steps); lower it.')
+  if warmup < 0:
+    raise ValueError(f'optimizer.warmup_steps={warmup} must be >= 0.')
   decay_steps = max(total_steps - warmup, 1)
   lr = float(opt.lr)
   decays = {

@@ -122,10 +122,11 @@ def init_state(run: Run, tx: Any) -> tuple[train_state.TrainState, Any]:
       replicated, adapter_shardings,
       sharding.optimizer_shardings(tx, abstract, adapter_shardings, run.mesh),
       replicated)
-  adapter = jax.jit(run.method.init, out_shardings=adapter_shardings)(
-      adapter_rng, run.base)
-  state = jax.jit(lambda a: train_state.create(state_rng, a, tx),
-                  out_shardings=shardings)(adapter)
+
+  def init(rng):
+    return train_state.create(state_rng, run.method.init(rng, run.base), tx)
+
+  state = jax.jit(init, out_shardings=shardings)(adapter_rng)
   return state, shardings
 
 

@@ -1,6 +1,4 @@
 """BERT parity with transformers + torch, checkpoint round trips, axes, bf16."""
-import pathlib
-
 import helpers
 import jax
 import jax.numpy as jnp
@@ -8,8 +6,8 @@ import numpy as np
 import pytest
 from safetensors import numpy as st_numpy
 
-from flaxlora.models import bert
 from flaxlora import models
+from flaxlora.models import bert
 
 TOL = 1e-4
 
@@ -123,18 +121,17 @@ def test_save_then_transformers_loads(folders, tmp_path, head):
 
 
 def test_base_checkpoint_gets_fresh_head(folders, capsys):
-  folder, torch_model = folders[None]
+  folder, _ = folders[None]
   model, params, _ = models.load(folder, head='classification', num_labels=5)
   assert 'classifier/kernel' in capsys.readouterr().out
   assert params['classifier']['kernel'].shape == (32, 5)
-  base, base_params, _ = models.load(folder)
+  _, base_params, _ = models.load(folder)
   jax.tree.map(np.testing.assert_array_equal, base_params['encoder'],
                params['encoder'])
   logits = model.apply({'params': params}, *helpers.batch())
   assert logits.shape == (3, 5)
-  qa, qa_params, _ = models.load(folder, head='qa')
+  _, qa_params, _ = models.load(folder, head='qa')
   assert 'pooler' not in qa_params and 'qa_outputs' in qa_params
-  del base, torch_model, qa
 
 
 def test_bare_model_from_classification_checkpoint(folders):
@@ -229,11 +226,29 @@ def test_bad_config_and_inputs():
 
 
 def test_config_round_trip(folders):
-  folder, torch_model = folders['classification']
+  _, torch_model = folders['classification']
   config = bert.config_from_hf(torch_model.config.to_dict())
   assert config.head == 'classification' and config.num_labels == 3
   assert config.id2label == ('LABEL_0', 'LABEL_1', 'LABEL_2')
   model = bert.build(config)
   again = bert.config_from_hf(bert.config_to_hf(model))
   assert again == config
-  assert pathlib.Path(folder).is_dir()
+
+
+def test_prompt_hook_keeps_token_positions(folders):
+  folder, _ = folders[None]
+  model, params, _ = models.load(folder)
+  ids, mask, token_types = helpers.batch()
+  hidden, pooled = model.apply({'params': params}, ids, mask, token_types)
+  empty = model.apply({'params': params}, ids, mask, token_types,
+                      prompt=jnp.zeros((0, 32)))
+  np.testing.assert_allclose(empty[0], hidden, atol=1e-6)
+  prompt = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 32))  # [B, P, H]
+  with_prompt, pooled2 = model.apply({'params': params}, ids, mask,
+                                     token_types, prompt=prompt)
+  assert with_prompt.shape == hidden.shape  # prompt positions dropped
+  assert helpers.max_diff(with_prompt, hidden) > 1e-3
+  assert helpers.max_diff(pooled2, pooled) > 1e-3
+  too_long = jnp.zeros((61, 32))  # 9 tokens + 61 > 64 positions
+  with pytest.raises(ValueError, match='prompt included'):
+    model.apply({'params': params}, ids, mask, token_types, prompt=too_long)

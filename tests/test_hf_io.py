@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 from safetensors import numpy as st_numpy
+from safetensors import torch as st_torch
 
 from flaxlora import models
 from flaxlora.models import hf_io
@@ -148,7 +149,6 @@ def test_sharded_index_loads_like_single_file(good, tmp_path):
 def test_bf16_checkpoint(good, tmp_path):
   import ml_dtypes  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  from safetensors import torch as st_torch  # pylint: disable=g-import-not-at-top
   tensors = {k: torch.from_numpy(v).to(torch.bfloat16) if v.dtype ==
              np.float32 else torch.from_numpy(v) for k, v in good[1].items()}
   folder = _copy(good, tmp_path)

@@ -5,6 +5,7 @@ also checks that a real adapter change moves the statistic.
 """
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +19,8 @@ from flaxlora.inspect import diff
 from flaxlora.inspect import plots
 from flaxlora.inspect import prompts
 from flaxlora.inspect import summary
+from flaxlora.peft import base as peft_base
+from flaxlora.peft import lora
 
 
 def _rand(rng, *shape, scale=1.0):
@@ -91,6 +94,9 @@ def test_summary_without_adapter_is_all_trainable_and_abstract_ok():
   assert s.total.trainable_size == s.total.size > 0
   assert [m.name for m in s.modules] == ['encoder', 'shared']
   assert {r.sharding for r in s.rows} == {'-'}
+  boxed = {'k': nn.Partitioned(jnp.ones((4, 8)), names=('embed', 'mlp'))}
+  assert [(r.path, r.size) for r in summary.summary(boxed).rows] == [
+      ('k', 32)]
 
 
 def test_summary_method_names_for_chains_and_regexes():
@@ -243,7 +249,8 @@ def test_analyze_tree_scales_chains_and_errors():
   np.testing.assert_allclose(report.by_path[path].relative_norm, ref['rel'],
                              rtol=1e-5)
   by_map = analysis.analyze(base, adapter, {p: 2.0 for p in report.by_path})
-  assert by_map.by_path[path].relative_norm == report.by_path[path].relative_norm
+  assert by_map.by_path[path].relative_norm == (
+      report.by_path[path].relative_norm)
   for block in adapter['encoder'].values():
     block['attention']['v']['kernel']['scale'] = np.float32(4.0)
   stored = analysis.analyze(base, (adapter, {'prompt': np.zeros((2, 16))}),
@@ -345,8 +352,6 @@ def test_heatmap_grid_and_pngs(tmp_path):
 
 
 def test_analyze_and_summary_with_the_lora_method():
-  from flaxlora.peft import base as peft_base  # pylint: disable=g-import-not-at-top
-  from flaxlora.peft import lora  # pylint: disable=g-import-not-at-top
   base = _base()
   method = peft_base.chain(
       lora.lora(rank=4, alpha=8.0, targets=r'.*/q/kernel'),
@@ -379,3 +384,20 @@ def test_analyze_and_summary_with_the_lora_method():
   assert owners == {'lora', 'dora+rslora', 'trainable'}
   assert s.total.trainable_size == sum(x.size for x in jax.tree.leaves(
       adapter))
+
+
+def test_qlora_base_summary_bytes_and_dequantised_analysis():
+  from flaxlora.peft import nf4  # pylint: disable=g-import-not-at-top
+  base, adapter = _base(), _adapter()
+  quantized = nf4.quantize_params(base)
+  s = summary.summary(quantized, adapter, 'lora')
+  adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(adapter))
+  assert s.total.nbytes == nf4.nbytes(quantized) + adapter_bytes
+  assert s.total.nbytes < summary.summary(base, adapter).total.nbytes
+  assert any(r.path.endswith('q/kernel/codes') and r.dtype == 'uint8'
+             for r in s.rows)
+  got = analysis.analyze(quantized, adapter, 1.0)
+  want = analysis.analyze(nf4.dequantize_params(quantized), adapter, 1.0)
+  for path, stats in want.by_path.items():
+    np.testing.assert_allclose(got.by_path[path].relative_norm,
+                               stats.relative_norm, rtol=1e-6)

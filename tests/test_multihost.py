@@ -1,4 +1,4 @@
-"""Two processes on localhost (4 CPU devices each) train through jax.distributed.
+"""Two processes on localhost (4 CPU devices each) train via jax.distributed.
 
 They run `multihost_worker.py`: the same sharded LoRA steps as
 `test_sharding.py`, on a (data 2, fsdp 2, tensor 2) mesh over all 8 devices
@@ -32,8 +32,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
-  """Runs the two worker processes once; returns their output folder."""
+def runs(tmp_path_factory):
+  """Runs the two worker processes once and, meanwhile, the same steps on one
+  device here; returns (their output folder, (losses, adapter) here)."""
   out = tmp_path_factory.mktemp('multihost')
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=4')
@@ -46,6 +47,10 @@ def workdir(tmp_path_factory):
            for i in range(PROCESSES)]
   logs = []
   try:
+    one = sharding.make_mesh({}, devices=jax.devices()[:1])
+    losses, state, _, _ = multihost_worker.train('t5', one)
+    reference = losses, multihost_worker.flat_arrays(
+        distributed.to_host(state['adapter']))
     for proc in procs:
       logs.append(proc.communicate(timeout=240)[0])
   finally:
@@ -54,18 +59,15 @@ def workdir(tmp_path_factory):
         proc.kill()
   for i, proc in enumerate(procs):
     assert proc.returncode == 0, f'process {i} failed:\n{logs[i][-4000:]}'
-  return out
+  return out, reference
 
 
-def test_two_processes_match_single_device(workdir):
+def test_two_processes_match_single_device(runs):
+  workdir, (losses, adapter) = runs
   result = np.load(workdir / 'result_t5.npz')
   assert int(result['processes']) == PROCESSES
   assert int(result['devices']) == 8
-  one = sharding.make_mesh({}, devices=jax.devices()[:1])
-  losses, state, _, _ = multihost_worker.train('t5', one)
   np.testing.assert_allclose(result['losses'], losses, atol=1e-5, rtol=0)
-  adapter = multihost_worker.flat_arrays(
-      distributed.to_host(state['adapter']))
   for key, value in adapter.items():
     np.testing.assert_allclose(result[key], value, atol=1e-5, rtol=0,
                                err_msg=key)
@@ -73,7 +75,8 @@ def test_two_processes_match_single_device(workdir):
 
 
 @pytest.mark.parametrize('shape', [(1, 2, 4), (8, 1, 1)])
-def test_checkpoint_restores_in_one_process_on_another_mesh(workdir, shape):
+def test_checkpoint_restores_in_one_process_on_another_mesh(runs, shape):
+  workdir, _ = runs
   result = np.load(workdir / 'result_t5.npz')
   mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
   abstract, shardings, _ = multihost_worker.state_shardings('t5', mesh)

@@ -1,13 +1,17 @@
-"""The inspection notebook is committed clean and runs top to bottom."""
+"""The inspection notebook runs top to bottom, and `experiments.inspect`
+inspects the run it trained (one shrunken runlocal run serves both)."""
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
 nbformat = pytest.importorskip('nbformat')
 nbclient = pytest.importorskip('nbclient')
 
-NOTEBOOK = (pathlib.Path(__file__).resolve().parents[1] / 'experiments' /
-            'notebooks' / 'inspect_adapters.ipynb')
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / 'experiments' / 'notebooks' / 'inspect_adapters.ipynb'
 
 
 def test_notebook_is_committed_without_outputs():
@@ -19,24 +23,39 @@ def test_notebook_is_committed_without_outputs():
                      'clear them (jupyter nbconvert --clear-output --inplace)')
 
 
-def test_notebook_executes(tmp_path, monkeypatch):
+def _execute(workdir: pathlib.Path, monkeypatch) -> list:
+  """Runs the notebook (the kernel inherits conftest's 8 CPU devices);
+  returns every code cell output."""
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  # The kernel inherits the environment: conftest's 8 CPU devices, and no
-  # workdir given, so the notebook trains its own tiny run.
-  monkeypatch.delenv('FLAXLORA_WORKDIR', raising=False)
-  monkeypatch.setenv('TMPDIR', str(tmp_path))
+  monkeypatch.setenv('FLAXLORA_WORKDIR', str(workdir))  # trains into it
   client = nbclient.NotebookClient(
-      nb, timeout=300, kernel_name='python3',
+      nb, timeout=600, kernel_name='python3',
       resources={'metadata': {'path': str(NOTEBOOK.parent)}})
   client.execute()
-  outputs = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs]
-  errors = [o for o in outputs if o.output_type == 'error']
-  assert not errors
+  return [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs]
+
+
+def test_notebook_executes_and_cli_inspects_its_run(tmp_path, monkeypatch):
+  workdir = tmp_path / 'run'
+  outputs = _execute(workdir, monkeypatch)
+  assert not [o for o in outputs if o.output_type == 'error']
   text = '\n'.join(o.get('text', '') for o in outputs)
   html = '\n'.join(o.get('data', {}).get('text/html', '') for o in outputs)
   assert '8 devices' in text
+  assert 'P(fsdp, None)' in text  # the FSDP run's kernels are split
   assert 'LoRA updates' in text and 'changed' in text
   assert '<details>' in html  # the summary's HTML table rendered
-  pngs = [o for o in outputs if 'image/png' in o.get('data', {})]
-  assert len(pngs) >= 2  # heat map and spectra
-  assert list(tmp_path.glob('flaxlora_inspect_*/lora_heatmap.png'))
+  assert sum('image/png' in o.get('data', {}) for o in outputs) >= 2
+  assert (workdir / 'summary.json').is_file()
+
+  out = tmp_path / 'plots'
+  result = subprocess.run(
+      [sys.executable, '-m', 'experiments.inspect', f'--workdir={workdir}',
+       f'--out={out}'], cwd=ROOT, capture_output=True, text=True,
+      timeout=600, env=dict(os.environ), check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'totals by module' in result.stdout
+  assert 'encoder/block_0/attention/q/kernel' in result.stdout
+  assert 'LoRA updates (32 layers)' in result.stdout
+  for name in ('lora_heatmap.png', 'lora_spectra.png'):
+    assert (out / name).read_bytes()[:4] == b'\x89PNG'

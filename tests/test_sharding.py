@@ -81,6 +81,9 @@ def test_rules_map_logical_axes():
   assert sharding.logical_to_spec(('vocab', 'embed'), rules) == P(
       None, ('tensor',))
   assert dict(rules)['mlp'] == 'tensor'  # untouched entries stay
+  from_config = sharding.resolve_rules(
+      ml_collections.ConfigDict({'vocab': None}))
+  assert dict(from_config)['vocab'] is None
 
 
 def test_rule_errors():
@@ -255,13 +258,14 @@ def test_load_sharded_matches_load(tmp_path, monkeypatch):
   folder, _ = helpers.save_tiny_bert(tmp_path / 'bert', head=None,
                                      vocab_size=96, intermediate_size=64)
   reads = []
-  slicer_getitem = distributed._Slicer.__getitem__  # pylint: disable=protected-access
+  slicer = distributed._Slicer  # pylint: disable=protected-access
+  getitem = slicer.__getitem__
 
   def recording_getitem(self, index):
-    out = slicer_getitem(self, index)
+    out = getitem(self, index)
     reads.append((self.shape, out.shape))
     return out
-  monkeypatch.setattr(distributed._Slicer, '__getitem__', recording_getitem)  # pylint: disable=protected-access
+  monkeypatch.setattr(slicer, '__getitem__', recording_getitem)
   mesh = sharding.make_mesh({'fsdp': 2, 'tensor': 4})
   rng = jax.random.PRNGKey(3)
   _, params, _ = distributed.load_sharded(

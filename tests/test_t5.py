@@ -1,4 +1,5 @@
 """flaxlora's T5 against transformers' T5ForConditionalGeneration (torch)."""
+import functools
 import json
 
 import jax
@@ -50,6 +51,16 @@ def pair(request, tmp_path_factory):
   return request.param, hf_model, model, params, config
 
 
+@functools.lru_cache
+def _jit(model, method=None, **static):
+  """model.apply compiled once per model and method (eager is slow)."""
+  return jax.jit(functools.partial(model.apply, method=method, **static))
+
+
+def _apply(model, params, *args, method=None, **kwargs):
+  return _jit(model, method)({'params': params}, *args, **kwargs)
+
+
 def _inputs():
   rng = np.random.RandomState(0)
   ids = rng.randint(2, V, (3, 30))  # > max_distance: log-spaced buckets too
@@ -83,27 +94,27 @@ def test_matches_transformers(pair):
   _, hf_model, model, params, _ = pair
   inputs = _inputs()
   ref_encoded, ref_logits = _hf_outputs(hf_model, *inputs)
-  encoded = model.apply({'params': params}, *inputs[:2], method='encode')
-  logits = model.apply({'params': params}, *inputs)
+  encoded = _apply(model, params, *inputs[:2], method='encode')
+  logits = _apply(model, params, *inputs)
   np.testing.assert_allclose(encoded, ref_encoded, atol=1e-4, rtol=0)
   np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
   # The comparison is not vacuous: one changed kernel changes the logits.
   kernel = params['decoder']['block_2']['mlp']['wo']['kernel']
   perturbed = jax.tree.map(lambda x: x, params)
   perturbed['decoder']['block_2']['mlp']['wo']['kernel'] = kernel + 0.05
-  changed = model.apply({'params': perturbed}, *inputs)
+  changed = _apply(model, perturbed, *inputs)
   assert np.abs(np.asarray(changed) - ref_logits).max() > 1e-2
 
 
 def test_padding_is_masked(pair):
   _, _, model, params, _ = pair
   ids, mask, dec, dec_mask = _inputs()
-  logits = model.apply({'params': params}, ids, mask, dec, dec_mask)
+  logits = _apply(model, params, ids, mask, dec, dec_mask)
   other = ids.copy()
   other[mask == 0] = 7  # different tokens under the padding
-  logits2 = model.apply({'params': params}, other, mask, dec, dec_mask)
+  logits2 = _apply(model, params, other, mask, dec, dec_mask)
   np.testing.assert_allclose(logits, logits2, atol=1e-5)
-  unmasked = model.apply({'params': params}, other, np.ones_like(mask), dec,
+  unmasked = _apply(model, params, other, np.ones_like(mask), dec,
                          dec_mask)
   assert np.abs(np.asarray(unmasked) - np.asarray(logits))[1:].max() > 1e-3
 
@@ -130,7 +141,7 @@ def test_save_loads_in_transformers(pair, tmp_path):
       folder).eval()
   inputs = _inputs()
   _, ref = _hf_outputs(reloaded, *inputs)
-  logits = model.apply({'params': params}, *inputs)
+  logits = _apply(model, params, *inputs)
   np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
   _, again, _ = models.load(folder)
   jax.tree.map(np.testing.assert_array_equal, again, params)
@@ -157,9 +168,9 @@ def test_every_param_has_logical_axes(pair):
 def test_bf16_compute_is_close(pair):
   _, _, model, params, config = pair
   inputs = _inputs()
-  ref = np.asarray(model.apply({'params': params}, *inputs))
+  ref = np.asarray(_apply(model, params, *inputs))
   bf16 = t5.build(config, dtype=jnp.bfloat16)
-  logits = bf16.apply({'params': params}, *inputs)
+  logits = _apply(bf16, params, *inputs)
   assert logits.dtype == jnp.bfloat16
   logits = np.asarray(logits, np.float32)
   assert np.isfinite(logits).all()
@@ -170,10 +181,10 @@ def test_bf16_compute_is_close(pair):
 def test_dropout(pair):
   _, _, model, params, _ = pair
   inputs = _inputs()
-  ref = model.apply({'params': params}, *inputs)
-  run = lambda seed: model.apply(  # pylint: disable=g-long-lambda
-      {'params': params}, *inputs, deterministic=False,
-      rngs={'dropout': jax.random.PRNGKey(seed)})
+  ref = _apply(model, params, *inputs)
+  train = _jit(model, None, deterministic=False)
+  run = lambda seed: train(  # pylint: disable=g-long-lambda
+      {'params': params}, *inputs, rngs={'dropout': jax.random.PRNGKey(seed)})
   assert np.abs(np.asarray(run(0)) - np.asarray(ref)).max() > 1e-3
   assert np.abs(np.asarray(run(0)) - np.asarray(run(1))).max() > 1e-3
   np.testing.assert_array_equal(run(0), run(0))
@@ -182,11 +193,10 @@ def test_dropout(pair):
 def test_cached_steps_equal_full_decode(pair):
   _, _, model, params, _ = pair
   ids, mask, dec, _ = _inputs()
-  v = {'params': params}
-  encoded = model.apply(v, ids, mask, method='encode')
-  full = model.apply(v, dec, encoded, mask, method='decode')
+  encoded = _apply(model, params, ids, mask, method='encode')
+  full = _apply(model, params, dec, encoded, mask, method='decode')
   length = dec.shape[1]
-  cache = model.apply(v, encoded, length, method='init_cache',
+  cache = model.apply({'params': params}, encoded, length, method='init_cache',
                       mutable=['cache'])[1]['cache']
   step = jax.jit(lambda c, x, i: model.apply(  # pylint: disable=g-long-lambda
       {'params': params, 'cache': c}, x, i, mask, method='decode_step',
@@ -201,12 +211,12 @@ def test_prompt_is_prepended(pair):
   _, _, model, params, _ = pair
   ids, mask, dec, dec_mask = _inputs()
   prompt = jax.random.normal(jax.random.PRNGKey(0), (5, H))
-  encoded = model.apply({'params': params}, ids, mask, prompt=prompt,
+  encoded = _apply(model, params, ids, mask, prompt=prompt,
                         method='encode')
   assert encoded.shape == (3, 35, H)
-  with_prompt = model.apply({'params': params}, ids, mask, dec, dec_mask,
+  with_prompt = _apply(model, params, ids, mask, dec, dec_mask,
                             prompt=prompt)
-  without = model.apply({'params': params}, ids, mask, dec, dec_mask)
+  without = _apply(model, params, ids, mask, dec, dec_mask)
   assert np.abs(np.asarray(with_prompt) - np.asarray(without)).max() > 1e-3
 
 

@@ -97,9 +97,8 @@ def _ranks(s: np.ndarray) -> tuple[float, int]:
       np.searchsorted(energy, ENERGY - 1e-12) + 1)
 
 
-def _dora_norm(w, a, b, scale, magnitude) -> tuple[float, np.ndarray,
-                                                    np.ndarray]:
-  """||dW||_F of DoRA without forming dW, and its column factors.
+def _dora_norm(w, a, b, scale, magnitude) -> tuple[float, np.ndarray]:
+  """||dW||_F of DoRA without forming dW, and its column factor d2 [out].
 
   dW = W diag(d1) + s A B diag(d2), with d2 = m / c, d1 = d2 - 1 and
   c_j = ||w_j + s A b_j|| expanded as ||w_j||^2 + 2 s (W^T A)_j . b_j +
@@ -111,7 +110,24 @@ def _dora_norm(w, a, b, scale, magnitude) -> tuple[float, np.ndarray,
   d2 = magnitude / np.sqrt(np.maximum(w_sq + 2 * cross + low, 1e-30))
   d1 = d2 - 1
   norm_sq = np.sum(d1**2 * w_sq + 2 * d1 * d2 * cross + d2**2 * low)
-  return float(np.sqrt(max(norm_sq, 0.0))), d1, d2
+  return float(np.sqrt(max(norm_sq, 0.0))), d2
+
+
+def _update(a, b, w, scale, magnitude, small):
+  """(U, s, V, ||dW||_F, dense, spectrum_of) of a LoRA or DoRA update."""
+  if magnitude is None:
+    u, s, v = _spectrum(a, b, scale)
+    return u, s, v, float(np.sqrt(np.sum(s**2))), False, 'update'
+  w = w.astype(np.float64)
+  magnitude = np.asarray(magnitude, np.float64).reshape(-1)
+  norm, d2 = _dora_norm(w, a, b, scale, magnitude)
+  if small:
+    u, s, vt = np.linalg.svd(_dense_delta(w, a, b, scale, magnitude),
+                             full_matrices=False)
+    return u, s, vt.T, norm, True, 'update'
+  # Too large to densify: the spectrum of the directional part s A B diag(d2).
+  u, s, v = _spectrum(a, b * d2, scale)
+  return u, s, v, norm, False, 'low-rank part'
 
 
 def _projections(w, u, s, v, k, seed):
@@ -157,25 +173,12 @@ def layer_stats(a: Any, b: Any, w: Any = None, scale: float = 1.0,
     if w.shape != shape:
       raise ValueError(f'{path or "layer"}: base kernel has shape {w.shape} '
                        f'but the factors make {shape}.')
+  if magnitude is not None and w is None:
+    raise ValueError(f'{path or "layer"}: DoRA (magnitude given) needs the '
+                     'base kernel w.')
   small = shape[0] * shape[1] <= max_dense_elements
-  dense, spectrum_of = False, 'update'
-  if magnitude is None:
-    u, s, v = _spectrum(a, b, scale)
-    update_norm = float(np.sqrt(np.sum(s**2)))
-  else:
-    if w is None:
-      raise ValueError(f'{path or "layer"}: DoRA (magnitude given) needs the '
-                       'base kernel w.')
-    magnitude = np.asarray(magnitude, np.float64).reshape(-1)
-    update_norm, _, d2 = _dora_norm(w.astype(np.float64), a, b, scale,
-                                    magnitude)
-    if small:
-      u, s, vt = np.linalg.svd(_dense_delta(w.astype(np.float64), a, b, scale,
-                                            magnitude), full_matrices=False)
-      v, dense = vt.T, True
-    else:
-      u, s, v = _spectrum(a, b * d2, scale)
-      spectrum_of = 'low-rank part'
+  u, s, v, update_norm, dense, spectrum_of = _update(a, b, w, scale,
+                                                     magnitude, small)
   k = min(top_k or a.shape[1], s.size)
   eff, energy = _ranks(s)
   stats = LayerStats(

@@ -115,10 +115,7 @@ def inspect_run(run: LoadedRun, out_dir: str | pathlib.Path | None = None,
     num_tokens: nearest tokens per prompt vector (prompt tuning).
   """
   s = summary.summary(run.base, run.adapter, method_names=run.method)
-  text = str(s) if leaves else '\n\n'.join(
-      part for part in str(s).split('\n\n') if not part.startswith(
-          'parameters'))
-  sections = [text, str(diff.diff(run.init_adapter, run.adapter))]
+  sections = [s.text(leaves), str(diff.diff(run.init_adapter, run.adapter))]
   if _has_lora(run.adapter):
     report = analysis.analyze(run.base, run.adapter, run.method, top_k=top_k,
                               max_dense_elements=max_dense_elements)

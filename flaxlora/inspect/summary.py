@@ -1,6 +1,6 @@
 """One row per parameter: shape, dtype, bytes, sharding, trainable, owner.
 
-    s = summary.summary(base, adapter, method_names='lora')
+    s = summary.summary(base, adapter, method_names=method)
     print(s)          # plain text: leaves, totals by module, overall
     s                 # in Jupyter: an HTML table, one collapsible module each
     summary.tree_view({'base': base, 'adapter': adapter})   # treescope
@@ -14,7 +14,6 @@ import math
 import re
 from typing import Any, Mapping, Sequence
 
-import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
@@ -206,13 +205,18 @@ class Summary:
              f'{t.trainable_size:,}', f'{100 * t.trainable_fraction:.2f}%']
             for t in totals]
 
+  def text(self, leaves: bool = True) -> str:
+    """Plain-text tables: the leaves (optional), module totals, overall."""
+    parts = [table.text(LEAF_HEADERS, self._leaf_cells(self.rows),
+                        'parameters')] if leaves else []
+    parts += [table.text(TOTAL_HEADERS, self._total_cells(self.modules),
+                         f'totals by module (first {self.depth} path parts)'),
+              table.text(TOTAL_HEADERS, self._total_cells([self.total]),
+                         'overall')]
+    return '\n\n'.join(parts)
+
   def __str__(self) -> str:
-    return '\n\n'.join([
-        table.text(LEAF_HEADERS, self._leaf_cells(self.rows), 'parameters'),
-        table.text(TOTAL_HEADERS, self._total_cells(self.modules),
-                   f'totals by module (first {self.depth} path parts)'),
-        table.text(TOTAL_HEADERS, self._total_cells([self.total]),
-                   'overall')])
+    return self.text()
 
   def _repr_html_(self) -> str:
     parts = ['<b>overall</b>',

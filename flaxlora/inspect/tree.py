@@ -36,18 +36,6 @@ def flatten(tree: Any) -> dict[str, Any]:
   return {path_str(path): leaf for path, leaf in flat if leaf is not None}
 
 
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-  """Nested dicts from {"a/b/c": leaf}."""
-  tree: dict[str, Any] = {}
-  for path, leaf in flat.items():
-    node = tree
-    *parents, last = path.split('/')
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[last] = leaf
-  return tree
-
-
 def shape_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
   """(shape, dtype) of an array, ShapeDtypeStruct or Python scalar."""
   if _is_array_like(leaf):

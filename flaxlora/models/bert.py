@@ -151,6 +151,19 @@ class Layer(nn.Module):
     return norm('mlp_norm')(x + dropout(y, deterministic=deterministic))
 
 
+def splice(x: Array, inserted: Array) -> Array:
+  """Inserts `inserted` [B, P, ...] after [CLS]: [B, T, ...] -> [B, T+P, ...].
+  """
+  return jnp.concatenate([x[:, :1], inserted.astype(x.dtype), x[:, 1:]],
+                         axis=1)
+
+
+def unsplice(y: Array, num_tokens: int) -> Array:
+  """Drops the P = `num_tokens` positions after [CLS]: the inverse of splice.
+  """
+  return jnp.concatenate([y[:, :1], y[:, 1 + num_tokens:]], axis=1)
+
+
 class Embeddings(nn.Module):
   """Word + position + token-type embeddings, layer norm, dropout."""
   config: BertConfig
@@ -158,18 +171,27 @@ class Embeddings(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids: Array, token_type_ids: Array,
-               deterministic: bool) -> Array:
-    """[B, T] ids -> [B, T, H]."""
+               deterministic: bool, prompt: Array | None = None) -> Array:
+    """[B, T] ids -> [B, T, H] ([B, T+P, H] with a [B, P, H] `prompt`).
+
+    A prompt replaces word embeddings only, spliced in after [CLS]; its
+    positions are numbered like tokens' and its token type is 0.
+    """
     cfg = self.config
-    t = input_ids.shape[1]
-    if t > cfg.max_position_embeddings:
-      # jnp.take would silently clamp the positions past the table.
-      raise ValueError(f'input length {t} exceeds max_position_embeddings '
-                       f'{cfg.max_position_embeddings}; truncate the inputs.')
     embed = lambda n, axes, name: layers.Embed(
         n, cfg.hidden_size, axes, jnp.float32,
         nn.initializers.normal(0.02), name=name)
     x = embed(cfg.vocab_size, ('vocab', 'embed'), 'word')(input_ids)
+    if prompt is not None:
+      x = splice(x, prompt)
+      token_type_ids = splice(token_type_ids,
+                              jnp.zeros(prompt.shape[:2], jnp.int32))
+    t = x.shape[1]
+    if t > cfg.max_position_embeddings:
+      # jnp.take would silently clamp the positions past the table.
+      raise ValueError(f'input length {t} (prompt included) exceeds '
+                       f'max_position_embeddings {cfg.max_position_embeddings}'
+                       '; truncate the inputs.')
     x = x + embed(cfg.max_position_embeddings, ('positions', 'embed'),
                   'position')(jnp.arange(t))[None]
     x = x + embed(cfg.type_vocab_size, ('token_types', 'embed'),
@@ -209,7 +231,8 @@ class Bert(nn.Module):
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                token_type_ids: Array | None = None,
-               deterministic: bool = True) -> Any:
+               deterministic: bool = True,
+               prompt: Array | None = None) -> Any:
     """Runs BERT on [B, T] int `input_ids`.
 
     Args:
@@ -217,6 +240,9 @@ class Bert(nn.Module):
       attention_mask: [B, T], 1 for tokens and 0 for padding (None: all 1).
       token_type_ids: [B, T] segment ids (None: all 0).
       deterministic: False enables dropout (needs rngs={'dropout': rng}).
+      prompt: optional soft prompt [P, H] or [B, P, H] (prompt tuning),
+        spliced in after [CLS] as word embeddings (see `Embeddings`); the
+        per-token outputs drop its P positions, so position t is token t.
 
     Returns:
       head None: (hidden [B, T, H], pooled [B, H]) in `dtype`;
@@ -227,20 +253,28 @@ class Bert(nn.Module):
       attention_mask = jnp.ones_like(input_ids)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
+    num_prompt = 0
+    if prompt is not None:
+      prompt = jnp.broadcast_to(prompt, input_ids.shape[:1] +
+                                prompt.shape[-2:])  # [B, P, H]
+      num_prompt = prompt.shape[1]
+      attention_mask = splice(attention_mask,
+                              jnp.ones(prompt.shape[:2], jnp.int32))
     x = Embeddings(cfg, self.dtype, name='embeddings')(
-        input_ids, token_type_ids, deterministic)
+        input_ids, token_type_ids, deterministic, prompt)
     x = Encoder(cfg, self.dtype, name='encoder')(x, attention_mask,
                                                  deterministic)
     dense = lambda n, axes, name: layers.Dense(
         n, axes, use_bias=True, dtype=self.dtype, name=name)
     if self.head == 'qa':
       logits = dense(2, ('embed', 'classes'), 'qa_outputs')(
-          x, deterministic).astype(jnp.float32)  # [B, T, 2]
+          x, deterministic).astype(jnp.float32)  # [B, T+P, 2]
+      logits = unsplice(logits, num_prompt)  # [B, T, 2]
       return logits[..., 0], logits[..., 1]
     pooled = jnp.tanh(dense(cfg.hidden_size, ('embed', 'mlp'), 'pooler')(
         x[:, 0], deterministic))  # [B, H]
     if self.head is None:
-      return x, pooled
+      return unsplice(x, num_prompt), pooled
     rate = (cfg.hidden_dropout_prob if cfg.classifier_dropout is None
             else cfg.classifier_dropout)
     pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
@@ -353,51 +387,41 @@ def hf_rules(model: Bert,
     prefix = '' if model.head is None else 'bert.'
   else:
     prefix = 'bert.' if any(k.startswith('bert.') for k in keys) else ''
-
-  def name(key):
-    if keys is not None and key not in keys:
-      old = key.replace('LayerNorm.weight', 'LayerNorm.gamma').replace(
-          'LayerNorm.bias', 'LayerNorm.beta')
-      if old in keys:
-        return old
-    return key
-
-  rules = []
-
-  def add(path, key, *, linear=False, norm=False, optional=False, bert=True):
-    key = prefix + key if bert else key
-    if linear or norm:
-      for p, k in (('kernel', 'weight'), ('bias', 'bias')) if linear else (
-          ('scale', 'weight'), ('bias', 'bias')):
-        rules.append(hf_io.Rule(path + (p,), name(f'{key}.{k}'),
-                                transpose=linear and p == 'kernel',
-                                optional=optional))
-    else:
-      rules.append(hf_io.Rule(path, name(key), optional=optional))
-
-  add(('embeddings', 'word', 'embedding'), 'embeddings.word_embeddings.weight')
-  add(('embeddings', 'position', 'embedding'),
-      'embeddings.position_embeddings.weight')
-  add(('embeddings', 'token_type', 'embedding'),
-      'embeddings.token_type_embeddings.weight')
-  add(('embeddings', 'norm'), 'embeddings.LayerNorm', norm=True)
+  # (flax path, checkpoint module name, kind); heads live outside 'bert.'.
+  modules = [(('embeddings', 'norm'), prefix + 'embeddings.LayerNorm', 'norm')]
   for i in range(model.config.num_hidden_layers):
-    path, key = ('encoder', f'layer_{i}'), f'encoder.layer.{i}'
-    for part in ('query', 'key', 'value'):
-      add(path + ('attention', part), f'{key}.attention.self.{part}',
-          linear=True)
-    add(path + ('attention', 'output'), f'{key}.attention.output.dense',
-        linear=True)
-    add(path + ('attention_norm',), f'{key}.attention.output.LayerNorm',
-        norm=True)
-    add(path + ('mlp', 'intermediate'), f'{key}.intermediate.dense',
-        linear=True)
-    add(path + ('mlp', 'output'), f'{key}.output.dense', linear=True)
-    add(path + ('mlp_norm',), f'{key}.output.LayerNorm', norm=True)
+    path, key = ('encoder', f'layer_{i}'), f'{prefix}encoder.layer.{i}'
+    modules += [
+        (path + ('attention', 'query'), f'{key}.attention.self.query', 'dense'),
+        (path + ('attention', 'key'), f'{key}.attention.self.key', 'dense'),
+        (path + ('attention', 'value'), f'{key}.attention.self.value', 'dense'),
+        (path + ('attention', 'output'), f'{key}.attention.output.dense',
+         'dense'),
+        (path + ('attention_norm',), f'{key}.attention.output.LayerNorm',
+         'norm'),
+        (path + ('mlp', 'intermediate'), f'{key}.intermediate.dense', 'dense'),
+        (path + ('mlp', 'output'), f'{key}.output.dense', 'dense'),
+        (path + ('mlp_norm',), f'{key}.output.LayerNorm', 'norm')]
   if model.head == 'qa':
-    add(('qa_outputs',), 'qa_outputs', linear=True, optional=True, bert=False)
+    optional = [(('qa_outputs',), 'qa_outputs', 'dense')]
   else:
-    add(('pooler',), 'pooler.dense', linear=True, optional=True)
+    optional = [(('pooler',), prefix + 'pooler.dense', 'dense')]
   if model.head == 'classification':
-    add(('classifier',), 'classifier', linear=True, optional=True, bert=False)
+    optional.append((('classifier',), 'classifier', 'dense'))
+
+  def name(key):  # a checkpoint's old LayerNorm names, when it has them
+    old = key.replace('LayerNorm.weight', 'LayerNorm.gamma').replace(
+        'LayerNorm.bias', 'LayerNorm.beta')
+    return old if keys is not None and key not in keys and old in keys else key
+
+  rules = [hf_io.Rule(('embeddings', part, 'embedding'),
+                      f'{prefix}embeddings.{part}_embeddings.weight')
+           for part in ('word', 'position', 'token_type')]
+  for (path, key, kind), is_optional in (
+      [(m, False) for m in modules] + [(m, True) for m in optional]):
+    weight = 'kernel' if kind == 'dense' else 'scale'
+    rules.append(hf_io.Rule(path + (weight,), name(f'{key}.weight'),
+                            transpose=kind == 'dense', optional=is_optional))
+    rules.append(hf_io.Rule(path + ('bias',), name(f'{key}.bias'),
+                            optional=is_optional))
   return rules

@@ -1,4 +1,4 @@
-"""Reading and writing Hugging Face checkpoint folders (config.json + safetensors).
+"""Reads and writes Hugging Face checkpoint folders (config.json, safetensors).
 
 Only safetensors and JSON are read: never pickles. A model family describes
 its checkpoint layout as a list of `Rule`s (one per flax parameter); `to_flax`
@@ -232,8 +232,8 @@ def to_flax(tensors: Mapping[str, np.ndarray], rules: Iterable[Rule],
                      'checkpoint of the model type config.json names?')
   if unused:
     raise ValueError(f'{source}: tensors not used by the model: '
-                     f'{sorted(unused)}; is this a checkpoint of the model type '
-                     'config.json names?')
+                     f'{sorted(unused)}; is this a checkpoint of the model '
+                     'type config.json names?')
   return params, fresh
 
 

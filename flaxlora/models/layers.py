@@ -6,7 +6,7 @@ so that `flaxlora.sharding` can map them to mesh axes by rules.
 The single dense op, `dot`, is the only place where a kernel meets an
 activation. A PEFT method may put an *adapted kernel* in place of a plain
 kernel array in the params tree (for example `flaxlora.peft.lora.LoraKernel`).
-An adapted kernel is any pytree node with a method
+An adapted kernel is any pytree node (not an array) with a method
 
   `dot(x, *, dtype, dropout_rng) -> y`
 
@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -70,7 +71,7 @@ def dot(x: Array, kernel: Any, *, dtype: jnp.dtype,
   Returns:
     [..., out] in `dtype`.
   """
-  if hasattr(kernel, 'dot'):
+  if not isinstance(kernel, (jax.Array, np.ndarray)):  # an adapted kernel
     return kernel.dot(x, dtype=dtype, dropout_rng=dropout_rng)
   y = jnp.matmul(x.astype(dtype), kernel.astype(dtype),
                  preferred_element_type=jnp.float32)

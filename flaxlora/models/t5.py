@@ -400,6 +400,7 @@ def source_mask(attention_mask: Array, prompt: Array | None) -> Array:
   """The encoder mask [B, S] extended by P ones when a prompt is prepended."""
   if prompt is None:
     return attention_mask
+  attention_mask = jnp.asarray(attention_mask)
   ones = jnp.ones((attention_mask.shape[0], prompt.shape[-2]),
                   attention_mask.dtype)
   return jnp.concatenate([ones, attention_mask], axis=1)

@@ -42,9 +42,9 @@ def _check_loaded(tokenizer, folder, vocab_size: int | None) -> None:
         f'vocab_size={vocab_size} (config.json): its vocabulary file '
         f'({" or ".join(VOCAB_FILES[:2])}) is missing or wrong. Copy it from '
         'the original checkpoint.')
-  special = set(getattr(tokenizer, 'all_special_ids', ()))
-  ids = [i for i in tokenizer(PROBE)['input_ids'] if i not in special]
   unk = tokenizer.unk_token_id
+  special = set(getattr(tokenizer, 'all_special_ids', ())) - {unk}
+  ids = [i for i in tokenizer(PROBE)['input_ids'] if i not in special]
   if unk is not None and ids and all(i == unk for i in ids):
     raise ValueError(
         f'tokenizer from {folder} maps all of {PROBE!r} to {tokenizer.unk_token}'

@@ -142,3 +142,16 @@ def save_merged(folder: str | pathlib.Path, model: Any,
   """Writes the dequantised, merged model as a plain Hugging Face folder."""
   from flaxlora import models  # pylint: disable=g-import-not-at-top
   return models.save(folder, model, merge(base, adapter, method), tokenizer)
+
+
+def save_peft(folder: str | pathlib.Path, model: Any,
+              base: Mapping[str, Any], adapter: Any,
+              method: peft_base.PeftMethod, **kwargs: Any) -> pathlib.Path:
+  """The LoRA adapter as a PEFT folder (`peft_io.save_peft`).
+
+  PEFT loads it onto the fp32 base (or a bitsandbytes 4-bit one); the
+  adapter is the same either way, only the base differs by the NF4 error.
+  """
+  from flaxlora.peft import peft_io  # pylint: disable=g-import-not-at-top
+  return peft_io.save_peft(folder, model, nf4.dequantize_params(base),
+                           adapter, method, **kwargs)
