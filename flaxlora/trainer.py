@@ -123,10 +123,10 @@ def init_state(run: Run, tx: Any) -> tuple[train_state.TrainState, Any]:
       sharding.optimizer_shardings(tx, abstract, adapter_shardings, run.mesh),
       replicated)
 
-  def init(rng):
-    return train_state.create(state_rng, run.method.init(rng, run.base), tx)
+  def init(rng, base):
+    return train_state.create(state_rng, run.method.init(rng, base), tx)
 
-  state = jax.jit(init, out_shardings=shardings)(adapter_rng)
+  state = jax.jit(init, out_shardings=shardings)(adapter_rng, run.base)
   return state, shardings
 
 
