@@ -141,15 +141,16 @@ def write_results(root: pathlib.Path, rows: Sequence[Mapping[str, Any]],
                   hyper: Sequence[str]) -> None:
   """results.csv, results.md and results.png under `root`."""
   columns = ['point'] + list(hyper)
-  for row in rows:
-    columns += [k for k in row if k not in columns]
+  columns += sorted({k for row in rows for k in row} - set(columns))
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, columns, lineterminator='\n')
   writer.writeheader()
   writer.writerows(rows)
   workdir_lib.write_atomic(root / RESULTS_CSV, buffer.getvalue())
-  metrics = [c for c in columns if c.startswith(('eval_', 'best_'))
-             and c != 'best_step']
+  metrics = ([c for c in columns if c.startswith('eval_')] +
+             [c for c in columns if c.startswith('best_') and
+              c != 'best_step'] +
+             [c for c in columns if c == 'train_loss'])
   shown = ['point'] + list(hyper) + metrics
   lines = ['| ' + ' | '.join(shown) + ' |',
            '|' + '---|' * len(shown)]

@@ -293,7 +293,7 @@ def test_nearest_tokens_match_full_reference(monkeypatch):
   assert got[1][0].token_id != 17  # pointing away from token 17
   report = prompts.analyze_prompt({'shared': {'embedding': emb}},
                                   {'prompt': prompt}, k=2)
-  assert "'5'" in str(report) and len(report.neighbours) == 3
+  assert "5:'5'" in str(report) and len(report.neighbours) == 3
 
 
 # --------------------------------------------------------------------- diff --
@@ -322,6 +322,7 @@ def test_diff_finds_exactly_the_perturbed_leaves():
   assert [c.path for c in diff.diff(a, b, atol=0.3).changed] == [
       'encoder/block_1/attention/q/kernel']
   assert 'only in b: extra' in str(d)
+  assert repr(d).startswith('Diff(2 changed,')
 
 
 # -------------------------------------------------------------------- plots --

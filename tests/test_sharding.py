@@ -272,8 +272,12 @@ def test_load_sharded_matches_load(tmp_path, monkeypatch):
       folder, mesh, RULES, rng=rng, head='classification', num_labels=3)
   _, reference, _ = models.load(folder, rng=rng, head='classification',
                                 num_labels=3)
-  jax.tree.map(np.testing.assert_array_equal, distributed.to_host(params),
-               distributed.to_host(reference))
+  got, want = distributed.to_host(params), distributed.to_host(reference)
+  # Read tensors are exact; the fresh head is the same draw up to rounding
+  # (the sharded init computes the normal transform in another fusion).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               got.pop('classifier'), want.pop('classifier'))
+  jax.tree.map(np.testing.assert_array_equal, got, want)
   word = params['embeddings']['word']['embedding']
   assert word.sharding.spec == P('tensor', 'fsdp')
   assert word.addressable_shards[0].data.shape == (24, 16)

@@ -54,7 +54,8 @@ def test_dry_run_prints_one_command_per_point(tmp_path, config_file):
     assert command.startswith(f'python -m experiments.run --config='
                               f'{config_file} --workdir={tmp_path}/root/0')
     assert '--config.optimizer.lr=0.02' in command
-  assert '--config.train.seed=1 --config.peft.rank=4' in commands[3]
+  assert commands[3].endswith(
+      '--config.train.seed=1 --config.data.generated.seed=1')
   assert not (tmp_path / 'root').exists()
 
 

@@ -143,8 +143,6 @@ def test_save_loads_in_transformers(pair, tmp_path):
   _, ref = _hf_outputs(reloaded, *inputs)
   logits = _apply(model, params, *inputs)
   np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
-  _, again, _ = models.load(folder)
-  jax.tree.map(np.testing.assert_array_equal, again, params)
 
 
 def test_every_param_has_logical_axes(pair):

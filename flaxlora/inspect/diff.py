@@ -28,7 +28,7 @@ class LeafDiff:
   rel_norm: float
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class Diff:
   """Result of `diff`; `changed` holds leaves whose max_abs exceeds atol."""
   changed: list[LeafDiff]
@@ -40,6 +40,11 @@ class Diff:
   @property
   def identical(self) -> bool:
     return not (self.changed or self.only_a or self.only_b or self.mismatched)
+
+  def __repr__(self) -> str:
+    return (f'Diff({len(self.changed)} changed, {len(self.unchanged)} '
+            f'unchanged, {len(self.only_a)} only in a, {len(self.only_b)} '
+            f'only in b, {len(self.mismatched)} shape mismatches)')
 
   def _cells(self) -> list[list[str]]:
     return [[d.path, table.number(d.max_abs), table.number(d.rel_norm)]

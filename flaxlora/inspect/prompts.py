@@ -85,6 +85,9 @@ def embedding_of(base: Any, path: str | None = None) -> Any:
                    'embedding_path= naming the [V, H] table in the base.')
 
 
+_HEADERS = ('position', 'nearest tokens: id:token (cosine)')
+
+
 class PromptReport:
   """Nearest tokens per prompt position, printable as text and HTML."""
 
@@ -92,15 +95,16 @@ class PromptReport:
     self.neighbours = [list(n) for n in neighbours]
 
   def _cells(self) -> list[list[str]]:
-    return [[str(p), ', '.join(f'{n.token!r} ({n.cosine:.3f})' for n in row)]
+    return [[str(p), ', '.join(f'{n.token_id}:{n.token!r} ({n.cosine:.3f})'
+                               for n in row)]
             for p, row in enumerate(self.neighbours)]
 
   def __str__(self) -> str:
-    return table.text(('position', 'nearest tokens (cosine)'), self._cells(),
+    return table.text(_HEADERS, self._cells(),
                       f'prompt ({len(self.neighbours)} vectors)')
 
   def _repr_html_(self) -> str:
-    return table.html_table(('position', 'nearest tokens (cosine)'),
+    return table.html_table(_HEADERS,
                             self._cells())
 
 

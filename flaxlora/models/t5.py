@@ -25,10 +25,10 @@ self-attention buffers (decoder/block_i/attention/{key,value}, [B, L, N, D]);
 each `decode_step` writes position `index` of the self-attention buffers.
 `flaxlora.models.decoding` drives this inside one jitted loop.
 
-The Hugging Face config and checkpoint names live in `t5_hf`; this module
-re-exports them so that `t5` is the family module of `flaxlora.models`.
+`T5Config` and the Hugging Face config/checkpoint names live in `t5_hf`; this
+module re-exports them so that `t5` is the family module of
+`flaxlora.models`.
 """
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -37,42 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlora.models import layers
+from flaxlora.models import t5_hf
 
 Array = jax.Array
+T5Config = t5_hf.T5Config  # the architecture; fields follow HF's T5Config
 _NEG = float(np.finfo(np.float32).min)
-
-
-@dataclasses.dataclass(frozen=True)
-class T5Config:
-  """The architecture of a T5 model (field names follow HF's T5Config)."""
-  vocab_size: int = 32128
-  d_model: int = 512
-  d_kv: int = 64
-  d_ff: int = 2048
-  num_layers: int = 6
-  num_decoder_layers: int | None = None  # None: num_layers
-  num_heads: int = 8
-  relative_attention_num_buckets: int = 32
-  relative_attention_max_distance: int = 128
-  dropout_rate: float = 0.1
-  layer_norm_epsilon: float = 1e-6
-  feed_forward_proj: str = 'relu'  # 'relu' (v1.0) | 'gated-gelu' (v1.1)
-  tie_word_embeddings: bool = True
-  scale_decoder_outputs: bool | None = None  # None: tie_word_embeddings
-  pad_token_id: int = 0
-  eos_token_id: int = 1
-  decoder_start_token_id: int = 0
-
-  def __post_init__(self):
-    if self.feed_forward_proj not in ('relu', 'gated-gelu'):
-      raise ValueError(
-          f'T5Config.feed_forward_proj={self.feed_forward_proj!r} is not '
-          "supported; use 'relu' (T5 v1.0) or 'gated-gelu' (v1.1, Flan).")
-    if self.num_decoder_layers is None:
-      object.__setattr__(self, 'num_decoder_layers', self.num_layers)
-    if self.scale_decoder_outputs is None:
-      object.__setattr__(self, 'scale_decoder_outputs',
-                         self.tie_word_embeddings)
 
 
 def relative_position_bucket(relative_position: Array, *, bidirectional: bool,
@@ -431,11 +400,7 @@ def logical_axes(model: T5) -> dict[str, Any]:
 MODULE = T5
 MODEL_TYPES = ('t5',)
 
-# t5_hf reads T5Config from this module, so it is imported once that exists.
-# pylint: disable=g-import-not-at-top,wrong-import-position
-from flaxlora.models import t5_hf
-
+HF_IGNORE = t5_hf.HF_IGNORE
 config_from_hf = t5_hf.config_from_hf
 config_to_hf = t5_hf.config_to_hf
 hf_rules = t5_hf.hf_rules
-HF_IGNORE = t5_hf.HF_IGNORE

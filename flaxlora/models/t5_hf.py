@@ -1,15 +1,50 @@
-"""T5's Hugging Face config.json fields and checkpoint tensor names.
+"""T5's config, its Hugging Face config.json form and checkpoint names.
 
-Used through the `t5` family module (`t5.config_from_hf`, `t5.hf_rules`...).
+Used through the `t5` family module (`t5.T5Config`, `t5.config_from_hf`,
+`t5.hf_rules`...).
 """
+import dataclasses
 from typing import Any, Iterable
 
 from flaxlora.models import hf_io
-from flaxlora.models import t5
 
 # Old checkpoints carry an unused relative bias in the first cross-attention.
 HF_IGNORE = (
     'decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight',)
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """The architecture of a T5 model (field names follow HF's T5Config)."""
+  vocab_size: int = 32128
+  d_model: int = 512
+  d_kv: int = 64
+  d_ff: int = 2048
+  num_layers: int = 6
+  num_decoder_layers: int | None = None  # None: num_layers
+  num_heads: int = 8
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  dropout_rate: float = 0.1
+  layer_norm_epsilon: float = 1e-6
+  feed_forward_proj: str = 'relu'  # 'relu' (v1.0) | 'gated-gelu' (v1.1)
+  tie_word_embeddings: bool = True
+  scale_decoder_outputs: bool | None = None  # None: tie_word_embeddings
+  pad_token_id: int = 0
+  eos_token_id: int = 1
+  decoder_start_token_id: int = 0
+
+  def __post_init__(self):
+    if self.feed_forward_proj not in ('relu', 'gated-gelu'):
+      raise ValueError(
+          f'T5Config.feed_forward_proj={self.feed_forward_proj!r} is not '
+          "supported; use 'relu' (T5 v1.0) or 'gated-gelu' (v1.1, Flan).")
+    if self.num_decoder_layers is None:
+      object.__setattr__(self, 'num_decoder_layers', self.num_layers)
+    if self.scale_decoder_outputs is None:
+      object.__setattr__(self, 'scale_decoder_outputs',
+                         self.tie_word_embeddings)
+
 
 _FIELDS = ('vocab_size', 'd_model', 'd_kv', 'd_ff', 'num_layers',
            'num_decoder_layers', 'num_heads', 'relative_attention_num_buckets',
@@ -18,7 +53,7 @@ _FIELDS = ('vocab_size', 'd_model', 'd_kv', 'd_ff', 'num_layers',
            'eos_token_id', 'decoder_start_token_id')
 
 
-def config_from_hf(config: dict[str, Any]) -> 't5.T5Config':
+def config_from_hf(config: dict[str, Any]) -> T5Config:
   """A `T5Config` from a config.json dict.
 
   Output-layer tying follows `tie_word_embeddings` (False in v1.1 / Flan
@@ -31,11 +66,11 @@ def config_from_hf(config: dict[str, Any]) -> 't5.T5Config':
   kwargs.setdefault('decoder_start_token_id', kwargs.get('pad_token_id', 0))
   tie = config.get('tie_word_embeddings', True) is not False
   scale = config.get('scale_decoder_outputs', tie)
-  return t5.T5Config(tie_word_embeddings=tie, scale_decoder_outputs=scale,
-                     **kwargs)
+  return T5Config(tie_word_embeddings=tie, scale_decoder_outputs=scale,
+                  **kwargs)
 
 
-def config_to_hf(model: 't5.T5') -> dict[str, Any]:
+def config_to_hf(model: Any) -> dict[str, Any]:
   """The config.json dict `transformers` reads back as the same model."""
   c = model.config
   gated = c.feed_forward_proj == 'gated-gelu'
@@ -74,7 +109,7 @@ def _block(stack: str, i: int, mlp_names: Iterable[str]) -> list[hf_io.Rule]:
   return rules
 
 
-def hf_rules(model: 't5.T5',
+def hf_rules(model: Any,
              keys: Iterable[str] | None = None) -> list[hf_io.Rule]:
   """One `hf_io.Rule` per flax parameter of `model` (keys are unused)."""
   del keys  # T5 checkpoints have one layout.

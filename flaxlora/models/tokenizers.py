@@ -47,8 +47,8 @@ def _check_loaded(tokenizer, folder, vocab_size: int | None) -> None:
   ids = [i for i in tokenizer(PROBE)['input_ids'] if i not in special]
   if unk is not None and ids and all(i == unk for i in ids):
     raise ValueError(
-        f'tokenizer from {folder} maps all of {PROBE!r} to {tokenizer.unk_token}'
-        f': its vocabulary ({" or ".join(VOCAB_FILES[:2])}) is missing. Copy '
+        f'tokenizer from {folder} maps all of {PROBE!r} to '
+        f'{tokenizer.unk_token}: its vocabulary ({" or ".join(VOCAB_FILES[:2])}) is missing. Copy '
         'it from the original checkpoint.')
 
 

@@ -117,13 +117,21 @@ class Nf4Kernel:
     # `jnp.asarray(kernel)` (merges, DoRA's column norm) sees fp32 values.
     return self.dequantize(jnp.float32)
 
+  def matmul(self, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """[..., I] -> fp32 [..., O]: x @ dequant(W), products in `dtype`.
+
+    The dequantised kernel is recomputed in the backward pass instead of
+    being kept from the forward one, so a train step never holds the fp32
+    (or bf16) copies of all kernels at once (custom VJP; no gradient flows
+    into the integer codes).
+    """
+    return _matmul(x, self, jnp.dtype(dtype), jnp.dtype(x.dtype))
+
   def dot(self, x: jax.Array, *, dtype: jnp.dtype,
           dropout_rng: jax.Array | None = None) -> jax.Array:
-    """[..., I] -> [..., O]: x @ dequantised kernel, accumulating in fp32."""
+    """[..., I] -> [..., O] in `dtype`: x @ dequant(W), fp32 accumulation."""
     del dropout_rng  # a frozen base has no dropout of its own
-    y = jnp.matmul(x.astype(dtype), self.dequantize(dtype),
-                   preferred_element_type=jnp.float32)
-    return y.astype(dtype)
+    return self.matmul(x, dtype).astype(dtype)
 
   def nbytes(self) -> int:
     """Bytes of the stored arrays (what a device holds for this kernel)."""
@@ -141,6 +149,26 @@ def _dequantize(kernel: Nf4Kernel, dtype: jnp.dtype) -> jax.Array:
   values = jnp.asarray(LEVELS)[idx].reshape(-1, BLOCK, o)
   values = values * kernel.block_absmax()[:, None, :]
   return values.reshape(2 * half, o)[:kernel.shape[0]].astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(x, kernel, dtype, x_dtype):
+  del x_dtype
+  return jnp.matmul(x.astype(dtype), kernel.dequantize(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def _matmul_fwd(x, kernel, dtype, x_dtype):
+  return _matmul(x, kernel, dtype, x_dtype), kernel
+
+
+def _matmul_bwd(dtype, x_dtype, kernel, g):
+  w = kernel.dequantize(dtype)  # recomputed: not a residual of the forward
+  dx = jnp.matmul(g.astype(dtype), w.T, preferred_element_type=jnp.float32)
+  return dx.astype(x_dtype), None
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 @jax.jit
