@@ -337,11 +337,10 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
 
 
 def _save_peft(run: Run, adapter: Any) -> None:
-  """The adapter as a Hugging Face PEFT folder (when peft_io supports it)."""
-  try:
-    from flaxlora.peft import peft_io  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return
+  """The adapter as a Hugging Face PEFT folder."""
+  # peft_io imports the model families; only the end of a run needs it.
+  from flaxlora.peft import peft_io  # pylint: disable=g-import-not-at-top
   base = distributed.to_host(run.base)
   peft_io.save_peft(run.workdir / PEFT_DIR, run.model, base, adapter,
-                    run.method)
+                    run.method,
+                    base_model_name_or_path=run.config.model.path or None)

@@ -90,3 +90,35 @@ def test_checkpoint_restores_in_one_process_on_another_mesh(runs, shape):
   for leaf, target in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
     assert leaf.sharding.is_equivalent_to(target, leaf.ndim)
   assert int(state['opt_state'][0].count) == multihost_worker.STEPS
+
+
+@pytest.fixture
+def no_launcher_env(monkeypatch):
+  for name in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES',
+               'JAX_PROCESS_ID', 'SLURM_JOB_ID', 'SLURM_NTASKS',
+               'OMPI_COMM_WORLD_SIZE'):
+    monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.usefixtures('no_launcher_env')
+def test_initialize_distributed_single_process_is_a_no_op():
+  assert not distributed.initialize_distributed()
+  assert not jax.distributed.is_initialized()
+  assert distributed.is_main_process()
+  distributed.sync('single')  # no barrier needed, must not hang
+
+
+@pytest.mark.usefixtures('no_launcher_env')
+def test_initialize_distributed_errors_name_the_missing_setting(monkeypatch):
+  with pytest.raises(ValueError, match=r'num_processes \(JAX_NUM_PROCESSES, '
+                     r'got None\)'):
+    distributed.initialize_distributed('127.0.0.1:1234', process_id=0)
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '2')
+  with pytest.raises(ValueError, match=r'process_id 2 must be in \[0, '
+                     r'num_processes=2\)'):
+    distributed.initialize_distributed('127.0.0.1:1234', process_id=2)
+  monkeypatch.setenv('JAX_PROCESS_ID', 'one')
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID='one' must be an "
+                     'integer'):
+    distributed.initialize_distributed('127.0.0.1:1234')
+  assert not jax.distributed.is_initialized()

@@ -3,7 +3,9 @@
 References are independent: numpy for the combination, transformers + torch
 (`inputs_embeds` with the prompt spliced in by hand) and PEFT itself.
 """
+import importlib
 import inspect
+import json
 
 import helpers
 import jax
@@ -11,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import flaxlora.peft as flaxlora_peft
 from flaxlora import models
+from flaxlora import trainer
 from flaxlora.models import bert
 from flaxlora.models import decoding
 from flaxlora.peft import base as peft_base
@@ -336,3 +340,27 @@ def test_bert_peft_folder_round_trips(tmp_path):
   p, kw = loaded_method.apply(params, loaded)
   assert p['classifier']['kernel'] is loaded[1]['classifier']['kernel']
   assert kw['prompt'].shape == (P, 32)
+
+
+# ------------------------------------------------------------------ runner ---
+
+
+@pytest.mark.skipif(
+    'prompt_tuning' not in flaxlora_peft.METHODS,
+    reason="flaxlora.peft.METHODS has no 'prompt_tuning' entry yet.")
+@pytest.mark.parametrize('name, kind, trainable', [
+    ('t5_prompt_tuning', 'SEQ_2_SEQ_LM', 8 * 64),
+    # prompt + classifier + pooler
+    ('bert_sentiment_prompt', 'SEQ_CLS', 8 * 32 + 66 + 1056),
+])
+def test_runlocal_through_the_trainer(tmp_path, name, kind, trainable):
+  config = importlib.import_module(f'configs.{name}').get_config('runlocal')
+  config.train.update(steps=4, eval_every=2, log_every=2, checkpoint_every=2)
+  config.eval.max_examples = 16
+  summary = trainer.train_and_evaluate(config, tmp_path)
+  assert summary['step'] == 4
+  assert summary['trainable_params'] == trainable  # prompt (+ head) only
+  peft_config = json.loads(
+      (tmp_path / 'peft' / prompt_io.CONFIG_FILE).read_text())
+  assert (peft_config['peft_type'], peft_config['task_type']) == (
+      'PROMPT_TUNING', kind)

@@ -4,12 +4,17 @@ References: `lora` + `merge` on the dequantised fp32 base (flaxlora's own
 LoRA, tested against PEFT in test_lora / test_peft_io), transformers + torch
 for the merged checkpoint, PEFT for the adapter folder.
 """
+import importlib
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import flaxlora.peft as flaxlora_peft
 from flaxlora import models
+from flaxlora import trainer
 from flaxlora.models import t5
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
@@ -114,6 +119,23 @@ def test_abstract_init_and_jit_with_quantised_base(setup):
                              atol=1e-6)
 
 
+def test_quantised_base_shards_like_any_params(setup):
+  from flaxlora import sharding  # pylint: disable=g-import-not-at-top
+  model, _, quantized, method, adapter, apply = setup
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  rules = sharding.resolve_rules(None)
+  axes = nf4.params_logical_axes(t5.logical_axes(model), quantized)
+  placed = jax.device_put(quantized, sharding.named_shardings(
+      quantized, axes, mesh, rules))
+  codes = placed['encoder']['block_0']['mlp']['wo']['kernel'].codes
+  assert codes.shape == (64, 64)  # [I/2, O] of a [128, 64] kernel
+  # (mlp, embed) -> (tensor, fsdp): each device holds a quarter.
+  assert {s.data.shape for s in codes.addressable_shards} == {(32, 32)}
+  params, _ = method.apply(placed, adapter)
+  np.testing.assert_allclose(np.asarray(apply(params)), qlora_logits(setup),
+                             atol=1e-5)
+
+
 def test_bad_regex_errors(setup):
   _, base, _, _, _, _ = setup
   with pytest.raises(ValueError, match='matched no 2-D param'):
@@ -165,3 +187,19 @@ def test_peft_export_of_the_adapter(setup, tmp_path):
   base_logits = apply({'params': nf4.dequantize_params(quantized)}, ids,
                       np.ones_like(ids), dec)
   assert np.abs(ours - np.asarray(base_logits)).max() > 1e-3
+
+
+@pytest.mark.skipif(
+    'qlora' not in flaxlora_peft.METHODS,
+    reason="flaxlora.peft.METHODS has no 'qlora' entry yet.")
+@pytest.mark.parametrize('name', ['t5_qlora', 'bert_sentiment_qlora'])
+def test_runlocal_through_the_trainer(tmp_path, name):
+  config = importlib.import_module(f'configs.{name}').get_config('runlocal')
+  config.train.update(steps=4, eval_every=2, log_every=2, checkpoint_every=2)
+  config.eval.max_examples = 16
+  summary = trainer.train_and_evaluate(config, tmp_path)
+  assert summary['step'] == 4
+  peft_config = json.loads((tmp_path / 'peft' / 'adapter_config.json'
+                            ).read_text())
+  assert peft_config['peft_type'] == 'LORA'
+  assert peft_config['r'] == config.peft.rank

@@ -288,3 +288,17 @@ def test_load_sharded_matches_load(tmp_path, monkeypatch):
   classifier = params['classifier']['kernel']
   assert classifier.sharding.spec == P('fsdp', None)
   assert np.abs(np.asarray(classifier)).max() > 0
+
+
+def test_bench_memory_table_from_shapes():
+  from experiments import bench_sharding  # pylint: disable=g-import-not-at-top
+  mesh_one = jax.sharding.AbstractMesh((1, 1, 1), sharding.MESH_AXES)
+  mesh_fsdp = jax.sharding.AbstractMesh((1, 8, 1), sharding.MESH_AXES)
+  one = bench_sharding.memory_row('t5-small', mesh_one)
+  split = bench_sharding.memory_row('t5-small', mesh_fsdp)
+  assert 60e6 < one['params'] < 61e6  # t5-small: 60.5M parameters
+  assert one['base_fp32'] == 4 * one['params']
+  assert one['base_bf16'] == 2 * one['params']
+  # Only the small relative-position tables stay whole on every device.
+  assert one['base_fp32'] / 8 < split['base_fp32'] < one['base_fp32'] / 7.9
+  assert split['adapter_adamw'] < one['adapter_adamw']

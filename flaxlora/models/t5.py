@@ -13,7 +13,7 @@ and the relative position bias is computed once per stack (its table lives in
 
 Incremental decoding uses the flax 'cache' collection:
 
-    cache = model.apply(v, encoded, attention_mask, max_length,
+    cache = model.apply({'params': p}, encoded, max_length,
                         method='init_cache', mutable=['cache'])[1]['cache']
     logits, v = model.apply({'params': p, 'cache': cache}, ids, index,
                             attention_mask, method='decode_step',

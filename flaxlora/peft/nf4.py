@@ -151,21 +151,38 @@ def _dequantize(kernel: Nf4Kernel, dtype: jnp.dtype) -> jax.Array:
   return values.reshape(2 * half, o)[:kernel.shape[0]].astype(dtype)
 
 
+def _dequantize_after(kernel: Nf4Kernel, dtype: jnp.dtype,
+                      t: jax.Array) -> jax.Array:
+  """dequant(kernel), made to depend on `t` (adding 0 from one element).
+
+  Without the dependency XLA may schedule every layer's dequantisation at
+  the start of the step (they depend on parameters only) and hold all the
+  dequantised kernels at once; with it, each waits for its layer's input
+  (forward) or output gradient (backward), and its buffer is reused.
+  (`lax.optimization_barrier` does not survive XLA:CPU's pipeline.)
+  """
+  # On the codes, not the result: XLA would otherwise share the common
+  # dequant(kernel) between the forward and backward passes.
+  zero = (jnp.sum(t.reshape(-1)[:1]) * 0).astype(jnp.uint8)
+  return kernel.replace(codes=kernel.codes + zero).dequantize(dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _matmul(x, kernel, dtype, x_dtype):
   del x_dtype
-  return jnp.matmul(x.astype(dtype), kernel.dequantize(dtype),
+  return jnp.matmul(x.astype(dtype), _dequantize_after(kernel, dtype, x),
                     preferred_element_type=jnp.float32)
 
 
 def _matmul_fwd(x, kernel, dtype, x_dtype):
+  # Residuals: the codes only; the dequantised kernel is recomputed below.
   return _matmul(x, kernel, dtype, x_dtype), kernel
 
 
 def _matmul_bwd(dtype, x_dtype, kernel, g):
-  w = kernel.dequantize(dtype)  # recomputed: not a residual of the forward
+  w = _dequantize_after(kernel, dtype, g)
   dx = jnp.matmul(g.astype(dtype), w.T, preferred_element_type=jnp.float32)
-  return dx.astype(x_dtype), None
+  return dx.astype(x_dtype), None  # no gradient for the frozen codes
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)

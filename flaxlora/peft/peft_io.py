@@ -67,7 +67,10 @@ def _linear_rules(model) -> dict[str, hf_io.Rule]:
   return {'/'.join(r.path): r for r in family.hf_rules(model)}
 
 
-def _module(rule: hf_io.Rule, path: str) -> str:
+def _module(rule: hf_io.Rule | None, path: str) -> str:
+  if rule is None:
+    raise ValueError(f'{path} has no Hugging Face name in the model '
+                     "family's hf_rules; PEFT cannot name its LoRA.")
   if not (rule.transpose and rule.key.endswith('.weight')):
     raise ValueError(f'{path} is stored as {rule.key!r}, not a torch Linear '
                      'weight; PEFT LoRA adapts Linear layers only.')
@@ -123,9 +126,8 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
   linears = [r.key[:-len('.weight')] for r in rules.values()
              if r.transpose and r.key.endswith('.weight')]
   tensors, modules, ranks, alphas = {}, [], {}, {}
-  nodes = lora.kernels(config, base, lora_adapter)
-  for path, node in nodes.items():
-    module = _module(rules[path], path)
+  for path, node in lora.kernels(config, base, lora_adapter).items():
+    module = _module(rules.get(path), path)
     modules.append(module)
     tensors[PREFIX + module + _A] = np.asarray(node.a, np.float32).T
     tensors[PREFIX + module + _B] = np.asarray(node.b, np.float32).T
@@ -136,12 +138,7 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
     if config.alpha_for(path) != config.alpha:
       alphas[module] = config.alpha_for(path)
   to_save = sorted({rules[p].key.rsplit('.', 1)[0] for p in copies})
-  for path, rule in rules.items():  # whole modules, as PEFT saves them
-    if rule.key.rsplit('.', 1)[0] in to_save:
-      value = np.asarray(copies.get(path, peft_base.get(base, path)),
-                         np.float32)
-      tensors[PREFIX + rule.key] = np.ascontiguousarray(
-          value.T if rule.transpose else value)
+  tensors.update(_module_tensors(to_save, rules, base, copies))
   family = models.family_of_model(model)
   head = getattr(model, 'head', None)
   peft_config = {
@@ -158,6 +155,19 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
   }
   tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
   return _write(pathlib.Path(folder), peft_config, tensors)
+
+
+def _module_tensors(modules: list[str], rules: Mapping[str, hf_io.Rule],
+                    base: Mapping[str, Any], copies: Mapping[str, Any]
+                    ) -> dict[str, np.ndarray]:
+  """PEFT tensors of whole modules to save: trained copies, else base."""
+  tensors = {}
+  for path, rule in rules.items():
+    if rule.key.rsplit('.', 1)[0] in modules:
+      value = np.asarray(copies.get(path, peft_base.get(base, path)),
+                         np.float32)
+      tensors[PREFIX + rule.key] = value.T if rule.transpose else value
+  return tensors
 
 
 def _write(folder: pathlib.Path, config: dict[str, Any],
@@ -320,12 +330,23 @@ def load_peft(folder: str | os.PathLike, model, base: Mapping[str, Any]
   adapter = jax.tree.map(jnp.asarray, peft_base.unflatten(entries))
   if not saved:
     return method, adapter
+  copies = _saved_copies(saved, by_key, base, source, type(model).__name__)
+  method = peft_base.chain(method, peft_base.trainable(
+      [re.escape(p) for p in sorted(copies)]))
+  return method, (adapter, jax.tree.map(jnp.asarray,
+                                        peft_base.unflatten(copies)))
+
+
+def _saved_copies(saved: Mapping[str, np.ndarray],
+                  by_key: Mapping[str, hf_io.Rule], base: Mapping[str, Any],
+                  source: str, model_name: str) -> dict[str, np.ndarray]:
+  """{flax path: fp32 value} of PEFT's modules-to-save tensors."""
   copies = {}
   for key, value in saved.items():
     rule = by_key.get(key)
     if rule is None:
       raise ValueError(f'{source}: saved module tensor {key!r} is not a '
-                       f'parameter of this {type(model).__name__}.')
+                       f'parameter of this {model_name}.')
     path = '/'.join(rule.path)
     value = np.asarray(value, np.float32)
     value = value.T if rule.transpose else value
@@ -335,7 +356,4 @@ def load_peft(folder: str | os.PathLike, model, base: Mapping[str, Any]
                        f'{np.shape(saved[key])}; the base needs {want} for '
                        f'{path}.')
     copies[path] = value
-  method = peft_base.chain(method, peft_base.trainable(
-      [re.escape(p) for p in sorted(copies)]))
-  copies = jax.tree.map(jnp.asarray, peft_base.unflatten(copies))
-  return method, (adapter, copies)
+  return copies

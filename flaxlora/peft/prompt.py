@@ -8,8 +8,9 @@ untouched. `apply` hands the prompt to the model as its one optional argument:
     params, kw = method.apply(base, adapter)      # kw == {'prompt': [P, H]}
     logits = model.apply({'params': params}, *inputs, **kw)
 
-Where the prompt goes (the model does the combining with `insert_prompt`, a
-pure function over its word embeddings, and `remove_prompt` on outputs):
+Where the prompt goes (the models do the combining themselves, so that they
+stay PEFT-agnostic; `insert_prompt` / `remove_prompt` below are the same
+operations as pure functions, the references the tests check them against):
   * T5: prepended to the encoder input embeddings (index 0) and the encoder
     attention mask extended with ones; the decoder cross-attends to all P+S
     encoder positions. This is PEFT's layout too.
@@ -39,9 +40,6 @@ INITS = ('random_uniform', 'vocab_sample', 'text', 'class_labels')
 
 # The word embedding table of each model family ([V, H]).
 EMBEDDING_PATHS = (('shared', 'embedding'), ('embeddings', 'word', 'embedding'))
-
-# Where each family's model inserts the prompt (see the module docstring).
-INDEX = {'t5': 0, 'bert': 1}
 
 
 def insert_prompt(x: jax.Array, prompt: jax.Array, index: int = 0
