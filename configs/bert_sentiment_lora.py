@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint.update(best_metric='accuracy', best_mode='max')
   if arg.local_data:
     c.model.path = common.MINILM
-    c.data.update(source='files', max_length=66,
+    c.data.update(source='files', max_length=64,
                   train_file=common.shared_data('sst2', 'train.tsv'),
                   eval_file=common.shared_data('sst2', 'dev.tsv'),
                   max_train_examples=20000)

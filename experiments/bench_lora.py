@@ -98,13 +98,11 @@ def time_steps(step: Callable[[], Any], steps: int, warmup: int
   for _ in range(warmup):
     step()
   times = []
-  with PeakRss() as rss:
-    for _ in range(steps):
-      start = time.perf_counter()
-      step()
-      times.append(time.perf_counter() - start)
-  return {'median_s': statistics.median(times), 'times_s': times,
-          'peak_rss_mb': rss.peak / 2**20}
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return {'median_s': statistics.median(times), 'times_s': times}
 
 
 def matmul_peak(n: int) -> dict[str, float]:
@@ -184,9 +182,12 @@ def _bert_batch(shapes: Shapes, seed: int = 0):
 
 
 def flax_t5(shapes: Shapes, variant: str):
-  """variant: 'fp32', 'mixed' (bf16 compute, bf16 frozen base) or 'full'."""
+  """variant: 'fp32', 'mixed' (bf16 compute, bf16 frozen base), 'full', or
+  'nodrop' (fp32 LoRA with model dropout 0: measures dropout's share)."""
   mixed = variant == 'mixed'
-  model = t5.build(t5.T5Config(**shapes.t5),
+  config = dict(shapes.t5, dropout_rate=0.0) if variant == 'nodrop' else (
+      shapes.t5)
+  model = t5.build(t5.T5Config(**config),
                    dtype=jnp.bfloat16 if mixed else jnp.float32)
   base = t5.init(model, jax.random.PRNGKey(0))
   if mixed:  # frozen weights are only read in bf16; store them so, once
@@ -258,21 +259,40 @@ def peft_bert(shapes: Shapes, autocast: bool):
   return _torch_step(model, lambda: batch, autocast)
 
 
-def _measure(name: str, build: Callable[[], Any], steps: int, warmup: int,
-             results: dict[str, Any]) -> None:
-  """Builds one contender, times it and stores its numbers in `results`."""
-  gc.collect()
-  before = psutil.Process().memory_info().rss
-  built = build()
-  step, flops = built if isinstance(built, tuple) else (built, None)
-  numbers = time_steps(step, steps, warmup)
-  numbers['rss_before_mb'] = before / 2**20
-  numbers['step_flops'] = flops
-  results[name] = numbers
-  print(f'  {name:<16} median {numbers["median_s"] * 1e3:9.1f} ms   '
-        f'peak RSS {numbers["peak_rss_mb"]:8.0f} MB', flush=True)
-  del built, step
-  gc.collect()
+def measure(contenders: dict[str, Callable[[], Any]], steps: int,
+            warmup: int) -> dict[str, Any]:
+  """Builds all contenders, then times them round-robin.
+
+  Interleaving the steps (A, B, C, A, B, C, ...) spreads the load of a
+  shared machine evenly over the contenders. Memory of a contender is the
+  peak RSS growth while it is built and warmed up (params, optimizer state,
+  peak activations).
+  """
+  built = {}
+  for name, build in contenders.items():
+    gc.collect()
+    before = psutil.Process().memory_info().rss
+    with PeakRss() as rss:
+      made = build()
+      step, flops = made if isinstance(made, tuple) else (made, None)
+      for _ in range(warmup):
+        step()
+    built[name] = (step, flops, (rss.peak - before) / 2**20)
+    print(f'  built {name:<18} +{built[name][2]:7.0f} MB', flush=True)
+  times = {name: [] for name in built}
+  for _ in range(steps):
+    for name, (step, _, _) in built.items():
+      start = time.perf_counter()
+      step()
+      times[name].append(time.perf_counter() - start)
+  results = {}
+  for name, (_, flops, memory) in built.items():
+    results[name] = {'median_s': statistics.median(times[name]),
+                     'times_s': times[name], 'peak_rss_growth_mb': memory,
+                     'step_flops': flops}
+    print(f'  {name:<18} median {results[name]["median_s"] * 1e3:9.1f} ms',
+          flush=True)
+  return results
 
 
 def _ratio(results, slow: str, fast: str) -> float | None:
@@ -284,7 +304,8 @@ def _ratio(results, slow: str, fast: str) -> float | None:
 def summarize(results: dict[str, Any], peak: dict[str, float]
               ) -> dict[str, Any]:
   """Speed-ups (slow time / fast time; > 1: flaxlora faster), the LoRA
-  step time as a fraction of full fine-tuning's, and FLOP/s fractions."""
+  step time as a fraction of full fine-tuning's, dropout's share of the
+  step, and FLOP/s as a fraction of the matmul peak."""
   fastest = lambda names: min((n for n in names if n in results),
                               key=lambda n: results[n]['median_s'],
                               default=None)
@@ -302,11 +323,15 @@ def summarize(results: dict[str, Any], peak: dict[str, float]
                                             'bert/flax_fp32'),
       'bert_lora_over_full_step': _ratio(results, 'bert/flax_fp32',
                                          'bert/flax_full'),
+      't5_model_dropout_share_of_lora_step': (
+          1.0 - 1.0 / _ratio(results, 't5/flax_fp32', 't5/flax_fp32_nodrop')
+          if 't5/flax_fp32_nodrop' in results else None),
   }
   for name, numbers in results.items():
     model = name.split('/')[0]
-    flops = results.get(f'{model}/flax_full' if name.endswith('full') else
-                        f'{model}/flax_fp32', {}).get('step_flops')
+    # PEFT does the math of flaxlora's LoRA step: count it with its flops.
+    flops = numbers['step_flops'] or results.get(f'{model}/flax_fp32',
+                                                 {}).get('step_flops')
     if flops:
       rate = flops / numbers['median_s']
       key = 'torch' if 'peft' in name else 'jax'
@@ -316,8 +341,9 @@ def summarize(results: dict[str, Any], peak: dict[str, float]
 
 
 def _parse(argv):
-  parser = argparse.ArgumentParser(prog='bench_lora', description=__doc__,
-                                   formatter_class=argparse.RawTextHelpFormatter)
+  parser = argparse.ArgumentParser(
+      prog='bench_lora', description=__doc__,
+      formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument('--quick', action='store_true', help='tiny shapes')
   parser.add_argument('--steps', type=int, default=None,
                       help='timed steps per contender (default 5; quick 3)')
@@ -325,8 +351,8 @@ def _parse(argv):
   parser.add_argument('--only', choices=('t5', 'bert'), default=None)
   parser.add_argument('--prng', default='unsafe_rbg',
                       choices=('threefry2x32', 'rbg', 'unsafe_rbg'),
-                      help='JAX PRNG for dropout; threefry costs ~1/4 of '
-                      'the step on CPU')
+                      help="JAX PRNG of the models' dropout masks; on CPU "
+                      'unsafe_rbg draws them ~10%% faster than threefry')
   parser.add_argument('--out', default='bench_lora.json', help='JSON file')
   return parser.parse_args(argv)
 
@@ -342,21 +368,27 @@ def main(argv=None) -> dict[str, Any]:
   print(f'fp32 matmul peak: jax {peak["jax_flops_per_s"] / 1e9:.1f} GFLOP/s,'
         f' torch {peak["torch_flops_per_s"] / 1e9:.1f} GFLOP/s; '
         f'{os.cpu_count()} CPUs (shared machines make numbers noisy)')
-  contenders = {
-      't5/flax_fp32': lambda: flax_t5(shapes, 'fp32'),
-      't5/flax_mixed': lambda: flax_t5(shapes, 'mixed'),
-      't5/flax_full': lambda: flax_t5(shapes, 'full'),
-      't5/peft_fp32': lambda: peft_t5(shapes, False),
-      't5/peft_bf16': lambda: peft_t5(shapes, True),
-      'bert/flax_fp32': lambda: flax_bert(shapes, 'fp32'),
-      'bert/flax_full': lambda: flax_bert(shapes, 'full'),
-      'bert/peft_fp32': lambda: peft_bert(shapes, False),
+  groups = {
+      't5': {
+          't5/flax_fp32': lambda: flax_t5(shapes, 'fp32'),
+          't5/flax_mixed': lambda: flax_t5(shapes, 'mixed'),
+          't5/flax_full': lambda: flax_t5(shapes, 'full'),
+          't5/flax_fp32_nodrop': lambda: flax_t5(shapes, 'nodrop'),
+          't5/peft_fp32': lambda: peft_t5(shapes, False),
+          't5/peft_bf16': lambda: peft_t5(shapes, True),
+      },
+      'bert': {
+          'bert/flax_fp32': lambda: flax_bert(shapes, 'fp32'),
+          'bert/flax_full': lambda: flax_bert(shapes, 'full'),
+          'bert/peft_fp32': lambda: peft_bert(shapes, False),
+      },
   }
   results = {}
-  for name, build in contenders.items():
-    if args.only and not name.startswith(args.only):
-      continue
-    _measure(name, build, steps, args.warmup, results)
+  for group, contenders in groups.items():
+    if args.only in (None, group):
+      print(f'{group}:', flush=True)
+      results.update(measure(contenders, steps, args.warmup))
+      gc.collect()
   summary = summarize(results, peak)
   report = {'shapes': dataclasses.asdict(shapes), 'quick': args.quick,
             'steps': steps, 'prng': args.prng, 'cpus': os.cpu_count(),

@@ -184,8 +184,10 @@ def _print(r: dict[str, Any]) -> None:
     print(f'  {label:5s}  base {s["base_bytes"] / 2**20:8.1f} MiB  peak '
           f'{s.get("peak_bytes", 0) / 2**20:8.1f} MiB  step '
           f'{s["step_s"] * 1e3:8.1f} ms')
-  print(f'  qlora/lora: peak {t["qlora"].get("peak_bytes", 0) / max(1, t["lora"].get("peak_bytes", 1)):.3f}x, '
-        f'step time {t["qlora"]["step_s"] / t["lora"]["step_s"]:.2f}x')
+  peak = t['qlora'].get('peak_bytes', 0) / max(
+      1, t['lora'].get('peak_bytes', 1))
+  print(f'  qlora/lora: peak {peak:.3f}x, step time '
+        f'{t["qlora"]["step_s"] / t["lora"]["step_s"]:.2f}x')
 
 
 if __name__ == '__main__':

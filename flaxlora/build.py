@@ -133,15 +133,10 @@ def tokenizer(config: Any):
   if not name:
     raise ValueError('tokenizer is empty and model.path is empty; set '
                      "tokenizer to a folder, hub id, 'bytes' or 'words'.")
-  folder = resolve_path(name)
-  try:
-    from flaxlora.models import tokenizers  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    tokenizers = None
-  if tokenizers is not None and hasattr(tokenizers, 'load_tokenizer'):
-    return tokenizers.load_tokenizer(folder)
-  import transformers  # pylint: disable=g-import-not-at-top
-  return transformers.AutoTokenizer.from_pretrained(folder)
+  # It refuses a T5 folder that lacks its vocabulary (transformers would
+  # silently map every word to <unk>).
+  from flaxlora.models import tokenizers  # pylint: disable=g-import-not-at-top
+  return tokenizers.load_tokenizer(resolve_path(name))
 
 
 def check_vocab(tok: Any, model: Any) -> None:

@@ -59,7 +59,7 @@ class Checkpointer:
     policies = [checkpoint_managers.LatestN(n=keep)]
     best_fn = None
     if best_metric:
-      best_fn = lambda metrics: metrics[best_metric]  # pylint: disable=g-long-lambda
+      best_fn = lambda metrics: metrics[best_metric]
       policies.append(checkpoint_managers.BestN(
           get_metric_fn=best_fn, reverse=best_mode == 'min', n=1,
           keep_checkpoints_without_metrics=False))

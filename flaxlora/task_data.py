@@ -110,9 +110,9 @@ def read_records(config: Any) -> tuple[list, list, str]:
   if d.source == 'generated':
     g = d.generated
     if GENERATED_KIND.get(g.kind) != kind:
+      fits = [k for k, v in GENERATED_KIND.items() if v == kind]
       raise ValueError(f'data.generated.kind={g.kind!r} does not make '
-                       f'{kind!r} records; use one of '
-                       f'{[k for k, v in GENERATED_KIND.items() if v == kind]}.')
+                       f'{kind!r} records; use one of {fits}.')
     make = lambda n, split: synthetic.generate(  # pylint: disable=g-long-lambda
         g.kind, n, seed=g.seed, min_len=g.min_len, max_len=g.max_len,
         split=split)

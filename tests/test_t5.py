@@ -43,12 +43,23 @@ def _save_hf(folder, variant: str, seed: int = 0):
   return transformers.T5ForConditionalGeneration.from_pretrained(folder).eval()
 
 
-@pytest.fixture(scope='module', params=sorted(VARIANTS))
-def pair(request, tmp_path_factory):
-  folder = tmp_path_factory.mktemp(request.param)
-  hf_model = _save_hf(folder, request.param)
-  model, params, config = models.load(folder)
-  return request.param, hf_model, model, params, config
+@pytest.fixture(scope='module')
+def loaded(tmp_path_factory):
+  """variant -> (variant, hf_model, model, params, config), built once."""
+  cache = {}
+
+  def get(variant):
+    if variant not in cache:
+      folder = tmp_path_factory.mktemp(variant)
+      hf_model = _save_hf(folder, variant)
+      cache[variant] = (variant, hf_model) + tuple(models.load(folder))
+    return cache[variant]
+  return get
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def pair(request, loaded):
+  return loaded(request.param)
 
 
 @functools.lru_cache
@@ -176,8 +187,8 @@ def test_bf16_compute_is_close(pair):
   assert np.abs(logits - ref).max() > 0  # really computed in bf16
 
 
-def test_dropout(pair):
-  _, _, model, params, _ = pair
+def test_dropout(loaded):
+  _, _, model, params, _ = loaded('v1_0')  # both variants share this code
   inputs = _inputs()
   ref = _apply(model, params, *inputs)
   train = _jit(model, None, deterministic=False)

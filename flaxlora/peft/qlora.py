@@ -3,7 +3,7 @@
     method = qlora.qlora(rank=8, alpha=16, targets='t5')
     base = qlora.prepare_base(base, method)   # once: kernels -> Nf4Kernel
     adapter = method.init(rng, base)
-    params, kw = method.apply(base, adapter)  # jitted step: dequantise on the fly
+    params, kw = method.apply(base, adapter)  # in the step: dequantises
 
 The frozen base kernels selected by `quantize` (every '.../kernel' by
 default; embeddings, norms, biases and the task heads matched by `keep` stay
@@ -60,8 +60,8 @@ def qlora(rank: int = 8, alpha: float = 16.0,
 
   Args:
     rank, alpha, targets, dropout, rank_pattern, alpha_pattern, use_rslora,
-      init, use_dora: as in `lora.lora` (PiSSA and DoRA see the dequantised
-      kernels).
+      init, use_dora: as in `lora.lora` ('pissa' excepted); DoRA's magnitude
+      and column norms use the dequantised kernels.
     quantize: regex of the 2-D params stored in NF4 (default: all kernels).
     keep: regex of params never quantised (default: the task heads, pooler
       and untied lm_head).
@@ -69,6 +69,10 @@ def qlora(rank: int = 8, alpha: float = 16.0,
   Returns:
     A PeftMethod with a `QloraConfig`; the adapter is LoRA's.
   """
+  if init == 'pissa':
+    raise ValueError("qlora init='pissa' is not supported: its residual base "
+                     'W - sAB would have to be quantised again (LoftQ); use '
+                     "init='default' or 'gaussian'.")
   lora_config = lora.make_config(rank, alpha, targets, dropout, rank_pattern,
                                  alpha_pattern, use_rslora, init, use_dora)
   peft_base.as_patterns([quantize, keep], 'qlora quantize/keep')
