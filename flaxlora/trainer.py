@@ -248,7 +248,8 @@ def _train(run: Run) -> dict[str, Any]:
     state, metrics = step_fn(state, run.base, batch)
     pending.append((step, metrics['loss']))
     final = step == run.total_steps
-    do_log = final or step % max(c.train.log_every, 1) == 0
+    # Step 1 is always logged: the loss to compare later losses with.
+    do_log = final or step == 1 or step % max(c.train.log_every, 1) == 0
     do_eval = final or (c.train.eval_every and step % c.train.eval_every == 0)
     do_save = final or do_eval or (c.train.checkpoint_every and
                                    step % c.train.checkpoint_every == 0)

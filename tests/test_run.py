@@ -58,7 +58,7 @@ def test_readme_job_t5_runlocal(tmp_path):
   summary = check_workdir(workdir, 'rouge1')
   losses = [r['loss'] for r in workdir_lib.read_metrics(workdir)
             if r['split'] == 'train']
-  assert losses[-1] < 0.8 * losses[0], losses  # it learns
+  assert losses[-1] < 0.5 * losses[0], losses  # it learns (from step 1)
   config = json.loads((workdir / 'config.json').read_text())
   assert config['model']['init']['d_model'] == 64
   assert summary['trainable_params'] < summary['base_params']
