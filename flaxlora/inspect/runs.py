@@ -3,11 +3,12 @@
     run = runs.load_run('workdirs/t5_runlocal')
     print(runs.inspect_run(run, out_dir='workdirs/t5_runlocal/inspect'))
 
-The base is rebuilt the way `flaxlora.trainer.setup` builds it (the same
-`build` functions and rng folds of `train.seed`): a `model.init` (runlocal)
-base is re-initialised from its seed, a checkpoint base is reloaded. The
-adapter is read from the workdir's `adapter/` folder (`flaxlora.export`) and
-placed with the shardings the trainer gives it.
+The base, method and initial adapter are rebuilt by the function the
+trainer uses (`build.model_and_method`, same seeds): a `model.init`
+(runlocal) base is re-initialised from its seed, a checkpoint base is
+reloaded, a QLoRA base is quantised again. The adapter is read from the
+workdir's `adapter/` folder (`flaxlora.export`) and placed with the
+shardings the trainer gives it.
 """
 import dataclasses
 import json
@@ -27,12 +28,9 @@ from flaxlora.inspect import diff
 from flaxlora.inspect import plots
 from flaxlora.inspect import prompts
 from flaxlora.inspect import summary
-from flaxlora.peft import lora
 
 HEATMAP_FILE = 'lora_heatmap.png'
 SPECTRA_FILE = 'lora_spectra.png'
-# trainer.setup / trainer.init_state fold these into PRNGKey(train.seed).
-_BASE_FOLD, _ADAPTER_FOLD = 1, 2
 
 
 @dataclasses.dataclass
@@ -77,18 +75,16 @@ def load_run(workdir: str | pathlib.Path) -> LoadedRun:
   config = read_config(workdir)
   mesh = _mesh(config)
   rules = sharding.resolve_rules(config.get('sharding_rules', None))
-  rng = jax.random.PRNGKey(config.train.seed)
-  model, base, base_axes, family = build.model_and_params(
-      config, jax.random.fold_in(rng, _BASE_FOLD), mesh, rules)
-  method = build.peft_method(config.peft, config.model.family)
-  adapter_rng = jax.random.fold_in(rng, _ADAPTER_FOLD)
-  init_adapter = method.init(adapter_rng, base)
+  tokenizer = build.tokenizer(config)
+  b = build.model_and_method(config, mesh, rules, tokenizer)
+  init_adapter = b.method.init(b.adapter_rng, b.base)
   like = jax.eval_shape(lambda: init_adapter)
   shardings = sharding.named_shardings(
-      like, lora.adapter_logical_axes(base_axes, like), mesh, rules)
+      like, build.adapter_logical_axes(b.method, b.base_axes, like), mesh,
+      rules)
   adapter = jax.device_put(export.load_adapter(adapter_dir, like), shardings)
-  return LoadedRun(workdir, config, model, family, build.tokenizer(config),
-                   method, base, adapter, init_adapter)
+  return LoadedRun(workdir, config, b.model, b.family, tokenizer, b.method,
+                   b.base, adapter, init_adapter)
 
 
 def _has_lora(adapter: Any) -> bool:

@@ -48,8 +48,9 @@ def _check_loaded(tokenizer, folder, vocab_size: int | None) -> None:
   if unk is not None and ids and all(i == unk for i in ids):
     raise ValueError(
         f'tokenizer from {folder} maps all of {PROBE!r} to '
-        f'{tokenizer.unk_token}: its vocabulary ({" or ".join(VOCAB_FILES[:2])}) is missing. Copy '
-        'it from the original checkpoint.')
+        f'{tokenizer.unk_token}: its vocabulary '
+        f'({" or ".join(VOCAB_FILES[:2])}) is missing. Copy it from the '
+        'original checkpoint.')
 
 
 def load_tokenizer(folder_or_hub_id: str | os.PathLike, *,
