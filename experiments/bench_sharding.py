@@ -180,14 +180,14 @@ def to_markdown(measured: list[dict], computed: list[dict],
   return '\n'.join(lines) + '\n'
 
 
-def main(argv):
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--out', default=None, help='folder for the results')
   parser.add_argument('--sizes', default='1,2,4,8',
                       help='device counts of the measured table')
   parser.add_argument('--batch', default='8,128,32',
                       help='global batch B,S,T of the measured step')
-  args = parser.parse_args(argv[1:])
+  args = parser.parse_args(argv)
   # Simulated CPU devices; read when JAX starts its backend (first use),
   # so this works unless the caller already used JAX.
   os.environ.setdefault('XLA_FLAGS',
@@ -212,4 +212,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  main(sys.argv)
+  main(sys.argv[1:])

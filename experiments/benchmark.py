@@ -1,6 +1,6 @@
 """Benchmarks, one subcommand each.
 
-    python -m experiments.benchmark generate [--quick] [--out FILE]
+    python -m experiments.benchmark {generate,lora,qlora,sharding} [--quick] [--out FILE]
 
 The registry is a plain dict: a new benchmark is one module with
 `main(argv) -> results` and one entry here.
@@ -8,8 +8,16 @@ The registry is a plain dict: a new benchmark is one module with
 import sys
 
 from experiments import bench_generate
+from experiments import bench_lora
+from experiments import bench_qlora
+from experiments import bench_sharding
 
-SUBCOMMANDS = {'generate': bench_generate.main}
+SUBCOMMANDS = {
+    'generate': bench_generate.main,
+    'lora': bench_lora.main,
+    'qlora': bench_qlora.main,
+    'sharding': bench_sharding.main,
+}
 
 
 def main(argv=None) -> int:
