@@ -9,20 +9,37 @@ import sys
 import ml_collections
 import pytest
 
+from absl import flags
+from ml_collections import config_flags
+
 from configs import common
+from flaxlora import build
+from flaxlora import sharding
 from flaxlora import sweeps
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _combos(*axes):
+  return [','.join(filter(None, combo)) for combo in itertools.product(*axes)]
+
+
+T5_AXES = (('', 'size=base', 'size=large'),
+           ('', 'task=qa', 'task=classification'))
+BERT_VARIANTS = ['', 'local_data', 'runlocal', 'local_data,runlocal']
 # config name -> its variant strings (every combination the docstring names).
 VARIANTS = {
-    't5_lora': [','.join(filter(None, combo)) for combo in itertools.product(
-        ('', 'size=base', 'size=large'),
-        ('', 'task=qa', 'task=classification'),
-        ('', 'local_data'), ('', 'runlocal'))],
-    'bert_sentiment_lora': ['', 'local_data', 'runlocal',
-                            'local_data,runlocal'],
-    'bert_squad_lora': ['', 'local_data', 'runlocal', 'local_data,runlocal'],
+    't5_lora': _combos(*T5_AXES, ('', 'local_data'), ('', 'runlocal')),
+    't5_qlora': _combos(*T5_AXES, ('', 'runlocal')),
+    't5_prompt_tuning': _combos(*T5_AXES, ('', 'runlocal')),
+    'bert_sentiment_lora': BERT_VARIANTS,
+    'bert_sentiment_qlora': BERT_VARIANTS,
+    'bert_sentiment_prompt': BERT_VARIANTS,
+    'bert_squad_lora': BERT_VARIANTS,
 }
+METHODS = {'t5_qlora': 'qlora', 'bert_sentiment_qlora': 'qlora',
+           't5_prompt_tuning': 'prompt_tuning',
+           'bert_sentiment_prompt': 'prompt_tuning'}
 
 
 def _module(name):
@@ -38,7 +55,9 @@ def test_every_variant_builds(name):
     for section in ('task', 'model', 'tokenizer', 'peft', 'data',
                     'optimizer', 'train', 'checkpoint', 'mesh', 'eval'):
       assert section in config, (name, variant, section)
-    assert config.peft.method == 'lora'
+    assert config.peft.method == METHODS.get(name, 'lora')
+    # Every peft section is a valid set of arguments of its method.
+    assert build.peft_method(config.peft, config.model.family).init
     assert config.train.steps > 0 or config.train.epochs > 0
     if 'runlocal' in variant:
       # Offline in seconds: a random tiny model and generated data.
@@ -51,7 +70,8 @@ def test_every_variant_builds(name):
       assert config.data.train_file.startswith(shared)
     else:
       assert config.data.source == 'hub'
-      assert config.model.path.startswith(('google-t5/', 'bert-base'))
+      assert config.model.path.startswith(('google-t5/', 'google/t5-',
+                                           'bert-base'))
 
 
 def test_real_defaults_point_at_the_hub():
@@ -79,9 +99,9 @@ def test_docstring_opens_with_the_command(name):
 
 
 def test_configs_load_without_jax():
-  code = ('import sys; from configs import t5_lora, bert_sentiment_lora, '
-          'bert_squad_lora\n'
-          'for m in (t5_lora, bert_sentiment_lora, bert_squad_lora):\n'
+  names = ', '.join(sorted(VARIANTS))
+  code = (f'import sys; from configs import {names}\n'
+          f'for m in ({names}):\n'
           '  m.get_config("runlocal")\n'
           'bad = [m for m in sys.modules if m.split(".")[0] in '
           '("jax", "flax", "flaxlora", "numpy")]\n'
@@ -111,7 +131,7 @@ def test_configs_are_locked_against_typos():
 
 
 def test_sweeps_override_existing_keys():
-  for name in ('t5_lora', 'bert_sentiment_lora'):
+  for name in sorted(set(VARIANTS) - {'bert_squad_lora'}):
     path = f'configs/{name}.py:runlocal'
     config = _module(name).get_config('runlocal')
     points = sweeps.points(str(REPO / path))
@@ -132,3 +152,22 @@ def test_parse_arg_and_sweep_helpers():
   assert common.parse_arg(None, x=1).x == 1
   grid = common.product(common.sweep('a', [1, 2]), common.sweep('b', [3]))
   assert grid == [{'a': 1, 'b': 3}, {'a': 2, 'b': 3}]
+
+
+def test_sharding_rules_name_every_logical_axis_and_override_by_flag():
+  assert common.LOGICAL_AXES == tuple(name for name, _ in sharding.RULES)
+  defaults = common.base_config().sharding_rules
+  assert sharding.resolve_rules(defaults) == sharding.RULES
+  # experiments.run's flag, parsing the command line it documents.
+  argv = ['run', f'--config={REPO}/configs/t5_lora.py:runlocal',
+          '--config.sharding_rules.vocab=None',
+          '--config.sharding_rules.embed=fsdp,tensor']
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, '', flag_values=values,
+                                  lock_config=True, sys_argv=argv)
+  values(argv)
+  rules = dict(sharding.resolve_rules(values.config.sharding_rules))
+  assert rules['vocab'] is None and rules['embed'] == ('fsdp', 'tensor')
+  assert rules['mlp'] == dict(sharding.RULES)['mlp']
+  with pytest.raises(ValueError, match="'heads'.*'model'.*unknown"):
+    sharding.resolve_rules({'heads': 'model'})

@@ -12,16 +12,23 @@ import numpy as np
 import optax
 import pytest
 
+from jax.sharding import PartitionSpec as P
+
 from configs import bert_sentiment_lora
+from configs import bert_sentiment_prompt
+from configs import bert_sentiment_qlora
 from configs import bert_squad_lora
+from flaxlora import build
 from flaxlora import checkpoint
 from flaxlora import export
+from flaxlora import sharding
 from flaxlora import train_state
 from flaxlora import trainer
 from flaxlora import workdir as workdir_lib
 from flaxlora.models import layers
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
+from flaxlora.peft import nf4
 
 
 def _opt(**kw):
@@ -277,3 +284,84 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert not (tmp_path / 'summary.json').exists()
   records = workdir_lib.read_metrics(tmp_path)
   assert [r['step'] for r in records] == [1]
+
+
+# ------------------------------------- methods, optimizers and the mesh ---
+
+
+def _adafactor_steps(tx, params, grads, jit_kw=None):
+  """Two updates of `tx` (jitted with `jit_kw` shardings when given)."""
+  jit_kw = jit_kw or {}
+  state = jax.jit(tx.init, out_shardings=jit_kw.get('state'))(params)
+  update = jax.jit(tx.update, out_shardings=jit_kw.get('update'))
+  for g in grads:
+    updates, state = update(g, state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+def test_adafactor_options_and_its_state_on_a_sharded_mesh():
+  mesh = sharding.make_mesh({'fsdp': 2, 'tensor': 4})
+  rules = sharding.resolve_rules()
+  rng = np.random.default_rng(0)
+  # [256, 128] is factored: v_row and v_col are 1-D, not its shape.
+  params = {'w': jnp.asarray(rng.normal(size=(256, 128)), jnp.float32),
+            'b': jnp.asarray(rng.normal(size=(128,)), jnp.float32)}
+  axes = {'w': P('embed', 'mlp'), 'b': P('mlp')}
+  shardings = sharding.named_shardings(params, axes, mesh, rules)
+  params = jax.device_put(params, shardings)
+  grads = [jax.tree.map(lambda x, i=i: jnp.sin(x * (i + 1)), params)
+           for i in range(2)]
+  opt = _opt(name='adafactor', lr=0.1, schedule='constant', warmup_steps=0,
+             clip_norm=0.0, weight_decay=0.0)
+  opt.update(dict(adafactor_decay_rate=0.5, adafactor_parameter_scale=False))
+  tx = train_state.optimizer(opt, 10)
+  opt_shardings = sharding.optimizer_shardings(tx, params, shardings, mesh)
+  ours, state = _adafactor_steps(tx, params, grads, dict(
+      state=opt_shardings, update=(shardings, opt_shardings)))
+  factored = state[0]
+  assert factored.v_row['w'].ndim == factored.v_col['w'].ndim == 1
+  assert factored.v_row['w'].sharding.is_fully_replicated
+  assert factored.v['b'].sharding.spec == P('tensor')
+  # The config's options reach optax (the decay rate shows from step 2).
+  want, _ = _adafactor_steps(optax.adafactor(
+      0.1, decay_rate=0.5, multiply_by_parameter_scale=False), params, grads)
+  default, _ = _adafactor_steps(optax.adafactor(0.1), params, grads)
+  np.testing.assert_allclose(ours['w'], want['w'], rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(ours['w']) - np.asarray(default['w'])).max() > 1e-3
+
+
+def test_model_and_method_prepares_the_base_and_gives_adapter_axes():
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  rules = sharding.resolve_rules({'vocab': None})
+  # Prompt tuning + trained head copies: the prompt is replicated, the
+  # copies follow their base params.
+  b = build.model_and_method(bert_sentiment_prompt.get_config('runlocal'),
+                             mesh, rules)
+  adapter = jax.eval_shape(b.method.init, b.adapter_rng, b.base)
+  axes = build.adapter_logical_axes(b.method, b.base_axes, adapter)
+  assert axes[0] == {'prompt': P('prompt', None)}
+  assert axes[1]['pooler'] == b.base_axes['pooler']
+  # The base is the seed's (train.seed 0), untouched by the method.
+  _, again, _, _ = build.model_and_params(
+      bert_sentiment_prompt.get_config('runlocal'),
+      jax.random.fold_in(jax.random.PRNGKey(0), build.BASE_FOLD), mesh,
+      rules)
+  for x, y in zip(jax.tree.leaves(b.base), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(x, y)
+  # QLoRA: kernels quantised once and sharded like the kernels; the heads
+  # kept; LoRA axes from the unquantised kernels.
+  q = build.model_and_method(bert_sentiment_qlora.get_config('runlocal'),
+                             mesh, rules)
+  query = q.base['encoder']['layer_0']['attention']['query']['kernel']
+  assert nf4.is_nf4(query)
+  assert query.codes.sharding.spec == P('fsdp', 'tensor')
+  assert not nf4.is_nf4(q.base['classifier']['kernel'])
+  adapter = jax.eval_shape(q.method.init, q.adapter_rng, q.base)
+  axes = build.adapter_logical_axes(q.method, q.base_axes, adapter)
+  assert axes[0]['encoder']['layer_0']['attention']['query']['kernel'] == {
+      'a': P('embed', 'lora_rank'), 'b': P('lora_rank', 'heads')}
+  assert axes[1]['classifier'] == q.base_axes['classifier']
+  shardings = sharding.named_shardings(adapter, axes, mesh, rules)
+  assert shardings[0]['encoder']['layer_0']['attention']['query'][
+      'kernel']['a'].spec == P('fsdp', None)
