@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import flaxlora.peft as flaxlora_peft
 from flaxlora import models
 from flaxlora import trainer
 from flaxlora.models import bert
@@ -345,9 +344,6 @@ def test_bert_peft_folder_round_trips(tmp_path):
 # ------------------------------------------------------------------ runner ---
 
 
-@pytest.mark.skipif(
-    'prompt_tuning' not in flaxlora_peft.METHODS,
-    reason="flaxlora.peft.METHODS has no 'prompt_tuning' entry yet.")
 @pytest.mark.parametrize('name, kind, trainable', [
     ('t5_prompt_tuning', 'SEQ_2_SEQ_LM', 8 * 64),
     # prompt + classifier + pooler

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import flaxlora.peft as flaxlora_peft
 from flaxlora import models
 from flaxlora import trainer
 from flaxlora.models import t5
@@ -205,9 +204,6 @@ def test_peft_export_of_the_adapter(setup, tmp_path):
   assert np.abs(ours - np.asarray(base_logits)).max() > 1e-3
 
 
-@pytest.mark.skipif(
-    'qlora' not in flaxlora_peft.METHODS,
-    reason="flaxlora.peft.METHODS has no 'qlora' entry yet.")
 @pytest.mark.parametrize('name', ['t5_qlora', 'bert_sentiment_qlora'])
 def test_runlocal_through_the_trainer(tmp_path, name):
   config = importlib.import_module(f'configs.{name}').get_config('runlocal')

@@ -1,5 +1,10 @@
 """`experiments.run` end to end: the README's offline job in a subprocess,
-every other `runlocal` variant in-process (shortened), and flag errors."""
+every other `runlocal` variant in-process (shortened), and flag errors.
+
+The QLoRA and prompt tuning configs run here on a 2x2x2 (data, fsdp, tensor)
+mesh; tests/test_qlora.py and tests/test_prompt.py run them on the default
+mesh."""
+import importlib
 import json
 import os
 import pathlib
@@ -14,6 +19,7 @@ from configs import bert_squad_lora
 from configs import t5_lora
 from flaxlora import trainer
 from flaxlora import workdir as workdir_lib
+from flaxlora.peft import prompt_io
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -82,6 +88,37 @@ def test_runlocal_variants(tmp_path, make, metric):
   assert summary['step'] == 4
   # Rerunning a finished workdir does nothing and returns its summary.
   assert trainer.train_and_evaluate(_short(make()), tmp_path) == summary
+
+
+# The runlocal models' sizes: a method never changes the base.
+BASE_PARAMS = {'t5': 181312, 'bert': 22530}
+
+
+@pytest.mark.parametrize('name, metric, peft_type, optimizer', [
+    ('t5_qlora', 'rouge1', 'LORA', 'adafactor'),
+    ('bert_sentiment_qlora', 'accuracy', 'LORA', 'adafactor'),
+    ('t5_prompt_tuning', 'rouge1', 'PROMPT_TUNING', 'adafactor'),
+    ('bert_sentiment_prompt', 'accuracy', 'PROMPT_TUNING', 'adamw'),
+])
+def test_qlora_and_prompt_runlocal_on_a_sharded_mesh(tmp_path, name, metric,
+                                                      peft_type, optimizer):
+  """QLoRA's NF4 base and LoRA factors, prompts, head copies and (factored)
+  Adafactor state on data, fsdp and tensor axes at once."""
+  config = _short(importlib.import_module(f'configs.{name}').get_config(
+      'runlocal'))
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  config.sharding_rules.vocab = 'None'  # 259 / 67 ids: tensor=2 can't split
+  config.optimizer.name = optimizer
+  summary = trainer.train_and_evaluate(config, tmp_path)
+  assert summary == check_workdir(tmp_path, metric)
+  assert summary['step'] == 4 and summary['train_loss'] > 0
+  assert summary['base_params'] == BASE_PARAMS[config.model.family]
+  assert 0 < summary['trainable_params'] < summary['base_params']
+  peft_config = json.loads(
+      (tmp_path / 'peft' / prompt_io.CONFIG_FILE).read_text())
+  assert peft_config['peft_type'] == peft_type
+  spec = json.loads((tmp_path / 'adapter' / 'method.json').read_text())
+  assert spec['peft']['method'] == config.peft.method
 
 
 @pytest.mark.parametrize('flag, message', [

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping
 from flax import struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import dora
@@ -70,6 +71,8 @@ class LoraKernel:
     """[..., in] -> [..., out] in `dtype`; products accumulate in fp32."""
 
     def mm(u, v):
+      if not isinstance(v, (jax.Array, np.ndarray)):  # e.g. an NF4 base
+        return v.matmul(u, dtype)  # dequantised on the fly, not stored
       return jnp.matmul(u.astype(dtype), v.astype(dtype),
                         preferred_element_type=jnp.float32)
 
