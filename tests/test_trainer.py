@@ -3,11 +3,9 @@ grads), checkpoints (last N + best), workdir bookkeeping, and clear errors
 for bad input that leave the workdir untouched."""
 import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -26,7 +24,6 @@ from flaxlora import train_state
 from flaxlora import trainer
 from flaxlora import workdir as workdir_lib
 from flaxlora.models import layers
-from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
 from flaxlora.peft import nf4
 
