@@ -46,11 +46,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   train_file=common.shared_data('sst2', 'train.tsv'),
                   eval_file=common.shared_data('sst2', 'dev.tsv'),
                   max_train_examples=20000)
+    # r=8 on every dense kernel of the encoder, and more, smaller steps
+    # (1250 of 16): 86.2% dev accuracy with attention-only targets and
+    # batch 32 in the same time.
     c.peft.update(rank=8, alpha=16.0,
-                  targets=r'.*/attention/(query|key|value|output)/kernel')
-    c.optimizer.update(lr=1e-3, warmup_steps=60)
-    c.train.update(epochs=1.0, batch_size=32, eval_every=200,
-                   checkpoint_every=200)
+                  targets=r'.*/(attention/(query|key|value|output)|'
+                  r'mlp/(intermediate|output))/kernel')
+    c.optimizer.update(lr=1e-3, warmup_steps=100)
+    c.train.update(epochs=1.0, batch_size=16, eval_every=250,
+                   checkpoint_every=250)
   if arg.runlocal:
     c.model.update(path='', init=dict(TINY_BERT))
     c.tokenizer = 'words'
