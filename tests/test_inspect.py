@@ -395,10 +395,42 @@ def test_qlora_base_summary_bytes_and_dequantised_analysis():
   adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(adapter))
   assert s.total.nbytes == nf4.nbytes(quantized) + adapter_bytes
   assert s.total.nbytes < summary.summary(base, adapter).total.nbytes
-  assert any(r.path.endswith('q/kernel/codes') and r.dtype == 'uint8'
+  assert any(r.path.endswith('q/kernel') and r.dtype == 'nf4'
              for r in s.rows)
   got = analysis.analyze(quantized, adapter, 1.0)
   want = analysis.analyze(nf4.dequantize_params(quantized), adapter, 1.0)
   for path, stats in want.by_path.items():
     np.testing.assert_allclose(got.by_path[path].relative_norm,
                                stats.relative_norm, rtol=1e-6)
+
+
+def test_summary_counts_an_nf4_kernel_as_one_in_by_out_param_row():
+  from flaxlora.peft import nf4  # pylint: disable=g-import-not-at-top
+  base, adapter = _base(), _adapter()
+  quantized = nf4.quantize_params(base)
+  s = summary.summary(quantized, adapter, 'lora')
+  dense = summary.summary(base, adapter, 'lora')
+  # Quantising changes the bytes, not the parameter count or the rows.
+  assert [r.path for r in s.rows] == [r.path for r in dense.rows]
+  assert s.total.size == dense.total.size
+  assert s.total.trainable_size == dense.total.trainable_size
+  path = 'encoder/block_0/attention/q/kernel'
+  row = {r.path: r for r in s.rows}[path]
+  kernel = quantized['encoder']['block_0']['attention']['q']['kernel']
+  assert (row.shape, row.size, row.dtype) == ((16, 24), 16 * 24, 'nf4')
+  # Stored: codes [64/2, 24] u8 (16 rows padded to a block of 64) + scale
+  # codes [1, 24] u8 + two fp32 scales.
+  assert row.nbytes == 32 * 24 + 24 + 4 + 4 == sum(
+      x.nbytes for x in jax.tree.leaves(kernel))
+  assert row.device_bytes == row.nbytes
+  assert s.total.nbytes == sum(x.nbytes for x in jax.tree.leaves(
+      (quantized, adapter)))
+  # Sharded as the trainer shards it (nf4.logical_axes): out over 'tensor'.
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 1, 'tensor': 4})
+  placed = jax.tree.map(
+      lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), kernel,
+      nf4.logical_axes(P(None, 'tensor'), kernel))
+  row = summary.summary({'q': {'kernel': placed}}).rows[0]
+  assert (row.path, row.sharding, row.size) == ('q/kernel', 'P(None, tensor)',
+                                                16 * 24)
+  assert row.device_bytes == 32 * 6 + 6 + 4 + 4

@@ -7,13 +7,17 @@
 
 `tree` holds the frozen base params; `adapter` the trainable ones (they live
 apart, see STYLE.md rule 2). With no adapter, every leaf of `tree` counts as
-trainable (full fine-tuning).
+trainable (full fine-tuning). An NF4-quantised kernel (QLoRA's base,
+`nf4.Nf4Kernel`) is one row of dtype 'nf4' with the kernel's [in, out] shape
+and in*out params, and the bytes of the arrays it stores.
 """
 import dataclasses
 import math
 import re
 from typing import Any, Mapping, Sequence
 
+import flax.linen as nn
+import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
@@ -21,6 +25,7 @@ from flaxlora.inspect import table
 from flaxlora.inspect import tree as tree_lib
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
+from flaxlora.peft import nf4
 
 BASE_OWNER = 'base'
 LEAF_HEADERS = ('path', 'shape', 'dtype', 'params', 'bytes', 'bytes/device',
@@ -36,9 +41,10 @@ class Row:
   Attributes:
     path: "/"-joined tree path.
     shape: its shape.
-    dtype: its dtype name.
-    size: number of elements.
-    nbytes: size * itemsize (whole array, all shards together).
+    dtype: its dtype name ('nf4' for an NF4 kernel).
+    size: number of elements (in * out for an NF4 kernel).
+    nbytes: bytes stored, all shards together: size * itemsize (for an NF4
+      kernel, its codes and scales).
     device_bytes: bytes of the largest shard one device holds.
     sharding: mesh PartitionSpec (`P(fsdp, tensor)`) for a NamedSharding
       that splits the array; else 'replicated', 'single device' or 'host'.
@@ -151,7 +157,29 @@ def _owners(adapter: Any, method_names: Any) -> list[tuple[str, str, Any]]:
   return rows
 
 
+def _leaves(tree: Any) -> dict[str, Any]:
+  """{"a/b/c": leaf} in tree order, an `Nf4Kernel` counting as one leaf."""
+  tree = nn.meta.unbox(tree)
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=nf4.is_nf4)[0]
+  return {tree_lib.path_str(path): leaf for path, leaf in flat
+          if leaf is not None}
+
+
+def _nf4_row(path: str, kernel: nf4.Nf4Kernel, trainable: bool,
+             owner: str) -> Row:
+  """The [in, out] kernel's params, its stored arrays' bytes; the codes'
+  sharding (the block scales follow their out axis)."""
+  arrays = (kernel.codes, kernel.scale_codes, kernel.scale_scales,
+            kernel.scale_offset)
+  spec, _ = sharding_of(kernel.codes)
+  device_bytes = sum(sharding_of(a)[1] for a in arrays)
+  return Row(path, tuple(kernel.shape), 'nf4', math.prod(kernel.shape),
+             kernel.nbytes(), device_bytes, spec, trainable, owner)
+
+
 def _row(path: str, leaf: Any, trainable: bool, owner: str) -> Row:
+  if nf4.is_nf4(leaf):
+    return _nf4_row(path, leaf, trainable, owner)
   shape, dtype = tree_lib.shape_dtype(leaf)
   size = math.prod(shape)
   spec, device_bytes = sharding_of(leaf)
@@ -247,7 +275,7 @@ def summary(tree: Any, adapter: Any = None, method_names: Any = None,
   """
   trainable_base = adapter is None
   rows = [_row(path, leaf, trainable_base, BASE_OWNER)
-          for path, leaf in tree_lib.flatten(tree).items()]
+          for path, leaf in _leaves(tree).items()]
   if adapter is not None:
     rows += [_row(path, leaf, True, owner)
              for path, owner, leaf in _owners(adapter, method_names)]
