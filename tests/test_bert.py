@@ -8,6 +8,7 @@ from safetensors import numpy as st_numpy
 
 from flaxlora import models
 from flaxlora.models import bert
+from flaxlora.models import bert_hf
 
 TOL = 1e-4
 
@@ -223,6 +224,14 @@ def test_bad_config_and_inputs():
   too_long = jnp.ones((1, 65), jnp.int32)
   with pytest.raises(ValueError, match='max_position_embeddings 64'):
     model.apply({'params': params}, too_long)
+
+
+def test_accepted_activations_are_implemented():
+  # BertConfig (bert_hf) validates hidden_act; bert maps it to a function.
+  implemented = bert._ACTIVATIONS  # pylint: disable=protected-access
+  assert set(implemented) == set(bert_hf.ACTIVATIONS)
+  assert bert.BertConfig is bert_hf.BertConfig
+  assert bert.hf_rules is bert_hf.hf_rules
 
 
 def test_config_round_trip(folders):
