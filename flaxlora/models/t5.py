@@ -68,6 +68,11 @@ def relative_position_bucket(relative_position: Array, *, bidirectional: bool,
   return buckets + jnp.where(distance < max_exact, distance, large)
 
 
+def _heads_first(x: Array) -> Array:
+  """[B, S, N, D] -> [B, N, S, D], the decode cache's layout."""
+  return jnp.transpose(x, (0, 2, 1, 3))
+
+
 def _init(std: float) -> layers.Initializer:
   return nn.initializers.normal(std)
 
@@ -101,13 +106,15 @@ class Attention(nn.Module):
     return (self._heads(self.k(source, deterministic)),
             self._heads(self.v(source, deterministic)))
 
-  def _attend(self, x, k, v, bias, deterministic):
+  def _attend(self, x, k, v, bias, deterministic, kv_layout='bsnd'):
+    """k, v are [B, S, N, D] ('bsnd') or, in the decode cache, [B, N, S, D]
+    ('bnsd': stored heads-first so no step transposes them)."""
     q = self._heads(self.q(x, deterministic))  # [B, T, N, D]
-    scores = jnp.einsum('btnd,bsnd->bnts', q, k.astype(self.dtype),
+    scores = jnp.einsum(f'btnd,{kv_layout}->bnts', q, k.astype(self.dtype),
                         preferred_element_type=jnp.float32) + bias
     probs = jax.nn.softmax(scores, axis=-1)
     probs = self.dropout(probs, deterministic=deterministic)
-    out = jnp.einsum('bnts,bsnd->btnd', probs.astype(self.dtype),
+    out = jnp.einsum(f'bnts,{kv_layout}->btnd', probs.astype(self.dtype),
                      v.astype(self.dtype))
     out = out.reshape(*out.shape[:2], -1)  # [B, T, N*D]
     return self.o(out, deterministic)
@@ -122,9 +129,9 @@ class Attention(nn.Module):
     """Cross-attention: keys/values of `source`; self-attention: zeros."""
     c = self.config
     if source is not None:
-      k, v = self.project_kv(source)
+      k, v = (_heads_first(t) for t in self.project_kv(source))
     else:
-      k = v = jnp.zeros((batch, length, c.num_heads, c.d_kv), self.dtype)
+      k = v = jnp.zeros((batch, c.num_heads, length, c.d_kv), self.dtype)
     self.put_variable('cache', 'key', k)
     self.put_variable('cache', 'value', v)
 
@@ -142,13 +149,14 @@ class Attention(nn.Module):
     k = self.get_variable('cache', 'key')
     v = self.get_variable('cache', 'value')
     if index is not None:
-      k_new, v_new = self.project_kv(x, deterministic)
-      start = (0, index, 0, 0)
+      k_new, v_new = (_heads_first(t) for t in self.project_kv(
+          x, deterministic))
+      start = (0, 0, index, 0)
       k = jax.lax.dynamic_update_slice(k, k_new.astype(k.dtype), start)
       v = jax.lax.dynamic_update_slice(v, v_new.astype(v.dtype), start)
       self.put_variable('cache', 'key', k)
       self.put_variable('cache', 'value', v)
-    return self._attend(x, k, v, bias, deterministic)
+    return self._attend(x, k, v, bias, deterministic, kv_layout='bnsd')
 
 
 class Mlp(nn.Module):
@@ -290,7 +298,7 @@ class Stack(nn.Module):
   def step(self, ids, index, encoder_mask, deterministic=True):
     """One decoder position: ids [B, 1] at `index` -> [B, 1, H]."""
     x = self.dropout(self.embed(ids), deterministic=deterministic)
-    length = self.block_0.attention.get_variable('cache', 'key').shape[1]
+    length = self.block_0.attention.get_variable('cache', 'key').shape[2]
     key_pos = jnp.arange(length)
     keep = (key_pos <= index)[None, None, None, :]
     self_bias = (self.position_bias(jnp.reshape(index, (1,)), key_pos) +
