@@ -1,9 +1,11 @@
-"""Tiny shared test utilities: small Hugging Face BERT checkpoints on disk.
+"""Tiny shared test utilities: small Hugging Face BERT checkpoints on disk,
+and the logical-axes walk every model family's tests share.
 
 Import as `import helpers` (pytest puts tests/ on sys.path).
 """
 import pathlib
 
+import jax
 import numpy as np
 
 TINY_BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2,
@@ -63,3 +65,19 @@ def torch_outputs(model, ids, mask, token_types):
 def max_diff(a, b) -> float:
   return float(np.max(np.abs(np.asarray(a, np.float32) -
                              np.asarray(b, np.float32))))
+
+
+def assert_every_param_has_axes(params, axes) -> dict:
+  """Every param leaf has a PartitionSpec of one logical name per dimension.
+
+  Returns {key path: spec}, for family-specific checks.
+  """
+  flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+  flat_axes = dict(jax.tree_util.tree_flatten_with_path(
+      axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0])
+  assert len(flat_axes) == len(flat_params)
+  for path, value in flat_params:
+    spec = flat_axes[path]
+    assert len(spec) == value.ndim, (path, spec)
+    assert all(isinstance(name, str) and name for name in spec), (path, spec)
+  return flat_axes

@@ -166,13 +166,8 @@ def test_every_param_has_logical_axes(head):
   model = bert.build(config, head=head)
   params = bert.init(model, jax.random.PRNGKey(0))
   axes = bert.logical_axes(model)
+  flat_axes = helpers.assert_every_param_has_axes(params, axes)
   flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
-  flat_axes = dict(jax.tree_util.tree_flatten_with_path(
-      axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0])
-  assert len(flat_params) == len(flat_axes)
-  for path, value in flat_params:
-    spec = flat_axes[path]
-    assert len(spec) == value.ndim and all(spec), (path, spec)
   assert flat_axes[next(p for p, _ in flat_params if 'query' in str(p) and
                         'kernel' in str(p))] == jax.sharding.PartitionSpec(
       'embed', 'heads')

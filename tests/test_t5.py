@@ -9,6 +9,8 @@ import pytest
 import torch
 import transformers
 
+import helpers
+
 from flaxlora import models
 from flaxlora.models import t5
 
@@ -159,14 +161,7 @@ def test_save_loads_in_transformers(pair, tmp_path):
 def test_every_param_has_logical_axes(pair):
   _, _, model, params, _ = pair
   axes = t5.logical_axes(model)
-  flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
-  flat_axes = dict(jax.tree_util.tree_flatten_with_path(
-      axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0])
-  assert len(flat_axes) == len(flat_params)
-  for path, value in flat_params:
-    spec = flat_axes[path]
-    assert len(spec) == value.ndim, path
-    assert all(isinstance(name, str) for name in spec), (path, spec)
+  helpers.assert_every_param_has_axes(params, axes)
   assert tuple(axes['shared']['embedding']) == ('vocab', 'embed')
   relpos = axes['encoder']['relpos_bias']['embedding']
   assert tuple(relpos) == ('relpos_buckets', 'relpos_heads')
