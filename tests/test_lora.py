@@ -183,7 +183,7 @@ def test_dropout_path_matches_peft_formula(toy, use_dora):
                          leaf.get('magnitude'))
   assert node.needs_rng
   out = node.dot(x, dtype=jnp.float32, dropout_rng=rng)
-  xd = np.asarray(lora._dropout(x, 0.25, rng), np.float64)  # same mask
+  xd = np.asarray(layers.dropout(x, 0.25, rng), np.float64)  # same mask
   assert 0.1 < np.mean(xd == 0) < 0.45
   w64, x64 = np.asarray(w, np.float64), np.asarray(x, np.float64)
   a, b = (np.asarray(leaf[k], np.float64) for k in 'ab')
@@ -201,12 +201,12 @@ def test_dropout_path_matches_peft_formula(toy, use_dora):
 
 def test_hash_dropout_rate_and_independence():
   x = jnp.ones((200, 500))
-  m1 = np.asarray(lora._dropout(x, 0.1, jax.random.PRNGKey(0))) == 0
-  m2 = np.asarray(lora._dropout(x, 0.1, jax.random.PRNGKey(1))) == 0
+  m1 = np.asarray(layers.dropout(x, 0.1, jax.random.PRNGKey(0))) == 0
+  m2 = np.asarray(layers.dropout(x, 0.1, jax.random.PRNGKey(1))) == 0
   assert abs(m1.mean() - 0.1) < 0.005 and abs(m2.mean() - 0.1) < 0.005
   assert abs(np.corrcoef(m1.ravel(), m2.ravel())[0, 1]) < 0.02
   assert abs(np.corrcoef(m1[:, :-1].ravel(), m1[:, 1:].ravel())[0, 1]) < 0.02
-  kept = np.asarray(lora._dropout(x, 0.1, jax.random.PRNGKey(0)))[~m1]
+  kept = np.asarray(layers.dropout(x, 0.1, jax.random.PRNGKey(0)))[~m1]
   np.testing.assert_allclose(kept, 1 / (1 - 6554 / 65536))   # unbiased
 
 

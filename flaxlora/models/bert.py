@@ -57,17 +57,20 @@ class SelfAttention(nn.Module):
     def project(name):
       y = layers.Dense(cfg.hidden_size, ('embed', 'heads'), use_bias=True,
                        dtype=self.dtype, name=name)(x, deterministic)
-      return y.reshape(*y.shape[:2], n, d)  # [B, T, N, D]
+      y = y.reshape(*y.shape[:2], n, d)
+      return jnp.swapaxes(y, 1, 2)  # [B, N, T, D]: plain batched products
 
     q, k, v = project('query'), project('key'), project('value')
-    scores = jnp.einsum('btnd,bsnd->bnts', q, k,
-                        preferred_element_type=jnp.float32) / jnp.sqrt(d)
+    q = q * jnp.asarray(d**-0.5, q.dtype)  # fewer products than the scores
+    scores = layers.einsum('bntd,bnsd->bnts', q, k, dtype=self.dtype)
     keep = mask[:, None, None, :].astype(bool)  # [B, 1, 1, S]
     scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    probs = nn.Dropout(cfg.attention_probs_dropout_prob)(
+    probs = layers.Dropout(cfg.attention_probs_dropout_prob)(
         probs, deterministic=deterministic)
-    y = jnp.einsum('bnts,bsnd->btnd', probs, v)
+    y = layers.einsum('bnts,bnsd->bntd', probs, v,
+                      dtype=self.dtype).astype(self.dtype)
+    y = jnp.swapaxes(y, 1, 2)
     y = y.reshape(*y.shape[:2], n * d)  # [B, T, N*D]
     return layers.Dense(cfg.hidden_size, ('heads', 'embed'), use_bias=True,
                         dtype=self.dtype, name='output')(y, deterministic)
@@ -96,7 +99,7 @@ class Layer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
     cfg = self.config
-    dropout = nn.Dropout(cfg.hidden_dropout_prob)
+    dropout = layers.Dropout(cfg.hidden_dropout_prob)
     norm = lambda name: layers.LayerNorm(cfg.layer_norm_eps, self.dtype,
                                          name=name)
     y = SelfAttention(cfg, self.dtype, name='attention')(x, mask,
@@ -152,7 +155,7 @@ class Embeddings(nn.Module):
     x = x + embed(cfg.type_vocab_size, ('token_types', 'embed'),
                   'token_type')(token_type_ids)
     x = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name='norm')(x)
-    return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+    return layers.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class Encoder(nn.Module):
@@ -232,7 +235,7 @@ class Bert(nn.Module):
       return unsplice(x, num_prompt), pooled
     rate = (cfg.hidden_dropout_prob if cfg.classifier_dropout is None
             else cfg.classifier_dropout)
-    pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
+    pooled = layers.Dropout(rate)(pooled, deterministic=deterministic)
     return dense(self.num_labels, ('embed', 'classes'), 'classifier')(
         pooled, deterministic).astype(jnp.float32)
 

@@ -18,6 +18,7 @@ Logical axis names used by the models (the one vocabulary `sharding` maps):
   relpos_heads, positions, token_types, classes. Adapters add lora_rank and
   prompt.
 """
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -56,6 +57,63 @@ def param(module: nn.Module, name: str, init: Initializer,
                       tuple(shape), jnp.float32)
 
 
+def _letters(n: int) -> str:
+  return 'abcdefgh'[:n]
+
+
+def einsum(spec: str, a: Array, b: Array, *, dtype: jnp.dtype) -> Array:
+  """Two-operand `jnp.einsum(spec, a, b)` in compute dtype `dtype`.
+
+  Products accumulate in fp32 and the result is fp32. In fp32 this is a
+  plain einsum. In a narrower dtype (bf16) the operands are cast to it and
+  the backward pass keeps that policy: the incoming gradient is cast to
+  `dtype` and both gradient products also accumulate in fp32 (JAX's own
+  transpose would multiply an fp32 gradient by a bf16 operand, which runs
+  as a slow fp32 product on CPU). `spec` must be explicit ("ab,bc->ac"),
+  each index in at most two of its three terms and none summed within one
+  operand.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32),
+                      preferred_element_type=jnp.float32)
+  return _mixed_einsum(spec, a.astype(dtype), b.astype(dtype))
+
+
+def _einsum_f32(spec: str, a: Array, b: Array) -> Array:
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mixed_einsum(spec: str, a: Array, b: Array) -> Array:
+  return _einsum_f32(spec, a, b)
+
+
+def _mixed_einsum_fwd(spec, a, b):
+  return _einsum_f32(spec, a, b), (a, b)
+
+
+def _mixed_einsum_bwd(spec, saved, grad):
+  a, b = saved
+  inputs, out = spec.split('->')
+  lhs, rhs = inputs.split(',')
+  grad = grad.astype(a.dtype)
+  grad_a = _einsum_f32(f'{out},{rhs}->{lhs}', grad, b)
+  grad_b = _einsum_f32(f'{lhs},{out}->{rhs}', a, grad)
+  return grad_a.astype(a.dtype), grad_b.astype(b.dtype)
+
+
+_mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+
+
+def matmul(x: Array, kernel: Array, *, dtype: jnp.dtype) -> Array:
+  """[..., in] @ [in, out] in compute dtype `dtype` -> fp32 [..., out].
+
+  See `einsum` for the precision policy of both passes.
+  """
+  batch = _letters(x.ndim - 1)
+  return einsum(f'{batch}i,io->{batch}o', x, kernel, dtype=dtype)
+
+
 def dot(x: Array, kernel: Any, *, dtype: jnp.dtype,
         dropout_rng: Array | None = None) -> Array:
   """`x @ kernel` in compute dtype `dtype`, accumulating in fp32.
@@ -73,9 +131,57 @@ def dot(x: Array, kernel: Any, *, dtype: jnp.dtype,
   """
   if not isinstance(kernel, (jax.Array, np.ndarray)):  # an adapted kernel
     return kernel.dot(x, dtype=dtype, dropout_rng=dropout_rng)
-  y = jnp.matmul(x.astype(dtype), kernel.astype(dtype),
-                 preferred_element_type=jnp.float32)
-  return y.astype(dtype)
+  return matmul(x, kernel, dtype=dtype).astype(dtype)
+
+
+def _hash(x: Array) -> Array:
+  """A 32-bit integer mixer (lowbias32: xor-shift-multiply), elementwise."""
+  x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+  x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def dropout(x: Array, rate: float, rng: Array) -> Array:
+  """Inverted dropout whose mask comes from a cheap counter-based hash.
+
+  Why not `jax.random.bernoulli`: 32 threefry bits per element cost ~20x
+  more on CPU than everything else dropout does. One jax.random draw seeds
+  two rounds of an integer hash of the element index; each 32-bit hash
+  gives two 16-bit uniforms, so the rate is within 2**-16 of `rate` (the
+  division below keeps the layer unbiased). Statistically fine for dropout
+  masks; not a general-purpose random number generator.
+
+  Args:
+    x: any shape.
+    rate: probability of zeroing an element, in [0, 1).
+    rng: a jax.random key.
+
+  Returns:
+    x with elements zeroed at `rate`, the rest scaled by 1 / (1 - rate').
+  """
+  seed = jax.random.bits(rng, (2,), jnp.uint32)
+  words = (x.size + 1) // 2
+  h = _hash(_hash(jax.lax.iota(jnp.uint32, words) + seed[0]) ^ seed[1])
+  halves = jax.lax.bitcast_convert_type(h, jnp.uint16).reshape(-1)
+  threshold = round(rate * 65536)
+  keep = (halves[:x.size] >= threshold).reshape(x.shape)
+  keep_prob = 1.0 - threshold / 65536
+  return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype),
+                   jnp.zeros((), x.dtype))
+
+
+class Dropout(nn.Module):
+  """`dropout` as a module: draws its key from the 'dropout' rng stream.
+
+  Attributes:
+    rate: probability of zeroing an element.
+  """
+  rate: float
+
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    return dropout(x, self.rate, self.make_rng('dropout'))
 
 
 class Dense(nn.Module):
@@ -136,7 +242,9 @@ class Embed(nn.Module):
 
   def attend(self, x: Array) -> Array:
     """[B, T, H] -> [B, T, V] logits against the table (tied output layer)."""
-    return dot(x, self.embedding.T, dtype=self.dtype)
+    batch = _letters(x.ndim - 1)
+    return einsum(f'{batch}h,vh->{batch}v', x, self.embedding,
+                  dtype=self.dtype).astype(self.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -20,8 +20,8 @@ Incremental decoding uses the flax 'cache' collection:
                             mutable=['cache'])
 
 `init_cache` computes the cross-attention keys/values once (at
-decoder/block_i/cross_attention/{key,value}, [B, S, N, D]) and zero
-self-attention buffers (decoder/block_i/attention/{key,value}, [B, L, N, D]);
+decoder/block_i/cross_attention/{key,value}, [B, N, S, D]) and zero
+self-attention buffers (decoder/block_i/attention/{key,value}, [B, N, L, D]);
 each `decode_step` writes position `index` of the self-attention buffers.
 `flaxlora.models.decoding` drives this inside one jitted loop.
 
@@ -68,11 +68,6 @@ def relative_position_bucket(relative_position: Array, *, bidirectional: bool,
   return buckets + jnp.where(distance < max_exact, distance, large)
 
 
-def _heads_first(x: Array) -> Array:
-  """[B, S, N, D] -> [B, N, S, D], the decode cache's layout."""
-  return jnp.transpose(x, (0, 2, 1, 3))
-
-
 def _init(std: float) -> layers.Initializer:
   return nn.initializers.normal(std)
 
@@ -95,27 +90,27 @@ class Attention(nn.Module):
     self.k = dense(inner, ('embed', 'heads'), hidden**-0.5)
     self.v = dense(inner, ('embed', 'heads'), hidden**-0.5)
     self.o = dense(hidden, ('heads', 'embed'), inner**-0.5)
-    self.dropout = nn.Dropout(c.dropout_rate)
+    self.dropout = layers.Dropout(c.dropout_rate)
 
   def _heads(self, x: Array) -> Array:
-    """[B, T, N*D] -> [B, T, N, D]."""
-    return x.reshape(*x.shape[:-1], self.config.num_heads, self.config.d_kv)
+    """[B, T, N*D] -> [B, N, T, D] (heads first: plain batched products)."""
+    x = x.reshape(*x.shape[:-1], self.config.num_heads, self.config.d_kv)
+    return jnp.swapaxes(x, -2, -3)
 
   def project_kv(self, source: Array, deterministic: bool = True):
-    """[B, S, H] -> keys and values, each [B, S, N, D]."""
+    """[B, S, H] -> keys and values, each [B, N, S, D]."""
     return (self._heads(self.k(source, deterministic)),
             self._heads(self.v(source, deterministic)))
 
-  def _attend(self, x, k, v, bias, deterministic, kv_layout='bsnd'):
-    """k, v are [B, S, N, D] ('bsnd') or, in the decode cache, [B, N, S, D]
-    ('bnsd': stored heads-first so no step transposes them)."""
-    q = self._heads(self.q(x, deterministic))  # [B, T, N, D]
-    scores = jnp.einsum(f'btnd,{kv_layout}->bnts', q, k.astype(self.dtype),
-                        preferred_element_type=jnp.float32) + bias
-    probs = jax.nn.softmax(scores, axis=-1)
+  def _attend(self, x, k, v, bias, deterministic):
+    """x [B, T, H] attends over keys and values k, v [B, N, S, D]."""
+    q = self._heads(self.q(x, deterministic))  # [B, N, T, D]
+    scores = layers.einsum('bntd,bnsd->bnts', q, k, dtype=self.dtype) + bias
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     probs = self.dropout(probs, deterministic=deterministic)
-    out = jnp.einsum(f'bnts,{kv_layout}->btnd', probs.astype(self.dtype),
-                     v.astype(self.dtype))
+    out = layers.einsum('bnts,bnsd->bntd', probs, v,
+                        dtype=self.dtype).astype(self.dtype)
+    out = jnp.swapaxes(out, 1, 2)
     out = out.reshape(*out.shape[:2], -1)  # [B, T, N*D]
     return self.o(out, deterministic)
 
@@ -129,7 +124,7 @@ class Attention(nn.Module):
     """Cross-attention: keys/values of `source`; self-attention: zeros."""
     c = self.config
     if source is not None:
-      k, v = (_heads_first(t) for t in self.project_kv(source))
+      k, v = self.project_kv(source)
     else:
       k = v = jnp.zeros((batch, c.num_heads, length, c.d_kv), self.dtype)
     self.put_variable('cache', 'key', k)
@@ -149,14 +144,13 @@ class Attention(nn.Module):
     k = self.get_variable('cache', 'key')
     v = self.get_variable('cache', 'value')
     if index is not None:
-      k_new, v_new = (_heads_first(t) for t in self.project_kv(
-          x, deterministic))
+      k_new, v_new = self.project_kv(x, deterministic)
       start = (0, 0, index, 0)
       k = jax.lax.dynamic_update_slice(k, k_new.astype(k.dtype), start)
       v = jax.lax.dynamic_update_slice(v, v_new.astype(v.dtype), start)
       self.put_variable('cache', 'key', k)
       self.put_variable('cache', 'value', v)
-    return self._attend(x, k, v, bias, deterministic, kv_layout='bnsd')
+    return self._attend(x, k, v, bias, deterministic)
 
 
 class Mlp(nn.Module):
@@ -174,7 +168,7 @@ class Mlp(nn.Module):
     else:
       self.wi = dense(c.d_ff, ('embed', 'mlp'), c.d_model**-0.5)
     self.wo = dense(c.d_model, ('mlp', 'embed'), c.d_ff**-0.5)
-    self.dropout = nn.Dropout(c.dropout_rate)
+    self.dropout = layers.Dropout(c.dropout_rate)
 
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     """[B, T, H] -> [B, T, H]."""
@@ -203,7 +197,7 @@ class Block(nn.Module):
       self.cross_attention_norm = norm()
     self.mlp = Mlp(c, self.dtype)
     self.mlp_norm = norm()
-    self.dropout = nn.Dropout(c.dropout_rate)
+    self.dropout = layers.Dropout(c.dropout_rate)
 
   def _residual(self, x, y, deterministic):
     return x + self.dropout(y, deterministic=deterministic)
@@ -251,7 +245,7 @@ class Stack(nn.Module):
       setattr(self, f'block_{i}', Block(c, self.decoder, self.dtype))
     self.depth = depth
     self.final_norm = layers.RMSNorm(c.layer_norm_epsilon, dtype=self.dtype)
-    self.dropout = nn.Dropout(c.dropout_rate)
+    self.dropout = layers.Dropout(c.dropout_rate)
 
   def _blocks(self):
     return [getattr(self, f'block_{i}') for i in range(self.depth)]

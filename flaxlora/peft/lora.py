@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlora.models import layers
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import dora
 
@@ -73,12 +74,11 @@ class LoraKernel:
     def mm(u, v):
       if not isinstance(v, (jax.Array, np.ndarray)):  # e.g. an NF4 base
         return v.matmul(u, dtype)  # dequantised on the fly, not stored
-      return jnp.matmul(u.astype(dtype), v.astype(dtype),
-                        preferred_element_type=jnp.float32)
+      return layers.matmul(u, v, dtype=dtype)
 
     y = mm(x, self.w)
     dropped = dropout_rng is not None and self.dropout_rate > 0.0
-    xd = _dropout(x, self.dropout_rate, dropout_rng) if dropped else x
+    xd = layers.dropout(x, self.dropout_rate, dropout_rng) if dropped else x
     lora_out = self.scale * mm(mm(xd, self.a), self.b)    # [..., R] between
     if self.magnitude is None:
       return (y + lora_out).astype(dtype)
@@ -97,34 +97,6 @@ class LoraKernel:
       return dense
     norm = jnp.linalg.norm(dense, axis=0)
     return dense * (self.magnitude / norm)
-
-
-def _hash(x: Array) -> Array:
-  """A 32-bit integer mixer (lowbias32: xor-shift-multiply), elementwise."""
-  x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
-  x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
-  return x ^ (x >> 16)
-
-
-def _dropout(x: Array, rate: float, rng: Array) -> Array:
-  """Inverted dropout whose mask comes from a cheap counter-based hash.
-
-  Why not `jax.random.bernoulli`: 32 threefry bits per element cost ~20x
-  more on CPU than everything else dropout does. One jax.random draw seeds
-  two rounds of an integer hash of the element index; each 32-bit hash
-  gives two 16-bit uniforms, so the rate is within 2**-16 of `rate` (the
-  division below keeps the layer unbiased). Statistically fine for dropout
-  masks; not a general-purpose random number generator.
-  """
-  seed = jax.random.bits(rng, (2,), jnp.uint32)
-  words = (x.size + 1) // 2
-  h = _hash(_hash(jax.lax.iota(jnp.uint32, words) + seed[0]) ^ seed[1])
-  halves = jax.lax.bitcast_convert_type(h, jnp.uint16).reshape(-1)
-  threshold = round(rate * 65536)
-  keep = (halves[:x.size] >= threshold).reshape(x.shape)
-  keep_prob = 1.0 - threshold / 65536
-  return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype),
-                   jnp.zeros((), x.dtype))
 
 
 @dataclasses.dataclass(frozen=True)

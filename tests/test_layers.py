@@ -1,0 +1,77 @@
+"""Mixed-precision products and hash dropout of flaxlora.models.layers."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxlora.models import layers
+
+SPECS = [('bntd,bnsd->bnts', (2, 3, 4, 5), (2, 3, 6, 5)),
+         ('bnts,bnsd->bntd', (2, 3, 4, 6), (2, 3, 6, 5)),
+         ('abi,io->abo', (2, 4, 5), (5, 7))]
+
+
+def _operands(lhs_shape, rhs_shape):
+  a = jax.random.normal(jax.random.PRNGKey(0), lhs_shape)
+  b = jax.random.normal(jax.random.PRNGKey(1), rhs_shape)
+  return a, b
+
+
+@pytest.mark.parametrize('spec,lhs_shape,rhs_shape', SPECS)
+def test_bf16_einsum_and_its_gradients_match_numpy(spec, lhs_shape,
+                                                   rhs_shape):
+  a, b = _operands(lhs_shape, rhs_shape)
+  weights = jax.random.normal(jax.random.PRNGKey(2),
+                              layers.einsum(spec, a, b, dtype=jnp.float32).shape)
+  loss = lambda a, b: jnp.sum(layers.einsum(spec, a, b, dtype=jnp.bfloat16)
+                              * weights)
+  grad_a, grad_b = jax.grad(loss, argnums=(0, 1))(a, b)
+  assert grad_a.dtype == grad_b.dtype == jnp.float32  # operands' dtypes
+  # numpy reference on the bf16-rounded operands, in float64
+  rounded = lambda x: np.asarray(x.astype(jnp.bfloat16), np.float64)
+  a64, b64, w64 = rounded(a), rounded(b), np.asarray(weights, np.float64)
+  ins, out = spec.split('->')
+  lhs, rhs = ins.split(',')
+  want_a = np.einsum(f'{out},{rhs}->{lhs}', w64, b64)
+  want_b = np.einsum(f'{lhs},{out}->{rhs}', a64, w64)
+  np.testing.assert_allclose(grad_a, want_a, rtol=3e-2, atol=3e-2)
+  np.testing.assert_allclose(grad_b, want_b, rtol=3e-2, atol=3e-2)
+  y = layers.einsum(spec, a, b, dtype=jnp.bfloat16)
+  assert y.dtype == jnp.float32
+  np.testing.assert_allclose(y, np.einsum(spec, a64, b64), rtol=1e-5,
+                             atol=1e-4)
+  # bf16 really rounds: the fp32 product differs
+  assert np.abs(np.asarray(layers.einsum(spec, a, b, dtype=jnp.float32)) -
+                np.asarray(y)).max() > 1e-4
+
+
+def test_bf16_backward_multiplies_only_bf16_operands():
+  spec, lhs_shape, rhs_shape = SPECS[0]
+  a, b = _operands(lhs_shape, rhs_shape)
+  loss = lambda a, b: jnp.sum(layers.einsum(spec, a, b, dtype=jnp.bfloat16))
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(a, b)
+
+  def dots(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'dot_general':
+        yield eqn
+      for value in eqn.params.values():
+        inner = getattr(value, 'jaxpr', None)
+        if inner is not None:
+          yield from dots(getattr(inner, 'jaxpr', inner))
+
+  found = list(dots(jaxpr.jaxpr))
+  assert len(found) == 3  # forward, and one per operand's gradient
+  for eqn in found:
+    assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16] * 2, eqn
+    assert eqn.params['preferred_element_type'] == jnp.float32
+
+
+def test_dropout_rate_scale_and_fresh_masks():
+  x = jnp.ones((1000, 100))
+  y = layers.dropout(x, 0.1, jax.random.PRNGKey(0))
+  zeros = np.mean(np.asarray(y) == 0)
+  assert abs(zeros - 0.1) < 0.005
+  assert abs(float(jnp.mean(y)) - 1.0) < 0.01  # inverted: unbiased
+  other = layers.dropout(x, 0.1, jax.random.PRNGKey(1))
+  assert np.mean((np.asarray(y) == 0) == (np.asarray(other) == 0)) < 0.9
