@@ -27,14 +27,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      weight_decay=0.01)
   if arg.local_data:
     common.sst2_local_data(c, max_length=64)
-    # r=8 on every dense kernel of the encoder, and more, smaller steps
-    # (1250 of 16): 86.2% dev accuracy with attention-only targets and
-    # batch 32 in the same time.
+    # The 20k longest train phrases (>= 12 words; dev sentences have a
+    # median of 19 words, train phrases 7): 86.2% with a random 20k.
+    c.data.train_subset = 'longest'
+    # r=8 on every dense kernel of the encoder; bf16 products (fp32
+    # adapter, optimizer and accumulation) make two epochs fit in time.
+    c.model.dtype = 'bfloat16'
     c.peft.update(rank=8, alpha=16.0,
                   targets=r'.*/(attention/(query|key|value|output)|'
                   r'mlp/(intermediate|output))/kernel')
     c.optimizer.update(lr=1e-3, warmup_steps=100)
-    c.train.update(epochs=1.0, batch_size=16, eval_every=250,
+    c.train.update(epochs=2.0, batch_size=32, eval_every=250,
                    checkpoint_every=250)
   if arg.runlocal:
     common.bert_runlocal(c)

@@ -39,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   train_articles='0:40', eval_articles='40:48')
     c.data.eval_file = c.data.train_file
     c.data.buckets = (192, 256)
+    c.model.dtype = 'bfloat16'  # bf16 products, fp32 adapter and optimizer
     c.peft.update(rank=16, alpha=32.0,
                   targets=r'.*/(attention/(query|key|value|output)|'
                   r'mlp/(intermediate|output))/kernel')

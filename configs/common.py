@@ -120,7 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
                 dropout=0.0, use_rslora=False, trainable='')
   c.data = dict(source='files', hub_name='', train_file='', eval_file='',
                 train_split='train', eval_split='validation',
-                max_train_examples=0, split_seed=0, buckets=(),
+                max_train_examples=0, train_subset='random', split_seed=0,
+                buckets=(),
                 generated=dict(kind='', num_train=0, num_eval=0,
                                min_len=3, max_len=8, seed=0))
   c.optimizer = dict(name='adamw', lr=1e-3, weight_decay=0.0,

@@ -26,6 +26,8 @@ from flaxlora.data import sources
 from flaxlora.data import squad
 
 KINDS = ('classification', 'squad', 'seq2seq')
+# How `data.max_train_examples` picks its records.
+SUBSETS = ('random', 'longest')
 GENERATED_KIND = {'majority': 'classification', 'lookup': 'squad',
                   **{k: 'seq2seq' for k in synthetic.SEQ2SEQ}}
 
@@ -132,9 +134,25 @@ def read_records(config: Any) -> tuple[list, list, str]:
                            d.get('eval_articles', '')), kind
 
 
-def _subset(records: list, limit: int, seed: int | None) -> list:
+def _text_length(record: dict) -> int:
+  if 'text' not in record:
+    raise ValueError("data.train_subset='longest' needs classification "
+                     "records (a 'text' field); use 'random'.")
+  return len(record['text']) + len(record.get('text_pair') or '')
+
+
+def _subset(records: list, limit: int, seed: int | None,
+            how: str = 'random') -> list:
+  """`limit` records (all when 0), in file order: drawn by `seed` (the
+  first `limit` when None), or the `limit` longest texts (how='longest')."""
+  if how not in SUBSETS:
+    raise ValueError(f'data.train_subset={how!r}: use one of {SUBSETS}.')
   if not limit or limit >= len(records):
     return records
+  if how == 'longest':
+    order = sorted(range(len(records)),
+                   key=lambda i: (-_text_length(records[i]), i))
+    return [records[i] for i in sorted(order[:limit])]
   if seed is None:
     return records[:limit]
   keep = np.random.default_rng(seed).permutation(len(records))[:limit]
@@ -176,7 +194,8 @@ def load(config: Any, tokenizer: Any) -> Data:
   """Reads, subsets, converts and tokenizes the run's data."""
   train, evaluation, kind = read_records(config)
   train = _subset(train, config.data.max_train_examples,
-                  config.data.split_seed)
+                  config.data.split_seed,
+                  config.data.get('train_subset', 'random'))
   evaluation = _subset(evaluation, config.eval.max_examples, None)
   for name, records in (('train', train), ('eval', evaluation)):
     if not records:
