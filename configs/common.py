@@ -229,13 +229,18 @@ def sst2_data(c: ml_collections.ConfigDict) -> None:
 
 
 def sst2_local_data(c: ml_collections.ConfigDict, max_length: int) -> None:
-  """SST-2 train/dev TSVs from ../shared/data (<= 20k train sentences) with
-  the real MiniLM BERT."""
-  c.model.path = MINILM
+  """SST-2 train/dev TSVs from ../shared/data with the real MiniLM BERT.
+
+  The budget every SST-2 method gets: the 20k longest train phrases (>= 12
+  words; dev sentences have a median of 19 words, train phrases 7: a random
+  20k gave LoRA 86.2% instead of 87.3%) and bf16 products (fp32 params,
+  adapter, optimizer and accumulation).
+  """
+  c.model.update(path=MINILM, dtype='bfloat16')
   c.data.update(source='files', max_length=max_length,
                 train_file=shared_data('sst2', 'train.tsv'),
                 eval_file=shared_data('sst2', 'dev.tsv'),
-                max_train_examples=20000)
+                max_train_examples=20000, train_subset='longest')
 
 
 def bert_runlocal(c: ml_collections.ConfigDict, max_length: int = 16,

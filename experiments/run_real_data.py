@@ -9,9 +9,13 @@ r"""Runs the three real-data configs on ../shared/data and prints a table.
          F1 >= 65 after one pass, < 45 min
   xsum   configs/t5_lora.py:local_data              tiny random T5, XSum
          800/200 split; target: the train loss falls; ROUGE reported
+  sst2_prompt  configs/bert_sentiment_prompt.py:local_data  prompt tuning
+  sst2_qlora   configs/bert_sentiment_qlora.py:local_data   QLoRA
+         both with the sst2 run's data and budget; accuracy reported beside
+         LoRA's (no target)
 
 Each run has its own workdir (ROOT/<name>) and resumes if stopped. --only
-picks some of them (e.g. --only=sst2,xsum).
+picks some of them (e.g. --only=sst2,xsum); the default is the first three.
 """
 import importlib
 import pathlib
@@ -22,7 +26,8 @@ from absl import flags
 
 _WORKDIR = flags.DEFINE_string('workdir', 'workdirs/real_data',
                                'Root folder; each run writes ROOT/<name>.')
-_ONLY = flags.DEFINE_list('only', [], 'Runs to do (default: all).')
+_ONLY = flags.DEFINE_list('only', [], 'Runs to do (default: sst2, squad, '
+                          'xsum).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False,
                                'Discard earlier runs of other configs.')
 
@@ -34,7 +39,12 @@ RUNS = {
               lambda s, r: s['eval_f1'] >= 65),
     'xsum': ('configs.t5_lora', 'local_data', 'eval_rougeL',
              'loss falls', lambda s, r: _loss_falls(r)),
+    'sst2_prompt': ('configs.bert_sentiment_prompt', 'local_data',
+                    'eval_accuracy', 'reported', lambda s, r: True),
+    'sst2_qlora': ('configs.bert_sentiment_qlora', 'local_data',
+                   'eval_accuracy', 'reported', lambda s, r: True),
 }
+DEFAULT = ('sst2', 'squad', 'xsum')
 
 
 def _loss_falls(records) -> bool:
@@ -59,7 +69,7 @@ def main(argv):
                          f'{sorted(RUNS)}.')
   rows = []
   for name, (module, variant, metric, target, check) in RUNS.items():
-    if _ONLY.value and name not in _ONLY.value:
+    if name not in (_ONLY.value or DEFAULT):
       continue
     config = importlib.import_module(module).get_config(variant)
     workdir = pathlib.Path(_WORKDIR.value) / name

@@ -45,9 +45,19 @@ def _loss_metrics(outputs: list[dict]) -> dict[str, float]:
 
 
 def _rows(outputs: list[dict], name: str) -> tuple[np.ndarray, np.ndarray]:
-  """(indices, values) of the real (weight > 0) rows of output `name`."""
+  """(indices, values) of the real (weight > 0) rows of output `name`.
+
+  Batches of different length buckets ([B, T1, ...], [B, T2, ...]) are
+  zero-padded to the longest before they are joined.
+  """
   index = np.concatenate([o['index'] for o in outputs])
-  values = np.concatenate([o[name] for o in outputs])
+  parts = [np.asarray(o[name]) for o in outputs]
+  if parts[0].ndim > 1:
+    longest = max(p.shape[1] for p in parts)
+    parts = [np.pad(p, [(0, 0), (0, longest - p.shape[1])] +
+                    [(0, 0)] * (p.ndim - 2))
+             for p in parts]
+  values = np.concatenate(parts)
   real = np.concatenate([o['weight'] for o in outputs]) > 0
   return index[real], values[real]
 
@@ -113,6 +123,8 @@ class Squad:
             'loss_sum': ce * batch['weight'], 'loss_weight': batch['weight']}
 
   def predictions(self, data, outputs) -> dict[str, str]:
+    # Rows are padded to the longest bucket; best_answers reads each row
+    # only up to its feature's length.
     index, start = _rows(outputs, 'start_logits')
     _, end = _rows(outputs, 'end_logits')
     return squad_data.best_answers(

@@ -261,7 +261,11 @@ def _train(run: Run) -> dict[str, Any]:
       print(progress.line(step, train_loss), flush=True)
     tic = time.perf_counter()
     if do_eval:
-      last_eval = evaluate(run, eval_step, state)
+      try:
+        last_eval = evaluate(run, eval_step, state)
+      except BaseException:  # keep the trained steps; a restart evaluates
+        ckpt.save(step, state, train_loader.state())
+        raise
       log.log(step, 'eval', last_eval)
       print(f'eval step {step}: ' + ', '.join(
           f'{k} {v:.4f}' for k, v in last_eval.items()), flush=True)

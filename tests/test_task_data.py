@@ -1,7 +1,9 @@
-"""How `data.max_train_examples` picks train records (flaxlora.task_data)."""
+"""Train subsets (flaxlora.task_data) and joined eval rows (flaxlora.tasks)."""
+import numpy as np
 import pytest
 
 from flaxlora import task_data
+from flaxlora import tasks
 
 
 def _records(texts):
@@ -30,3 +32,14 @@ def test_bad_subset_names_the_option():
   with pytest.raises(ValueError, match="'text' field"):
     task_data._subset([{'question': 'q'}, {'question': 'r'}], 1, seed=0,
                       how='longest')
+
+
+def test_eval_rows_of_different_buckets_are_joined():
+  outputs = [{'index': np.array([0, 1]), 'weight': np.array([1.0, 1.0]),
+              'start_logits': np.ones((2, 4))},
+             {'index': np.array([2, -1]), 'weight': np.array([1.0, 0.0]),
+              'start_logits': np.full((2, 6), 2.0)}]
+  index, values = tasks._rows(outputs, 'start_logits')
+  assert index.tolist() == [0, 1, 2] and values.shape == (3, 6)
+  np.testing.assert_array_equal(values[0], [1, 1, 1, 1, 0, 0])
+  np.testing.assert_array_equal(values[2], [2] * 6)
