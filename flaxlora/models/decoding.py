@@ -184,6 +184,20 @@ def _beam(init, step, batch, length, ids, settings):
   return jax.lax.while_loop(cond, body, state)[3][:, 0]
 
 
+def _kernels_in(params, dtype):
+  """fp32 matrices (kernels, embeddings) cast to a narrower compute `dtype`.
+
+  Every step of the loop reads every decoder kernel; casting them once here
+  halves what the steps read instead of converting them at each step.
+  Vectors (norm scales, quantisation scales) stay as they are.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return params
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if x.ndim == 2 and x.dtype == jnp.float32
+      else x, params)
+
+
 @functools.partial(jax.jit, static_argnames=(
     'model', 'max_new_tokens', 'num_beams', 'length_penalty',
     'early_stopping', 'min_new_tokens', 'use_cache'))
@@ -199,8 +213,8 @@ def _generate(params, input_ids, attention_mask, model_kwargs, *, model,
   if num_beams > 1:  # every beam of an item reads the item's source
     encoded = jnp.repeat(encoded, num_beams, axis=0)
     mask = jnp.repeat(mask, num_beams, axis=0)
-  init, step = _stepper(model, params, encoded, mask, max_new_tokens,
-                        use_cache)
+  init, step = _stepper(model, _kernels_in(params, model.dtype), encoded,
+                        mask, max_new_tokens, use_cache)
   if num_beams == 1:
     return _greedy(init, step, batch, max_new_tokens, ids, min_new_tokens)
   settings = (num_beams, length_penalty, early_stopping, min_new_tokens)
