@@ -43,8 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.peft.update(rank=16, alpha=32.0,
                   targets=r'.*/(attention/(query|key|value|output)|'
                   r'mlp/(intermediate|output))/kernel')
-    c.optimizer.update(lr=1e-3, warmup_steps=50)
-    c.train.update(epochs=1.0, batch_size=32, eval_every=0,
+    # LoRA+: B learns 4x faster than A; batch 16 gives one pass 574 steps.
+    c.optimizer.update(lr=1e-3, warmup_steps=50, loraplus_ratio=4.0)
+    c.train.update(epochs=1.0, batch_size=16, eval_every=0,
                    checkpoint_every=100)
   if arg.runlocal:
     # Generated 'what is X ?' questions over 3-word contexts.
