@@ -35,7 +35,7 @@ HEADS = bert_hf.HEADS
 AUTO = 'auto'
 # Keys: bert_hf.ACTIVATIONS, the names BertConfig accepts.
 _ACTIVATIONS = {
-    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu': layers.gelu,
     'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
     'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
     'relu': jax.nn.relu,
