@@ -80,30 +80,43 @@ def test_hash_dropout_rate_and_independence():
   np.testing.assert_allclose(kept, 1 / (1 - 6554 / 65536))   # unbiased
 
 
-def test_gelu_values_and_gradient_match_the_erf_formula():
-  x = np.linspace(-6.0, 6.0, 241).astype(np.float32)
-  erf = np.vectorize(math.erf)
-  x64 = x.astype(np.float64)
-  cdf = 0.5 * (1.0 + erf(x64 / math.sqrt(2.0)))
+def _gelu_reference(x64, approximate):
+  """numpy float64 GELU and its derivative."""
+  if approximate:
+    c = math.sqrt(2.0 / math.pi)
+    t = np.tanh(c * (x64 + 0.044715 * x64**3))
+    value = 0.5 * x64 * (1.0 + t)
+    slope = 0.5 * (1.0 + t) + 0.5 * x64 * (1.0 - t**2) * c * (
+        1.0 + 3 * 0.044715 * x64**2)
+    return value, slope
+  cdf = 0.5 * (1.0 + np.vectorize(math.erf)(x64 / math.sqrt(2.0)))
   pdf = np.exp(-0.5 * x64**2) / math.sqrt(2.0 * math.pi)
-  np.testing.assert_allclose(layers.gelu(jnp.asarray(x)), x64 * cdf,
-                             atol=1e-6)
-  grad = jax.grad(lambda x: jnp.sum(layers.gelu(x)))(jnp.asarray(x))
-  np.testing.assert_allclose(grad, cdf + x64 * pdf, atol=1e-6)
+  return x64 * cdf, cdf + x64 * pdf
+
+
+@pytest.mark.parametrize('approximate', [False, True])
+def test_gelu_values_and_gradient_match_numpy(approximate):
+  x = np.linspace(-6.0, 6.0, 241).astype(np.float32)
+  value, slope = _gelu_reference(x.astype(np.float64), approximate)
+  gelu = lambda x: layers.gelu(x, approximate)
+  np.testing.assert_allclose(gelu(jnp.asarray(x)), value, atol=1e-6)
+  grad = jax.grad(lambda x: jnp.sum(gelu(x)))(jnp.asarray(x))
+  np.testing.assert_allclose(grad, slope, atol=1e-5)  # fp32 tanh(u)**2 ~ 1
   # bf16 activations: the gradient is computed in fp32, returned in bf16
-  grad16 = jax.grad(lambda x: jnp.sum(layers.gelu(x).astype(jnp.float32)))(
+  grad16 = jax.grad(lambda x: jnp.sum(gelu(x).astype(jnp.float32)))(
       jnp.asarray(x, jnp.bfloat16))
   assert grad16.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(grad16, np.float32),
-                             cdf + x64 * pdf, atol=2e-2)
+  np.testing.assert_allclose(np.asarray(grad16, np.float32), slope,
+                             atol=2e-2)
 
 
-def test_gelu_backward_keeps_only_its_input():
+@pytest.mark.parametrize('approximate', [False, True])
+def test_gelu_backward_keeps_only_its_input(approximate):
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 16))
   activation_sized = lambda f: [
       leaf for leaf in jax.tree.leaves(jax.vjp(f, x)[1])
       if leaf.shape == x.shape]
-  assert len(activation_sized(layers.gelu)) == 1
+  assert len(activation_sized(lambda x: layers.gelu(x, approximate))) == 1
   # what autodiff of the same formula keeps (the reason for the custom VJP)
   assert len(activation_sized(
-      lambda x: jax.nn.gelu(x, approximate=False))) > 1
+      lambda x: jax.nn.gelu(x, approximate=approximate))) > 1

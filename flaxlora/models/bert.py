@@ -36,8 +36,8 @@ AUTO = 'auto'
 # Keys: bert_hf.ACTIVATIONS, the names BertConfig accepts.
 _ACTIVATIONS = {
     'gelu': layers.gelu,
-    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
-    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu_new': lambda x: layers.gelu(x, True),
+    'gelu_pytorch_tanh': lambda x: layers.gelu(x, True),
     'relu': jax.nn.relu,
 }
 

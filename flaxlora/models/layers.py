@@ -134,31 +134,39 @@ def dot(x: Array, kernel: Any, *, dtype: jnp.dtype,
   return matmul(x, kernel, dtype=dtype).astype(dtype)
 
 
-@jax.custom_vjp
-def gelu(x: Array) -> Array:
-  """Exact (erf) GELU, x * Phi(x), whose backward keeps only x.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def gelu(x: Array, approximate: bool = False) -> Array:
+  """GELU, x * Phi(x) (erf) or its tanh approximation; backward keeps only x.
 
-  Autodiff of `jax.nn.gelu(approximate=False)` saves half a dozen
-  activation-sized intermediates of the erf formula for the backward pass;
-  between a BERT layer's two FFN products that traffic costs more than the
-  arithmetic. Here the backward recomputes Phi(x) + x * phi(x) from x.
-  Values equal `jax.nn.gelu(x, approximate=False)`.
+  Autodiff of `jax.nn.gelu` saves several activation-sized intermediates of
+  the formula for the backward pass; between a layer's two FFN products that
+  traffic costs more than the arithmetic. Here the backward recomputes the
+  derivative from x. Values equal `jax.nn.gelu(x, approximate)`.
 
   Args:
     x: any shape, any float dtype (the derivative is computed in fp32).
+    approximate: the tanh approximation (HF's gelu_new, T5 v1.1's gated
+      GELU) instead of the exact erf form (BERT's gelu).
   """
-  return jax.nn.gelu(x, approximate=False)
+  return jax.nn.gelu(x, approximate=approximate)
 
 
-def _gelu_fwd(x):
-  return gelu(x), x
+def _gelu_fwd(x, approximate):
+  return gelu(x, approximate), x
 
 
-def _gelu_bwd(x, grad):
-  x32 = x.astype(jnp.float32)
-  cdf = 0.5 * jax.lax.erfc(-x32 * np.float32(np.sqrt(0.5)))
-  pdf = jnp.exp(-0.5 * x32 * x32) * np.float32(1 / np.sqrt(2 * np.pi))
-  return ((grad.astype(jnp.float32) * (cdf + x32 * pdf)).astype(grad.dtype),)
+def _gelu_bwd(approximate, x, grad):
+  x = x.astype(jnp.float32)
+  if approximate:
+    c = np.float32(np.sqrt(2.0 / np.pi))
+    t = jnp.tanh(c * (x + np.float32(0.044715) * x**3))
+    slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (
+        1.0 + np.float32(3 * 0.044715) * x * x)
+  else:
+    cdf = 0.5 * jax.lax.erfc(-x * np.float32(np.sqrt(0.5)))
+    pdf = jnp.exp(-0.5 * x * x) * np.float32(1 / np.sqrt(2 * np.pi))
+    slope = cdf + x * pdf
+  return ((grad.astype(jnp.float32) * slope).astype(grad.dtype),)
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)

@@ -173,7 +173,7 @@ class Mlp(nn.Module):
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     """[B, T, H] -> [B, T, H]."""
     if self.config.feed_forward_proj == 'gated-gelu':
-      h = (jax.nn.gelu(self.wi_0(x, deterministic), approximate=True) *
+      h = (layers.gelu(self.wi_0(x, deterministic), approximate=True) *
            self.wi_1(x, deterministic))
     else:
       h = jax.nn.relu(self.wi(x, deterministic))
