@@ -18,6 +18,7 @@ the Hugging Face names it maps to:
 this module re-exports them so that `bert` is the family module of
 `flaxlora.models`.
 """
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -36,8 +37,8 @@ AUTO = 'auto'
 # Keys: bert_hf.ACTIVATIONS, the names BertConfig accepts.
 _ACTIVATIONS = {
     'gelu': layers.gelu,
-    'gelu_new': lambda x: layers.gelu(x, True),
-    'gelu_pytorch_tanh': lambda x: layers.gelu(x, True),
+    'gelu_new': functools.partial(layers.gelu, approximate=True),
+    'gelu_pytorch_tanh': functools.partial(layers.gelu, approximate=True),
     'relu': jax.nn.relu,
 }
 
