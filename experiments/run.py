@@ -4,9 +4,11 @@ r"""Trains and evaluates one config: the thin entry point.
       --workdir=workdirs/t5_runlocal
 
 Flags: --config (a config file, variants after ':', fields overridable as
---config.optimizer.lr=3e-4), --workdir, --overwrite, and for several
-processes --coordinator_address / --num_processes / --process_id (or the
-JAX_* environment variables; automatic on TPU pod slices).
+--config.optimizer.lr=3e-4), --workdir, --overwrite, --release_freed_memory
+(leave glibc's malloc as it is; by default the process keeps freed host
+memory mapped, see `flaxlora.host_memory`), and for several processes
+--coordinator_address / --num_processes / --process_id (or the JAX_*
+environment variables; automatic on TPU pod slices).
 """
 from absl import app
 from absl import flags
@@ -18,6 +20,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the run writes.')
 _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False, 'Discard a run of a different config in --workdir.')
+_RELEASE_FREED_MEMORY = flags.DEFINE_bool(
+    'release_freed_memory', False,
+    'Let glibc return freed host memory to the system (its default). '
+    'Otherwise XLA:CPU steps reuse their temporary buffers\' pages instead '
+    'of page-faulting them in anew every step (flaxlora.host_memory).')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, "Multi-process: process 0's host:port.")
 _NUM_PROCESSES = flags.DEFINE_integer(
@@ -32,6 +39,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # Imported here so that --help and flag errors do not wait for JAX.
   # pylint: disable=g-import-not-at-top
+  from flaxlora import host_memory
+  if not _RELEASE_FREED_MEMORY.value:
+    host_memory.keep_freed_memory()  # before JAX starts its backend
   from flaxlora import distributed
   from flaxlora import trainer
   distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
