@@ -13,6 +13,11 @@ One process times a LoRA train step (forward, backward, AdamW) on
   * a MiniLM-shaped BERT classifier (hidden 384, 6 layers, 12 heads; batch
     32, length 128; r=8 on query, value; classifier head trained), flaxlora
     vs PEFT, fp32.
+The `*_fp32_dp` rows run the same flaxlora fp32 step data-parallel over
+`--cpu_devices` XLA CPU devices (default: one per core; the batch split over
+a 'data' mesh, as `experiments.run --cpu_devices` trains): XLA:CPU runs each
+batched attention product on one thread, so one device per core lets two of
+them run at once. The plain rows use one device.
 It prints medians, speed ratios, peak RSS and achieved FLOP/s as a fraction
 of a measured fp32 matmul peak, and writes everything to JSON. Step flops
 come from XLA's cost analysis of the flaxlora step (PEFT does the same math,
@@ -30,11 +35,15 @@ import time
 from typing import Any, Callable
 
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 import jax.numpy as jnp
 import numpy as np
 import optax
 import psutil
 
+from flaxlora import host_memory
+from flaxlora import sharding
 from flaxlora.models import bert
 from flaxlora.models import t5
 from flaxlora.peft import base as peft_base
@@ -131,11 +140,13 @@ def _xent(logits, labels):
       logits.astype(jnp.float32), labels).mean()
 
 
-def flax_step(model, base, method, loss_inputs, *, full: bool):
+def flax_step(model, base, method, loss_inputs, *, full: bool,
+              devices: int = 1):
   """A jitted train step closure for flaxlora; returns (step, flops).
 
   With full=True the whole params tree trains (full fine-tuning) and the
-  method is not used.
+  method is not used. With devices > 1 the batch is split over a 'data' mesh
+  of the first `devices` devices and everything else is replicated.
   """
   tx = optax.adamw(1e-4)
   rng = jax.random.PRNGKey(1)
@@ -154,8 +165,13 @@ def flax_step(model, base, method, loss_inputs, *, full: bool):
     updates, opt_state = tx.update(grads, opt_state, trained)
     return optax.apply_updates(trained, updates), opt_state, loss
 
-  jitted = jax.jit(step, donate_argnums=(0, 1))
-  state = [trained, tx.init(trained), 0]
+  mesh = sharding.make_mesh({'data': -1}, devices=jax.devices()[:devices])
+  replicated = NamedSharding(mesh, PartitionSpec())
+  loss_inputs = jax.device_put(loss_inputs,
+                               NamedSharding(mesh, PartitionSpec('data')))
+  trained, frozen = jax.device_put((trained, frozen), replicated)
+  jitted = jax.jit(step, donate_argnums=(0, 1), out_shardings=replicated)
+  state = [trained, jax.device_put(tx.init(trained), replicated), 0]
   compiled = jitted.lower(state[0], state[1], frozen, loss_inputs,
                           rng).compile()
 
@@ -166,7 +182,7 @@ def flax_step(model, base, method, loss_inputs, *, full: bool):
                                         jax.random.fold_in(rng, state[2]))
     loss.block_until_ready()
 
-  return run, _flops(compiled)
+  return run, _flops(compiled) * devices  # cost analysis: one device's
 
 
 def _t5_batch(shapes: Shapes, seed: int = 0):
@@ -184,9 +200,10 @@ def _bert_batch(shapes: Shapes, seed: int = 0):
           np.ones((b, t), np.int64), rng.randint(0, 2, (b,)))
 
 
-def flax_t5(shapes: Shapes, variant: str):
+def flax_t5(shapes: Shapes, variant: str, devices: int = 1):
   """variant: 'fp32', 'mixed' (bf16 compute, bf16 frozen base), 'full', or
-  'nodrop' (fp32 LoRA with model dropout 0: measures dropout's share)."""
+  'nodrop' (fp32 LoRA with model dropout 0: measures dropout's share);
+  devices: data-parallel over this many devices."""
   mixed = variant == 'mixed'
   config = dict(shapes.t5, dropout_rate=0.0) if variant == 'nodrop' else (
       shapes.t5)
@@ -199,11 +216,11 @@ def flax_t5(shapes: Shapes, variant: str):
                                 for a in _t5_batch(shapes))
   method = lora.lora(rank=shapes.rank, alpha=16, targets='t5')
   return flax_step(model, base, method, (src, src_mask, dec, labels),
-                   full=variant == 'full')
+                   full=variant == 'full', devices=devices)
 
 
-def flax_bert(shapes: Shapes, variant: str):
-  """variant: 'fp32' (LoRA + trained head) or 'full'."""
+def flax_bert(shapes: Shapes, variant: str, devices: int = 1):
+  """variant: 'fp32' (LoRA + trained head) or 'full'; devices: as flax_t5."""
   model = bert.build(bert.BertConfig(**shapes.bert), head='classification',
                      num_labels=2)
   base = bert.init(model, jax.random.PRNGKey(0))
@@ -213,7 +230,7 @@ def flax_bert(shapes: Shapes, variant: str):
       lora.lora(rank=shapes.rank, alpha=16, targets='bert'),
       peft_base.trainable(r'classifier/.*'))
   return flax_step(model, base, method, (ids, mask, labels),
-                   full=variant == 'full')
+                   full=variant == 'full', devices=devices)
 
 
 def _torch_step(model, batch_fn, autocast: bool):
@@ -325,6 +342,11 @@ def summarize(results: dict[str, Any], peak: dict[str, float]
                                        't5/flax_full'),
       'bert_flax_fp32_vs_peft_fp32': _ratio(results, 'bert/peft_fp32',
                                             'bert/flax_fp32'),
+      # The same step data-parallel over one XLA CPU device per core.
+      't5_flax_fp32_dp_vs_peft_fp32': _ratio(results, 't5/peft_fp32',
+                                             't5/flax_fp32_dp'),
+      'bert_flax_fp32_dp_vs_peft_fp32': _ratio(results, 'bert/peft_fp32',
+                                               'bert/flax_fp32_dp'),
       'bert_lora_over_full_step': _ratio(results, 'bert/flax_fp32',
                                          'bert/flax_full'),
       # Fastest steps: the least disturbed by other load on the machine.
@@ -358,6 +380,9 @@ def _parse(argv):
                       help='timed steps per contender (default 5; quick 3)')
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--only', choices=('t5', 'bert'), default=None)
+  parser.add_argument('--cpu_devices', type=int, default=os.cpu_count() or 1,
+                      help='XLA CPU devices of the *_fp32_dp rows (default: '
+                      'one per core); 1 drops those rows')
   parser.add_argument('--prng', default='unsafe_rbg',
                       choices=('threefry2x32', 'rbg', 'unsafe_rbg'),
                       help="JAX PRNG of the models' dropout masks; on CPU "
@@ -369,6 +394,9 @@ def _parse(argv):
 def main(argv=None) -> dict[str, Any]:
   args = _parse(sys.argv[1:] if argv is None else argv)
   jax.config.update('jax_default_prng_impl', args.prng)
+  dp = args.cpu_devices
+  if dp > 1:  # before JAX starts its CPU backend
+    jax.config.update('jax_num_cpu_devices', dp)
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count() or 1)
   shapes = QUICK if args.quick else FULL
@@ -393,6 +421,10 @@ def main(argv=None) -> dict[str, Any]:
           'bert/peft_fp32': lambda: peft_bert(shapes, False),
       },
   }
+  if dp > 1:
+    groups['t5']['t5/flax_fp32_dp'] = lambda: flax_t5(shapes, 'fp32', dp)
+    groups['bert']['bert/flax_fp32_dp'] = lambda: flax_bert(shapes, 'fp32',
+                                                            dp)
   results = {}
   for group, contenders in groups.items():
     if args.only in (None, group):
@@ -404,6 +436,8 @@ def main(argv=None) -> dict[str, Any]:
   summary = summarize(results, peak)
   report = {'shapes': dataclasses.asdict(shapes), 'quick': args.quick,
             'steps': steps, 'prng': args.prng, 'cpus': os.cpu_count(),
+            'cpu_devices_of_dp_rows': dp,
+            'host_memory_kept': host_memory.kept(),
             'matmul_peak': peak, 'results': results, 'summary': summary}
   print(json.dumps(summary, indent=2))
   with open(args.out, 'w') as f:

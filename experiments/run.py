@@ -6,7 +6,9 @@ r"""Trains and evaluates one config: the thin entry point.
 Flags: --config (a config file, variants after ':', fields overridable as
 --config.optimizer.lr=3e-4), --workdir, --overwrite, --release_freed_memory
 (leave glibc's malloc as it is; by default the process keeps freed host
-memory mapped, see `flaxlora.host_memory`), and for several processes
+memory mapped, see `flaxlora.host_memory`), --cpu_devices (on a CPU-only
+host, split it into this many XLA devices: the config's mesh then spreads
+the batch over them, e.g. one per core), and for several processes
 --coordinator_address / --num_processes / --process_id (or the JAX_*
 environment variables; automatic on TPU pod slices).
 """
@@ -25,6 +27,11 @@ _RELEASE_FREED_MEMORY = flags.DEFINE_bool(
     'Let glibc return freed host memory to the system (its default). '
     'Otherwise XLA:CPU steps reuse their temporary buffers\' pages instead '
     'of page-faulting them in anew every step (flaxlora.host_memory).')
+_CPU_DEVICES = flags.DEFINE_integer(
+    'cpu_devices', None,
+    'XLA CPU devices of this process (JAX\'s default: 1). On CPU-only hosts '
+    'one per core lets XLA run its single-threaded ops (batched attention '
+    'products) side by side; batch sizes must divide by the device count.')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, "Multi-process: process 0's host:port.")
 _NUM_PROCESSES = flags.DEFINE_integer(
@@ -42,6 +49,9 @@ def main(argv):
   from flaxlora import host_memory
   if not _RELEASE_FREED_MEMORY.value:
     host_memory.keep_freed_memory()  # before JAX starts its backend
+  if _CPU_DEVICES.value:
+    import jax
+    jax.config.update('jax_num_cpu_devices', _CPU_DEVICES.value)
   from flaxlora import distributed
   from flaxlora import trainer
   distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,

@@ -236,6 +236,9 @@ def _train(run: Run) -> dict[str, Any]:
     train_loader.restore(data_state)
     print(f'flaxlora: resuming from step {start} ({ckpt.directory})')
   log = workdir_lib.MetricsLog(run.workdir, start, write=run.is_main)
+  if run.is_main:
+    print(f'flaxlora: mesh {dict(run.mesh.shape)} over {run.mesh.size} '
+          f'{run.mesh.devices.flat[0].platform} devices', flush=True)
   step_fn = train_state.jit_train_step(run.task.loss, run.method, tx,
                                        c.optimizer.grad_accum_steps,
                                        state_shardings)

@@ -55,6 +55,19 @@ def check_workdir(workdir: pathlib.Path, metric: str) -> dict:
   return summary
 
 
+def test_cpu_devices_flag_sets_the_mesh(tmp_path):
+  """--cpu_devices splits the host into that many devices; the config's
+  data axis (-1) spreads over all of them (conftest's XLA flag asks for 8)."""
+  result = subprocess.run(
+      [sys.executable, '-m', 'experiments.run', '--cpu_devices=2',
+       '--config=configs/bert_sentiment_lora.py:runlocal',
+       f'--workdir={tmp_path / "bert"}'],
+      cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1} over 2 cpu devices" in (
+      result.stdout), result.stdout[-2000:]
+
+
 def test_readme_job_t5_runlocal(tmp_path):
   """The README's offline main job, exactly as documented."""
   workdir = tmp_path / 't5'
