@@ -8,9 +8,13 @@ d_kv 64, vocab 32128) is built in transformers, saved, and loaded into
 flaxlora. Both greedily decode a batch of 8 sources of 256 tokens for exactly
 64 new tokens (EOS suppressed with min_new_tokens, so no early stop), both
 with a key/value cache, encoder included. Timed: PyTorch fp32, PyTorch under
-bf16 autocast, flaxlora fp32 and flaxlora bf16 compute; one warm-up call
-(compilation for flaxlora) is excluded and the median of `--repeats` calls is
-reported as generated tokens per second.
+bf16 autocast, flaxlora fp32 and flaxlora bf16 compute, and flaxlora fp32
+with its params split over a 'tensor' mesh of `--cpu_devices` XLA CPU devices
+(default: one per core; heads, FFN and vocabulary sharded by the standard
+rules): the decode loop is bound by reading the weights, and each core then
+reads half of them. One warm-up call (compilation for flaxlora) is excluded
+and the median of `--repeats` calls is reported as generated tokens per
+second.
 """
 import argparse
 import json
@@ -25,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlora import models
+from flaxlora import sharding
 from flaxlora.models import decoding
 from flaxlora.models import t5
 
@@ -78,8 +83,19 @@ def _flax_runner(model, params, ids, mask, new_tokens):
   return run
 
 
-def run_benchmark(shape: dict[str, Any], repeats: int) -> dict[str, Any]:
-  """Times the four runners on `shape`; returns a JSON-able dict."""
+def _tensor_parallel(model, params, devices: int):
+  """`params` placed on a (data 1, tensor `devices`) mesh by the standard
+  logical-axis rules."""
+  mesh = sharding.make_mesh({'data': 1, 'tensor': devices},
+                            devices=jax.devices()[:devices])
+  shardings = sharding.named_shardings(params, t5.logical_axes(model), mesh,
+                                       sharding.resolve_rules(None))
+  return jax.device_put(params, shardings)
+
+
+def run_benchmark(shape: dict[str, Any], repeats: int,
+                  cpu_devices: int = 1) -> dict[str, Any]:
+  """Times the runners on `shape`; returns a JSON-able dict."""
   rng = np.random.RandomState(0)
   batch, source, new = shape['batch'], shape['source'], shape['new_tokens']
   ids = rng.randint(2, shape['model']['vocab_size'], (batch, source))
@@ -94,10 +110,19 @@ def run_benchmark(shape: dict[str, Any], repeats: int) -> dict[str, Any]:
       'flaxlora_bf16': _flax_runner(t5.build(config, dtype=jnp.bfloat16),
                                     params, ids, mask, new),
   }
+  if cpu_devices > 1:
+    runners['flaxlora_fp32_tp'] = _flax_runner(
+        model, _tensor_parallel(model, params, cpu_devices), ids, mask, new)
   # Same greedy tokens in fp32 (the generated part; HF adds the start token).
   same = float(np.mean(runners['torch_fp32']()[:, 1:] ==
                        runners['flaxlora_fp32']()))
+  if cpu_devices > 1:
+    results_tp = runners['flaxlora_fp32_tp']()
+    same_tp = float(np.mean(results_tp == runners['flaxlora_fp32']()))
   results = {'shape': shape, 'repeats': repeats, 'fp32_token_agreement': same,
+             'tp_devices': cpu_devices,
+             'fp32_tp_token_agreement_with_fp32': (same_tp if cpu_devices > 1
+                                                   else None),
              'cpu_count': os.cpu_count(), 'jax_backend': jax.default_backend(),
              'seconds': {}, 'tokens_per_s': {}, 'ms_per_step': {}}
   for name, run in runners.items():
@@ -110,11 +135,13 @@ def run_benchmark(shape: dict[str, Any], repeats: int) -> dict[str, Any]:
   tps = results['tokens_per_s']
   results['ratios'] = {
       f'{ours}/{theirs}': tps[ours] / tps[theirs]
-      for ours in ('flaxlora_fp32', 'flaxlora_bf16')
-      for theirs in ('torch_fp32', 'torch_bf16_autocast')}
+      for ours in ('flaxlora_fp32', 'flaxlora_bf16', 'flaxlora_fp32_tp')
+      for theirs in ('torch_fp32', 'torch_bf16_autocast') if ours in tps}
   for key, ratio in results['ratios'].items():
     print(f'{key:40s} {ratio:6.2f}x')
   print(f'fp32 greedy token agreement with transformers: {same:.3f}')
+  if cpu_devices > 1:
+    print(f'fp32 tensor-parallel tokens equal to one device: {same_tp:.3f}')
   return results
 
 
@@ -128,8 +155,14 @@ def main(argv=None) -> dict[str, Any]:
                       help='timed calls per runner (median reported)')
   parser.add_argument('--out', default=None,
                       help='write the results as JSON to this file')
+  parser.add_argument('--cpu_devices', type=int, default=os.cpu_count() or 1,
+                      help='XLA CPU devices of the flaxlora_fp32_tp runner '
+                      '(default: one per core); 1 drops it')
   args = parser.parse_args(argv)
-  results = run_benchmark(QUICK if args.quick else FULL, args.repeats)
+  if args.cpu_devices > 1:  # before JAX starts its CPU backend
+    jax.config.update('jax_num_cpu_devices', args.cpu_devices)
+  results = run_benchmark(QUICK if args.quick else FULL, args.repeats,
+                          args.cpu_devices)
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(results, f, indent=2)

@@ -302,3 +302,23 @@ def test_bench_memory_table_from_shapes():
   # Only the small relative-position tables stay whole on every device.
   assert one['base_fp32'] / 8 < split['base_fp32'] < one['base_fp32'] / 7.9
   assert split['adapter_adamw'] < one['adapter_adamw']
+
+
+def test_tensor_parallel_greedy_decoding_matches_one_device():
+  """The `generate` benchmark's tensor-parallel runner: same tokens."""
+  from experiments import bench_generate  # pylint: disable=g-import-not-at-top
+  from flaxlora.models import decoding  # pylint: disable=g-import-not-at-top
+  from flaxlora.models import t5  # pylint: disable=g-import-not-at-top
+  model = t5.build(t5.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64,
+                               num_layers=2, num_heads=4, dropout_rate=0.0))
+  params = t5.init(model, jax.random.PRNGKey(0))
+  ids = np.random.RandomState(0).randint(2, 64, (2, 12))
+  mask = np.ones_like(ids)
+  split = bench_generate._tensor_parallel(model, params, 2)  # pylint: disable=protected-access
+  specs = {str(x.sharding.spec) for x in jax.tree.leaves(split)}
+  assert any('tensor' in s for s in specs), specs  # really split
+  one = decoding.generate(model, params, ids, mask, max_new_tokens=6,
+                          min_new_tokens=6)
+  two = decoding.generate(model, split, ids, mask, max_new_tokens=6,
+                          min_new_tokens=6)
+  np.testing.assert_array_equal(np.asarray(one), np.asarray(two))
