@@ -114,15 +114,13 @@ def run_benchmark(shape: dict[str, Any], repeats: int,
     runners['flaxlora_fp32_tp'] = _flax_runner(
         model, _tensor_parallel(model, params, cpu_devices), ids, mask, new)
   # Same greedy tokens in fp32 (the generated part; HF adds the start token).
-  same = float(np.mean(runners['torch_fp32']()[:, 1:] ==
-                       runners['flaxlora_fp32']()))
-  if cpu_devices > 1:
-    results_tp = runners['flaxlora_fp32_tp']()
-    same_tp = float(np.mean(results_tp == runners['flaxlora_fp32']()))
+  tokens = runners['flaxlora_fp32']()
+  same = float(np.mean(runners['torch_fp32']()[:, 1:] == tokens))
+  same_tp = (float(np.mean(runners['flaxlora_fp32_tp']() == tokens))
+             if cpu_devices > 1 else None)
   results = {'shape': shape, 'repeats': repeats, 'fp32_token_agreement': same,
              'tp_devices': cpu_devices,
-             'fp32_tp_token_agreement_with_fp32': (same_tp if cpu_devices > 1
-                                                   else None),
+             'fp32_tp_token_agreement_with_fp32': same_tp,
              'cpu_count': os.cpu_count(), 'jax_backend': jax.default_backend(),
              'seconds': {}, 'tokens_per_s': {}, 'ms_per_step': {}}
   for name, run in runners.items():
@@ -140,7 +138,7 @@ def run_benchmark(shape: dict[str, Any], repeats: int,
   for key, ratio in results['ratios'].items():
     print(f'{key:40s} {ratio:6.2f}x')
   print(f'fp32 greedy token agreement with transformers: {same:.3f}')
-  if cpu_devices > 1:
+  if same_tp is not None:
     print(f'fp32 tensor-parallel tokens equal to one device: {same_tp:.3f}')
   return results
 
