@@ -12,8 +12,9 @@ for the MiniLM classifier step.
 that grows with `brk`, never `mmap`s, and never gives freed memory back to
 the system. After the first step the buffer's pages stay mapped and later
 steps reuse them: no page faults, and on this repository's 2-core machines
-the T5 and MiniLM LoRA steps run ~13% and ~20% faster (`python -m
-experiments.benchmark lora`). The price: the process keeps its peak host
+the T5 and MiniLM LoRA train steps ran ~15% and ~20% faster in isolated step
+loops (`python -m experiments.benchmark [--release_freed_memory] lora` shows
+it side by side with PEFT, which gains too). The price: the process keeps its peak host
 memory until it exits, and all threads share one malloc arena.
 
 Call it first thing, before JAX starts its CPU backend (the first array,
@@ -34,17 +35,24 @@ _M_ARENA_MAX = -8
 _kept = False
 
 
+def glibc() -> ctypes.CDLL | None:
+  """The C library if it is glibc (whose `mallopt` settings this module
+  uses), else None (macOS, musl)."""
+  name = ctypes.util.find_library('c')
+  if name is None:
+    return None
+  libc = ctypes.CDLL(name)
+  return libc if hasattr(libc, 'gnu_get_libc_version') else None
+
+
 def keep_freed_memory() -> bool:
   """Makes glibc malloc keep freed memory; returns whether it could.
 
-  Returns False, changing nothing, where the C library is not glibc (macOS,
-  musl): there `mallopt` does not exist or means something else.
+  Returns False, changing nothing, where the C library is not glibc: there
+  `mallopt` does not exist or means something else.
   """
-  name = ctypes.util.find_library('c')
-  if name is None:
-    return False
-  libc = ctypes.CDLL(name)
-  if not hasattr(libc, 'gnu_get_libc_version'):
+  libc = glibc()
+  if libc is None:
     return False
   # One arena: worker threads allocate from the main heap, which grows with
   # brk; off it (per-thread arenas) glibc mmaps large requests regardless.

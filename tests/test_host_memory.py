@@ -3,13 +3,14 @@
 Each case runs in a fresh process: the setting is process-wide and must come
 before JAX starts its backend.
 """
-import ctypes.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+
+from flaxlora import host_memory
 
 _PROGRAM = r"""
 import json, resource, sys
@@ -35,10 +36,6 @@ print(json.dumps({'kept': kept, 'recorded': host_memory.kept(),
                   'temp_pages': temp / 4096, 'faults_per_call': faults}))
 """
 
-_GLIBC = sys.platform.startswith('linux') and hasattr(
-    ctypes.CDLL(ctypes.util.find_library('c')), 'gnu_get_libc_version')
-
-
 def _faults(mode: str) -> dict:
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS='cpu')
@@ -48,7 +45,7 @@ def _faults(mode: str) -> dict:
   return json.loads(out.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not _GLIBC, reason='mallopt settings exist on glibc only')
+@pytest.mark.skipif(host_memory.glibc() is None, reason='mallopt settings exist on glibc only')
 def test_keeping_freed_memory_stops_per_call_page_faults():
   default = _faults('default')
   kept = _faults('keep')
