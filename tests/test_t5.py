@@ -211,6 +211,19 @@ def test_cached_steps_equal_full_decode(pair):
     np.testing.assert_allclose(logits[:, 0], full[:, i], atol=1e-4)
 
 
+def test_decoding_cache_holds_a_transposed_tied_output_table(pair):
+  variant, _, model, params, _ = pair
+  ids, mask, _, _ = _inputs()
+  encoded = _apply(model, params, ids, mask, method='encode')
+  cache = model.apply({'params': params}, encoded, 4, method='init_cache',
+                      mutable=['cache'])[1]['cache']
+  if variant == 'v1_0':  # tied: [H, V], the embedding transposed
+    np.testing.assert_array_equal(cache['output_table'],
+                                  np.asarray(params['shared']['embedding']).T)
+  else:  # v1.1 reads its own [H, V] lm_head kernel
+    assert 'output_table' not in cache
+
+
 def test_prompt_is_prepended(pair):
   _, _, model, params, _ = pair
   ids, mask, dec, dec_mask = _inputs()

@@ -21,7 +21,8 @@ Incremental decoding uses the flax 'cache' collection:
 
 `init_cache` computes the cross-attention keys/values once (at
 decoder/block_i/cross_attention/{key,value}, [B, N, S, D]) and zero
-self-attention buffers (decoder/block_i/attention/{key,value}, [B, N, L, D]);
+self-attention buffers (decoder/block_i/attention/{key,value}, [B, N, L, D]),
+and for a tied output layer the table transposed (output_table, [H, V]);
 each `decode_step` writes position `index` of the self-attention buffers.
 `flaxlora.models.decoding` drives this inside one jitted loop.
 
@@ -354,12 +355,25 @@ class T5(nn.Module):
     if self.config.scale_decoder_outputs:
       x = x * self.config.d_model**-0.5
     if self.config.tie_word_embeddings:
+      if self.has_variable('cache', 'output_table'):  # decoding
+        table = self.get_variable('cache', 'output_table')
+        return layers.dot(x, table, dtype=self.dtype)
       return self.shared.attend(x)
     return self.lm_head(x)
 
   def init_cache(self, encoded: Array, max_length: int):
-    """Fills the 'cache' collection (call with mutable=['cache'])."""
+    """Fills the 'cache' collection (call with mutable=['cache']).
+
+    A tied output layer also gets its table transposed once, [H, V] in the
+    compute dtype at 'output_table': each decode step multiplies a few rows
+    by the whole table, and XLA:CPU runs that product ~1.4x faster with the
+    vocabulary minor (measured on [8, 512] x 32128). Inside the decode loop
+    XLA would fold a transpose back into the product, so it is made here.
+    """
     self.decoder.init_cache(encoded, max_length)
+    if self.config.tie_word_embeddings:
+      table = jnp.transpose(self.shared.embedding).astype(self.dtype)
+      self.put_variable('cache', 'output_table', table)
 
   def decode_step(self, ids, index, attention_mask, deterministic=True):
     """ids [B, 1] at decoder position `index` -> logits [B, 1, V]."""
