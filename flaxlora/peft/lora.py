@@ -79,7 +79,9 @@ class LoraKernel:
     y = mm(x, self.w)
     dropped = dropout_rng is not None and self.dropout_rate > 0.0
     xd = layers.dropout(x, self.dropout_rate, dropout_rng) if dropped else x
-    lora_out = self.scale * mm(mm(xd, self.a), self.b)    # [..., R] between
+    # The scale multiplies the narrow [..., R] product, not the wide output:
+    # the backward pass then scales R columns, not `out` of them.
+    lora_out = mm(self.scale * mm(xd, self.a), self.b)
     if self.magnitude is None:
       return (y + lora_out).astype(dtype)
     norm = dora.column_norm(self.w, self.a, self.b, self.scale)
