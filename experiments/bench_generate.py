@@ -15,6 +15,10 @@ rules): the decode loop is bound by reading the weights, and each core then
 reads half of them. One warm-up call (compilation for flaxlora) is excluded
 and the median of `--repeats` calls is reported as generated tokens per
 second.
+
+The fp32 rows are also split into the encoder (a call that generates one
+token) and the decode loop (the rest of a full call, per generated token
+after the first): `encoder_s` and `loop_ms_per_step` in the JSON.
 """
 import argparse
 import json
@@ -93,6 +97,23 @@ def _tensor_parallel(model, params, devices: int):
   return jax.device_put(params, shardings)
 
 
+def _split(one_token_runners: dict[str, Callable[[], Any]],
+           full_seconds: dict[str, float], new_tokens: int,
+           repeats: int) -> dict[str, dict[str, float]]:
+  """Encoder seconds (a one-token call) and decode-loop ms per later step."""
+  split = {}
+  for name, run in one_token_runners.items():
+    first = _median_seconds(run, repeats)
+    loop = (full_seconds[name] - first) / max(new_tokens - 1, 1)
+    split[name] = {'encoder_s': first, 'loop_ms_per_step': 1e3 * loop}
+    print(f'{name:22s} encoder + 1 token {first:7.3f} s, loop '
+          f'{1e3 * loop:8.2f} ms/step', flush=True)
+  ratio = (split['torch_fp32']['loop_ms_per_step'] /
+           split['flaxlora_fp32']['loop_ms_per_step'])
+  print(f'fp32 decode loop alone, flaxlora vs torch: {ratio:.2f}x')
+  return split
+
+
 def run_benchmark(shape: dict[str, Any], repeats: int,
                   cpu_devices: int = 1) -> dict[str, Any]:
   """Times the runners on `shape`; returns a JSON-able dict."""
@@ -130,6 +151,10 @@ def run_benchmark(shape: dict[str, Any], repeats: int,
     results['ms_per_step'][name] = 1e3 * seconds / new
     print(f'{name:22s} {batch * new / seconds:9.1f} tokens/s '
           f'{1e3 * seconds / new:8.2f} ms/step', flush=True)
+  results['split'] = _split(
+      {'torch_fp32': _torch_runner(torch_model, ids, mask, 1, False),
+       'flaxlora_fp32': _flax_runner(model, params, ids, mask, 1)},
+      results['seconds'], new, repeats)
   tps = results['tokens_per_s']
   results['ratios'] = {
       f'{ours}/{theirs}': tps[ours] / tps[theirs]
