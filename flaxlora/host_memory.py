@@ -1,4 +1,4 @@
-"""Keeping freed host memory in the process, so XLA:CPU steps stop page-faulting.
+"""Keeping freed host memory in the process: XLA:CPU steps stop page-faulting.
 
 On CPU, XLA allocates one temporary buffer per call of a compiled function:
 for a T5-small LoRA train step (batch 8, 256/64 tokens) that is 783 MB. The
@@ -14,8 +14,8 @@ the system. After the first step the buffer's pages stay mapped and later
 steps reuse them: no page faults, and on this repository's 2-core machines
 the T5 and MiniLM LoRA train steps ran ~15% and ~20% faster in isolated step
 loops (`python -m experiments.benchmark [--release_freed_memory] lora` shows
-it side by side with PEFT, which gains too). The price: the process keeps its peak host
-memory until it exits, and all threads share one malloc arena.
+it side by side with PEFT, which gains too). The price: the process keeps
+its peak host memory until it exits, and all threads share one malloc arena.
 
 Call it first thing, before JAX starts its CPU backend (the first array,
 `jax.devices()`, ...): threads that already have an arena keep it.

@@ -1,4 +1,4 @@
-"""`host_memory.keep_freed_memory`: XLA:CPU calls stop page-faulting their temps.
+"""`host_memory.keep_freed_memory`: XLA:CPU calls stop page-faulting temps.
 
 Each case runs in a fresh process: the setting is process-wide and must come
 before JAX starts its backend.
@@ -45,7 +45,8 @@ def _faults(mode: str) -> dict:
   return json.loads(out.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(host_memory.glibc() is None, reason='mallopt settings exist on glibc only')
+@pytest.mark.skipif(host_memory.glibc() is None,
+                    reason='mallopt settings exist on glibc only')
 def test_keeping_freed_memory_stops_per_call_page_faults():
   default = _faults('default')
   kept = _faults('keep')
