@@ -117,7 +117,8 @@ def base_config() -> ml_collections.ConfigDict:
                  dropout=-1.0, head='', num_labels=2)
   c.tokenizer = ''
   c.peft = dict(method='lora', rank=8, alpha=16.0, targets='',
-                dropout=0.0, use_rslora=False, trainable='')
+                dropout=0.0, use_rslora=False, loraplus_ratio=1.0,
+                trainable='')
   c.data = dict(source='files', hub_name='', train_file='', eval_file='',
                 train_split='train', eval_split='validation',
                 max_train_examples=0, train_subset='random', split_seed=0,
@@ -126,8 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
                                min_len=3, max_len=8, seed=0))
   c.optimizer = dict(name='adamw', lr=1e-3, weight_decay=0.0,
                      b1=0.9, b2=0.999, eps=1e-8, schedule='linear',
-                     warmup_steps=0, clip_norm=1.0, grad_accum_steps=1,
-                     loraplus_ratio=0.0)
+                     warmup_steps=0, clip_norm=1.0, grad_accum_steps=1)
   c.train = dict(steps=0, epochs=0.0, batch_size=32, eval_batch_size=64,
                  eval_every=0, log_every=50, checkpoint_every=0, seed=0)
   c.checkpoint = dict(keep=2, best_metric='', best_mode='max')

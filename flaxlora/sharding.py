@@ -6,11 +6,12 @@ the three mesh axes and places arrays straight into their shards:
 
     mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1})
     rules = sharding.resolve_rules(config.get('sharding_rules'))
-    base, axes = distributed.init_sharded(model, rng, mesh, rules)
+    base, axes = sharded.init(model, rng, mesh, rules)
     base_shardings = sharding.named_shardings(base, axes, mesh, rules)
     batch = distributed.global_batch(local_numpy_batch, mesh, rules)
 
-(`flaxlora.distributed` places arrays; this module only computes where.)
+(`flaxlora.models.sharded` and `flaxlora.distributed` place arrays; this
+module only computes where.)
 
 Mesh axes:
   data: pure data parallelism (params replicated along it).

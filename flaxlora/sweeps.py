@@ -21,6 +21,8 @@ import shlex
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
+from flaxlora import atomic
+from flaxlora import figures
 from flaxlora import workdir as workdir_lib
 
 RESULTS_CSV = 'results.csv'
@@ -146,7 +148,7 @@ def write_results(root: pathlib.Path, rows: Sequence[Mapping[str, Any]],
   writer = csv.DictWriter(buffer, columns, lineterminator='\n')
   writer.writeheader()
   writer.writerows(rows)
-  workdir_lib.write_atomic(root / RESULTS_CSV, buffer.getvalue())
+  atomic.write_file(root / RESULTS_CSV, buffer.getvalue())
   metrics = ([c for c in columns if c.startswith('eval_')] +
              [c for c in columns if c.startswith('best_') and
               c != 'best_step'] +
@@ -157,7 +159,7 @@ def write_results(root: pathlib.Path, rows: Sequence[Mapping[str, Any]],
   for row in rows:
     lines.append('| ' + ' | '.join(_cell(row.get(c, '')) for c in shown) +
                  ' |')
-  workdir_lib.write_atomic(root / RESULTS_MD, '\n'.join(lines) + '\n')
+  atomic.write_file(root / RESULTS_MD, '\n'.join(lines) + '\n')
   _plot(root, rows, metrics)
 
 
@@ -166,21 +168,13 @@ def _cell(value: Any) -> str:
 
 
 def _plot(root: pathlib.Path, rows, metrics: Sequence[str]) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
   metrics = [m for m in metrics if m.startswith('eval_')] or list(metrics)
   if not metrics or not rows:
     return
-  fig, axes = pyplot.subplots(1, len(metrics), squeeze=False,
-                              figsize=(min(4 * len(metrics), 20), 3.5))
-  for ax, metric in zip(axes[0], metrics):
+  fig, axes = figures.grid(len(metrics), width=4, height=3.5)
+  for ax, metric in zip(axes, metrics):
     ax.bar(range(len(rows)), [float(r.get(metric, 'nan')) for r in rows])
     ax.set_xticks(range(len(rows)), [r['point'][:2] for r in rows])
     ax.set_title(metric)
     ax.set_xlabel('point')
-  fig.tight_layout()
-  tmp = root / f'.{RESULTS_PNG}.tmp.png'
-  fig.savefig(tmp, dpi=80)
-  pyplot.close(fig)
-  os.replace(tmp, root / RESULTS_PNG)
+  figures.save(fig, root / RESULTS_PNG)

@@ -7,7 +7,8 @@ A task is a small class built from (config, model); the trainer needs only
   metrics(data, outputs, generate) -> dict of floats
 
 `outputs` are the host (numpy) eval outputs of every eval batch, each with
-the batch's global 'index' and 'weight' (weight 0 marks padding rows).
+the batch's global 'index' and 'weight' (weight 0 marks padding rows;
+see `flaxlora.steps.eval_step`).
 Losses are sums over labelled positions with their count, so sharded and
 accumulated reductions stay exact.
 
@@ -15,7 +16,6 @@ Registry: TASKS = {'classification': ..., 'squad': ..., 'seq2seq': ...}.
 """
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -204,13 +204,3 @@ def make(config: Any, model: Any):
   if config.task not in TASKS:
     raise ValueError(f'task={config.task!r}: use one of {sorted(TASKS)}.')
   return TASKS[config.task](config, model)
-
-
-def eval_fn(task: Any, method: Any) -> Callable:
-  """jit((adapter, base, batch) -> outputs + the batch's index and weight)."""
-  def run(adapter, base, batch):
-    params, kwargs = method.apply(base, adapter)
-    out = task.eval_outputs(params, kwargs, batch)
-    out.update(index=batch['index'], weight=batch['weight'])
-    return out
-  return jax.jit(run)

@@ -3,8 +3,10 @@
     summary = trainer.train_and_evaluate(config, 'workdirs/x')
 
 Builds the model, data, PEFT method and optimizer from the config
-(`flaxlora.build`, `flaxlora.task_data`, `flaxlora.tasks`), trains the
-adapter with periodic eval and checkpoints, and leaves in the workdir
+(`flaxlora.build`, `flaxlora.data.task_data`, `flaxlora.tasks`,
+`flaxlora.optimizers`), trains the adapter with the steps of
+`flaxlora.steps`, with periodic eval and checkpoints, and leaves in the
+workdir
 `config.json`, `metrics.jsonl`, `summary.json`, loss/eval plots, orbax
 checkpoints (`checkpoints/`), the final adapter (`adapter/`, flaxlora's
 format) and a PEFT folder (`peft/`). See `flaxlora.workdir`.
@@ -28,17 +30,14 @@ from flaxlora import build
 from flaxlora import checkpoint
 from flaxlora import distributed
 from flaxlora import export
+from flaxlora import optimizers
 from flaxlora import sharding
-from flaxlora import task_data
+from flaxlora import steps
 from flaxlora import tasks
-from flaxlora import train_state
 from flaxlora import workdir as workdir_lib
 from flaxlora.data import pipeline
-from flaxlora.peft import nf4
-
-CHECKPOINT_DIR = 'checkpoints'
-ADAPTER_DIR = 'adapter'
-PEFT_DIR = 'peft'
+from flaxlora.data import task_data
+from flaxlora.models import layers
 
 
 @dataclasses.dataclass
@@ -108,22 +107,22 @@ def setup(config: Any, workdir: pathlib.Path) -> Run:
              distributed.is_main_process())
 
 
-def init_state(run: Run, tx: Any) -> tuple[train_state.TrainState, Any]:
+def init_state(run: Run, tx: Any) -> tuple[steps.TrainState, Any]:
   """A fresh train state and its shardings (shape first: eval_shape, then a
   jit that writes each shard in place)."""
   abstract = jax.eval_shape(run.method.init, run.adapter_rng, run.base)
-  axes = build.adapter_logical_axes(run.method, run.base_axes, abstract)
+  axes = run.method.logical_axes(run.base_axes, abstract)
   adapter_shardings = sharding.named_shardings(abstract, axes, run.mesh,
                                                run.rules)
   replicated = jax.sharding.NamedSharding(run.mesh,
                                           jax.sharding.PartitionSpec())
-  shardings = train_state.TrainState(
+  shardings = steps.TrainState(
       replicated, adapter_shardings,
       sharding.optimizer_shardings(tx, abstract, adapter_shardings, run.mesh),
       replicated)
 
   def init(rng, base):
-    return train_state.create(run.state_rng, run.method.init(rng, base), tx)
+    return steps.create(run.state_rng, run.method.init(rng, base), tx)
 
   state = jax.jit(init, out_shardings=shardings)(run.adapter_rng, run.base)
   return state, shardings
@@ -146,7 +145,7 @@ def _device_batch(run: Run, batch: dict) -> dict:
   return distributed.global_batch(batch, run.mesh, run.rules)
 
 
-def evaluate(run: Run, eval_step: Any, state: train_state.TrainState
+def evaluate(run: Run, eval_step: Any, state: steps.TrainState
              ) -> dict[str, float]:
   """Eval metrics of the current adapter on the whole eval set."""
   outputs = []
@@ -157,7 +156,7 @@ def evaluate(run: Run, eval_step: Any, state: train_state.TrainState
   return run.task.metrics(run.data, outputs, generate)
 
 
-def _generate_all(run: Run, state: train_state.TrainState) -> dict[int, str]:
+def _generate_all(run: Run, state: steps.TrainState) -> dict[int, str]:
   """{eval record index: generated text} (seq2seq eval)."""
   from flaxlora.models import decoding  # pylint: disable=g-import-not-at-top
   e = run.config.eval
@@ -223,10 +222,10 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *,
 def _train(run: Run) -> dict[str, Any]:
   """The train loop with eval, checkpoints, logging and the final export."""
   c = run.config
-  tx = train_state.optimizer(c.optimizer, run.total_steps)
+  tx = optimizers.optimizer(c.optimizer, run.total_steps, run.method)
   state, state_shardings = init_state(run, tx)
   ckpt = checkpoint.Checkpointer(
-      run.workdir / CHECKPOINT_DIR, keep=c.checkpoint.keep,
+      run.workdir / workdir_lib.CHECKPOINT_DIR, keep=c.checkpoint.keep,
       best_metric=c.checkpoint.best_metric, best_mode=c.checkpoint.best_mode)
   train_loader = loader(run, train=True)
   restored = ckpt.restore_latest(state)
@@ -239,10 +238,10 @@ def _train(run: Run) -> dict[str, Any]:
   if run.is_main:
     print(f'flaxlora: mesh {dict(run.mesh.shape)} over {run.mesh.size} '
           f'{run.mesh.devices.flat[0].platform} devices', flush=True)
-  step_fn = train_state.jit_train_step(run.task.loss, run.method, tx,
-                                       c.optimizer.grad_accum_steps,
-                                       state_shardings)
-  eval_step = tasks.eval_fn(run.task, run.method)
+  step_fn = steps.jit_train_step(
+      run.task.loss, run.method, tx, c.optimizer.grad_accum_steps,
+      state_shardings, clip_norm=optimizers.clip_norm(c.optimizer))
+  eval_step = steps.jit_eval_step(run.task, run.method)
   progress = _Progress(run.total_steps)
   pending, last_eval, train_loss = [], None, float('nan')
   for step in range(start + 1, run.total_steps + 1):
@@ -317,8 +316,8 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
   c = run.config
   # Collectives: every process gathers, only the main one writes.
   adapter = distributed.to_host(state.adapter)
-  host_base = (None if export.is_prompt_method(run.method) else
-               distributed.to_host(run.base))
+  host_base = (distributed.to_host(run.base)
+               if run.method.export.needs_base else None)
   summary = {'step': run.total_steps, **{f'eval_{k}': v for k, v in
                                          last_eval.items()}}
   train = [r for r in log.records if r['split'] == 'train']
@@ -337,7 +336,7 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
   if run.is_main:
     spec = {'peft': c.peft.to_dict(), 'family': c.model.family,
             'model': c.model.path or 'model.init', 'task': c.task}
-    export.save_adapter(run.workdir / ADAPTER_DIR, adapter, spec)
+    export.save_adapter(run.workdir / workdir_lib.ADAPTER_DIR, adapter, spec)
     _save_peft(run, host_base, adapter)
     workdir_lib.write_summary(run.workdir, summary)
     workdir_lib.plot(run.workdir)
@@ -346,14 +345,18 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
 
 
 def _num_base_params(base: Any) -> int:
-  """Scalars of the base model (an NF4 kernel counts as its [in, out])."""
-  leaves = jax.tree.leaves(base, is_leaf=nf4.is_nf4)
-  return int(sum(math.prod(x.shape) if nf4.is_nf4(x) else np.size(x)
+  """Scalars of the base model (an adapted kernel, e.g. NF4, counts as the
+  [in, out] kernel it stands for)."""
+  leaves = jax.tree.leaves(base, is_leaf=layers.is_adapted_kernel)
+  return int(sum(x.size if layers.is_adapted_kernel(x) else np.size(x)
                  for x in leaves))
 
 
 def _save_peft(run: Run, host_base: Any, adapter: Any) -> None:
-  """The adapter as a Hugging Face PEFT folder (LoRA or prompt tuning)."""
-  export.save_peft(run.workdir / PEFT_DIR, run.model, host_base, adapter,
-                   run.method,
+  """The adapter as a Hugging Face PEFT folder, when the method has one."""
+  if run.method.export.write is None:
+    print(f'flaxlora: no PEFT folder: {run.method.export.reason}.')
+    return
+  export.save_peft(run.workdir / workdir_lib.PEFT_DIR, run.model, host_base,
+                   adapter, run.method,
                    base_model_name_or_path=run.config.model.path or None)

@@ -1,11 +1,13 @@
-"""What a run leaves in its workdir, apart from checkpoints.
+"""What a run leaves in its workdir.
 
   config.json     the resolved config; a later run of another config in the
                   same workdir is refused (naming the differing keys)
   metrics.jsonl   one JSON object per logged step ({'step', 'split', ...})
   summary.json    the final metrics, written last (a finished run has it)
   loss.png, eval.png  curves drawn from metrics.jsonl (matplotlib Agg)
-  adapter/        the final adapter (see `flaxlora.export`)
+  checkpoints/    orbax checkpoints (`flaxlora.checkpoint`)
+  adapter/        the final adapter in flaxlora's format (`flaxlora.export`)
+  peft/           the final adapter as a Hugging Face PEFT folder
 
 Only the main process writes (callers check); every write is atomic (a
 temporary file renamed into place), so a killed run never leaves half a file.
@@ -15,14 +17,19 @@ import math
 import os
 import pathlib
 import shutil
-import tempfile
 from typing import Any, Iterable, Mapping
+
+from flaxlora import atomic
+from flaxlora import figures
 
 CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_FILE = 'summary.json'
 LOSS_PLOT = 'loss.png'
 EVAL_PLOT = 'eval.png'
+CHECKPOINT_DIR = 'checkpoints'
+ADAPTER_DIR = 'adapter'
+PEFT_DIR = 'peft'
 
 
 def config_dict(config: Any) -> dict[str, Any]:
@@ -54,23 +61,6 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]
     if before != after:
       diffs.append(f'{key}: {before!r} -> {after!r}')
   return diffs
-
-
-def write_atomic(path: pathlib.Path, text: str) -> None:
-  """Writes `text` to `path` through a temporary file in the same folder."""
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-  try:
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600 files
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def prepare(workdir: str | os.PathLike, config: Any, *,
@@ -112,7 +102,7 @@ def prepare(workdir: str | os.PathLike, config: Any, *,
     clear(workdir)
   if write:
     workdir.mkdir(parents=True, exist_ok=True)
-    write_atomic(config_file, json.dumps(new, indent=2, sort_keys=True))
+    atomic.write_file(config_file, json.dumps(new, indent=2, sort_keys=True))
   return workdir
 
 
@@ -161,7 +151,7 @@ class MetricsLog:
     kept = [r for r in read_metrics(workdir) if r['step'] <= resume_step]
     self.records = kept
     if write:
-      write_atomic(self.path, ''.join(json.dumps(r) + '\n' for r in kept))
+      atomic.write_file(self.path, ''.join(json.dumps(r) + '\n' for r in kept))
 
   def log(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
     record = {'step': int(step), 'split': split}
@@ -174,7 +164,7 @@ class MetricsLog:
 
 
 def write_summary(workdir: pathlib.Path, summary: Mapping[str, Any]) -> None:
-  write_atomic(pathlib.Path(workdir) / SUMMARY_FILE,
+  atomic.write_file(pathlib.Path(workdir) / SUMMARY_FILE,
                json.dumps({k: _jsonable(v) for k, v in summary.items()},
                           indent=2, sort_keys=True))
 
@@ -200,10 +190,11 @@ def _curves(records: Iterable[Mapping[str, Any]], split: str
 
 
 def plot(workdir: pathlib.Path) -> list[pathlib.Path]:
-  """Draws loss.png (train loss) and eval.png (every eval metric)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
+  """Draws loss.png (train loss) and eval.png (every eval metric).
+
+  The train loss is drawn on a log scale, so the first steps' high losses
+  do not squash the rest of the curve; evals are drawn as points.
+  """
   records = read_metrics(workdir)
   written = []
   for split, keys, name in (('train', ('loss',), LOSS_PLOT),
@@ -212,18 +203,15 @@ def plot(workdir: pathlib.Path) -> list[pathlib.Path]:
     keys = [k for k in (keys or sorted(curves)) if k in curves]
     if not keys:
       continue
-    fig, axes = pyplot.subplots(1, len(keys), figsize=(4 * len(keys), 3),
-                                squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    fig, axes = figures.grid(len(keys), width=4, height=3)
+    for ax, key in zip(axes, keys):
       steps, values = curves[key]
-      ax.plot(steps, values, marker='.' if len(steps) < 30 else None)
+      ax.plot(steps, values, marker='o' if split == 'eval' else None)
+      if split == 'train' and min(values) > 0:
+        ax.set_yscale('log')
       ax.set_title(f'{split} {key}')
       ax.set_xlabel('step')
-    fig.tight_layout()
     path = pathlib.Path(workdir) / name
-    tmp = path.with_name(f'.{name}.tmp.png')
-    fig.savefig(tmp, dpi=80)
-    pyplot.close(fig)
-    os.replace(tmp, path)
+    figures.save(fig, path)
     written.append(path)
   return written

@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec
 from flaxlora import distributed
 from flaxlora import sharding
 from flaxlora.models import bert
+from flaxlora.models import sharded
 from flaxlora.models import t5
 from flaxlora.peft import lora
 
@@ -117,7 +118,7 @@ def train(family: str, mesh, rules=sharding.RULES, steps: int = STEPS,
     rules: logical -> mesh axes table.
     steps: train steps.
     host_base: numpy base params to place (saves compiling the sharded
-      init); None initialises them with `distributed.init_sharded`.
+      init); None initialises them with `sharded.init`.
 
   Returns:
     (losses [steps] numpy, train state {'adapter', 'opt_state'} as global
@@ -126,7 +127,7 @@ def train(family: str, mesh, rules=sharding.RULES, steps: int = STEPS,
   model = tiny_model(family)
   _, shardings, base_shardings = state_shardings(family, mesh, rules)
   if host_base is None:
-    base, _ = distributed.init_sharded(model, jax.random.PRNGKey(0), mesh,
+    base, _ = sharded.init(model, jax.random.PRNGKey(0), mesh,
                                        rules)
   else:
     base = distributed.host_to_global(host_base, base_shardings)

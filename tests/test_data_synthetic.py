@@ -28,14 +28,18 @@ def test_text_to_text_tasks():
   assert batch['input_ids'].shape == batch['labels'].shape == (4, 16)
 
 
-def test_classification_with_byte_tokenizer():
-  records = synthetic.classification(40, seed=0)
+def test_majority_with_byte_tokenizer():
+  records = synthetic.generate('majority', 40, seed=0)
+  assert records == synthetic.generate('majority', 40, seed=0)
+  assert records != synthetic.generate('majority', 40, seed=0, split='eval')
   labels = [r['label'] for r in records]
   assert 0 < sum(labels) < 40
-  assert all(r['label'] == (r['text'].count('a') > r['text'].count('b'))
-             for r in records)
+  for r in records:
+    words = r['text'].split()
+    positive = sum(w in synthetic.POSITIVE for w in words)
+    assert r['label'] == (2 * positive > len(words))
   tok = byte_tokenizer.ByteTokenizer()
-  data = classification.tokenize(records, tok, max_length=12)
+  data = classification.tokenize(records, tok, max_length=64)
   np.testing.assert_array_equal(data.sequences['input_ids'][0],
                                 tok.encode(records[0]['text']))
   assert not any(t.any() for t in data.sequences['token_type_ids'])
@@ -49,7 +53,7 @@ def test_squad_records_tokenize():
   transformers = pytest.importorskip('transformers')
   tok = transformers.AutoTokenizer.from_pretrained(
       pathlib.Path(package.__file__).parent / 'model')
-  records = synthetic.squad(10, seed=0)
+  records = synthetic.generate('lookup', 10, seed=0)
   data = squad.tokenize(records, tok, max_length=64, doc_stride=16)
   assert len(data) == 10  # the contexts fit one window
   for i, meta in enumerate(data.meta):

@@ -1,4 +1,4 @@
-"""The inspection notebook runs top to bottom, and `experiments.inspect`
+"""The inspection notebook runs top to bottom, and `experiments.inspect_run`
 inspects the run it trained (one shrunken runlocal run serves both)."""
 import os
 import pathlib
@@ -50,7 +50,7 @@ def test_notebook_executes_and_cli_inspects_its_run(tmp_path, monkeypatch):
 
   out = tmp_path / 'plots'
   result = subprocess.run(
-      [sys.executable, '-m', 'experiments.inspect', f'--workdir={workdir}',
+      [sys.executable, '-m', 'experiments.inspect_run', f'--workdir={workdir}',
        f'--out={out}'], cwd=ROOT, capture_output=True, text=True,
       timeout=600, env=dict(os.environ), check=False)
   assert result.returncode == 0, result.stderr[-3000:]

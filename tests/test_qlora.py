@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flaxlora import export
 from flaxlora import models
 from flaxlora import trainer
 from flaxlora.models import t5
@@ -40,7 +41,7 @@ def setup():
   dec = rng.randint(2, 64, (2, 4)).astype(np.int32)
   apply = jax.jit(lambda p: model.apply({'params': p}, ids, mask, dec))
   method = qlora.qlora(rank=4, alpha=8, targets=TARGETS)
-  quantized = qlora.prepare_base(base, method)
+  quantized = method.prepare_base(base)
   adapter = method.init(jax.random.PRNGKey(1), quantized)
   # A trained-looking adapter: B != 0, so LoRA changes the output.
   adapter = jax.tree.map(
@@ -181,11 +182,10 @@ def test_peft_export_of_the_adapter(setup, tmp_path):
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
   peft = pytest.importorskip('peft')
-  pytest.importorskip('flaxlora.peft.peft_io')
   model, _, quantized, method, adapter, _ = setup
   # PEFT's base: the dequantised kernels (what a 4-bit base computes with).
   models.save(tmp_path / 'base', model, nf4.dequantize_params(quantized))
-  qlora.save_peft(tmp_path / 'peft', model, quantized, adapter, method)
+  export.save_peft(tmp_path / 'peft', model, quantized, adapter, method)
   hf = transformers.T5ForConditionalGeneration.from_pretrained(
       tmp_path / 'base').eval()
   peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / 'peft'))

@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 import multihost_worker
 from flaxlora import distributed
 from flaxlora import sharding
+from flaxlora.models import sharded
 
 RULES = sharding.resolve_rules()
 
@@ -34,7 +35,7 @@ class Toy(nn.Module):
 
 def _toy_init(mesh, model=None):
   model = model or Toy()
-  return distributed.init_sharded(model, jax.random.PRNGKey(0), mesh, RULES,
+  return sharded.init(model, jax.random.PRNGKey(0), mesh, RULES,
                                   jnp.zeros((2, 3), jnp.int32))
 
 
@@ -102,7 +103,7 @@ def test_non_divisible_parameter_error_names_path():
     _toy_init(mesh, Toy(vocab=63))
   # The fix the message suggests works.
   rules = sharding.resolve_rules({'vocab': None})
-  params, _ = distributed.init_sharded(
+  params, _ = sharded.init(
       Toy(vocab=63), jax.random.PRNGKey(0), mesh, rules,
       jnp.zeros((2, 3), jnp.int32))
   assert params['embed'].sharding.spec == P(None, 'fsdp')
@@ -252,13 +253,13 @@ def test_orbax_checkpoint_restores_on_another_mesh(tmp_path):
 # ------------------------------------------- checkpoints straight to shards ---
 
 
-def test_load_sharded_matches_load(tmp_path, monkeypatch):
+def test_sharded_load_matches_load(tmp_path, monkeypatch):
   import helpers  # pylint: disable=g-import-not-at-top
   from flaxlora import models  # pylint: disable=g-import-not-at-top
   folder, _ = helpers.save_tiny_bert(tmp_path / 'bert', head=None,
                                      vocab_size=96, intermediate_size=64)
   reads = []
-  slicer = distributed._Slicer  # pylint: disable=protected-access
+  slicer = sharded._Slicer  # pylint: disable=protected-access
   getitem = slicer.__getitem__
 
   def recording_getitem(self, index):
@@ -268,7 +269,7 @@ def test_load_sharded_matches_load(tmp_path, monkeypatch):
   monkeypatch.setattr(slicer, '__getitem__', recording_getitem)
   mesh = sharding.make_mesh({'fsdp': 2, 'tensor': 4})
   rng = jax.random.PRNGKey(3)
-  _, params, _ = distributed.load_sharded(
+  _, params, _ = sharded.load(
       folder, mesh, RULES, rng=rng, head='classification', num_labels=3)
   _, reference, _ = models.load(folder, rng=rng, head='classification',
                                 num_labels=3)

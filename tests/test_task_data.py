@@ -1,8 +1,8 @@
-"""Train subsets (flaxlora.task_data) and joined eval rows (flaxlora.tasks)."""
+"""Train subsets (flaxlora.data.task_data) and joined eval rows (flaxlora.tasks)."""
 import numpy as np
 import pytest
 
-from flaxlora import task_data
+from flaxlora.data import task_data
 from flaxlora import tasks
 
 

@@ -20,7 +20,8 @@ from flaxlora import build
 from flaxlora import checkpoint
 from flaxlora import export
 from flaxlora import sharding
-from flaxlora import train_state
+from flaxlora import optimizers
+from flaxlora import steps
 from flaxlora import trainer
 from flaxlora import workdir as workdir_lib
 from flaxlora.models import layers
@@ -35,20 +36,20 @@ def _opt(**kw):
 
 
 def test_schedule_warms_up_then_decays():
-  lr = train_state.schedule(_opt(lr=1.0, warmup_steps=10,
+  lr = optimizers.schedule(_opt(lr=1.0, warmup_steps=10,
                                  schedule='linear'), 110)
   np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(60), lr(110)],
                              [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
-  cosine = train_state.schedule(_opt(lr=1.0, warmup_steps=0,
+  cosine = optimizers.schedule(_opt(lr=1.0, warmup_steps=0,
                                      schedule='cosine'), 100)
   np.testing.assert_allclose([cosine(0), cosine(50), cosine(100)],
                              [1.0, 0.5, 0.0], atol=1e-6)
   with pytest.raises(ValueError, match='warmup_steps=-1 must be >= 0'):
-    train_state.schedule(_opt(warmup_steps=-1), 100)
+    optimizers.schedule(_opt(warmup_steps=-1), 100)
   with pytest.raises(ValueError, match="schedule='cosin'"):
-    train_state.schedule(_opt(schedule='cosin', warmup_steps=0), 100)
+    optimizers.schedule(_opt(schedule='cosin', warmup_steps=0), 100)
   with pytest.raises(ValueError, match="optimizer.name='sgd'"):
-    train_state.optimizer(_opt(name='sgd', warmup_steps=0), 100)
+    optimizers.factory(_opt(name='sgd', warmup_steps=0), 100)
 
 
 def _toy():
@@ -78,9 +79,9 @@ def test_accumulation_equals_one_big_batch():
   results = []
   for accum in (1, 2, 4):
     # The step donates its state: give each run its own buffers.
-    state = train_state.create(jax.random.PRNGKey(1),
+    state = steps.create(jax.random.PRNGKey(1),
                                jax.tree.map(jnp.copy, adapter), tx)
-    step = train_state.jit_train_step(loss_fn, method, tx, accum)
+    step = steps.jit_train_step(loss_fn, method, tx, accum)
     new_state, metrics = step(state, base, batch)
     results.append((new_state.adapter, float(metrics['loss']),
                     float(metrics['weight'])))
@@ -94,17 +95,17 @@ def test_accumulation_equals_one_big_batch():
                        results[0][0], adapter)
   assert min(jax.tree.leaves(moved)) > 0
   with pytest.raises(ValueError, match='grad_accum_steps=3'):
-    state = train_state.create(jax.random.PRNGKey(1),
+    state = steps.create(jax.random.PRNGKey(1),
                                jax.tree.map(jnp.copy, adapter), tx)
-    train_state.jit_train_step(loss_fn, method, tx, 3)(state, base, batch)
+    steps.jit_train_step(loss_fn, method, tx, 3)(state, base, batch)
 
 
 def test_loss_is_the_weighted_mean_over_real_rows():
   base, method, adapter, loss_fn, batch = _toy()
   tx = optax.sgd(0.0)
-  state = train_state.create(jax.random.PRNGKey(1),
+  state = steps.create(jax.random.PRNGKey(1),
                              jax.tree.map(jnp.copy, adapter), tx)
-  _, metrics = train_state.jit_train_step(loss_fn, method, tx)(
+  _, metrics = steps.jit_train_step(loss_fn, method, tx)(
       state, base, batch)
   params, _ = method.apply(base, adapter)
   merged = base['dense']['kernel'] + params['dense']['kernel'].scale * (
@@ -120,7 +121,7 @@ def test_checkpoints_keep_last_n_and_best(tmp_path):
   adapter = ({'x': {'a': jnp.ones((3, 2)), 'b': jnp.zeros((2, 4))}},
              {'head': jnp.arange(3.0)})
   tx = optax.adamw(1e-3)
-  state = train_state.create(jax.random.PRNGKey(0), adapter, tx)
+  state = steps.create(jax.random.PRNGKey(0), adapter, tx)
   ckpt = checkpoint.Checkpointer(tmp_path / 'ck', keep=2,
                                  best_metric='accuracy')
   scores = {2: 0.5, 4: 0.9, 6: 0.7, 8: 0.6}
@@ -135,7 +136,7 @@ def test_checkpoints_keep_last_n_and_best(tmp_path):
                                      best_metric='accuracy')
   step, restored, data_state = reopened.restore_latest(state)
   assert step == 8 and data_state == {'epoch': 0, 'index': 8}
-  assert isinstance(restored, train_state.TrainState)
+  assert isinstance(restored, steps.TrainState)
   assert isinstance(restored.adapter, tuple)
   assert type(restored.opt_state) is type(state.opt_state)
   jax.tree.map(np.testing.assert_array_equal, restored, state)
@@ -312,7 +313,7 @@ def test_adafactor_options_and_its_state_on_a_sharded_mesh():
   opt = _opt(name='adafactor', lr=0.1, schedule='constant', warmup_steps=0,
              clip_norm=0.0, weight_decay=0.0)
   opt.update(dict(adafactor_decay_rate=0.5, adafactor_parameter_scale=False))
-  tx = train_state.optimizer(opt, 10)
+  tx = optimizers.factory(opt, 10)()
   opt_shardings = sharding.optimizer_shardings(tx, params, shardings, mesh)
   ours, state = _adafactor_steps(tx, params, grads, dict(
       state=opt_shardings, update=(shardings, opt_shardings)))
@@ -336,7 +337,7 @@ def test_model_and_method_prepares_the_base_and_gives_adapter_axes():
   b = build.model_and_method(bert_sentiment_prompt.get_config('runlocal'),
                              mesh, rules)
   adapter = jax.eval_shape(b.method.init, b.adapter_rng, b.base)
-  axes = build.adapter_logical_axes(b.method, b.base_axes, adapter)
+  axes = b.method.logical_axes(b.base_axes, adapter)
   assert axes[0] == {'prompt': P('prompt', None)}
   assert axes[1]['pooler'] == b.base_axes['pooler']
   # The base is the seed's (train.seed 0), untouched by the method.
@@ -355,7 +356,7 @@ def test_model_and_method_prepares_the_base_and_gives_adapter_axes():
   assert query.codes.sharding.spec == P('fsdp', 'tensor')
   assert not nf4.is_nf4(q.base['classifier']['kernel'])
   adapter = jax.eval_shape(q.method.init, q.adapter_rng, q.base)
-  axes = build.adapter_logical_axes(q.method, q.base_axes, adapter)
+  axes = q.method.logical_axes(q.base_axes, adapter)
   assert axes[0]['encoder']['layer_0']['attention']['query']['kernel'] == {
       'a': P('embed', 'lora_rank'), 'b': P('lora_rank', 'heads')}
   assert axes[1]['classifier'] == q.base_axes['classifier']

@@ -5,7 +5,8 @@ The stages, each a module:
   sources         records from local TSV/CSV/JSONL/SQuAD-JSON files or (with
                   the `data` extra) the Hugging Face hub; errors name the file
                   and line. `sources.load(kind, file_or_hub_name, ...)`.
-  synthetic       generated records for offline `runlocal` runs.
+  synthetic       generated tasks (seq2seq, classification, QA) and a words
+                  tokenizer for offline `runlocal` runs and tests.
   byte_tokenizer  a ByT5-style byte tokenizer that needs no files.
   buckets         the `Tokenized` container (variable-length rows) and the
                   length-bucket padding that bounds recompiles.
@@ -15,6 +16,7 @@ The stages, each a module:
   seq2seq         T5 source/target features (summarization, text-to-text QA).
   pipeline        deterministic shuffling, per-process shards of fixed global
                   batches, and an iterator whose position is checkpointable.
+  task_data       a run's config -> records -> tokenized train/eval data.
 
 A typical flow:
 

@@ -12,9 +12,9 @@ import re
 from typing import Sequence
 
 import numpy as np
-from matplotlib.backends import backend_agg
 from matplotlib import figure as figure_lib
 
+from flaxlora import figures
 from flaxlora.inspect import analysis
 
 _LAYER = re.compile(r'(block|layer)_(\d+)')
@@ -38,15 +38,9 @@ def _layer_order(name: str) -> tuple:
   return (prefix, int(match.group(2)) if match else -1)
 
 
-def _new_figure(width: float, height: float) -> figure_lib.Figure:
-  fig = figure_lib.Figure(figsize=(width, height), layout='constrained')
-  backend_agg.FigureCanvasAgg(fig)
-  return fig
-
-
 def _save(fig: figure_lib.Figure, path: str | os.PathLike | None) -> None:
   if path is not None:
-    fig.savefig(os.fspath(path), dpi=100)
+    figures.save(fig, path, dpi=100)
 
 
 def heatmap_grid(report: analysis.Report, value: str = 'relative_norm'
@@ -78,7 +72,7 @@ def heatmap(report: analysis.Report, path: str | os.PathLike | None = None,
     raise ValueError('heatmap: the report has no layers; check the include '
                      'regex passed to analysis.analyze.')
   layers, modules, grid = heatmap_grid(report, value)
-  fig = _new_figure(1.2 + 0.9 * len(modules), 1.2 + 0.45 * len(layers))
+  fig = figures.new(1.2 + 0.9 * len(modules), 1.2 + 0.45 * len(layers))
   ax = fig.add_subplot()
   image = ax.imshow(np.ma.masked_invalid(grid), aspect='auto', cmap='viridis')
   ax.set_xticks(range(len(modules)), modules, rotation=45, ha='right')
@@ -110,7 +104,7 @@ def spectra(report: analysis.Report, paths: Sequence[str] | None = None,
     missing = [p for p in paths if p not in report.by_path]
     raise ValueError(f'spectra: paths {missing} are not in the report; it '
                      f'has {list(report.by_path)[:3]}...')
-  fig = _new_figure(7, 4)
+  fig = figures.new(7, 4)
   ax = fig.add_subplot()
   for layer in chosen:
     s = layer.singular_values

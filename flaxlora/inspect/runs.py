@@ -21,7 +21,6 @@ import ml_collections
 from flaxlora import build
 from flaxlora import export
 from flaxlora import sharding
-from flaxlora import trainer
 from flaxlora import workdir as workdir_lib
 from flaxlora.inspect import analysis
 from flaxlora.inspect import diff
@@ -67,7 +66,7 @@ def _mesh(config: ml_collections.ConfigDict):
 def load_run(workdir: str | pathlib.Path) -> LoadedRun:
   """Rebuilds a run's model, base params, method and final adapter."""
   workdir = pathlib.Path(workdir)
-  adapter_dir = workdir / trainer.ADAPTER_DIR
+  adapter_dir = workdir / workdir_lib.ADAPTER_DIR
   if not (adapter_dir / export.ADAPTER_FILE).is_file():
     raise FileNotFoundError(
         f'{adapter_dir / export.ADAPTER_FILE} does not exist; the run in '
@@ -80,8 +79,7 @@ def load_run(workdir: str | pathlib.Path) -> LoadedRun:
   init_adapter = b.method.init(b.adapter_rng, b.base)
   like = jax.eval_shape(lambda: init_adapter)
   shardings = sharding.named_shardings(
-      like, build.adapter_logical_axes(b.method, b.base_axes, like), mesh,
-      rules)
+      like, b.method.logical_axes(b.base_axes, like), mesh, rules)
   adapter = jax.device_put(export.load_adapter(adapter_dir, like), shardings)
   return LoadedRun(workdir, config, b.model, b.family, tokenizer, b.method,
                    b.base, adapter, init_adapter)

@@ -9,14 +9,14 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
 import struct
-import tempfile
 from typing import Any, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
 from safetensors import numpy as st_numpy
+
+from flaxlora import atomic
 
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
@@ -250,42 +250,13 @@ def to_hf(params: Params, rules: Iterable[Rule]) -> dict[str, np.ndarray]:
 def write_folder(folder: str | os.PathLike, config: Mapping[str, Any],
                  tensors: Mapping[str, np.ndarray],
                  extra_files: Mapping[str, str] = ()) -> pathlib.Path:
-  """Writes config.json + model.safetensors atomically.
-
-  The files are written into a temporary folder next to `folder`, which then
-  replaces `folder`: a failure midway leaves any earlier content intact.
-  """
-  folder = pathlib.Path(folder)
-  folder.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{folder.name}.',
-                                          dir=folder.parent))
-  try:
+  """Writes config.json + model.safetensors atomically (`flaxlora.atomic`):
+  a failure midway leaves any earlier content of `folder` intact."""
+  with atomic.folder(folder) as staging:
     (staging / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2,
                                                   sort_keys=True) + '\n')
     st_numpy.save_file(dict(tensors), str(staging / WEIGHTS_FILE),
                        metadata={'format': 'pt'})
     for name, text in dict(extra_files).items():
       (staging / name).write_text(text)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  staging.chmod(0o755)  # mkdtemp makes it private to its owner
-  _swap_in(staging, folder)
-  return folder
-
-
-def _swap_in(staging: pathlib.Path, folder: pathlib.Path) -> None:
-  """Renames `staging` to `folder`; an old `folder` survives any failure."""
-  old = folder.with_name(f'.{folder.name}.old')
-  had_old = folder.exists()
-  try:
-    if had_old:
-      shutil.rmtree(old, ignore_errors=True)
-      folder.rename(old)
-    staging.rename(folder)
-  except BaseException:
-    if had_old and old.exists() and not folder.exists():
-      old.rename(folder)
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  shutil.rmtree(old, ignore_errors=True)
+  return pathlib.Path(folder)

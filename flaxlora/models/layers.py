@@ -5,13 +5,9 @@ so that `flaxlora.sharding` can map them to mesh axes by rules.
 
 The single dense op, `dot`, is the only place where a kernel meets an
 activation. A PEFT method may put an *adapted kernel* in place of a plain
-kernel array in the params tree (for example `flaxlora.peft.lora.LoraKernel`).
-An adapted kernel is any pytree node (not an array) with a method
-
-  `dot(x, *, dtype, dropout_rng) -> y`
-
-and a `needs_rng` property. The models stay PEFT-agnostic: they only call
-`dot`.
+kernel array in the params tree (for example `flaxlora.peft.lora.LoraKernel`):
+any pytree node that implements the `AdaptedKernel` protocol below. The
+models stay PEFT-agnostic: they only call `dot`.
 
 Logical axis names used by the models (the one vocabulary `sharding` maps):
   vocab, embed, mlp, heads (the joined N*D dimension), relpos_buckets,
@@ -19,7 +15,7 @@ Logical axis names used by the models (the one vocabulary `sharding` maps):
   prompt.
 """
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import flax.linen as nn
 import jax
@@ -28,6 +24,30 @@ import numpy as np
 
 Array = jax.Array
 Initializer = Callable[..., Array]
+
+
+@runtime_checkable
+class AdaptedKernel(Protocol):
+  """What a PEFT method puts in the params tree in place of a kernel [I, O].
+
+  Attributes:
+    shape: (I, O), the shape of the kernel it stands for.
+    size: I * O, the scalars of that kernel (for parameter counts).
+    needs_rng: whether `dot` draws random numbers (dropout) when training.
+  """
+  shape: tuple[int, int]
+  size: int
+  needs_rng: bool
+
+  def dot(self, x: Array, *, dtype: jnp.dtype,
+          dropout_rng: Array | None = None) -> Array:
+    """[..., I] -> [..., O] in compute dtype `dtype`."""
+
+
+def is_adapted_kernel(value: Any) -> bool:
+  """True for an adapted kernel node (not for plain arrays)."""
+  return (not isinstance(value, (jax.Array, np.ndarray)) and
+          isinstance(value, AdaptedKernel))
 
 
 def _unbox(value: Any) -> Any:
@@ -129,7 +149,7 @@ def dot(x: Array, kernel: Any, *, dtype: jnp.dtype,
   Returns:
     [..., out] in `dtype`.
   """
-  if not isinstance(kernel, (jax.Array, np.ndarray)):  # an adapted kernel
+  if is_adapted_kernel(kernel):
     return kernel.dot(x, dtype=dtype, dropout_rng=dropout_rng)
   return matmul(x, kernel, dtype=dtype).astype(dtype)
 
@@ -244,7 +264,8 @@ class Dense(nn.Module):
     kernel = param(self, 'kernel', self.kernel_init,
                    (x.shape[-1], self.features), self.axes)
     rng = None
-    if not deterministic and getattr(kernel, 'needs_rng', False):
+    if (not deterministic and is_adapted_kernel(kernel) and
+        kernel.needs_rng):
       rng = self.make_rng('dropout')
     y = dot(x, kernel, dtype=self.dtype, dropout_rng=rng)
     if self.use_bias:

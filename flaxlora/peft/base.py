@@ -1,6 +1,7 @@
 """The PEFT method protocol, path selection, `chain` and `trainable`.
 
-A PEFT method is a pair of pure functions (optax's shape):
+A PEFT method is a pair of pure functions (optax's shape), plus the pure
+hooks a run needs of it, each with a default (see `PeftMethod`):
 
     method = lora.lora(rank=8, targets='t5')
     adapter = method.init(rng, base)          # works under jax.eval_shape
@@ -15,31 +16,118 @@ Parameters are selected by regexes over "/"-joined paths
 (`encoder/block_0/attention/q/kernel`) with `re.fullmatch`.
 """
 import dataclasses
+import pathlib
 import re
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
+
+from flaxlora.models import layers
 
 Params = Mapping[str, Any]
 Adapter = Any
 PRNGKey = jax.Array
+# make_tx(lr_multiplier) -> the run's optimizer (its schedule scaled).
+TxFactory = Callable[[float], optax.GradientTransformation]
+
+
+class Export(NamedTuple):
+  """How a method's adapter is written as a Hugging Face PEFT folder.
+
+  Attributes:
+    write: `write(folder, model, base, adapter, method, *,
+      base_model_name_or_path) -> folder`, or None when the adapter has no
+      PEFT form. `method` is the whole (possibly chained) method.
+    needs_base: `write` reads host copies of the base params (modules to
+      save are written whole); when False it gets None.
+    reason: why there is no PEFT form (when `write` is None).
+  """
+  write: Callable[..., pathlib.Path] | None = None
+  needs_base: bool = False
+  reason: str = 'it has no Hugging Face PEFT form'
+
+
+def same_base(base: Params) -> Params:
+  """`prepare_base` default: the base as given."""
+  return base
+
+
+def same_axes(base_axes: Any, prepared: Any) -> Any:
+  """`prepared_axes` default: the prepared base has the base's axes."""
+  del prepared
+  return base_axes
+
+
+def follow_base_axes(base_axes: Any, adapter: Any) -> Any:
+  """`logical_axes` default: each adapter leaf takes the axes of the base
+  param at its path (a fully trained copy is split like its original)."""
+  flat_axes = flatten(base_axes)
+  out = {}
+  for path in flatten(adapter):
+    if path not in flat_axes:
+      raise ValueError(f'adapter path {path} has no logical axes in the base '
+                       'axes tree; give the method a logical_axes hook.')
+    out[path] = flat_axes[path]
+  return unflatten(out)
+
+
+def plain_optimizer(make_tx: TxFactory) -> optax.GradientTransformation:
+  """`optimizer` default: the run's optimizer, one learning rate."""
+  return make_tx(1.0)
+
+
+def no_after_step(adapter: Adapter, opt_state: Any, base: Params,
+                  step: jax.Array) -> tuple[Adapter, Any]:
+  """`after_step` default: nothing changes between steps."""
+  del base, step
+  return adapter, opt_state
+
+
+NO_EXPORT = Export()
 
 
 class PeftMethod(NamedTuple):
-  """A PEFT method: `init(rng, base) -> adapter`, `apply(base, adapter)`.
+  """A PEFT method: two pure functions and the pure hooks a run needs.
+
+  A run (the trainer, the build step, the export path) asks a method
+  everything through these fields and never which method it is; each hook
+  has a default, so a method sets only what it changes.
 
   Attributes:
-    init: builds the adapter (the trainable state) from base params; pure, so
-      it also runs on abstract params under `jax.eval_shape`.
-    apply: `(base, adapter) -> (params, kwargs)`: params for the model and
-      extra keyword arguments for `model.apply` ({} for LoRA).
-    config: the method's hyperparameters (a frozen dataclass) for `describe`
-      and checkpoint export; None for ad hoc methods.
+    init: `init(rng, base) -> adapter`, the trainable state; pure, so it
+      also runs on abstract params under `jax.eval_shape`.
+    apply: `apply(base, adapter) -> (params, kwargs)`: params for the model
+      and extra keyword arguments for `model.apply` ({} for LoRA).
+    config: the method's hyperparameters (a frozen dataclass), recorded
+      and shown by `describe`; None for ad hoc methods.
+    prepare_base: `prepare_base(base) -> base`, run once (jitted, sharded)
+      before training: QLoRA quantises kernels to NF4. `apply` must give the
+      same outputs on an unprepared base.
+    prepared_axes: `prepared_axes(base_axes, prepared) -> axes`: logical
+      axes of the prepared base (`prepared` may be abstract).
+    logical_axes: `logical_axes(base_axes, adapter) -> axes` of every
+      adapter leaf, for the sharding rules.
+    optimizer: `optimizer(make_tx) -> tx` over the adapter, where
+      `make_tx(m)` is the run's optimizer at m x its learning rate: LoRA+
+      gives B `ratio` x A's rate with `optax.multi_transform`.
+    after_step: `after_step(adapter, opt_state, base, step) -> (adapter,
+      opt_state)`, applied inside the jitted train step after each update
+      (`step` counts updates done). Base params are read-only: state a
+      method accumulates lives in its adapter, frozen by its `optimizer`.
+    export: `Export`: how the adapter becomes a Hugging Face PEFT folder.
   """
   init: Callable[[PRNGKey, Params], Adapter]
   apply: Callable[[Params, Adapter], tuple[Params, dict]]
   config: Any = None
+  prepare_base: Callable[[Params], Params] = same_base
+  prepared_axes: Callable[[Any, Any], Any] = same_axes
+  logical_axes: Callable[[Any, Adapter], Any] = follow_base_axes
+  optimizer: Callable[[TxFactory], optax.GradientTransformation] = (
+      plain_optimizer)
+  after_step: Callable[..., tuple[Adapter, Any]] = no_after_step
+  export: Export = NO_EXPORT
 
 
 def flatten(tree: Params, is_leaf: Callable[[Any], bool] | None = None
@@ -180,7 +268,8 @@ def chain(*methods: PeftMethod) -> PeftMethod:
   """Composes PEFT methods; the adapter is a tuple of their adapters.
 
   `apply` threads params through the methods in order and merges their
-  model kwargs (two methods giving the same kwarg is an error).
+  model kwargs (two methods giving the same kwarg is an error); the hooks
+  compose part by part (see `_chain_hooks`).
 
       method = chain(lora.lora(targets='bert'), trainable(r'classifier/.*'))
   """
@@ -209,7 +298,75 @@ def chain(*methods: PeftMethod) -> PeftMethod:
       kwargs.update(kw)
     return params, kwargs
 
-  return PeftMethod(init, apply, ChainConfig(tuple(methods)))
+  return PeftMethod(init, apply, ChainConfig(tuple(methods)),
+                    **_chain_hooks(methods))
+
+
+def _chain_hooks(methods: Sequence[PeftMethod]) -> dict[str, Any]:
+  """The hooks of a chain: the base is prepared by each method in turn, the
+  adapter's axes are each part's. When some part shapes its optimizer or
+  steps, each part gets its own optimizer (`per_part`) and after-step hook;
+  otherwise one optimizer covers the whole tuple."""
+
+  def prepare_base(base):
+    for m in methods:
+      base = m.prepare_base(base)
+    return base
+
+  def prepared_axes(base_axes, prepared):
+    for m in methods:
+      base_axes = m.prepared_axes(base_axes, prepared)
+    return base_axes
+
+  def logical_axes(base_axes, adapter):
+    return tuple(m.logical_axes(base_axes, a)
+                 for m, a in zip(methods, adapter))
+
+  hooks = dict(prepare_base=prepare_base, prepared_axes=prepared_axes,
+               logical_axes=logical_axes, export=_chain_export(methods))
+  if all(m.optimizer is plain_optimizer and m.after_step is no_after_step
+         for m in methods):
+    return hooks
+
+  def optimizer(make_tx):
+    return per_part([m.optimizer(make_tx) for m in methods])
+
+  def after_step(adapter, opt_state, base, step):
+    pairs = [m.after_step(a, s, base, step)
+             for m, a, s in zip(methods, adapter, opt_state)]
+    return tuple(a for a, _ in pairs), tuple(s for _, s in pairs)
+
+  return dict(hooks, optimizer=optimizer, after_step=after_step)
+
+
+def per_part(txs: Sequence[optax.GradientTransformation]
+             ) -> optax.GradientTransformation:
+  """An optimizer over a tuple of adapters: `txs[i]` updates part i."""
+
+  def init(params):
+    return tuple(tx.init(p) for tx, p in zip(txs, params))
+
+  def update(updates, state, params=None):
+    params = (None,) * len(txs) if params is None else params
+    out = [tx.update(u, s, p)
+           for tx, u, s, p in zip(txs, updates, state, params)]
+    return tuple(u for u, _ in out), tuple(s for _, s in out)
+
+  return optax.GradientTransformation(init, update)
+
+
+def _chain_export(methods: Sequence[PeftMethod]) -> Export:
+  """The one chained method with a PEFT form writes the whole chain (it
+  takes the other parts, e.g. `trainable` copies, as modules to save)."""
+  writers = [m.export for m in methods if m.export.write is not None]
+  if len(writers) == 1:
+    return Export(writers[0].write,
+                  any(m.export.needs_base for m in methods))
+  if not writers:
+    reasons = '; '.join(m.export.reason for m in methods)
+    return Export(reason=f'no chained method has a PEFT form ({reasons})')
+  return Export(reason=f'{len(writers)} chained methods have a PEFT form, '
+                'and a PEFT folder holds one')
 
 
 def configs(method: PeftMethod) -> list[Any]:
@@ -248,12 +405,14 @@ def trainable(patterns: str | Iterable[str]) -> PeftMethod:
   def apply(base, adapter):
     updates = flatten(adapter)
     for path in updates:
-      current = get(base, path)
-      if hasattr(current, 'needs_rng'):  # an adapted kernel
+      if layers.is_adapted_kernel(get(base, path)):
         raise ValueError(
             f'trainable({list(patterns)}) would replace {path}, which an '
             'earlier chained method already adapted; exclude it from one of '
             'the two.')
     return replace(base, updates), {}
 
-  return PeftMethod(init, apply, TrainableConfig(patterns))
+  return PeftMethod(init, apply, TrainableConfig(patterns),
+                    export=Export(reason='trainable() copies alone are no '
+                                  'PEFT adapter; chain them after lora or '
+                                  'prompt_tuning'))

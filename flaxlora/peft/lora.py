@@ -29,6 +29,7 @@ import numpy as np
 from flaxlora.models import layers
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import dora
+from flaxlora.peft import loraplus
 
 Array = jax.Array
 
@@ -62,6 +63,10 @@ class LoraKernel:
   @property
   def shape(self) -> tuple[int, int]:
     return tuple(self.w.shape)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.w.shape))
 
   @property
   def needs_rng(self) -> bool:
@@ -117,6 +122,8 @@ class LoraConfig:
     use_rslora: scale alpha / sqrt(R) instead of alpha / R.
     init: one of INITS (init_lora_weights).
     use_dora: weight-decomposed LoRA.
+    loraplus_ratio: LoRA+ (Hayou et al. 2024): B's learning rate is this
+      many times A's (1.0: plain LoRA); see `loraplus`.
   """
   rank: int = 8
   alpha: float = 16.0
@@ -127,6 +134,7 @@ class LoraConfig:
   use_rslora: bool = False
   init: str = 'default'
   use_dora: bool = False
+  loraplus_ratio: float = 1.0
 
   def rank_for(self, path: str) -> int:
     pattern = peft_base.first_match(dict(self.rank_pattern), path)
@@ -190,7 +198,8 @@ def make_config(rank: int = 8, alpha: float = 16.0,
                 rank_pattern: Mapping[str, int] | None = None,
                 alpha_pattern: Mapping[str, float] | None = None,
                 use_rslora: bool = False, init: str = 'default',
-                use_dora: bool = False) -> LoraConfig:
+                use_dora: bool = False,
+                loraplus_ratio: float = 1.0) -> LoraConfig:
   """Validates arguments into a `LoraConfig`; see `lora` for their meaning."""
   _check_rank(rank, 'rank')
   rank_pattern = dict(rank_pattern or {})
@@ -203,6 +212,9 @@ def make_config(rank: int = 8, alpha: float = 16.0,
     raise ValueError(f'lora dropout must be in [0, 1), got {dropout!r}.')
   if init not in INITS:
     raise ValueError(f'lora init must be one of {INITS}, got {init!r}.')
+  if not loraplus_ratio > 0:
+    raise ValueError(f'lora loraplus_ratio must be > 0 (1.0: plain LoRA), '
+                     f'got {loraplus_ratio!r}.')
   if isinstance(targets, str) and targets in TARGETS:
     targets = TARGETS[targets]
   if targets is not None:
@@ -210,7 +222,8 @@ def make_config(rank: int = 8, alpha: float = 16.0,
   return LoraConfig(rank, float(alpha), targets, float(dropout),
                     tuple(rank_pattern.items()),
                     tuple((k, float(v)) for k, v in alpha_pattern.items()),
-                    bool(use_rslora), init, bool(use_dora))
+                    bool(use_rslora), init, bool(use_dora),
+                    float(loraplus_ratio))
 
 
 def _init_leaf(rng: Array, w: Any, rank: int, scale: float, init: str,
@@ -246,7 +259,8 @@ def lora(rank: int = 8, alpha: float = 16.0,
          rank_pattern: Mapping[str, int] | None = None,
          alpha_pattern: Mapping[str, float] | None = None,
          use_rslora: bool = False, init: str = 'default',
-         use_dora: bool = False) -> peft_base.PeftMethod:
+         use_dora: bool = False,
+         loraplus_ratio: float = 1.0) -> peft_base.PeftMethod:
   """The LoRA family as a `PeftMethod`.
 
   Args:
@@ -262,13 +276,16 @@ def lora(rank: int = 8, alpha: float = 16.0,
       B = 0) or 'pissa' (top-R SVD of W; then use `pissa_base(base, ...)`
       as the base).
     use_dora: DoRA; the adapter gains 'magnitude' [out].
+    loraplus_ratio: LoRA+: every B trains at this many times the learning
+      rate of the other adapter leaves (1.0: plain LoRA).
 
   Returns:
     A PeftMethod whose adapter maps each targeted kernel path to
     {'a': [in, R], 'b': [R, out]} (+ 'magnitude' [out]).
   """
   config = make_config(rank, alpha, targets, dropout, rank_pattern,
-                       alpha_pattern, use_rslora, init, use_dora)
+                       alpha_pattern, use_rslora, init, use_dora,
+                       loraplus_ratio)
 
   def init_fn(rng, base):
     paths = config.paths(base)
@@ -281,7 +298,19 @@ def lora(rank: int = 8, alpha: float = 16.0,
   def apply(base, adapter):
     return peft_base.replace(base, kernels(config, base, adapter)), {}
 
-  return peft_base.PeftMethod(init_fn, apply, config)
+  return peft_base.PeftMethod(
+      init_fn, apply, config, logical_axes=adapter_logical_axes,
+      optimizer=loraplus.optimizer_hook(config.loraplus_ratio),
+      export=EXPORT)
+
+
+def _write_peft(folder, model, base, adapter, method, **kwargs):
+  from flaxlora.peft import peft_io  # pylint: disable=g-import-not-at-top
+  return peft_io.save_peft(folder, model, base, adapter, method, **kwargs)
+
+
+# A LORA folder; modules to save are written whole, so it reads the base.
+EXPORT = peft_base.Export(_write_peft, needs_base=True)
 
 
 def kernels(config: LoraConfig, base: Mapping[str, Any],
@@ -297,7 +326,7 @@ def kernels(config: LoraConfig, base: Mapping[str, Any],
     except (KeyError, TypeError) as e:
       raise ValueError(f'lora adapter has {path}, which the params lack; '
                        'was it made for another model?') from e
-    if hasattr(w, 'needs_rng'):  # an adapted kernel
+    if layers.is_adapted_kernel(w):
       raise ValueError(f'{path} is already adapted by an earlier chained '
                        'method; target each kernel once.')
     rank = config.rank_for(path)

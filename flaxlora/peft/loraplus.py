@@ -1,39 +1,58 @@
 """LoRA+ (Hayou et al. 2024): B trains with a larger learning rate than A.
 
+From a config, LoRA+ is the `loraplus_ratio` argument of `lora.lora` (and
+`qlora.qlora`): the method's `optimizer` hook (`optimizer_hook`) gives the
+run's optimizer a second copy at `ratio` x the learning rate for every B.
+Outside a run:
+
     tx = loraplus.loraplus_optimizer(1e-4, ratio=16, weight_decay=0.01)
     opt_state = tx.init(adapter)
 
 Every 'b' leaf of a LoRA entry gets `ratio` times the learning rate of all
 other adapter leaves (A, DoRA magnitudes, `trainable` copies).
 """
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import optax
 
 from flaxlora.peft import base as peft_base
-from flaxlora.peft import lora
 
 LABEL_B = 'lora_b'
 LABEL_OTHER = 'other'
 
 
+def _is_factors(node: Any) -> bool:
+  return isinstance(node, Mapping) and 'a' in node and 'b' in node
+
+
 def labels(adapter: Any) -> Any:
   """A tree like `adapter` with LABEL_B at LoRA 'b' leaves, else LABEL_OTHER.
   """
+  if isinstance(adapter, (tuple, list)):
+    return type(adapter)(labels(a) for a in adapter)
+  out = {}
+  for path, leaf in peft_base.flatten(adapter, is_leaf=_is_factors).items():
+    if _is_factors(leaf):
+      out[path] = {k: LABEL_B if k == 'b' else LABEL_OTHER for k in leaf}
+    else:
+      out[path] = LABEL_OTHER
+  return peft_base.unflatten(out)
 
-  def label(tree):
-    if isinstance(tree, (tuple, list)):
-      return type(tree)(label(t) for t in tree)
-    flat = peft_base.flatten(tree, is_leaf=lora.is_lora_node)
-    out = {}
-    for path, leaf in flat.items():
-      if lora.is_lora_node(leaf):
-        out[path] = {k: LABEL_B if k == 'b' else LABEL_OTHER for k in leaf}
-      else:
-        out[path] = LABEL_OTHER
-    return peft_base.unflatten(out)
 
-  return label(adapter)
+def by_factor(make_tx: peft_base.TxFactory,
+              ratio: float) -> optax.GradientTransformation:
+  """`make_tx(ratio)` for every B, `make_tx(1)` for the other leaves."""
+  if not ratio > 0:
+    raise ValueError(f'loraplus ratio must be > 0, got {ratio!r}.')
+  return optax.multi_transform(
+      {LABEL_OTHER: make_tx(1.0), LABEL_B: make_tx(ratio)}, labels)
+
+
+def optimizer_hook(ratio: float) -> Callable[[peft_base.TxFactory], Any]:
+  """A `PeftMethod.optimizer` hook: LoRA+ at `ratio`, plain at 1.0."""
+  if ratio == 1.0:
+    return peft_base.plain_optimizer
+  return lambda make_tx: by_factor(make_tx, ratio)
 
 
 def _scaled(learning_rate: float | optax.Schedule, ratio: float):
@@ -59,12 +78,7 @@ def loraplus_optimizer(learning_rate: float | optax.Schedule, *,
   Returns:
     An optax transformation over the adapter (`optax.multi_transform`).
   """
-  if not ratio > 0:
-    raise ValueError(f'loraplus ratio must be > 0, got {ratio!r}.')
-  transforms = {
-      LABEL_OTHER: tx_factory(learning_rate=learning_rate, **tx_kwargs),
-      LABEL_B: tx_factory(learning_rate=_scaled(learning_rate, ratio),
-                          **tx_kwargs),
-  }
-  return optax.multi_transform(transforms, labels)
-
+  def make_tx(multiplier):
+    return tx_factory(learning_rate=_scaled(learning_rate, multiplier),
+                      **tx_kwargs)
+  return by_factor(make_tx, ratio)

@@ -94,6 +94,10 @@ class Nf4Kernel:
   def ndim(self) -> int:
     return 2
 
+  @property
+  def size(self) -> int:
+    return self.shape[0] * self.shape[1]
+
   def block_absmax(self) -> jax.Array:
     """[Ip/64, O] fp32 block absmaxes, undoing the double quantisation."""
     nb, o = self.scale_codes.shape

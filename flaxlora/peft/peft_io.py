@@ -16,8 +16,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
-import tempfile
 from typing import Any, Mapping
 
 import jax
@@ -25,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import numpy as st_numpy
 
+from flaxlora import atomic
 from flaxlora import models
 from flaxlora.models import hf_io
 from flaxlora.peft import base as peft_base
@@ -172,24 +171,11 @@ def _module_tensors(modules: list[str], rules: Mapping[str, hf_io.Rule],
 
 def _write(folder: pathlib.Path, config: dict[str, Any],
            tensors: dict[str, np.ndarray]) -> pathlib.Path:
-  """Writes into a staging folder, then swaps it in (no half-written state)."""
-  folder.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{folder.name}.',
-                                          dir=folder.parent))
-  try:
+  """Writes both files into a staging folder swapped in atomically."""
+  with atomic.folder(folder) as staging:
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + '\n')
     st_numpy.save_file(tensors, str(staging / WEIGHTS_FILE),
                        metadata={'format': 'pt'})
-    staging.chmod(0o755)
-    old = folder.with_name(f'.{folder.name}.old')
-    if folder.exists():
-      shutil.rmtree(old, ignore_errors=True)
-      folder.rename(old)
-    staging.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return folder
 
 

@@ -179,10 +179,22 @@ def prompt_tuning(num_tokens: int = 100, init: str = 'random_uniform', *,
     return base, {'prompt': adapter['prompt']}
 
   return peft_base.PeftMethod(init_fn, apply_fn,
-                              PromptConfig(num_tokens, init, init_text))
+                              PromptConfig(num_tokens, init, init_text),
+                              logical_axes=adapter_logical_axes,
+                              export=EXPORT)
 
 
-def adapter_logical_axes(adapter: dict[str, Any]) -> dict[str, PartitionSpec]:
+def adapter_logical_axes(base_axes: Any, adapter: dict[str, Any]
+                         ) -> dict[str, PartitionSpec]:
   """The prompt is small and read by every device: replicated."""
-  del adapter
+  del base_axes, adapter
   return {'prompt': PartitionSpec('prompt', None)}
+
+
+def _write_peft(folder, model, base, adapter, method, **kwargs):
+  del base  # a PROMPT_TUNING folder holds the prompt (and head copies) only
+  from flaxlora.peft import prompt_io  # pylint: disable=g-import-not-at-top
+  return prompt_io.save_prompt(folder, model, adapter, method, **kwargs)
+
+
+EXPORT = peft_base.Export(_write_peft, needs_base=False)

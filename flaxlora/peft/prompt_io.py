@@ -22,12 +22,12 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 from typing import Any
 
 import numpy as np
 from safetensors import numpy as st_numpy
 
+from flaxlora import atomic
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
 from flaxlora.peft import prompt as prompt_lib
@@ -127,23 +127,12 @@ def save_prompt(folder: str | os.PathLike, model: Any, adapter: Any,
                 revision=None, inference_mode=True, auto_mapping=None,
                 modules_to_save=modules or None)
   folder = pathlib.Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
-  _write_atomic(folder / CONFIG_FILE, lambda f: pathlib.Path(f).write_text(
-      json.dumps(config, indent=2, sort_keys=True) + '\n'))
-  _write_atomic(folder / WEIGHTS_FILE, lambda f: st_numpy.save_file(
-      tensors, f, metadata={'format': 'pt'}))
+  with atomic.folder(folder) as staging:
+    (staging / CONFIG_FILE).write_text(
+        json.dumps(config, indent=2, sort_keys=True) + '\n')
+    st_numpy.save_file(tensors, str(staging / WEIGHTS_FILE),
+                       metadata={'format': 'pt'})
   return folder
-
-
-def _write_atomic(path: pathlib.Path, write) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
 
 
 def _read(folder: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:

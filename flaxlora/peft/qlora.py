@@ -1,7 +1,7 @@
 """QLoRA (Dettmers et al. 2023): LoRA over an NF4-quantised frozen base.
 
     method = qlora.qlora(rank=8, alpha=16, targets='t5')
-    base = qlora.prepare_base(base, method)   # once: kernels -> Nf4Kernel
+    base = method.prepare_base(base)          # once: kernels -> Nf4Kernel
     adapter = method.init(rng, base)
     params, kw = method.apply(base, adapter)  # in the step: dequantises
 
@@ -12,13 +12,13 @@ Targeted kernels then become `lora.LoraKernel(w=Nf4Kernel, ...)`, whose
 `dot` computes x @ dequant(W) + scale * (x @ A) @ B; untargeted quantised
 kernels compute x @ dequant(W). Gradients reach only A and B.
 
-`prepare_base` is an optimisation, not a requirement: `apply` quantises any
-plain kernel it should, so a raw base gives exactly the same outputs (the
-training numerics everywhere, e.g. in evaluation), only without the memory
-saving. The method's config is a `QloraConfig`, a `lora.LoraConfig`
-subclass, so LoRA tools (PEFT export of the adapter, `describe`) treat it as
-the LoRA it trains; a trainer calls `config.prepare_base(base)` once when a
-method config has it.
+The method's `prepare_base` hook is an optimisation, not a requirement:
+`apply` quantises any plain kernel it should, so a raw base gives exactly the
+same outputs (the training numerics everywhere, e.g. in evaluation), only
+without the memory saving. The method's config is a `QloraConfig`, a
+`lora.LoraConfig` subclass, so LoRA tools (`describe`, the analyses) treat
+it as the LoRA it trains. Its PEFT export is LoRA's, written against the
+dequantised base.
 """
 import dataclasses
 import pathlib
@@ -55,13 +55,14 @@ def qlora(rank: int = 8, alpha: float = 16.0,
           alpha_pattern: Mapping[str, float] | None = None,
           use_rslora: bool = False, init: str = 'default',
           use_dora: bool = False, quantize: str = nf4.DEFAULT_INCLUDE,
-          keep: str = nf4.DEFAULT_EXCLUDE) -> peft_base.PeftMethod:
+          keep: str = nf4.DEFAULT_EXCLUDE,
+          loraplus_ratio: float = 1.0) -> peft_base.PeftMethod:
   """LoRA on an NF4 base as a `PeftMethod`.
 
   Args:
     rank, alpha, targets, dropout, rank_pattern, alpha_pattern, use_rslora,
-      init, use_dora: as in `lora.lora` ('pissa' excepted); DoRA's magnitude
-      and column norms use the dequantised kernels.
+      init, use_dora, loraplus_ratio: as in `lora.lora` ('pissa' excepted);
+      DoRA's magnitude and column norms use the dequantised kernels.
     quantize: regex of the 2-D params stored in NF4 (default: all kernels).
     keep: regex of params never quantised (default: the task heads, pooler
       and untied lm_head).
@@ -73,19 +74,33 @@ def qlora(rank: int = 8, alpha: float = 16.0,
     raise ValueError("qlora init='pissa' is not supported: its residual base "
                      'W - sAB would have to be quantised again (LoftQ); use '
                      "init='default' or 'gaussian'.")
-  lora_config = lora.make_config(rank, alpha, targets, dropout, rank_pattern,
-                                 alpha_pattern, use_rslora, init, use_dora)
-  peft_base.as_patterns([quantize, keep], 'qlora quantize/keep')
-  config = QloraConfig(**dataclasses.asdict(lora_config), quantize=quantize,
-                       keep=keep)
   lora_method = lora.lora(rank, alpha, targets, dropout, rank_pattern,
-                          alpha_pattern, use_rslora, init, use_dora)
+                          alpha_pattern, use_rslora, init, use_dora,
+                          loraplus_ratio)
+  peft_base.as_patterns([quantize, keep], 'qlora quantize/keep')
+  config = QloraConfig(**dataclasses.asdict(lora_method.config),
+                       quantize=quantize, keep=keep)
 
   def apply_fn(base, adapter):
     quantized = config.prepare_base(base)
     return quantized_lora(config, quantized, adapter), {}
 
-  return peft_base.PeftMethod(lora_method.init, apply_fn, config)
+  return lora_method._replace(apply=apply_fn, config=config,
+                              prepare_base=config.prepare_base,
+                              prepared_axes=nf4.params_logical_axes,
+                              export=EXPORT)
+
+
+def _write_peft(folder, model, base, adapter, method, **kwargs):
+  from flaxlora.peft import peft_io  # pylint: disable=g-import-not-at-top
+  return peft_io.save_peft(folder, model, nf4.dequantize_params(base),
+                           adapter, method, **kwargs)
+
+
+# LoRA's folder, written against the dequantised base: PEFT loads it onto
+# the fp32 base (or a bitsandbytes 4-bit one); only the base differs, by the
+# NF4 error.
+EXPORT = peft_base.Export(_write_peft, needs_base=True)
 
 
 def quantized_lora(config: lora.LoraConfig, base: Mapping[str, Any],
@@ -104,15 +119,6 @@ def quantized_lora(config: lora.LoraConfig, base: Mapping[str, Any],
   nodes = {p: n.replace(w=peft_base.get(base, p)) if p in stand_ins else n
            for p, n in nodes.items()}
   return peft_base.replace(base, nodes)
-
-
-def prepare_base(base: Mapping[str, Any],
-                 method: peft_base.PeftMethod) -> Any:
-  """Quantises `base` once for every QloraConfig in `method` (chains too)."""
-  for config in peft_base.configs(method):
-    if hasattr(config, 'prepare_base'):
-      base = config.prepare_base(base)
-  return base
 
 
 def merge(base: Mapping[str, Any], adapter: Any,
@@ -146,16 +152,3 @@ def save_merged(folder: str | pathlib.Path, model: Any,
   """Writes the dequantised, merged model as a plain Hugging Face folder."""
   from flaxlora import models  # pylint: disable=g-import-not-at-top
   return models.save(folder, model, merge(base, adapter, method), tokenizer)
-
-
-def save_peft(folder: str | pathlib.Path, model: Any,
-              base: Mapping[str, Any], adapter: Any,
-              method: peft_base.PeftMethod, **kwargs: Any) -> pathlib.Path:
-  """The LoRA adapter as a PEFT folder (`peft_io.save_peft`).
-
-  PEFT loads it onto the fp32 base (or a bitsandbytes 4-bit one); the
-  adapter is the same either way, only the base differs by the NF4 error.
-  """
-  from flaxlora.peft import peft_io  # pylint: disable=g-import-not-at-top
-  return peft_io.save_peft(folder, model, nf4.dequantize_params(base),
-                           adapter, method, **kwargs)

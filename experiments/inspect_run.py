@@ -1,6 +1,6 @@
 r"""Prints what a finished run's adapter learned, and writes its plots.
 
-  python -m experiments.inspect --workdir=workdirs/t5_runlocal
+  python -m experiments.inspect_run --workdir=workdirs/t5_runlocal
 
 Prints the parameter summary (totals by module and overall; --leaves for
 every parameter), which adapter leaves changed since initialisation, the

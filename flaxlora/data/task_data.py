@@ -10,7 +10,7 @@ Sources (`data.source`):
   files      data.train_file / data.eval_file (or `data.eval_from_train`
              held out of the train file by `data.split_seed`)
   hub        data.hub_name ('glue/sst2', 'squad', 'xsum'); needs `datasets`
-  generated  `flaxlora.synthetic` (data.generated.*), for runlocal
+  generated  `flaxlora.data.synthetic` (data.generated.*), for runlocal
 """
 import dataclasses
 import pathlib
@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from flaxlora import synthetic
 from flaxlora.data import buckets
 from flaxlora.data import classification
 from flaxlora.data import seq2seq
 from flaxlora.data import sources
 from flaxlora.data import squad
+from flaxlora.data import synthetic
 
 KINDS = ('classification', 'squad', 'seq2seq')
 # How `data.max_train_examples` picks its records.

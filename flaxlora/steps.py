@@ -1,9 +1,15 @@
-"""The train state, the optimizer built from a config, and the train step.
+"""The train state, the train step and the eval step.
+
+    step_fn = steps.jit_train_step(task.loss, method, tx, clip_norm=1.0)
+    state, metrics = step_fn(state, base, batch)
+    eval_fn = steps.jit_eval_step(task, method)
+    outputs = eval_fn(state.adapter, base, batch)
 
 The state is only what training changes: the adapter, its optimizer state,
 the step and the rng. The base params are a separate, non-donated argument
-of the jitted step; gradients are taken w.r.t. the adapter alone, so the
-optimizer never sees the base and XLA computes no gradient for it.
+of the jitted steps; gradients are taken w.r.t. the adapter alone, so the
+optimizer never sees the base and XLA computes no gradient for it. The
+method's `after_step` hook runs inside the train step, after the update.
 
 Dropout rngs are `fold_in(state.rng, state.step)` (and the micro-batch
 number under gradient accumulation), so a run resumed from a checkpoint
@@ -36,65 +42,6 @@ class TrainState(NamedTuple):
   adapter: Any
   opt_state: Any
   rng: jax.Array
-
-
-def schedule(opt: Any, total_steps: int) -> optax.Schedule:
-  """Warmup (linear from 0) then 'linear' (to 0), 'cosine' or 'constant'.
-
-  Args:
-    opt: the config's optimizer section (lr, warmup_steps, schedule).
-    total_steps: the number of optimizer updates of the run.
-  """
-  warmup = int(opt.warmup_steps)
-  if warmup < 0:
-    raise ValueError(f'optimizer.warmup_steps={warmup} must be >= 0.')
-  decay_steps = max(total_steps - warmup, 1)
-  lr = float(opt.lr)
-  decays = {
-      'linear': lambda: optax.linear_schedule(lr, 0.0, decay_steps),
-      'cosine': lambda: optax.cosine_decay_schedule(lr, decay_steps),
-      'constant': lambda: optax.constant_schedule(lr),
-  }
-  if opt.schedule not in decays:
-    raise ValueError(f'optimizer.schedule={opt.schedule!r}: use one of '
-                     f'{sorted(decays)}.')
-  if not warmup:
-    return decays[opt.schedule]()
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, lr, warmup), decays[opt.schedule]()],
-      [warmup])
-
-
-def optimizer(opt: Any, total_steps: int) -> optax.GradientTransformation:
-  """Clipping + AdamW or Adafactor from the config's optimizer section.
-
-  Adafactor reads the optional `adafactor_decay_rate` (default 0.8) and
-  `adafactor_parameter_scale` (default True) fields.
-
-  Gradient accumulation is done by the train step (micro-batches summed
-  exactly), so one optimizer update is one step.
-  """
-  lr = schedule(opt, total_steps)
-  if opt.name == 'adamw':
-    tx = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                     weight_decay=opt.weight_decay)
-  elif opt.name == 'adafactor':
-    # Defaults are optax's (and Lester et al.'s decay rate 0.8); prompt
-    # tuning turns the parameter scaling off.
-    tx = optax.adafactor(
-        lr, weight_decay_rate=opt.weight_decay or None,
-        decay_rate=opt.get('adafactor_decay_rate', 0.8),
-        multiply_by_parameter_scale=opt.get('adafactor_parameter_scale',
-                                            True))
-  else:
-    raise ValueError(f"optimizer.name={opt.name!r}: use 'adamw' or "
-                     "'adafactor'.")
-  if opt.clip_norm < 0:
-    raise ValueError(f'optimizer.clip_norm={opt.clip_norm} must be >= 0 '
-                     '(0 disables clipping).')
-  if opt.clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), tx)
-  return tx
 
 
 def _micro_batches(batch: dict, accum: int) -> dict:
@@ -139,7 +86,8 @@ def loss_and_grads(loss_fn: LossFn, method: Any, base: Params, adapter: Any,
 
 def train_step(state: TrainState, base: Params, batch: dict, *,
                loss_fn: LossFn, method: Any, tx: optax.GradientTransformation,
-               accum: int = 1) -> tuple[TrainState, dict]:
+               accum: int = 1, clip_norm: float = 0.0
+               ) -> tuple[TrainState, dict]:
   """One optimizer update of the adapter; base params stay untouched.
 
   Args:
@@ -147,13 +95,15 @@ def train_step(state: TrainState, base: Params, batch: dict, *,
     base: frozen base params (not donated, never differentiated).
     batch: the global batch (arrays [B, ...]).
     loss_fn: see `LossFn`.
-    method: the PEFT method (`apply(base, adapter) -> (params, kwargs)`).
-    tx: the optimizer.
+    method: the PEFT method (`apply`, and its `after_step` hook).
+    tx: the optimizer (`optimizers.optimizer`).
     accum: micro-batches per update (gradient accumulation).
+    clip_norm: clip the mean gradient to this global norm (0: no clipping).
 
   Returns:
     (new state, {'loss', 'weight', 'grad_norm'}) where loss is the mean over
-    labelled positions of the whole batch.
+    labelled positions of the whole batch and grad_norm the norm before
+    clipping.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   loss_sum, weight, grads = loss_and_grads(loss_fn, method, base,
@@ -161,26 +111,47 @@ def train_step(state: TrainState, base: Params, batch: dict, *,
   # Dividing summed grads by the total weight gives the exact mean gradient.
   denominator = jnp.maximum(weight, 1.0)
   grads = jax.tree.map(lambda g: g / denominator, grads)
+  grad_norm = optax.global_norm(grads)
+  if clip_norm:
+    grads, _ = optax.clip_by_global_norm(clip_norm).update(
+        grads, optax.EmptyState())
   updates, opt_state = tx.update(grads, state.opt_state, state.adapter)
   adapter = optax.apply_updates(state.adapter, updates)
+  adapter, opt_state = method.after_step(adapter, opt_state, base,
+                                         state.step + 1)
   new_state = TrainState(state.step + 1, adapter, opt_state, state.rng)
   metrics = {'loss': loss_sum / denominator, 'weight': weight,
-             'grad_norm': optax.global_norm(grads)}
+             'grad_norm': grad_norm}
   return new_state, metrics
 
 
 def jit_train_step(loss_fn: LossFn, method: Any,
                    tx: optax.GradientTransformation, accum: int = 1,
-                   state_shardings: Any = None):
+                   state_shardings: Any = None, clip_norm: float = 0.0):
   """`train_step` jitted; the state is donated, the base is not.
 
   With `state_shardings`, the new state keeps the layout of the old one, so
   a restored checkpoint and a fresh state run the same program.
   """
   step = functools.partial(train_step, loss_fn=loss_fn, method=method, tx=tx,
-                           accum=accum)
+                           accum=accum, clip_norm=clip_norm)
   out = None if state_shardings is None else (state_shardings, None)
   return jax.jit(step, donate_argnums=(0,), out_shardings=out)
+
+
+def eval_step(adapter: Any, base: Params, batch: dict, *, task: Any,
+              method: Any) -> dict:
+  """The task's eval outputs ([B, ...] arrays) plus the batch's 'index' and
+  'weight' (weight 0 marks padding rows)."""
+  params, kwargs = method.apply(base, adapter)
+  out = task.eval_outputs(params, kwargs, batch)
+  out.update(index=batch['index'], weight=batch['weight'])
+  return out
+
+
+def jit_eval_step(task: Any, method: Any):
+  """`eval_step` jitted: `(adapter, base, batch) -> outputs`."""
+  return jax.jit(functools.partial(eval_step, task=task, method=method))
 
 
 def create(rng: jax.Array, adapter: Any,
