@@ -147,7 +147,9 @@ def test_svd_at_full_rank_is_exact_and_truncation_is_best_approx():
   exact = _np_reference('cat', pairs)  # sum_i w_i s_i A_i B_i
   method, adapter = combine.combine(pairs, WEIGHTS, 'svd', svd_rank=6)
   _assert_close(_deltas(method, adapter), exact)
-  assert adapter['v']['kernel']['a'].shape == (8, 6)
+  a = np.asarray(adapter['v']['kernel']['a'])
+  assert a.shape == (8, 6)  # like PEFT: lora_A = V^T rows, lora_B = U S
+  np.testing.assert_allclose(a.T @ a, np.eye(6), atol=1e-5)
   method, adapter = combine.combine(pairs, WEIGHTS, 'svd', svd_rank=2)
   got = _deltas(method, adapter)
   sv = np.linalg.svd(exact['q/kernel'], compute_uv=False)
@@ -276,6 +278,7 @@ def test_errors_name_the_problem_and_the_fix():
       (dict(combination_type='dare_linear_svd', density=0.5), 'pass rng='),
       (dict(combination_type='svd', svd_rank=7), 'exceeds min'),
       (dict(majority_sign_method='mode'), 'majority_sign_method'),
+      (dict(svd_clamp=1.5), 'svd_clamp is a quantile'),
   ]
   for kw, match in cases:
     with pytest.raises(ValueError, match=match):

@@ -39,8 +39,8 @@ the new method takes its dropout from the first input.
 Deliberate differences from PEFT 0.21.2: rsLoRA inputs give scale 1 (PEFT
 keeps use_rslora with alpha = R, so its combined update is sqrt(R) times too
 large: huggingface/peft#3449); DoRA inputs are refused (their magnitudes
-cannot be combined; PEFT silently drops them, peft#3761); density must lie
-in (0, 1].
+cannot be combined; PEFT silently builds a wrong adapter, peft#3761);
+density must lie in (0, 1] and svd_clamp in [0, 1].
 """
 import math
 import re
@@ -197,7 +197,7 @@ def combine_svd(kind: str, entries: Sequence[Entry], rank: int,
 
 
 def _check_args(pairs, weights, combination_type, density,
-                majority_sign_method, svd_rank, rng) -> str:
+                majority_sign_method, svd_rank, svd_clamp, rng) -> str:
   """Validates the arguments; returns the type actually used."""
   if not pairs:
     raise ValueError('combine needs at least one (method, adapter) pair.')
@@ -219,6 +219,9 @@ def _check_args(pairs, weights, combination_type, density,
                                not isinstance(svd_rank, int) or svd_rank < 1):
     raise ValueError(f'combine: svd_rank must be a positive int or None, got '
                      f'{svd_rank!r}.')
+  if svd_clamp is not None and not 0 <= svd_clamp <= 1:
+    raise ValueError(f'combine: svd_clamp is a quantile in [0, 1] (or None), '
+                     f'got {svd_clamp!r}.')
   if kind.startswith('dare') and rng is None:
     raise ValueError(f'combine {kind!r} drops entries at random: pass rng= '
                      '(a jax.random key).')
@@ -314,7 +317,8 @@ def combine(adapters: Sequence[tuple[peft_base.PeftMethod, Any]],
     adapters: [(lora.lora method, its adapter)], K >= 1.
     weights: K floats (negative ones subtract).
     combination_type: one of COMBINATION_TYPES (PEFT's names).
-    svd_rank: R of the *svd types; default the largest input rank.
+    svd_rank: R of the *svd types; default the largest rank (r or
+      rank_pattern value) of any input, as PEFT.
     svd_clamp: quantile in [0, 1] to clip the SVD factors at, or None.
     density: fraction of entries kept, in (0, 1], for the pruning types.
     majority_sign_method: 'total' or 'frequency' for the ties types.
@@ -327,7 +331,7 @@ def combine(adapters: Sequence[tuple[peft_base.PeftMethod, Any]],
     dense kernels.
   """
   kind = _check_args(adapters, weights, combination_type, density,
-                     majority_sign_method, svd_rank, rng)
+                     majority_sign_method, svd_rank, svd_clamp, rng)
   merge_kw = dict(density=density, majority_sign_method=majority_sign_method)
   found = _collect(adapters, weights)
   rank = svd_rank or _max_rank(adapters)
