@@ -1,7 +1,10 @@
 """Hugging Face PEFT adapter folders: write, read, and merged export.
 
-    peft_io.save_peft('/tmp/adapter', model, base, adapter, method)
-    # torch: peft.PeftModel.from_pretrained(hf_model, '/tmp/adapter')
+    peft_io.save_peft('/tmp/adapter', model, base, adapter, method,
+                      base_model_name_or_path=peft_io.base_model_reference(
+                          'google-t5/t5-small'))
+    # torch: peft.PeftModel.from_pretrained(hf_model, '/tmp/adapter'), or
+    # peft.AutoPeftModelForSeq2SeqLM.from_pretrained('/tmp/adapter')
     method, adapter = peft_io.load_peft('/tmp/adapter', model, base)
     peft_io.save_merged('/tmp/merged', model, base, adapter, method)
 
@@ -11,6 +14,10 @@ A folder holds `adapter_config.json` (PEFT's LoraConfig fields) and
 [R, in], '...lora_B.weight' [out, R], DoRA's '...lora_magnitude_vector' [out],
 and modules to save as plain '...classifier.weight'. Flax paths map to those
 module names through the model family's `hf_rules` (Rule.path -> Rule.key).
+The config names modules as PEFT users write them: `target_modules` and
+`modules_to_save` as the shortest suffixes that select exactly the same
+modules under PEFT's matching (['query', 'value'], ['classifier', 'pooler']),
+and `base_model_name_or_path` as something transformers can load.
 """
 import json
 import os
@@ -18,7 +25,7 @@ import pathlib
 import re
 import shutil
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -94,13 +101,141 @@ def _split(method: peft_base.PeftMethod, adapter: Any):
   return loras[0][0], loras[0][1], copies
 
 
-def _suffixes(modules: list[str], linears: list[str]) -> list[str]:
-  """PEFT's short target_modules (['q', 'v']) when they select exactly
-  `modules` among all Linear modules; else the full names."""
-  short = sorted({m.rsplit('.', 1)[-1] for m in modules})
-  hit = {m for m in linears if any(m == s or m.endswith('.' + s)
-                                   for s in short)}
-  return short if hit == set(modules) else sorted(modules)
+def resolve_pkg(name: str | None) -> str | None:
+  """`name`, with flaxlora's private 'pkg:' scheme resolved to its folder
+  (PEFT and transformers cannot read it); other names are left as given."""
+  if name and name.startswith('pkg:'):
+    return str(hf_io.package_folder(name))
+  return name
+
+
+def base_model_reference(model_path: str) -> str | None:
+  """What adapter_config.json's `base_model_name_or_path` should say.
+
+  PEFT's one-liners (`AutoPeftModelFor*.from_pretrained(folder)`) hand this
+  to transformers' `from_pretrained`, so it must be a hub id or a folder that
+  exists wherever the adapter is loaded, never flaxlora's 'pkg:' scheme.
+
+  Args:
+    model_path: a run's `model.path`: '' (a randomly initialised model),
+      'pkg:package/sub/folder', a local folder, or a hub id.
+
+  Returns:
+    None for '', the absolute folder for 'pkg:' paths and existing local
+    folders, and anything else (a hub id) unchanged.
+  """
+  if not model_path:
+    return None
+  if model_path.startswith('pkg:'):
+    return resolve_pkg(model_path)
+  folder = pathlib.Path(model_path).expanduser()
+  return str(folder.resolve()) if folder.is_dir() else model_path
+
+
+def _module_names(keys: Iterable[str]) -> set[str]:
+  """Every torch module that holds one of the parameters `keys`, with its
+  ancestors ('a.b.weight' -> 'a', 'a.b'): the names PEFT matches against."""
+  names = set()
+  for key in keys:
+    parts = key.split('.')[:-1]
+    names.update('.'.join(parts[:i]) for i in range(1, len(parts) + 1))
+  return names
+
+
+def _shortest_suffixes(chosen: Iterable[str], names: Iterable[str],
+                       hits: Callable[[str, str], bool]) -> list[str]:
+  """For each chosen module, its shortest dotted suffix that selects (by
+  `hits(suffix, name)`) only chosen modules among `names`; sorted, unique.
+
+  A shorter suffix that is safe for one module is safe for every module it
+  selects, so no written entry selects a subset of another's.
+  """
+  chosen, names = set(chosen), set(names) | set(chosen)
+  picks = set()
+  for module in chosen:
+    parts = module.split('.')
+    suffixes = ('.'.join(parts[i:]) for i in reversed(range(len(parts))))
+    picks.add(next((s for s in suffixes
+                    if all(n in chosen for n in names if hits(s, n))),
+                   module))
+  return sorted(picks)
+
+
+def _lifted(modules: Iterable[str], keys: Iterable[str]) -> set[str]:
+  """Modules to save, each raised to its highest ancestor (short of the
+  root) whose parameters all lie in saved modules: 'bert.pooler.dense' ->
+  'bert.pooler' when the pooler holds nothing else, as PEFT users name it.
+  """
+  modules = set(modules)
+  owners = {k.rsplit('.', 1)[0] for k in keys if '.' in k}
+  saved = lambda o: any(o == m or o.startswith(m + '.') for m in modules)
+  out = set()
+  for module in modules:
+    parts, best = module.split('.'), module
+    for i in reversed(range(1, len(parts))):
+      parent = '.'.join(parts[:i])
+      inside = (o for o in owners if o == parent or o.startswith(parent + '.'))
+      if not all(saved(o) for o in inside):
+        break
+      best = parent
+    out.add(best)
+  return {m for m in out if not any(m.startswith(o + '.') for o in out)}
+
+
+def compact_modules_to_save(modules: Iterable[str], keys: Iterable[str]
+                            ) -> list[str] | None:
+  """PEFT's `modules_to_save` for whole `modules` (['pooler', 'classifier']).
+
+  Args:
+    modules: the torch modules saved whole, e.g. 'bert.pooler.dense'.
+    keys: every parameter name of the torch model ('bert.pooler.dense.bias').
+
+  Returns:
+    The shortest names that PEFT's matching (`name.endswith(entry)` over all
+    module names) resolves to the same modules, or None when there are none.
+  """
+  keys = list(keys)
+  lifted = _lifted(modules, keys)
+  if not lifted:
+    return None
+  return _shortest_suffixes(lifted, _module_names(keys),
+                            lambda s, n: n.endswith(s))
+
+
+def _saved_by_peft(name: str, modules_to_save: Iterable[str]) -> bool:
+  """PEFT never puts LoRA on a module to save or inside one."""
+  return any(re.match(rf'(^|.*\.){m}($|\..*)', name)
+             for m in modules_to_save)
+
+
+def compact_target_modules(modules: Iterable[str], keys: Iterable[str],
+                           modules_to_save: Iterable[str] | None = None
+                           ) -> list[str]:
+  """PEFT's `target_modules` for the LoRA'd `modules` (['query', 'value']).
+
+  Args:
+    modules: full torch module names, 'bert.encoder.layer.0.attention.self.
+      query'.
+    keys: every parameter name of the torch model.
+    modules_to_save: as written to the config; PEFT skips those modules when
+      it places LoRA, so a suffix may also name them ('dense' with the pooler
+      saved whole).
+
+  Returns:
+    Per module its shortest dotted suffix that selects, by PEFT's rule
+    (`name == entry or name.endswith('.' + entry)`), only targeted modules;
+    the full name where nothing shorter does.
+  """
+  modules, saved = set(modules), list(modules_to_save or ())
+  clash = sorted(m for m in modules if _saved_by_peft(m, saved))
+  if clash:
+    raise ValueError(
+        f'{clash[0]} has LoRA and is also saved whole (modules_to_save '
+        f'{saved}); PEFT never adds LoRA to a saved module. Make the '
+        'trainable= pattern skip it or drop it from the LoRA targets.')
+  names = {n for n in _module_names(keys) if not _saved_by_peft(n, saved)}
+  return _shortest_suffixes(
+      modules, names, lambda s, n: n == s or n.endswith('.' + s))
 
 
 def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
@@ -115,7 +250,9 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
       trained (PEFT saves whole modules).
     adapter: the trained adapter of `method`.
     method: `lora.lora(...)`, optionally chained with `base.trainable(...)`.
-    base_model_name_or_path: written to the config for PEFT's loader.
+    base_model_name_or_path: the base checkpoint PEFT's one-liners load (a
+      hub id or folder, e.g. from `base_model_reference`); a 'pkg:' path is
+      resolved to its folder.
   """
   config, lora_adapter, copies = _split(method, adapter)
   if config.init == 'pissa':
@@ -123,8 +260,6 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
                      'base, which HF checkpoints do not hold; use '
                      'save_merged instead.')
   rules = _linear_rules(model)
-  linears = [r.key[:-len('.weight')] for r in rules.values()
-             if r.transpose and r.key.endswith('.weight')]
   tensors, modules, ranks, alphas = {}, [], {}, {}
   for path, node in lora.kernels(config, base, lora_adapter).items():
     module = _module(rules.get(path), path)
@@ -137,19 +272,21 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
       ranks[module] = config.rank_for(path)
     if config.alpha_for(path) != config.alpha:
       alphas[module] = config.alpha_for(path)
-  to_save = sorted({rules[p].key.rsplit('.', 1)[0] for p in copies})
-  tensors.update(_module_tensors(to_save, rules, base, copies))
+  owners = sorted({rules[p].key.rsplit('.', 1)[0] for p in copies})
+  tensors.update(_module_tensors(owners, rules, base, copies))
+  keys = [r.key for r in rules.values()]
+  to_save = compact_modules_to_save(owners, keys)
   family = models.family_of_model(model)
   head = getattr(model, 'head', None)
   peft_config = {
       'peft_type': 'LORA',
       'task_type': TASK_TYPES.get((family.MODEL_TYPES[0], head)),
-      'base_model_name_or_path': base_model_name_or_path,
+      'base_model_name_or_path': resolve_pkg(base_model_name_or_path),
       'r': config.rank, 'lora_alpha': config.alpha,
-      'target_modules': _suffixes(modules, linears),
+      'target_modules': compact_target_modules(modules, keys, to_save),
       'rank_pattern': ranks, 'alpha_pattern': alphas,
       'use_rslora': config.use_rslora, 'use_dora': config.use_dora,
-      'lora_dropout': config.dropout, 'modules_to_save': to_save or None,
+      'lora_dropout': config.dropout, 'modules_to_save': to_save,
       'init_lora_weights': True if config.init == 'default' else config.init,
       'bias': 'none', 'fan_in_fan_out': False, 'inference_mode': True,
   }
