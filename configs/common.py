@@ -9,6 +9,8 @@ variants (`parse_arg`). Sections every config has:
              tiny `init` spec (random init, for runlocal), dtype, dropout
   tokenizer  path (folder/hub id/'pkg:...') or 'bytes' (byte-level)
   peft       method (a key of flaxlora.peft.METHODS) and its arguments
+  peft_export  base_model_name_or_path written into the run's PEFT folder
+             ('' derives it from model.path)
   data       source ('hub' | 'files' | 'generated') and lengths
   optimizer  name, learning rate, schedule, clipping, accumulation
   train      steps/epochs, batch size, eval/log/checkpoint period, seed
@@ -119,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.peft = dict(method='lora', rank=8, alpha=16.0, targets='',
                 dropout=0.0, use_rslora=False, loraplus_ratio=1.0,
                 trainable='')
+  # '' derives it from model.path (a hub id, or an absolute folder); set a
+  # hub id for an adapter you will publish.
+  c.peft_export = dict(base_model_name_or_path='')
   c.data = dict(source='files', hub_name='', train_file='', eval_file='',
                 train_split='train', eval_split='validation',
                 max_train_examples=0, train_subset='random', split_seed=0,

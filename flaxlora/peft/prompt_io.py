@@ -30,6 +30,7 @@ from safetensors import numpy as st_numpy
 from flaxlora import atomic
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
+from flaxlora.peft import peft_names
 from flaxlora.peft import prompt as prompt_lib
 
 CONFIG_FILE = 'adapter_config.json'
@@ -97,7 +98,9 @@ def save_prompt(folder: str | os.PathLike, model: Any, adapter: Any,
     model: the flaxlora model the adapter was trained for.
     adapter: the adapter of `method`.
     method: prompt_tuning, or a chain of it with `trainable` head copies.
-    base_model_name_or_path: recorded for PEFT (the base checkpoint).
+    base_model_name_or_path: the base checkpoint PEFT's one-liners load (a
+      hub id or folder, e.g. from `peft_names.base_model_reference`); a 'pkg:'
+      path is resolved to its folder.
   """
   prompt, copies = _split(method, adapter)
   facts = _model_facts(model)
@@ -108,7 +111,7 @@ def save_prompt(folder: str | os.PathLike, model: Any, adapter: Any,
   rows = [prompt] + [np.zeros_like(prompt)] * (
       facts['num_transformer_submodules'] - 1)
   tensors = {PROMPT_KEY: np.ascontiguousarray(np.concatenate(rows))}
-  rules, modules = _rules_by_path(model), []
+  rules, owners = _rules_by_path(model), set()
   for path, value in sorted(copies.items()):
     if path not in rules:
       raise ValueError(f'save_prompt: trained copy {path} has no '
@@ -117,15 +120,16 @@ def save_prompt(folder: str | os.PathLike, model: Any, adapter: Any,
     value = np.asarray(value, np.float32)
     tensors[PREFIX + rule.key] = np.ascontiguousarray(
         value.T if rule.transpose else value)
-    module = rule.key.rsplit('.', 1)[0]
-    if module not in modules:
-      modules.append(module)
+    owners.add(rule.key.rsplit('.', 1)[0])
+  modules = peft_names.compact_modules_to_save(
+      owners, [r.key for r in rules.values()])
   config = dict(facts, peft_type='PROMPT_TUNING', num_virtual_tokens=p,
                 prompt_tuning_init='RANDOM', prompt_tuning_init_text=None,
                 tokenizer_name_or_path=None, tokenizer_kwargs=None,
-                base_model_name_or_path=base_model_name_or_path,
+                base_model_name_or_path=peft_names.resolve_pkg(
+                    base_model_name_or_path),
                 revision=None, inference_mode=True, auto_mapping=None,
-                modules_to_save=modules or None)
+                modules_to_save=modules)
   folder = pathlib.Path(folder)
   with atomic.folder(folder) as staging:
     (staging / CONFIG_FILE).write_text(
