@@ -369,6 +369,20 @@ def _chain_export(methods: Sequence[PeftMethod]) -> Export:
                 'and a PEFT folder holds one')
 
 
+def config_dicts(method: PeftMethod) -> list[dict[str, Any]]:
+  """JSON-able records of the method's hyperparameters, chains flattened:
+  [{'type': 'LoraConfig', 'rank': 8, ..., 'loraplus_ratio': 4.0}, ...]."""
+  out = []
+  for config in configs(method):
+    if dataclasses.is_dataclass(config):
+      fields = {f.name: getattr(config, f.name)
+                for f in dataclasses.fields(config)}
+      out.append({'type': type(config).__name__, **fields})
+    else:
+      out.append({'type': type(config).__name__})
+  return out
+
+
 def configs(method: PeftMethod) -> list[Any]:
   """The configs of `method`, with chains flattened, in order."""
   if isinstance(method.config, ChainConfig):
