@@ -188,7 +188,7 @@ def _lora_modules(model, base, method, adapter):
   """Torch names of the modules the method's LoRA part adapts."""
   rules = {'/'.join(r.path): r
            for r in models.family_of_model(model).hf_rules(model)}
-  config, sub = next((c, s) for c, s in lora.parts(method, adapter)
+  config, sub = next((c, s) for c, s in peft_base.parts(method, adapter)
                      if isinstance(c, lora.LoraConfig))
   return {rules[p].key[:-len('.weight')]
           for p in lora.kernels(config, base, sub)}

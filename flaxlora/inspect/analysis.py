@@ -259,7 +259,7 @@ def _base_kernel(base: Any, path: str) -> Any:
 def scales_of(method: peft_base.PeftMethod, adapter: Any) -> dict[str, float]:
   """{kernel path: LoRA scale} from a method's configs (chains included)."""
   scales = {}
-  for config, part in lora.parts(method, adapter):
+  for config, part in peft_base.parts(method, adapter):
     if isinstance(config, lora.LoraConfig):
       scales.update({p: config.scale_for(p) for p in lora_nodes(part)})
   return scales

@@ -125,7 +125,7 @@ def _owners(adapter: Any, method_names: Any) -> list[tuple[str, str, Any]]:
   """
   if isinstance(method_names, peft_base.PeftMethod):
     return [(path, method_name(config, part), leaf)
-            for config, part in lora.parts(method_names, adapter)
+            for config, part in peft_base.parts(method_names, adapter)
             for path, leaf in tree_lib.flatten(part).items()]
   if isinstance(adapter, (tuple, list)) and not isinstance(method_names,
                                                            (str, Mapping)):

@@ -16,6 +16,7 @@ Parameters are selected by regexes over "/"-joined paths
 (`encoder/block_0/attention/q/kernel`) with `re.fullmatch`.
 """
 import dataclasses
+import json
 import pathlib
 import re
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
@@ -378,7 +379,15 @@ def config_dicts(method: PeftMethod) -> list[dict[str, Any]]:
       out.append({'type': type(config).__name__, **fields})
     else:
       out.append({'type': type(config).__name__})
-  return out
+  return json.loads(json.dumps(out, default=str))  # tuples -> lists
+
+
+def parts(method: PeftMethod, adapter: Any) -> list[tuple[Any, Any]]:
+  """[(config, sub_adapter)] of a method, with chains flattened."""
+  if isinstance(method.config, ChainConfig):
+    return [p for m, a in zip(method.config.methods, adapter)
+            for p in parts(m, a)]
+  return [(method.config, adapter)]
 
 
 def configs(method: PeftMethod) -> list[Any]:

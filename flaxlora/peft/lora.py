@@ -341,15 +341,6 @@ def kernels(config: LoraConfig, base: Mapping[str, Any],
   return out
 
 
-def parts(method: peft_base.PeftMethod, adapter: Any
-          ) -> list[tuple[Any, Any]]:
-  """[(config, sub_adapter)] of a method, with chains flattened."""
-  if isinstance(method.config, peft_base.ChainConfig):
-    return [p for m, a in zip(method.config.methods, adapter)
-            for p in parts(m, a)]
-  return [(method.config, adapter)]
-
-
 def pissa_base(base: Mapping[str, Any], adapter: Any,
                method: peft_base.PeftMethod) -> dict[str, Any]:
   """The residual base W - scale A0 B0 for a freshly initialised PiSSA adapter.
@@ -361,7 +352,7 @@ def pissa_base(base: Mapping[str, Any], adapter: Any,
   dense kernels.
   """
   updates = {}
-  for config, sub_adapter in parts(method, adapter):
+  for config, sub_adapter in peft_base.parts(method, adapter):
     if not isinstance(config, LoraConfig) or config.init != 'pissa':
       continue
     for path, node in kernels(config, base, sub_adapter).items():

@@ -62,7 +62,7 @@ def unmerge(merged: Mapping[str, Any], adapter: Any,
       rescaled column is an equally valid preimage). Keep the base params.
   """
   updates = {}
-  for config, sub_adapter in lora.parts(method, adapter):
+  for config, sub_adapter in peft_base.parts(method, adapter):
     if not isinstance(config, lora.LoraConfig):
       continue
     if config.use_dora:

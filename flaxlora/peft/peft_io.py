@@ -88,7 +88,7 @@ def _module(rule: hf_io.Rule | None, path: str) -> str:
 def _split(method: peft_base.PeftMethod, adapter: Any):
   """(LoraConfig, lora adapter, trainable adapter or {}) of a method."""
   loras, copies = [], {}
-  for config, sub in lora.parts(method, adapter):
+  for config, sub in peft_base.parts(method, adapter):
     if isinstance(config, lora.LoraConfig):
       loras.append((config, sub))
     elif isinstance(config, trainable.TrainableConfig):
