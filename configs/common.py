@@ -267,6 +267,22 @@ def bert_runlocal(c: ml_collections.ConfigDict, max_length: int = 16,
                  eval_every=20, log_every=10, checkpoint_every=20)
 
 
+def benchmark_variants(c: ml_collections.ConfigDict, mixed: bool,
+                       full: bool, nodrop: bool) -> None:
+  """The contender variants of the benchmark configs (configs/bench_*.py).
+
+  mixed: bf16 products (model.dtype), fp32 params, adapter and optimizer;
+  full: full fine-tuning (peft.method 'trainable' over every param);
+  nodrop: model dropout 0 (dropout's share of the step).
+  """
+  if mixed:
+    c.model.dtype = 'bfloat16'
+  if full:
+    c.peft = dict(method='trainable', patterns='.*')
+  if nodrop:
+    c.model.dropout = 0.0
+
+
 def sweep(name: str, values: Sequence[Any]) -> list[dict[str, Any]]:
   """One axis of a sweep: [{name: v} for v in values]."""
   return [{name: value} for value in values]

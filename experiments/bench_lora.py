@@ -4,79 +4,87 @@
     python -m experiments.benchmark lora --quick    # tiny shapes, seconds
     python -m experiments.bench_lora --out /tmp/bench_lora.json
 
-One process times a LoRA train step (forward, backward, AdamW) on
-  * a T5-small-shaped random model (d_model 512, d_ff 2048, 6+6 layers,
-    8 heads, vocab 32128; batch 8, source 256, target 64; r=8, alpha 16 on
-    q, v; model dropout 0.1), as flaxlora fp32, flaxlora mixed (bf16
-    compute, fp32 adapter and optimizer), flaxlora full fine-tuning, PEFT
-    fp32 and PEFT under bf16 autocast;
-  * a MiniLM-shaped BERT classifier (hidden 384, 6 layers, 12 heads; batch
-    32, length 128; r=8 on query, value; classifier head trained), flaxlora
-    vs PEFT, fp32.
+One process times the train step of two configs, each runnable with
+`experiments.run` (random-init models, generated data, no files):
+  * configs/bench_t5_lora.py: a T5-small-shaped model (d_model 512, d_ff
+    2048, 6+6 layers, 8 heads, vocab 32128; batch 8, source 256, target 64;
+    r=8, alpha 16 on q, v; model dropout 0.1), as flaxlora fp32, flaxlora
+    mixed (`:mixed`, bf16 products), flaxlora full fine-tuning (`:full`),
+    flaxlora without model dropout (`:nodrop`), PEFT fp32 and PEFT under
+    bf16 autocast;
+  * configs/bench_bert_lora.py: a MiniLM-shaped BERT classifier (hidden
+    384, 6 layers, 12 heads; batch 32, length 128; r=8 on query, value;
+    classifier head trained), flaxlora (LoRA, full) vs PEFT, fp32.
+The flaxlora rows time exactly the step `experiments.run` compiles for the
+config (`trainer.train_step_fn`); the PEFT rows start from the same model
+and adapter and do the same work per step (see
+`experiments.lora_contenders`). `--quick` uses the configs' `:quick`
+variants.
 The `*_fp32_dp` rows run the same flaxlora fp32 step data-parallel over
-`--cpu_devices` XLA CPU devices (default: one per core; the batch split over
-a 'data' mesh, as `experiments.run --cpu_devices` trains): XLA:CPU runs each
+`--cpu_devices` XLA CPU devices (default: one per core; the config's mesh
+over them, as `experiments.run --cpu_devices` trains): XLA:CPU runs each
 batched attention product on one thread, so one device per core lets two of
-them run at once. The plain rows use one device.
+them run at once. The other flaxlora rows use one device.
 It prints medians, speed ratios, peak RSS and achieved FLOP/s as a fraction
 of a measured fp32 matmul peak, and writes everything to JSON. Step flops
 come from XLA's cost analysis of the flaxlora step (PEFT does the same math,
 so its FLOP/s uses the same count).
 """
 import argparse
-import dataclasses
 import gc
+import importlib
 import json
 import os
+import pathlib
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable
 
 import jax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec
 import jax.numpy as jnp
-import numpy as np
-import optax
 import psutil
 
+from experiments import lora_contenders
 from flaxlora import host_memory
-from flaxlora import sharding
-from flaxlora.models import bert
-from flaxlora.models import t5
-from flaxlora.peft import base as peft_base
-from flaxlora.peft import lora
-from flaxlora.peft import trainable
+
+# family -> config module under configs/.
+CONFIGS = {'t5': 'bench_t5_lora', 'bert': 'bench_bert_lora'}
+# family -> rows: (name, config variant, side). Sides: 'flax' (one device),
+# 'flax_dp' (--cpu_devices devices), 'peft' (fp32), 'peft_bf16' (autocast).
+ROWS = {
+    't5': (('flax_fp32', '', 'flax'), ('flax_mixed', 'mixed', 'flax'),
+           ('flax_full', 'full', 'flax'),
+           ('flax_fp32_nodrop', 'nodrop', 'flax'),
+           ('peft_fp32', '', 'peft'), ('peft_bf16', '', 'peft_bf16'),
+           ('flax_fp32_dp', '', 'flax_dp')),
+    'bert': (('flax_fp32', '', 'flax'), ('flax_full', 'full', 'flax'),
+             ('peft_fp32', '', 'peft'), ('flax_fp32_dp', '', 'flax_dp')),
+}
 
 
-@dataclasses.dataclass(frozen=True)
-class Shapes:
-  """Model and batch sizes of one benchmark size."""
-  t5: dict[str, Any]
-  t5_batch: tuple[int, int, int]        # B, S, T
-  bert: dict[str, Any]
-  bert_batch: tuple[int, int]           # B, T
-  rank: int = 8
+def config_name(family: str, variant: str, quick: bool) -> str:
+  """'configs/bench_t5_lora.py:quick,mixed' (what `experiments.run` takes)."""
+  arg = ','.join(filter(None, ('quick' if quick else '', variant)))
+  return f'configs/{CONFIGS[family]}.py' + (f':{arg}' if arg else '')
 
 
-FULL = Shapes(
-    t5=dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6,
-            num_heads=8, dropout_rate=0.1),
-    t5_batch=(8, 256, 64),
-    bert=dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
-              num_attention_heads=12, intermediate_size=1536,
-              max_position_embeddings=512),
-    bert_batch=(32, 128))
-QUICK = Shapes(
-    t5=dict(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2,
-            num_heads=4, dropout_rate=0.1),
-    t5_batch=(2, 32, 8),
-    bert=dict(vocab_size=256, hidden_size=64, num_hidden_layers=2,
-              num_attention_heads=4, intermediate_size=128,
-              max_position_embeddings=64),
-    bert_batch=(4, 32), rank=4)
+def load_config(family: str, variant: str, quick: bool) -> Any:
+  """The config of one row, as `config_name` names it."""
+  module = importlib.import_module(f'configs.{CONFIGS[family]}')
+  arg = config_name(family, variant, quick).partition(':')[2]
+  return module.get_config(arg or None)
+
+
+def build(config: Any, side: str, devices: int, scratch: pathlib.Path):
+  """The contender of one row: a callable step (with `flops` for flaxlora)."""
+  if side in ('flax', 'flax_dp'):
+    return lora_contenders.FlaxStep(config, devices if side == 'flax_dp'
+                                    else 1, scratch)
+  return lora_contenders.TorchStep(config, scratch,
+                                   autocast=side == 'peft_bf16')
 
 
 class PeakRss:
@@ -130,159 +138,10 @@ def matmul_peak(n: int) -> dict[str, float]:
           'torch_flops_per_s': 2 * n**3 / torch_t}
 
 
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return float(cost.get('flops', 0.0))
-
-
-def _xent(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels).mean()
-
-
-def flax_step(model, base, method, loss_inputs, *, full: bool,
-              devices: int = 1):
-  """A jitted train step closure for flaxlora; returns (step, flops).
-
-  With full=True the whole params tree trains (full fine-tuning) and the
-  method is not used. With devices > 1 the batch is split over a 'data' mesh
-  of the first `devices` devices and everything else is replicated.
-  """
-  tx = optax.adamw(1e-4)
-  rng = jax.random.PRNGKey(1)
-  trained = base if full else method.init(rng, base)
-  frozen = None if full else base
-
-  def loss_fn(trained, frozen, batch, rng):
-    params = trained if full else method.apply(frozen, trained)[0]
-    *inputs, labels = batch
-    out = model.apply({'params': params}, *inputs, deterministic=False,
-                      rngs={'dropout': rng})
-    return _xent(out, labels)
-
-  def step(trained, opt_state, frozen, batch, rng):
-    loss, grads = jax.value_and_grad(loss_fn)(trained, frozen, batch, rng)
-    updates, opt_state = tx.update(grads, opt_state, trained)
-    return optax.apply_updates(trained, updates), opt_state, loss
-
-  mesh = sharding.make_mesh({'data': -1}, devices=jax.devices()[:devices])
-  replicated = NamedSharding(mesh, PartitionSpec())
-  loss_inputs = jax.device_put(loss_inputs,
-                               NamedSharding(mesh, PartitionSpec('data')))
-  trained, frozen = jax.device_put((trained, frozen), replicated)
-  jitted = jax.jit(step, donate_argnums=(0, 1), out_shardings=replicated)
-  state = [trained, jax.device_put(tx.init(trained), replicated), 0]
-  compiled = jitted.lower(state[0], state[1], frozen, loss_inputs,
-                          rng).compile()
-
-  def run():
-    state[2] += 1
-    state[0], state[1], loss = compiled(state[0], state[1], frozen,
-                                        loss_inputs,
-                                        jax.random.fold_in(rng, state[2]))
-    loss.block_until_ready()
-
-  return run, _flops(compiled) * devices  # cost analysis: one device's
-
-
-def _t5_batch(shapes: Shapes, seed: int = 0):
-  b, s, t = shapes.t5_batch
-  rng = np.random.RandomState(seed)
-  v = shapes.t5['vocab_size']
-  return (rng.randint(2, v, (b, s)), np.ones((b, s), np.int64),
-          rng.randint(2, v, (b, t)), rng.randint(2, v, (b, t)))
-
-
-def _bert_batch(shapes: Shapes, seed: int = 0):
-  b, t = shapes.bert_batch
-  rng = np.random.RandomState(seed)
-  return (rng.randint(1, shapes.bert['vocab_size'], (b, t)),
-          np.ones((b, t), np.int64), rng.randint(0, 2, (b,)))
-
-
-def flax_t5(shapes: Shapes, variant: str, devices: int = 1):
-  """variant: 'fp32', 'mixed' (bf16 compute, bf16 frozen base), 'full', or
-  'nodrop' (fp32 LoRA with model dropout 0: measures dropout's share);
-  devices: data-parallel over this many devices."""
-  mixed = variant == 'mixed'
-  config = dict(shapes.t5, dropout_rate=0.0) if variant == 'nodrop' else (
-      shapes.t5)
-  model = t5.build(t5.T5Config(**config),
-                   dtype=jnp.bfloat16 if mixed else jnp.float32)
-  base = t5.init(model, jax.random.PRNGKey(0))
-  if mixed:  # frozen weights are only read in bf16; store them so, once
-    base = jax.tree.map(lambda w: w.astype(jnp.bfloat16), base)
-  src, src_mask, dec, labels = (jnp.asarray(a, jnp.int32)
-                                for a in _t5_batch(shapes))
-  method = lora.lora(rank=shapes.rank, alpha=16, targets='t5')
-  return flax_step(model, base, method, (src, src_mask, dec, labels),
-                   full=variant == 'full', devices=devices)
-
-
-def flax_bert(shapes: Shapes, variant: str, devices: int = 1):
-  """variant: 'fp32' (LoRA + trained head) or 'full'; devices: as flax_t5."""
-  model = bert.build(bert.BertConfig(**shapes.bert), head='classification',
-                     num_labels=2)
-  base = bert.init(model, jax.random.PRNGKey(0))
-  ids, mask, labels = (jnp.asarray(a, jnp.int32)
-                       for a in _bert_batch(shapes))
-  method = peft_base.chain(
-      lora.lora(rank=shapes.rank, alpha=16, targets='bert'),
-      trainable.trainable(r'classifier/.*'))
-  return flax_step(model, base, method, (ids, mask, labels),
-                   full=variant == 'full', devices=devices)
-
-
-def _torch_step(model, batch_fn, autocast: bool):
-  import torch  # pylint: disable=g-import-not-at-top
-  opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                          lr=1e-4)
-  model.train()
-
-  def run():
-    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
-      loss = model(**batch_fn()).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-  return run
-
-
-def peft_t5(shapes: Shapes, autocast: bool):
-  import peft  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  torch.manual_seed(0)
-  model = transformers.T5ForConditionalGeneration(
-      transformers.T5Config(**shapes.t5, decoder_start_token_id=0))
-  model = peft.get_peft_model(model, peft.LoraConfig(
-      r=shapes.rank, lora_alpha=16, target_modules=['q', 'v'],
-      task_type='SEQ_2_SEQ_LM'))
-  src, src_mask, _, labels = (torch.tensor(a) for a in _t5_batch(shapes))
-  batch = dict(input_ids=src, attention_mask=src_mask, labels=labels)
-  return _torch_step(model, lambda: batch, autocast)
-
-
-def peft_bert(shapes: Shapes, autocast: bool):
-  import peft  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  torch.manual_seed(0)
-  model = transformers.BertForSequenceClassification(
-      transformers.BertConfig(**shapes.bert, num_labels=2))
-  model = peft.get_peft_model(model, peft.LoraConfig(
-      r=shapes.rank, lora_alpha=16, target_modules=['query', 'value'],
-      task_type='SEQ_CLS'))  # SEQ_CLS also trains the classifier
-  ids, mask, labels = (torch.tensor(a) for a in _bert_batch(shapes))
-  batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
-  return _torch_step(model, lambda: batch, autocast)
-
-
 def measure(contenders: dict[str, Callable[[], Any]], steps: int,
             warmup: int) -> dict[str, Any]:
-  """Builds all contenders, then times them round-robin.
+  """Builds all contenders (`build()` -> a step callable, with `flops` for
+  flaxlora), then times them round-robin.
 
   Interleaving the steps (A, B, C, A, B, C, ...) spreads the load of a
   shared machine evenly over the contenders. Memory of a contender is the
@@ -290,15 +149,15 @@ def measure(contenders: dict[str, Callable[[], Any]], steps: int,
   peak activations).
   """
   built = {}
-  for name, build in contenders.items():
+  for name, build_step in contenders.items():
     gc.collect()
     before = psutil.Process().memory_info().rss
     with PeakRss() as rss:
-      made = build()
-      step, flops = made if isinstance(made, tuple) else (made, None)
+      step = build_step()
       for _ in range(warmup):
         step()
-    built[name] = (step, flops, (rss.peak - before) / 2**20)
+    built[name] = (step, getattr(step, 'flops', None),
+                   (rss.peak - before) / 2**20)
     print(f'  built {name:<18} +{built[name][2]:7.0f} MB', flush=True)
   times = {name: [] for name in built}
   for _ in range(steps):
@@ -314,6 +173,29 @@ def measure(contenders: dict[str, Callable[[], Any]], steps: int,
     print(f'  {name:<18} median {results[name]["median_s"] * 1e3:9.1f} ms',
           flush=True)
   return results
+
+
+def run_rows(args: argparse.Namespace, scratch: pathlib.Path
+             ) -> tuple[dict[str, Any], dict[str, str]]:
+  """(results, {row: config name}) of every row `args` selects."""
+  results, names = {}, {}
+  for family, rows in ROWS.items():
+    if args.only not in (None, family):
+      continue
+    contenders = {}
+    for row, variant, side in rows:
+      if side == 'flax_dp' and args.cpu_devices < 2:
+        continue
+      name = f'{family}/{row}'
+      names[name] = config_name(family, variant, args.quick)
+      config = load_config(family, variant, args.quick)
+      folder = scratch / name.replace('/', '_')
+      contenders[name] = (
+          lambda c=config, s=side, f=folder: build(c, s, args.cpu_devices, f))
+    print(f'{family}:', flush=True)
+    results.update(measure(contenders, args.steps, args.warmup))
+    gc.collect()
+  return results, names
 
 
 def _ratio(results, slow: str, fast: str, stat: str = 'median_s'
@@ -376,68 +258,39 @@ def _parse(argv):
   parser = argparse.ArgumentParser(
       prog='bench_lora', description=__doc__,
       formatter_class=argparse.RawTextHelpFormatter)
-  parser.add_argument('--quick', action='store_true', help='tiny shapes')
+  parser.add_argument('--quick', action='store_true',
+                      help="tiny shapes (the configs' :quick variants)")
   parser.add_argument('--steps', type=int, default=None,
                       help='timed steps per contender (default 5; quick 3)')
   parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--only', choices=('t5', 'bert'), default=None)
+  parser.add_argument('--only', choices=tuple(ROWS), default=None)
   parser.add_argument('--cpu_devices', type=int, default=os.cpu_count() or 1,
                       help='XLA CPU devices of the *_fp32_dp rows (default: '
                       'one per core); 1 drops those rows')
-  parser.add_argument('--prng', default='unsafe_rbg',
-                      choices=('threefry2x32', 'rbg', 'unsafe_rbg'),
-                      help="JAX PRNG of the models' dropout masks; on CPU "
-                      'unsafe_rbg draws them ~10%% faster than threefry')
   parser.add_argument('--out', default='bench_lora.json', help='JSON file')
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  args.steps = args.steps or (3 if args.quick else 5)
+  return args
 
 
 def main(argv=None) -> dict[str, Any]:
   args = _parse(sys.argv[1:] if argv is None else argv)
-  jax.config.update('jax_default_prng_impl', args.prng)
-  dp = args.cpu_devices
-  if dp > 1:  # before JAX starts its CPU backend
-    jax.config.update('jax_num_cpu_devices', dp)
+  if args.cpu_devices > 1:  # before JAX starts its CPU backend
+    jax.config.update('jax_num_cpu_devices', args.cpu_devices)
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count() or 1)
-  shapes = QUICK if args.quick else FULL
-  steps = args.steps or (3 if args.quick else 5)
   size = 256 if args.quick else 1024
   peak = matmul_peak(size)
   print(f'fp32 matmul peak: jax {peak["jax_flops_per_s"] / 1e9:.1f} GFLOP/s,'
         f' torch {peak["torch_flops_per_s"] / 1e9:.1f} GFLOP/s; '
         f'{os.cpu_count()} CPUs (shared machines make numbers noisy)')
-  groups = {
-      't5': {
-          't5/flax_fp32': lambda: flax_t5(shapes, 'fp32'),
-          't5/flax_mixed': lambda: flax_t5(shapes, 'mixed'),
-          't5/flax_full': lambda: flax_t5(shapes, 'full'),
-          't5/flax_fp32_nodrop': lambda: flax_t5(shapes, 'nodrop'),
-          't5/peft_fp32': lambda: peft_t5(shapes, False),
-          't5/peft_bf16': lambda: peft_t5(shapes, True),
-      },
-      'bert': {
-          'bert/flax_fp32': lambda: flax_bert(shapes, 'fp32'),
-          'bert/flax_full': lambda: flax_bert(shapes, 'full'),
-          'bert/peft_fp32': lambda: peft_bert(shapes, False),
-      },
-  }
-  if dp > 1:
-    groups['t5']['t5/flax_fp32_dp'] = lambda: flax_t5(shapes, 'fp32', dp)
-    groups['bert']['bert/flax_fp32_dp'] = lambda: flax_bert(shapes, 'fp32',
-                                                            dp)
-  results = {}
-  for group, contenders in groups.items():
-    if args.only in (None, group):
-      print(f'{group}:', flush=True)
-      results.update(measure(contenders, steps, args.warmup))
-      gc.collect()
+  with tempfile.TemporaryDirectory(prefix='bench_lora_') as scratch:
+    results, configs = run_rows(args, pathlib.Path(scratch))
   later = matmul_peak(size)  # the load may have changed meanwhile
   peak = {k: max(v, later[k]) for k, v in peak.items()}
   summary = summarize(results, peak)
-  report = {'shapes': dataclasses.asdict(shapes), 'quick': args.quick,
-            'steps': steps, 'prng': args.prng, 'cpus': os.cpu_count(),
-            'cpu_devices_of_dp_rows': dp,
+  report = {'configs': configs, 'quick': args.quick, 'steps': args.steps,
+            'cpus': os.cpu_count(), 'cpu_devices_of_dp_rows': args.cpu_devices,
             'host_memory_kept': host_memory.kept(),
             'matmul_peak': peak, 'results': results, 'summary': summary}
   print(json.dumps(summary, indent=2))

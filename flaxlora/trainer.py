@@ -21,7 +21,7 @@ import dataclasses
 import math
 import pathlib
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -85,10 +85,11 @@ def _check_batch(config: Any, mesh: Any, rules: Any) -> None:
                      f'divide train.batch_size={config.train.batch_size}.')
 
 
-def setup(config: Any, workdir: pathlib.Path) -> Run:
+def setup(config: Any, workdir: pathlib.Path,
+          devices: Sequence[jax.Device] | None = None) -> Run:
   """Builds data (first: input errors surface before any compile), then the
-  mesh, model, base params (NF4-quantised once for QLoRA), task and method
-  (`build.model_and_method`)."""
+  mesh (over `devices`, default all), model, base params (NF4-quantised once
+  for QLoRA), task and method (`build.model_and_method`)."""
   tokenizer = build.tokenizer(config)
   data = task_data.load(config, tokenizer)
   steps_per_epoch = len(data.train) // config.train.batch_size
@@ -99,7 +100,7 @@ def setup(config: Any, workdir: pathlib.Path) -> Run:
   total_steps = _total_steps(config, steps_per_epoch)
   # The method first: a bad peft section fails before the model is built.
   build.peft_method(config.peft, config.model.family)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.resolve_rules(config.get('sharding_rules', None))
   _check_batch(config, mesh, rules)
   b = build.model_and_method(config, mesh, rules, tokenizer)
@@ -128,6 +129,16 @@ def init_state(run: Run, tx: Any) -> tuple[steps.TrainState, Any]:
 
   state = jax.jit(init, out_shardings=shardings)(run.adapter_rng, run.base)
   return state, shardings
+
+
+def train_step_fn(run: Run, tx: Any, state_shardings: Any):
+  """The jitted train step of `run` (the one `experiments.benchmark lora`
+  times): the task's loss, the method, the config's accumulation and
+  clipping; `(state, base, batch) -> (state, metrics)`."""
+  o = run.config.optimizer
+  return steps.jit_train_step(run.task.loss, run.method, tx,
+                              o.grad_accum_steps, state_shardings,
+                              clip_norm=optimizers.clip_norm(o))
 
 
 def loader(run: Run, train: bool) -> pipeline.Loader:
@@ -240,9 +251,7 @@ def _train(run: Run) -> dict[str, Any]:
   if run.is_main:
     print(f'flaxlora: mesh {dict(run.mesh.shape)} over {run.mesh.size} '
           f'{run.mesh.devices.flat[0].platform} devices', flush=True)
-  step_fn = steps.jit_train_step(
-      run.task.loss, run.method, tx, c.optimizer.grad_accum_steps,
-      state_shardings, clip_norm=optimizers.clip_norm(c.optimizer))
+  step_fn = train_step_fn(run, tx, state_shardings)
   eval_step = steps.jit_eval_step(run.task, run.method)
   progress = _Progress(run.total_steps)
   pending, last_eval, train_loss = [], None, float('nan')

@@ -113,7 +113,7 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
     base: the base params (fp32), for modules to save that are only partly
       trained (PEFT saves whole modules).
     adapter: the trained adapter of `method`.
-    method: `lora.lora(...)`, optionally chained with `base.trainable(...)`.
+    method: `lora.lora(...)`, optionally chained with `trainable.trainable(...)`.
     base_model_name_or_path: the base checkpoint PEFT's one-liners load (a
       hub id or folder, e.g. from `peft_names.base_model_reference`); a 'pkg:' path is
       resolved to its folder.
