@@ -18,6 +18,7 @@ from configs import bert_sentiment_qlora
 from configs import bert_squad_lora
 from flaxlora import build
 from flaxlora import checkpoint
+from flaxlora import claim
 from flaxlora import export
 from flaxlora import sharding
 from flaxlora import optimizers
@@ -148,17 +149,17 @@ def test_checkpoints_keep_last_n_and_best(tmp_path):
 
 def test_workdir_refuses_another_config_and_names_the_keys(tmp_path):
   config = bert_sentiment_lora.get_config('runlocal')
-  workdir_lib.prepare(tmp_path, config)
+  claim.prepare(tmp_path, config)
   (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "split": "train"}\n')
   before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
   other = bert_sentiment_lora.get_config('runlocal')
-  other.optimizer.lr = 0.5
+  other.optimizer.lr = 0.5  # compatible: not named
   other.train.seed = 3
-  with pytest.raises(ValueError, match=r'(?s)2 differing keys.*optimizer\.lr: '
-                     r'0\.01 -> 0\.5.*train\.seed: 0 -> 3.*--overwrite'):
+  with pytest.raises(ValueError, match=r'1 incompatible keys: train\.seed: '
+                     r'0 -> 3\).*--overwrite'):
     trainer.train_and_evaluate(other, tmp_path)
   assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
-  workdir_lib.prepare(tmp_path, other, overwrite=True)
+  claim.prepare(tmp_path, other, overwrite=True)
   assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json']
   assert json.loads((tmp_path / 'config.json').read_text())['train'][
       'seed'] == 3
