@@ -132,13 +132,15 @@ class Checkpointer:
             DATA: ocp.args.JsonRestore()}))
     return restored[STATE], dict(restored[DATA])
 
-  def restore_latest(self, abstract_state: Any
+  def restore_latest(self, abstract_state: Any, check_only: bool = False
                      ) -> tuple[int, Any, dict[str, Any]] | None:
     """(step, state, data_state) of the newest intact checkpoint; None when
     there is none yet.
 
     A checkpoint that fails to read is reported in one line and moved
     aside (`<step>.unreadable`), and the next older one is tried.
+    `check_only`: report and move nothing (a check before the workdir is
+    claimed).
 
     Raises:
       errors.UserError: checkpoints exist but none of them reads.
@@ -154,10 +156,11 @@ class Checkpointer:
           sys.stderr = _NoClosedLoopNoise(sys.stderr)
         folder = self.directory / str(step)
         failures.append(f'step {step}: {_reason(folder, e)}')
-        print(f'flaxlora: warning: checkpoint {failures[-1]}; trying an '
-              'older one.', file=sys.stderr, flush=True)
+        if not check_only:
+          print(f'flaxlora: warning: checkpoint {failures[-1]}; trying an '
+                'older one.', file=sys.stderr, flush=True)
         continue
-      if failures:
+      if failures and not check_only:
         self._set_aside([s for s in steps if s > step])
       return step, state, data_state
     if not steps:
@@ -178,6 +181,26 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def check_restorable(directory: str | os.PathLike,
+                     abstract_state: Any) -> None:
+  """Raises errors.UserError when no checkpoint in `directory` reads; a
+  read-only check (each state is restored whole onto one device).
+
+  Args:
+    directory: a run's checkpoints folder.
+    abstract_state: the train state's ShapeDtypeStructs.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      abstract_state)
+  ckpt = Checkpointer(directory)
+  try:
+    ckpt.restore_latest(abstract, check_only=True)
+  finally:
+    ckpt.close()
 
 
 def _abstract(x: Any) -> Any:

@@ -217,6 +217,9 @@ def prepare(workdir: str | os.PathLike, config: Any, *,
     clear(workdir)
   if new_changes:  # a finished run continues: its summary is rewritten
     (workdir / workdir_lib.SUMMARY_FILE).unlink(missing_ok=True)
+  for change in new_changes:
+    print(f"flaxlora: continuing at step {change['step']} with "
+          f"{change['key']} {change['from']!r} -> {change['to']!r}")
   workdir.mkdir(parents=True, exist_ok=True)
   resolved = workdir_lib.config_dict(config)
   if kept or new_changes:

@@ -69,7 +69,7 @@ def one_line(error: BaseException) -> str:
     last = [line for line in text.splitlines() if line.strip()][-1]
     text = f'{head}: {last.strip()}'
   text = re.sub(r'\s*\n\s*', '; ', text)
-  if isinstance(error, OSError) and not isinstance(error, UserError):
+  if isinstance(error, OSError) and error.errno is not None:
     text = f'{type(error).__name__}: {text}'
   return text
 

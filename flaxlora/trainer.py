@@ -238,14 +238,24 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *,
   run = setup(config, workdir)
   if not run.is_main:  # multi-host runs lock once, on the main process
     held = contextlib.nullcontext()
+  if trained is not None and not overwrite:
+    _check_resumable(run)
   with held, interrupt.Guard() as guard:
-    for change in claim.prepare(
-        workdir, config, overwrite=overwrite, write=run.is_main,
-        trained_step=trained, total_steps=run.total_steps):
-      print(f"flaxlora: continuing at step {change['step']} with "
-            f"{change['key']} {change['from']!r} -> {change['to']!r}")
+    claim.prepare(workdir, config, overwrite=overwrite, write=run.is_main,
+                  trained_step=trained, total_steps=run.total_steps)
     distributed.sync('flaxlora_workdir')
     return _train(run, guard)
+
+
+def _check_resumable(run: Run) -> None:
+  """Before the workdir is claimed: raises errors.UserError when none of
+  its checkpoints reads (`_train` then restores the newest intact one)."""
+  tx = optimizers.optimizer(run.config.optimizer, run.total_steps,
+                            run.method)
+  checkpoint.check_restorable(
+      run.workdir / workdir_lib.CHECKPOINT_DIR, jax.eval_shape(
+          lambda r, b: steps.create(run.state_rng, run.method.init(r, b), tx),
+          run.adapter_rng, run.base))
 
 
 def _train(run: Run, guard: interrupt.Guard) -> dict[str, Any]:
