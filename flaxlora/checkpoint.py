@@ -184,9 +184,13 @@ class Checkpointer:
 
 
 def check_restorable(directory: str | os.PathLike,
-                     abstract_state: Any) -> None:
-  """Raises errors.UserError when no checkpoint in `directory` reads; a
-  read-only check (each state is restored whole onto one device).
+                     abstract_state: Any) -> int | None:
+  """The step of the newest checkpoint in `directory` that reads (None:
+  there is none yet); a read-only check (each state is restored whole
+  onto one device).
+
+  Raises:
+    errors.UserError: checkpoints exist but none of them reads.
 
   Args:
     directory: a run's checkpoints folder.
@@ -198,9 +202,10 @@ def check_restorable(directory: str | os.PathLike,
       abstract_state)
   ckpt = Checkpointer(directory)
   try:
-    ckpt.restore_latest(abstract, check_only=True)
+    restored = ckpt.restore_latest(abstract, check_only=True)
   finally:
     ckpt.close()
+  return None if restored is None else restored[0]
 
 
 def _abstract(x: Any) -> Any:

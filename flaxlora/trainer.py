@@ -239,7 +239,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *,
   if not run.is_main:  # multi-host runs lock once, on the main process
     held = contextlib.nullcontext()
   if trained is not None and not overwrite:
-    _check_resumable(run)
+    trained = _check_resumable(run)
   with held, interrupt.Guard() as guard:
     claim.prepare(workdir, config, overwrite=overwrite, write=run.is_main,
                   trained_step=trained, total_steps=run.total_steps)
@@ -247,12 +247,12 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *,
     return _train(run, guard)
 
 
-def _check_resumable(run: Run) -> None:
-  """Before the workdir is claimed: raises errors.UserError when none of
-  its checkpoints reads (`_train` then restores the newest intact one)."""
+def _check_resumable(run: Run) -> int | None:
+  """Before the workdir is claimed: the step of the newest intact
+  checkpoint, which `_train` restores (errors.UserError: none reads)."""
   tx = optimizers.optimizer(run.config.optimizer, run.total_steps,
                             run.method)
-  checkpoint.check_restorable(
+  return checkpoint.check_restorable(
       run.workdir / workdir_lib.CHECKPOINT_DIR, jax.eval_shape(
           lambda r, b: steps.create(run.state_rng, run.method.init(r, b), tx),
           run.adapter_rng, run.base))
