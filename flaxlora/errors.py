@@ -110,6 +110,7 @@ def _parse(module: str, argv: Sequence[str]) -> list[str]:
   _command = [module, *argv[1:]]
   saved, sys.argv = sys.argv, list(argv)  # config_flags reads sys.argv
   try:
+    app.define_help_flags()  # --help, --helpfull (as app.run does)
     _reset_flags()
     return flags.FLAGS(list(argv))
   except flags.Error:

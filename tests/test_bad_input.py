@@ -13,12 +13,9 @@ import hashlib
 import json
 import os
 import pathlib
-import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -144,7 +141,8 @@ CASES = [
                                  '--config.train.batch_size=12'],
      'train.batch_size=12: global batch size 12 must divide by the 8', 2),
     ('task', lambda p: [CONFIG, f'--workdir={p["new"]}',
-                        '--config.task=bogus'], "(task 'bogus'): use one of", 2),
+                        '--config.task=bogus'],
+     "(task 'bogus'): use one of", 2),
     ('few_examples', lambda p: [CONFIG, f'--workdir={p["new"]}',
                                 '--config.data.generated.num_train=8'],
      'fewer than train.batch_size=16', 2),

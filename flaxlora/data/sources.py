@@ -11,8 +11,9 @@ in errors. Record kinds:
 
 Local formats: `.tsv` (GLUE style: header line, tab-separated, no quoting),
 `.csv` (header line, RFC 4180 quoting), `.jsonl` (one JSON object a line),
-`.json` (one JSON array of objects, or JSON lines) and SQuAD's official JSON. Hub datasets ('glue/sst2', 'squad', 'xsum') need the
-optional `datasets` package (`pip install flaxlora[data]`) and a network.
+`.json` (one JSON array of objects, or JSON lines) and SQuAD's official
+JSON. Hub datasets ('glue/sst2', 'squad', 'xsum') need the optional
+`datasets` package (`pip install flaxlora[data]`) and a network.
 """
 import csv
 import io
