@@ -2,7 +2,6 @@
 grads), checkpoints (last N + best), workdir bookkeeping, and clear errors
 for bad input that leave the workdir untouched."""
 import json
-import math
 
 import jax
 import jax.numpy as jnp
