@@ -1,7 +1,7 @@
 """Benchmarks, one subcommand each.
 
     python -m experiments.benchmark [--release_freed_memory] \
-        {generate,lora,qlora,sharding} [--quick] [--out FILE]
+        {generate,lora,qlora,sharding} [--quick] [--out FILE] [--traceback]
 
 Before anything else the process keeps freed host memory mapped
 (`flaxlora.host_memory`: XLA:CPU's per-step temporary buffer is then not
@@ -14,6 +14,7 @@ The registry is a plain dict: a new benchmark is one module with
 """
 import sys
 
+from flaxlora import errors
 from flaxlora import host_memory
 
 from experiments import bench_generate
@@ -40,8 +41,9 @@ def main(argv=None) -> int:
           f'{{{",".join(sorted(SUBCOMMANDS))}}} [flags]; got {argv[:1]}',
           file=sys.stderr)
     return 2
-  SUBCOMMANDS[argv[0]](argv[1:])
-  return 0
+  show = errors.wants_traceback(argv)
+  rest = [a for a in argv[1:] if a != '--traceback']
+  return errors.guarded(lambda: SUBCOMMANDS[argv[0]](rest), show)
 
 
 if __name__ == '__main__':

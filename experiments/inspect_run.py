@@ -9,8 +9,12 @@ amplification) and, for prompt tuning, the nearest vocabulary tokens of each
 prompt vector. Writes lora_heatmap.png and lora_spectra.png into --out
 (default: the workdir).
 """
+import sys
+
 from absl import app
 from absl import flags
+
+from flaxlora import errors
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A finished run\'s folder.')
 _OUT = flags.DEFINE_string('out', None, 'Where to write the plots '
@@ -35,5 +39,11 @@ def main(argv):
                          max_dense_elements=_MAX_DENSE.value))
 
 
+def cli(argv=None) -> int:
+  """Runs main with `argv` (default sys.argv); returns the exit code:
+  0, 2 for bad input (one line on stderr), 1 for a bug (a traceback)."""
+  return errors.cli(main, argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(cli())

@@ -12,9 +12,13 @@ the batch over them, e.g. one per core), and for several processes
 --coordinator_address / --num_processes / --process_id (or the JAX_*
 environment variables; automatic on TPU pod slices).
 """
+import sys
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from flaxlora import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/t5_lora.py:runlocal.',
@@ -60,5 +64,11 @@ def main(argv):
                              overwrite=_OVERWRITE.value)
 
 
+def cli(argv=None) -> int:
+  """Runs main with `argv` (default sys.argv); returns the exit code:
+  0, 2 for bad input (one line on stderr), 1 for a bug (a traceback)."""
+  return errors.cli(main, argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(cli())

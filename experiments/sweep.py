@@ -6,9 +6,13 @@ r"""Runs every point of a config's `get_sweep(arg)`, each in its own workdir.
 Finished points are skipped and stopped ones resume; ROOT gets results.csv,
 results.md and results.png. --config.x=y overrides apply to every point.
 """
+import sys
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from flaxlora import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file with get_sweep(), e.g. '
@@ -35,5 +39,11 @@ def main(argv):
              base_overrides=overrides, dry_run=_DRY_RUN.value)
 
 
+def cli(argv=None) -> int:
+  """Runs main with `argv` (default sys.argv); returns the exit code:
+  0, 2 for bad input (one line on stderr), 1 for a bug (a traceback)."""
+  return errors.cli(main, argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(cli())

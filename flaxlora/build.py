@@ -131,6 +131,31 @@ def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
   return model, params, family.logical_axes(model), family
 
 
+def abstract_params(config: Any) -> tuple[Any, Any]:
+  """(model, base params as ShapeDtypeStructs): shapes only, no weight read
+  or computed, for checks before a run claims its workdir."""
+  # pylint: disable=g-import-not-at-top
+  from flaxlora import models
+  from flaxlora.models import hf_io
+  m = config.model
+  if m.family not in models.FAMILIES:
+    raise ValueError(f'model.family={m.family!r}: use one of '
+                     f'{sorted(models.FAMILIES)}.')
+  family = models.FAMILIES[m.family]
+  if m.path:
+    folder = hf_io.resolve(resolve_path(m.path))
+    spec = hf_io.read_config(folder)
+  elif not m.init:
+    raise ValueError('model.path is empty and model.init gives no config; '
+                     'set one of them.')
+  else:
+    spec = dict(m.init.to_dict() if hasattr(m.init, 'to_dict') else m.init)
+    spec.setdefault('model_type', family.MODEL_TYPES[0])
+  model = family.build(family.config_from_hf(spec), **_head_kwargs(config))
+  return model, jax.eval_shape(lambda r: family.init(model, r),
+                               jax.random.PRNGKey(0))
+
+
 def tokenizer(config: Any):
   """The tokenizer: 'bytes', 'words' (generated vocab) or a folder/hub id
   ('' means the model's own folder)."""

@@ -14,17 +14,26 @@ so a run killed at any moment leaves only whole checkpoints behind.
     restored = ckpt.restore_latest(abstract_state)   # None on a fresh run
     ckpt.save(step, state, loader.state(), metrics={'accuracy': 0.9})
 """
+import contextlib
+import json
 import logging
 import os
 import pathlib
-from typing import Any, Mapping
+import re
+import sys
+from typing import Any, Iterator, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from flaxlora import errors
+
 STATE = 'state'
 DATA = 'data'
+# Orbax's JSON files in a step folder.
+_JSON_FILES = ('_METADATA', '_CHECKPOINT_METADATA', 'metadata', '_sharding',
+               'metrics')
 
 
 class _QuietUntracked(logging.Filter):
@@ -36,6 +45,16 @@ class _QuietUntracked(logging.Filter):
 
 
 logging.getLogger('absl').addFilter(_QuietUntracked())
+
+
+def steps_on_disk(directory: str | os.PathLike) -> list[int]:
+  """The steps of the checkpoint folders in `directory` (ascending), read
+  without orbax: for checks before a run claims its workdir."""
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and p.is_dir())
 
 
 class Checkpointer:
@@ -113,16 +132,80 @@ class Checkpointer:
             DATA: ocp.args.JsonRestore()}))
     return restored[STATE], dict(restored[DATA])
 
-  def restore_latest(self, abstract_state: Any
+  def restore_latest(self, abstract_state: Any, check_only: bool = False
                      ) -> tuple[int, Any, dict[str, Any]] | None:
-    step = self.latest_step()
-    if step is None:
+    """(step, state, data_state) of the newest intact checkpoint; None when
+    there is none yet.
+
+    A checkpoint that fails to read is reported in one line and moved
+    aside (`<step>.unreadable`), and the next older one is tried.
+    `check_only`: report and move nothing (a check before the workdir is
+    claimed).
+
+    Raises:
+      errors.UserError: checkpoints exist but none of them reads.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+      try:
+        with _quiet():
+          state, data_state = self.restore(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except
+        if not isinstance(sys.stderr, _NoClosedLoopNoise):
+          sys.stderr = _NoClosedLoopNoise(sys.stderr)
+        folder = self.directory / str(step)
+        failures.append(f'step {step}: {_reason(folder, e)}')
+        if not check_only:
+          print(f'flaxlora: warning: checkpoint {failures[-1]}; trying an '
+                'older one.', file=sys.stderr, flush=True)
+        continue
+      if failures and not check_only:
+        self._set_aside([s for s in steps if s > step])
+      return step, state, data_state
+    if not steps:
       return None
-    state, data_state = self.restore(step, abstract_state)
-    return step, state, data_state
+    raise errors.UserError(
+        f'no intact checkpoint in {self.directory} ({"; ".join(failures)}); '
+        'to start over, pass --overwrite (or move the checkpoints folder '
+        'away).')
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Renames unreadable step folders to `<step>.unreadable` (kept for a
+    post-mortem, ignored by orbax) so that training can save those steps
+    again."""
+    for step in steps:
+      folder = self.directory / str(step)
+      folder.rename(folder.with_name(f'{step}.unreadable'))
+    self._manager.reload()
 
   def close(self) -> None:
     self._manager.close()
+
+
+def check_restorable(directory: str | os.PathLike,
+                     abstract_state: Any) -> int | None:
+  """The step of the newest checkpoint in `directory` that reads (None:
+  there is none yet); a read-only check (each state is restored whole
+  onto one device).
+
+  Raises:
+    errors.UserError: checkpoints exist but none of them reads.
+
+  Args:
+    directory: a run's checkpoints folder.
+    abstract_state: the train state's ShapeDtypeStructs.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      abstract_state)
+  ckpt = Checkpointer(directory)
+  try:
+    restored = ckpt.restore_latest(abstract, check_only=True)
+  finally:
+    ckpt.close()
+  return None if restored is None else restored[0]
 
 
 def _abstract(x: Any) -> Any:
@@ -130,3 +213,76 @@ def _abstract(x: Any) -> Any:
     return x
   return jax.ShapeDtypeStruct(x.shape, x.dtype,
                               sharding=getattr(x, 'sharding', None))
+
+
+def _reason(folder: pathlib.Path, error: BaseException) -> str:
+  """'<file>: <why>' of a failed restore of step folder `folder`, on one
+  line (the file: one the error names, or a JSON file that does not
+  parse)."""
+  text = ' '.join(str(error).split())
+  named = re.search(re.escape(str(folder)) + r'[^"\s:]*', text)
+  where = named.group(0) if named else str(folder)
+  if isinstance(error, json.JSONDecodeError):
+    for path in sorted(folder.rglob('*')):
+      try:
+        if path.name in _JSON_FILES and path.is_file():
+          json.loads(path.read_text())
+      except UnicodeDecodeError:
+        continue
+      except json.JSONDecodeError:
+        where = str(path)
+        break
+  if len(text) > 200:  # the cause is at the end of tensorstore's messages
+    text = f'{text[:100]} ... {text[-100:]}'
+  return f'{where}: {type(error).__name__}: {text}'
+
+
+class _NoClosedLoopNoise:
+  """A stderr wrapper that drops the tracebacks of asyncio's 'Event loop is
+  closed': tensorstore callbacks of a failed restore land after orbax
+  closed its event loop, and print one traceback each (~40 per restore).
+  Other output passes unchanged."""
+
+  _NOISE = ('asyncio/base_events.py', 'self._check_closed()',
+            "raise RuntimeError('Event loop is closed')",
+            'RuntimeError: Event loop is closed')
+  _HEADER = 'Traceback (most recent call last):'
+
+  def __init__(self, stream: Any):
+    self.stream = stream
+    self.partial = ''
+    self.headers = 0  # held back until the next line shows what follows
+
+  def write(self, text: str) -> int:
+    lines = (self.partial + text).split('\n')
+    self.partial = lines.pop()
+    for line in lines:
+      if line.strip() == self._HEADER:
+        self.headers += 1
+      elif any(n in line for n in self._NOISE):
+        self.headers = 0
+      else:
+        self.stream.write(f'{self._HEADER}\n' * self.headers + line + '\n')
+        self.headers = 0
+    return len(text)
+
+  def flush(self) -> None:
+    self.stream.flush()
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+  """Silences orbax's and asyncio's logging of a failed restore (the cause
+  is reported in one line by `restore_latest`)."""
+  loggers = [logging.getLogger(n) for n in ('absl', 'asyncio', 'orbax')]
+  levels = [l.level for l in loggers]
+  for l in loggers:
+    l.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    for l, level in zip(loggers, levels):
+      l.setLevel(level)

@@ -22,6 +22,7 @@ import sys
 from typing import Any, Callable, Mapping, Sequence
 
 from flaxlora import atomic
+from flaxlora import claim
 from flaxlora import figures
 from flaxlora import workdir as workdir_lib
 
@@ -119,7 +120,7 @@ def run(config: Any, config_arg: str, root: str | os.PathLike, *,
     One row per point: {'point', **overrides, **summary scalars} (no
     summary on a dry run).
   """
-  root = pathlib.Path(root)
+  root = claim.check_path(root)
   rows = []
   todo = points(config_arg)
   configs = [apply(config, p) for p in todo]  # all errors before any run

@@ -200,6 +200,16 @@ TASKS = {'classification': Classification, 'squad': Squad,
          'seq2seq': Seq2Seq}
 
 
+def metric_names(config: Any) -> tuple[str, ...]:
+  """The eval metrics `make(config, model).metrics` returns."""
+  if config.task == 'classification':
+    return ('loss', 'accuracy', 'f1')
+  metric = 'squad' if config.task == 'squad' else config.data.get('metric')
+  return ('loss',) + {'rouge': metrics_lib.ROUGE_TYPES,
+                      'squad': ('exact_match', 'f1'),
+                      'accuracy': ('accuracy',)}.get(metric, ())
+
+
 def make(config: Any, model: Any):
   if config.task not in TASKS:
     raise ValueError(f'task={config.task!r}: use one of {sorted(TASKS)}.')

@@ -15,8 +15,13 @@ A run restarted in the same workdir resumes from its latest checkpoint and
 ends with exactly the adapter of an uninterrupted run: the checkpoint holds
 the adapter, optimizer state, step, rng and the data position, and dropout
 rngs are folded from (seed, step). A finished run (summary.json present)
-is not rerun.
+is not rerun; a run continued with compatible changes (more steps, a new
+learning rate, see `flaxlora.claim`) trains on from its last checkpoint.
+Nothing is written before every input is checked; the workdir is locked
+while the run trains (`flaxlora.lock`), and SIGINT/SIGTERM stop it after a
+checkpoint at the current step (`flaxlora.interrupt`).
 """
+import contextlib
 import dataclasses
 import math
 import pathlib
@@ -28,12 +33,17 @@ import numpy as np
 
 from flaxlora import build
 from flaxlora import checkpoint
+from flaxlora import claim
 from flaxlora import distributed
+from flaxlora import errors
 from flaxlora import export
+from flaxlora import interrupt
+from flaxlora import lock
 from flaxlora import optimizers
 from flaxlora import sharding
 from flaxlora import steps
 from flaxlora import tasks
+from flaxlora import validate
 from flaxlora import workdir as workdir_lib
 from flaxlora.data import pipeline
 from flaxlora.data import task_data
@@ -79,10 +89,6 @@ def _check_batch(config: Any, mesh: Any, rules: Any) -> None:
       distributed.process_rows(mesh, rules, size)
     except ValueError as e:
       raise ValueError(f'train.{name}={size}: {e}') from None
-  accum = config.optimizer.grad_accum_steps
-  if accum < 1 or config.train.batch_size % accum:
-    raise ValueError(f'optimizer.grad_accum_steps={accum} must be >= 1 and '
-                     f'divide train.batch_size={config.train.batch_size}.')
 
 
 def setup(config: Any, workdir: pathlib.Path,
@@ -98,8 +104,10 @@ def setup(config: Any, workdir: pathlib.Path,
         f'the train data has {len(data.train)} examples, fewer than '
         f'train.batch_size={config.train.batch_size}; lower the batch size.')
   total_steps = _total_steps(config, steps_per_epoch)
-  # The method first: a bad peft section fails before the model is built.
-  build.peft_method(config.peft, config.model.family)
+  # The method first: a bad peft section, rank or regex fails before the
+  # model is built (traced over abstract params).
+  validate.shapes(config, build.peft_method(config.peft, config.model.family,
+                                            tokenizer), total_steps)
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.resolve_rules(config.get('sharding_rules', None))
   _check_batch(config, mesh, rules)
@@ -189,12 +197,15 @@ def _generate_all(run: Run, state: steps.TrainState) -> dict[int, str]:
   return texts
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.UserError, FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
-def _check_finite(pending: list, ckpt: checkpoint.Checkpointer) -> float:
-  """Raises at the first non-finite loss of `pending` [(step, loss)]."""
+def _check_finite(pending: list, ckpt: checkpoint.Checkpointer,
+                  lr: float) -> float:
+  """Raises at the first non-finite loss of `pending` [(step, loss)],
+  with the command that continues from the last good checkpoint at a
+  lower learning rate `lr` / 10."""
   last = float('nan')
   for step, loss in pending:
     last = float(loss)
@@ -202,10 +213,13 @@ def _check_finite(pending: list, ckpt: checkpoint.Checkpointer) -> float:
       good = ckpt.latest_step()
       kept = (f'the last good checkpoint is step {good} in {ckpt.directory}'
               if good is not None else 'no checkpoint was written yet')
+      lower = {'optimizer.lr': f'{lr / 10:g}'}
+      again = errors.command(lower) or (
+          f'the same config with optimizer.lr={lower["optimizer.lr"]}')
       raise NonFiniteLossError(
-          f'training loss is {last} at step {step}; stopped ({kept}). Lower '
-          'optimizer.lr, enable clipping (optimizer.clip_norm) or check the '
-          'data.')
+          f'training loss is {last} at step {step}; stopped ({kept}). '
+          f'Continue with a lower learning rate: {again} (or enable '
+          'optimizer.clip_norm, or check the data).')
   pending.clear()
   return last
 
@@ -217,23 +231,48 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *,
   Returns:
     The summary (also written to summary.json).
   """
-  is_main = distributed.is_main_process()
-  # Refuse a workdir of another config before building anything, and claim
-  # it only once the inputs proved valid: a bad config leaves it untouched.
-  workdir_lib.prepare(workdir, config, overwrite=overwrite, write=False)
+  workdir = claim.check_path(workdir)
+  validate.config_values(config)
+  # Refuse a workdir of another config, or one in use, before building
+  # anything; claim it only once the inputs proved valid (a bad config
+  # leaves it untouched).
+  trained = (checkpoint.steps_on_disk(workdir / workdir_lib.CHECKPOINT_DIR)
+             or [None])[-1]
+  changed = claim.prepare(workdir, config, overwrite=overwrite, write=False,
+                          trained_step=trained)
   finished = workdir_lib.read_summary(workdir)
-  if finished is not None and not overwrite:
+  if finished is not None and not overwrite and not changed:
     print(f'flaxlora: {workdir} holds a finished run (summary.json); '
           'nothing to do. Pass --overwrite to run it again.')
     return finished
+  held = lock.Lock(workdir)
+  held.check_free()
   run = setup(config, workdir)
-  workdir_lib.prepare(workdir, config, overwrite=overwrite, write=is_main)
-  distributed.sync('flaxlora_workdir')
-  return _train(run)
+  if not run.is_main:  # multi-host runs lock once, on the main process
+    held = contextlib.nullcontext()
+  if trained is not None and not overwrite:
+    trained = _check_resumable(run)
+  with held, interrupt.Guard() as guard:
+    claim.prepare(workdir, config, overwrite=overwrite, write=run.is_main,
+                  trained_step=trained, total_steps=run.total_steps)
+    distributed.sync('flaxlora_workdir')
+    return _train(run, guard)
 
 
-def _train(run: Run) -> dict[str, Any]:
-  """The train loop with eval, checkpoints, logging and the final export."""
+def _check_resumable(run: Run) -> int | None:
+  """Before the workdir is claimed: the step of the newest intact
+  checkpoint, which `_train` restores (errors.UserError: none reads)."""
+  tx = optimizers.optimizer(run.config.optimizer, run.total_steps,
+                            run.method)
+  return checkpoint.check_restorable(
+      run.workdir / workdir_lib.CHECKPOINT_DIR, jax.eval_shape(
+          lambda r, b: steps.create(run.state_rng, run.method.init(r, b), tx),
+          run.adapter_rng, run.base))
+
+
+def _train(run: Run, guard: interrupt.Guard) -> dict[str, Any]:
+  """The train loop with eval, checkpoints, logging and the final export;
+  a SIGINT/SIGTERM caught by `guard` stops it after a checkpoint."""
   c = run.config
   tx = optimizers.optimizer(c.optimizer, run.total_steps, run.method)
   state, state_shardings = init_state(run, tx)
@@ -266,7 +305,7 @@ def _train(run: Run) -> dict[str, Any]:
     do_save = final or do_eval or (c.train.checkpoint_every and
                                    step % c.train.checkpoint_every == 0)
     if do_log or do_save:
-      train_loss = _check_finite(pending, ckpt)
+      train_loss = _check_finite(pending, ckpt, c.optimizer.lr)
     if do_log:
       record = {'loss': train_loss, 'grad_norm': metrics['grad_norm'],
                 **progress.update(step)}
@@ -286,6 +325,11 @@ def _train(run: Run) -> dict[str, Any]:
       ckpt.save(step, state, train_loader.state(),
                 metrics=last_eval if do_eval else None)
     progress.exclude(time.perf_counter() - tic)
+    if guard.stop(do_log or do_save):
+      _check_finite(pending, ckpt, c.optimizer.lr)
+      if not do_save:
+        ckpt.save(step, state, train_loader.state())
+      raise guard.error(step, ckpt.directory)
   if last_eval is None:  # resumed after the last step: eval once more
     last_eval = evaluate(run, eval_step, state)
   return _finish(run, state, ckpt, log, last_eval)

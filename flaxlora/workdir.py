@@ -1,13 +1,15 @@
 """What a run leaves in its workdir.
 
-  config.json     the resolved config; a later run of another config in the
-                  same workdir is refused (naming the differing keys)
+  config.json     the resolved config (`flaxlora.claim`: a later run of
+                  another config is refused, a compatible change continues
+                  the run and is recorded under 'changes')
   metrics.jsonl   one JSON object per logged step ({'step', 'split', ...})
   summary.json    the final metrics, written last (a finished run has it)
   loss.png, eval.png  curves drawn from metrics.jsonl (matplotlib Agg)
   checkpoints/    orbax checkpoints (`flaxlora.checkpoint`)
   adapter/        the final adapter in flaxlora's format (`flaxlora.export`)
   peft/           the final adapter as a Hugging Face PEFT folder
+  run.lock        pid and host of the run using the workdir (`flaxlora.lock`)
 
 Only the main process writes (callers check); every write is atomic (a
 temporary file renamed into place), so a killed run never leaves half a file.
@@ -16,7 +18,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 from typing import Any, Iterable, Mapping
 
 from flaxlora import atomic
@@ -30,6 +31,13 @@ EVAL_PLOT = 'eval.png'
 CHECKPOINT_DIR = 'checkpoints'
 ADAPTER_DIR = 'adapter'
 PEFT_DIR = 'peft'
+LOCK_FILE = 'run.lock'
+# Everything a run (and experiments.inspect_run) writes in a workdir: only a
+# folder holding nothing else is a run that --overwrite may delete. A new
+# writer adds its names here.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINT_DIR,
+             ADAPTER_DIR, PEFT_DIR, LOCK_FILE)
+RUN_PATTERNS = ('*.png',)
 
 
 def config_dict(config: Any) -> dict[str, Any]:
@@ -48,71 +56,6 @@ def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
     else:
       flat[name] = value
   return flat
-
-
-def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]
-                ) -> list[str]:
-  """Dotted keys whose values differ, with both values."""
-  old_flat, new_flat = flatten(old), flatten(new)
-  diffs = []
-  for key in sorted(set(old_flat) | set(new_flat)):
-    before = old_flat.get(key, '<absent>')
-    after = new_flat.get(key, '<absent>')
-    if before != after:
-      diffs.append(f'{key}: {before!r} -> {after!r}')
-  return diffs
-
-
-def prepare(workdir: str | os.PathLike, config: Any, *,
-            overwrite: bool = False, write: bool = True) -> pathlib.Path:
-  """Claims `workdir` for `config`.
-
-  A workdir that holds a run of another config is refused, without touching
-  it, unless `overwrite`, which empties the workdir first (any run in it is
-  discarded). A workdir of the same config is kept, so the run resumes.
-
-  Args:
-    workdir: the run's folder; created when absent.
-    config: the run's ConfigDict.
-    overwrite: replace a run of another config.
-    write: whether this process writes (the main process).
-
-  Returns:
-    The workdir as a Path.
-
-  Raises:
-    ValueError: the workdir holds a run of another config.
-  """
-  workdir = pathlib.Path(workdir)
-  new = config_dict(config)
-  config_file = workdir / CONFIG_FILE
-  if config_file.exists():
-    try:
-      old = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-      old = {'<unreadable config.json>': str(e)}
-    diffs = config_diff(old, new)
-    if diffs and not overwrite:
-      shown = '\n  '.join(diffs[:20])
-      raise ValueError(
-          f'workdir {workdir} holds a run of a different config '
-          f'({len(diffs)} differing keys):\n  {shown}\nUse another '
-          '--workdir, or pass --overwrite to discard that run.')
-  if overwrite and write and workdir.exists():
-    clear(workdir)
-  if write:
-    workdir.mkdir(parents=True, exist_ok=True)
-    atomic.write_file(config_file, json.dumps(new, indent=2, sort_keys=True))
-  return workdir
-
-
-def clear(workdir: pathlib.Path) -> None:
-  """Empties `workdir` (used only for --overwrite)."""
-  for child in workdir.iterdir():
-    if child.is_dir() and not child.is_symlink():
-      shutil.rmtree(child)
-    else:
-      child.unlink()
 
 
 def _jsonable(value: Any) -> Any:

@@ -10,9 +10,10 @@ in errors. Record kinds:
                    'answers': [{'text', 'start'}], 'origin'}
 
 Local formats: `.tsv` (GLUE style: header line, tab-separated, no quoting),
-`.csv` (header line, RFC 4180 quoting), `.jsonl` (one JSON object a line) and
-SQuAD's official JSON. Hub datasets ('glue/sst2', 'squad', 'xsum') need the
-optional `datasets` package (`pip install flaxlora[data]`) and a network.
+`.csv` (header line, RFC 4180 quoting), `.jsonl` (one JSON object a line),
+`.json` (one JSON array of objects, or JSON lines) and SQuAD's official
+JSON. Hub datasets ('glue/sst2', 'squad', 'xsum') need the optional
+`datasets` package (`pip install flaxlora[data]`) and a network.
 """
 import csv
 import io
@@ -37,6 +38,9 @@ HUB = {
 def _read_text(path: str | os.PathLike) -> tuple[pathlib.Path, str]:
   """Reads a UTF-8 file; errors name the file (and the line of bad bytes)."""
   path = pathlib.Path(path).expanduser()
+  if path.is_dir():
+    raise ValueError(f'data file {str(path)!r} is a folder; name a .tsv, '
+                     '.csv or .jsonl file in it (data.*_file).')
   if not path.is_file():
     raise FileNotFoundError(
         f'data file {str(path)!r} does not exist; check the path in the '
@@ -61,6 +65,8 @@ def read_rows(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
   elif suffix == '.csv':
     rows = _delimited_rows(path, text, csv.reader(
         io.StringIO(text, newline='')))
+  elif suffix == '.json' and text.lstrip().startswith('['):
+    rows = _json_array_rows(path, text)
   elif suffix in ('.jsonl', '.json'):
     rows = _jsonl_rows(path, text)
   else:
@@ -74,17 +80,30 @@ def read_rows(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
 def _delimited_rows(path, text, reader):
   rows = []
   header = None
-  for fields in reader:
-    line = reader.line_num
+  end = 0
+  csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))
+  while True:
+    start = end + 1
+    try:
+      fields = next(reader, None)
+    except csv.Error as e:
+      raise ValueError(f'{path}:{start}: {e}; fix the line (an unclosed '
+                       'quote?).') from None
+    if fields is None:
+      break
+    end = line = reader.line_num
     if header is None:
       header = fields
       continue
     if not fields:  # a blank line (often the last one)
       continue
     if len(fields) != len(header):
+      span = (f' (a quote at line {start} opens a field that runs to line '
+              f'{end})' if end > start else '')
       raise ValueError(
-          f'{path}:{line}: {len(fields)} fields where the header (line 1) has '
-          f'{len(header)} ({header}); fix the line (a stray tab or quote?).')
+          f'{path}:{start}: {len(fields)} fields where the header (line 1) '
+          f'has {len(header)} ({header}){span}; fix the line (a stray tab '
+          'or quote?).')
     rows.append((f'{path}:{line}', dict(zip(header, fields))))
   if header is None:
     raise ValueError(f'data file {str(path)!r} is empty (not even a header).')
@@ -109,8 +128,27 @@ def _jsonl_rows(path, text):
   return rows
 
 
+def _json_array_rows(path, text):
+  """A .json file holding one array of objects."""
+  try:
+    items = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path}:{e.lineno}: malformed JSON ({e.msg} at column '
+                     f'{e.colno}).') from None
+  rows = []
+  for i, row in enumerate(items):
+    if not isinstance(row, dict):
+      raise ValueError(f'{path}: item {i} of the array is a JSON '
+                       f'{type(row).__name__}, not an object.')
+    rows.append((f'{path}[{i}]', row))
+  return rows
+
+
 def _field(row: dict[str, Any], name: str, origin: str) -> Any:
-  if name not in row or row[name] is None:
+  if row.get(name, '') is None:
+    raise ValueError(f'{origin}: field {name!r} is null; give it a value '
+                     'or drop the example.')
+  if name not in row:
     raise ValueError(f'{origin}: no field {name!r} (fields: {sorted(row)}); '
                      'set the data.*_field option to the right column.')
   return row[name]

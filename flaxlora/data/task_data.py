@@ -71,6 +71,9 @@ def _articles(text: str, option: str) -> slice | None:
 def _check_file(path: str, option: str) -> str:
   if not path:
     raise ValueError(f'{option} is empty; data.source="files" needs it.')
+  if pathlib.Path(path).expanduser().is_dir():
+    raise ValueError(f'{option}={path!r} is a folder; name a data file in '
+                     f'it (--config.{option}=...).')
   if not pathlib.Path(path).expanduser().is_file():
     hint = ('; the :local_data variants read ../shared/data next to the '
             'repository, which this machine lacks' if 'shared/data' in path
