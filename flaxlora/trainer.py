@@ -30,7 +30,9 @@ from flaxlora import build
 from flaxlora import checkpoint
 from flaxlora import distributed
 from flaxlora import export
+from flaxlora import metric_writers
 from flaxlora import optimizers
+from flaxlora import predictions_io
 from flaxlora import sharding
 from flaxlora import steps
 from flaxlora import tasks
@@ -60,6 +62,7 @@ class Run:
   state_rng: Any
   total_steps: int
   is_main: bool
+  started: float = dataclasses.field(default_factory=time.time)
 
 
 def _total_steps(config: Any, steps_per_epoch: int) -> int:
@@ -146,22 +149,39 @@ def _device_batch(run: Run, batch: dict) -> dict:
   return distributed.global_batch(batch, run.mesh, run.rules)
 
 
-def evaluate(run: Run, eval_step: Any, state: steps.TrainState
-             ) -> dict[str, float]:
-  """Eval metrics of the current adapter on the whole eval set."""
+def eval_outputs(run: Run, eval_step: Any, adapter: Any) -> list[dict]:
+  """The host eval outputs of every eval batch (see `flaxlora.tasks`)."""
   outputs = []
   for batch in loader(run, train=False):
-    out = eval_step(state.adapter, run.base, _device_batch(run, batch))
+    out = eval_step(adapter, run.base, _device_batch(run, batch))
     outputs.append(distributed.to_host(out))
-  generate = lambda: _generate_all(run, state)  # pylint: disable=g-long-lambda
-  return run.task.metrics(run.data, outputs, generate)
+  return outputs
 
 
-def _generate_all(run: Run, state: steps.TrainState) -> dict[int, str]:
-  """{eval record index: generated text} (seq2seq eval)."""
+def evaluate(run: Run, eval_step: Any, adapter: Any,
+             predictions_dir: pathlib.Path | None = None
+             ) -> dict[str, float]:
+  """Eval metrics of `adapter` on the whole eval set.
+
+  With `predictions_dir`, the main process also writes the per-example
+  predictions there (`flaxlora.predictions_io`).
+  """
+  outputs = eval_outputs(run, eval_step, adapter)
+  generate = lambda: generate_texts(run, adapter)
+  predictions = run.task.predict(run.data, outputs, generate)
+  if predictions_dir is not None and run.is_main:
+    predictions_io.write(
+        predictions_dir, run.task.rows(run.data.eval_records, predictions),
+        squad=run.data.kind == 'squad')
+  return run.task.score(run.data, outputs, predictions)
+
+
+def generate_texts(run: Run, adapter: Any) -> dict[int, str]:
+  """{eval record index: generated text} (seq2seq eval), with the config's
+  eval.num_beams, max_new_tokens and length_penalty."""
   from flaxlora.models import decoding  # pylint: disable=g-import-not-at-top
   e = run.config.eval
-  params, kwargs = run.method.apply(run.base, state.adapter)
+  params, kwargs = run.method.apply(run.base, adapter)
   texts = {}
   for batch in loader(run, train=False):
     device = _device_batch(run, batch)
@@ -214,7 +234,9 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *,
     print(f'flaxlora: {workdir} holds a finished run (summary.json); '
           'nothing to do. Pass --overwrite to run it again.')
     return finished
+  started = time.time()
   run = setup(config, workdir)
+  run.started = started
   workdir_lib.prepare(workdir, config, overwrite=overwrite, write=is_main)
   distributed.sync('flaxlora_workdir')
   return _train(run)
@@ -235,7 +257,9 @@ def _train(run: Run) -> dict[str, Any]:
     start, state, data_state = restored
     train_loader.restore(data_state)
     print(f'flaxlora: resuming from step {start} ({ckpt.directory})')
-  log = workdir_lib.MetricsLog(run.workdir, start, write=run.is_main)
+  log = workdir_lib.MetricsLog(
+      run.workdir, start, write=run.is_main,
+      writer=metric_writers.create(c, run.workdir, run.is_main))
   if run.is_main:
     print(f'flaxlora: mesh {dict(run.mesh.shape)} over {run.mesh.size} '
           f'{run.mesh.devices.flat[0].platform} devices', flush=True)
@@ -243,6 +267,7 @@ def _train(run: Run) -> dict[str, Any]:
       run.task.loss, run.method, tx, c.optimizer.grad_accum_steps,
       state_shardings, clip_norm=optimizers.clip_norm(c.optimizer))
   eval_step = steps.jit_eval_step(run.task, run.method)
+  lr = optimizers.schedule(c.optimizer, run.total_steps)
   progress = _Progress(run.total_steps)
   pending, last_eval, train_loss = [], None, float('nan')
   for step in range(start + 1, run.total_steps + 1):
@@ -259,13 +284,13 @@ def _train(run: Run) -> dict[str, Any]:
       train_loss = _check_finite(pending, ckpt)
     if do_log:
       record = {'loss': train_loss, 'grad_norm': metrics['grad_norm'],
-                **progress.update(step)}
+                'lr': lr(step - 1), **progress.update(step)}
       log.log(step, 'train', record)
       print(progress.line(step, train_loss), flush=True)
     tic = time.perf_counter()
     if do_eval:
       try:
-        last_eval = evaluate(run, eval_step, state)
+        last_eval = evaluate(run, eval_step, state.adapter, run.workdir)
       except BaseException:  # keep the trained steps; a restart evaluates
         ckpt.save(step, state, train_loader.state())
         raise
@@ -277,7 +302,7 @@ def _train(run: Run) -> dict[str, Any]:
                 metrics=last_eval if do_eval else None)
     progress.exclude(time.perf_counter() - tic)
   if last_eval is None:  # resumed after the last step: eval once more
-    last_eval = evaluate(run, eval_step, state)
+    last_eval = evaluate(run, eval_step, state.adapter, run.workdir)
   return _finish(run, state, ckpt, log, last_eval)
 
 
@@ -341,7 +366,11 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
     _save_peft(run, host_base, adapter)
     workdir_lib.write_summary(run.workdir, summary)
     workdir_lib.plot(run.workdir)
+  log.close()
   distributed.sync('flaxlora_finish')
+  if run.is_main:
+    print(workdir_lib.result_line(summary, run.workdir, time.time() - run.started,
+                      run.method.export.write is not None), flush=True)
   return summary
 
 
@@ -363,3 +392,4 @@ def _save_peft(run: Run, host_base: Any, adapter: Any) -> None:
                peft_names.base_model_reference(c.model.path))
   export.save_peft(run.workdir / workdir_lib.PEFT_DIR, run.model, host_base,
                    adapter, run.method, base_model_name_or_path=reference)
+

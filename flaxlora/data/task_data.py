@@ -190,6 +190,21 @@ def _tokenize(records: list, config: Any, tokenizer: Any):
       target_buckets=tuple(d.get('target_buckets', ())))
 
 
+def load_eval(config: Any, tokenizer: Any) -> Data:
+  """Only the eval data (`train` is None), e.g. `data.eval_file` alone: the
+  train file is not read (`experiments.evaluate`)."""
+  d, kind = config.data, record_kind(config)
+  if d.source == 'files' and not int(d.get('eval_from_train', 0)):
+    records = _read_file(d, kind, d.eval_file, 'data.eval_file',
+                         d.get('eval_articles', ''))
+  else:
+    records = read_records(config)[1]
+  records = _subset(records, config.eval.max_examples, None)
+  if config.task == 'seq2seq':
+    records = to_text(records, kind, config)
+  return Data(None, _tokenize(records, config, tokenizer), records, kind)
+
+
 def load(config: Any, tokenizer: Any) -> Data:
   """Reads, subsets, converts and tokenizes the run's data."""
   train, evaluation, kind = read_records(config)
