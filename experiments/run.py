@@ -10,11 +10,15 @@ memory mapped, see `flaxlora.host_memory`), --cpu_devices (on a CPU-only
 host, split it into this many XLA devices: the config's mesh then spreads
 the batch over them, e.g. one per core), and for several processes
 --coordinator_address / --num_processes / --process_id (or the JAX_*
-environment variables; automatic on TPU pod slices).
+environment variables; automatic on TPU pod slices). Third-party INFO logs
+(orbax, JAX) are off unless --verbosity=0; the run ends with one line: the
+final and best eval metrics, the wall time, the adapter and PEFT folders.
 """
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/t5_lora.py:runlocal.',
@@ -44,6 +48,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cli.quiet_logs()
   # Imported here so that --help and flag errors do not wait for JAX.
   # pylint: disable=g-import-not-at-top
   from flaxlora import host_memory

@@ -175,7 +175,7 @@ def to_text(records: list, kind: str, config: Any) -> list:
            'origin': r['origin']} for i, r in enumerate(records)]
 
 
-def _tokenize(records: list, config: Any, tokenizer: Any):
+def tokenize(records: list, config: Any, tokenizer: Any):
   d = config.data
   if config.task == 'classification':
     return classification.tokenize(records, tokenizer, max_length=d.max_length,
@@ -202,7 +202,7 @@ def load_eval(config: Any, tokenizer: Any) -> Data:
   records = _subset(records, config.eval.max_examples, None)
   if config.task == 'seq2seq':
     records = to_text(records, kind, config)
-  return Data(None, _tokenize(records, config, tokenizer), records, kind)
+  return Data(None, tokenize(records, config, tokenizer), records, kind)
 
 
 def load(config: Any, tokenizer: Any) -> Data:
@@ -218,5 +218,5 @@ def load(config: Any, tokenizer: Any) -> Data:
   if config.task == 'seq2seq':
     train = to_text(train, kind, config)
     evaluation = to_text(evaluation, kind, config)
-  return Data(_tokenize(train, config, tokenizer),
-              _tokenize(evaluation, config, tokenizer), evaluation, kind)
+  return Data(tokenize(train, config, tokenizer),
+              tokenize(evaluation, config, tokenizer), evaluation, kind)
