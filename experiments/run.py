@@ -52,11 +52,10 @@ def main(argv):
   # Imported here so that --help and flag errors do not wait for JAX.
   # pylint: disable=g-import-not-at-top
   from flaxlora import host_memory
-  if not _RELEASE_FREED_MEMORY.value:
-    host_memory.keep_freed_memory()  # before JAX starts its backend
-  if _CPU_DEVICES.value:
-    import jax
-    jax.config.update('jax_num_cpu_devices', _CPU_DEVICES.value)
+  note = host_memory.cpu_settings(  # before JAX starts its backend
+      not _RELEASE_FREED_MEMORY.value, _CPU_DEVICES.value)
+  if note:
+    print(note)
   from flaxlora import distributed
   from flaxlora import trainer
   distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,

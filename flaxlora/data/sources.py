@@ -10,8 +10,9 @@ in errors. Record kinds:
                    'answers': [{'text', 'start'}], 'origin'}
 
 Local formats: `.tsv` (GLUE style: header line, tab-separated, no quoting),
-`.csv` (header line, RFC 4180 quoting), `.jsonl` (one JSON object a line) and
-SQuAD's official JSON. Hub datasets ('glue/sst2', 'squad', 'xsum') need the
+`.csv` (header line, RFC 4180 quoting), `.jsonl` (one JSON object a line),
+`.json` (one array of objects, or one object a line) and SQuAD's official
+JSON (`read_squad`). Hub datasets ('glue/sst2', 'squad', 'xsum') need the
 optional `datasets` package (`pip install flaxlora[data]`) and a network.
 """
 import csv
@@ -61,11 +62,14 @@ def read_rows(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
   elif suffix == '.csv':
     rows = _delimited_rows(path, text, csv.reader(
         io.StringIO(text, newline='')))
+  elif suffix == '.json' and text.lstrip().startswith('['):
+    rows = _json_array_rows(path, text)
   elif suffix in ('.jsonl', '.json'):
     rows = _jsonl_rows(path, text)
   else:
     raise ValueError(f'data file {str(path)!r}: unknown format {suffix!r}; '
-                     'use .tsv, .csv or .jsonl (or read_squad for SQuAD).')
+                     'use .tsv, .csv, .json or .jsonl (or read_squad for '
+                     'SQuAD).')
   if not rows:
     raise ValueError(f'data file {str(path)!r} holds no examples.')
   return rows
@@ -88,6 +92,23 @@ def _delimited_rows(path, text, reader):
     rows.append((f'{path}:{line}', dict(zip(header, fields))))
   if header is None:
     raise ValueError(f'data file {str(path)!r} is empty (not even a header).')
+  return rows
+
+
+def _json_array_rows(path, text):
+  """Rows of a .json file holding one array of objects."""
+  try:
+    array = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path}:{e.lineno}: malformed JSON ({e.msg} at column '
+                     f'{e.colno}); a .json file holds one array of objects '
+                     '(or one object a line).') from None
+  rows = []
+  for i, row in enumerate(array):
+    if not isinstance(row, dict):
+      raise ValueError(f'{path}: element {i} of the array is a JSON '
+                       f'{type(row).__name__}, not an object.')
+    rows.append((f'{path}[{i}]', row))
   return rows
 
 
