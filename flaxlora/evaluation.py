@@ -147,8 +147,9 @@ def _checkpoint_adapter(run: trainer.Run, step: int | str) -> tuple[Any, int]:
                                  best_mode=c.best_mode)
   try:
     kept = ckpt.all_steps()
-    if step == 'best':
-      step = ckpt.best_step()
+    if step == 'best':  # the summary's (first of ties) when still kept
+      named = (workdir_lib.read_summary(run.workdir) or {}).get('best_step')
+      step = named if named in kept else ckpt.best_step()
       if step is None:
         raise ValueError(f'--step=best: no checkpoint in {directory} has '
                          f'the metric checkpoint.best_metric='
