@@ -39,7 +39,7 @@ _OUTPUT = flags.DEFINE_string('output', None, 'JSONL file (default: stdout).')
 _OVERRIDES = []
 
 
-def _peft_config(model_path: str):
+def peft_config(model_path: str):
   """A run config for a base checkpoint: task and head from its config.json
   (BERT classification / QA, or T5 text-to-text)."""
   # pylint: disable=g-import-not-at-top
@@ -50,9 +50,12 @@ def _peft_config(model_path: str):
   c = common.base_config()
   c.model.path, c.tokenizer = str(model_path), str(folder)
   c.model.family = 't5' if spec.get('model_type') in ('t5', 'mt5') else 'bert'
-  c.data.update(max_length=384, doc_stride=128, max_source_length=512,
-                max_target_length=64, source_prefix='', format='seq2seq',
-                metric='rouge', labels=('0', '1'))
+  longest = int(spec.get('max_position_embeddings', 512))
+  c.data.update(max_length=min(384, longest), doc_stride=min(128, longest // 4),
+                max_source_length=512, max_target_length=64,
+                source_prefix='', format='seq2seq', metric='rouge',
+                labels=('0', '1'))
+  c.data.buckets = (32, 64, 128, 256)  # longer than max_length: dropped
   c.train.eval_batch_size = 8
   if c.model.family == 't5':
     c.task = 'seq2seq'
@@ -77,7 +80,7 @@ def _load():
     if not model:
       raise app.UsageError(f'{_PEFT.value} names no base model; pass '
                            '--model=PATH.')
-    config = evaluation.override(_peft_config(model), _OVERRIDES)
+    config = evaluation.override(peft_config(model), _OVERRIDES)
     return predict.from_peft(config, _PEFT.value)
   workdir = pathlib.Path(_WORKDIR.value)
   config = evaluation.override(runs.read_config(workdir), _OVERRIDES)
