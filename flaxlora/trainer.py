@@ -369,8 +369,9 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
   log.close()
   distributed.sync('flaxlora_finish')
   if run.is_main:
-    print(workdir_lib.result_line(summary, run.workdir, time.time() - run.started,
-                      run.method.export.write is not None), flush=True)
+    print(workdir_lib.result_line(
+        summary, run.workdir, time.time() - run.started,
+        run.method.export.write is not None), flush=True)
   return summary
 
 
@@ -392,4 +393,3 @@ def _save_peft(run: Run, host_base: Any, adapter: Any) -> None:
                peft_names.base_model_reference(c.model.path))
   export.save_peft(run.workdir / workdir_lib.PEFT_DIR, run.model, host_base,
                    adapter, run.method, base_model_name_or_path=reference)
-
