@@ -46,7 +46,8 @@ def sst(tmp_path_factory):
 def _events(workdir):
   """{tag: [(step, value)]} of the TensorBoard event files (TFRecords of
   Event protos, read without TensorFlow)."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tensorboardX.proto import event_pb2
   scalars = collections.defaultdict(list)
   for path in pathlib.Path(workdir).glob('events.out.tfevents.*'):
     data = path.read_bytes()

@@ -63,8 +63,8 @@ def run_blocks(text: str, folder: pathlib.Path) -> int:
       source = source.replace(repr(hub_id), repr(local))
     first = source.strip().splitlines()[0]
     try:
-      exec(compile(source, f'README.md python block {number}', 'exec'),  # pylint: disable=exec-used
-           namespace)
+      code = compile(source, f'README.md python block {number}', 'exec')
+      exec(code, namespace)  # pylint: disable=exec-used
     except Exception as e:  # pylint: disable=broad-except
       raise AssertionError(f'README python block {number} (starting '
                            f'{first!r}) raised {type(e).__name__}: {e}'
