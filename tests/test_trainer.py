@@ -21,6 +21,7 @@ from flaxlora import claim
 from flaxlora import export
 from flaxlora import sharding
 from flaxlora import optimizers
+from flaxlora import progress
 from flaxlora import steps
 from flaxlora import trainer
 from flaxlora import workdir as workdir_lib
@@ -274,7 +275,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   config.optimizer.update(lr=1e30, warmup_steps=0, clip_norm=0.0)
   config.train.update(steps=6, checkpoint_every=1, log_every=1,
                       eval_every=0)
-  with pytest.raises(trainer.NonFiniteLossError,
+  with pytest.raises(progress.NonFiniteLossError,
                      match=r'loss is (nan|-?inf) at step 2.*last good '
                      r'checkpoint is step 1.*optimizer\.lr=1e\+29'):
     trainer.train_and_evaluate(config, tmp_path)

@@ -11,9 +11,9 @@ in errors. Record kinds:
 
 Local formats: `.tsv` (GLUE style: header line, tab-separated, no quoting),
 `.csv` (header line, RFC 4180 quoting), `.jsonl` (one JSON object a line),
-`.json` (one JSON array of objects, or JSON lines) and SQuAD's official
-JSON. Hub datasets ('glue/sst2', 'squad', 'xsum') need the optional
-`datasets` package (`pip install flaxlora[data]`) and a network.
+`.json` (one array of objects, or one object a line) and SQuAD's official
+JSON (`read_squad`). Hub datasets ('glue/sst2', 'squad', 'xsum') need the
+optional `datasets` package (`pip install flaxlora[data]`) and a network.
 """
 import csv
 import io
@@ -71,7 +71,8 @@ def read_rows(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
     rows = _jsonl_rows(path, text)
   else:
     raise ValueError(f'data file {str(path)!r}: unknown format {suffix!r}; '
-                     'use .tsv, .csv or .jsonl (or read_squad for SQuAD).')
+                     'use .tsv, .csv, .json or .jsonl (or read_squad for '
+                     'SQuAD).')
   if not rows:
     raise ValueError(f'data file {str(path)!r} holds no examples.')
   return rows
@@ -110,6 +111,23 @@ def _delimited_rows(path, text, reader):
   return rows
 
 
+def _json_array_rows(path, text):
+  """Rows of a .json file holding one array of objects."""
+  try:
+    array = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path}:{e.lineno}: malformed JSON ({e.msg} at column '
+                     f'{e.colno}); a .json file holds one array of objects '
+                     '(or one object a line).') from None
+  rows = []
+  for i, row in enumerate(array):
+    if not isinstance(row, dict):
+      raise ValueError(f'{path}: element {i} of the array is a JSON '
+                       f'{type(row).__name__}, not an object.')
+    rows.append((f'{path}[{i}]', row))
+  return rows
+
+
 def _jsonl_rows(path, text):
   rows = []
   for line, content in enumerate(text.splitlines(), start=1):
@@ -125,22 +143,6 @@ def _jsonl_rows(path, text):
       raise ValueError(f'{path}:{line}: a JSON {type(row).__name__} where a '
                        'JSON object was expected.')
     rows.append((f'{path}:{line}', row))
-  return rows
-
-
-def _json_array_rows(path, text):
-  """A .json file holding one array of objects."""
-  try:
-    items = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path}:{e.lineno}: malformed JSON ({e.msg} at column '
-                     f'{e.colno}).') from None
-  rows = []
-  for i, row in enumerate(items):
-    if not isinstance(row, dict):
-      raise ValueError(f'{path}: item {i} of the array is a JSON '
-                       f'{type(row).__name__}, not an object.')
-    rows.append((f'{path}[{i}]', row))
   return rows
 
 

@@ -12,7 +12,7 @@ Batches hold input_ids, attention_mask, token_type_ids [B, T],
 start_positions, end_positions [B], and the loader's index / weight [B];
 `index` is the feature number that `best_answers` takes back.
 """
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -133,7 +133,28 @@ def best_answers(features: buckets_lib.Tokenized,
   Returns:
     record id -> answer text ('' when no valid span was scored).
   """
-  best = {}  # example -> (score, text)
+  spans = best_spans(features, records, indices, start_logits, end_logits,
+                     n_best=n_best, max_answer_length=max_answer_length)
+  return {r['id']: span.text for r, span in zip(records, spans)}
+
+
+class Span(NamedTuple):
+  """An answer: its text, score (start + end logit) and character offsets
+  [start, end) in the context (score -inf and '' when none was scored)."""
+  text: str
+  score: float
+  start: int
+  end: int
+
+
+def best_spans(features: buckets_lib.Tokenized,
+               records: Sequence[dict[str, Any]], indices: Iterable[int],
+               start_logits: Iterable[np.ndarray],
+               end_logits: Iterable[np.ndarray], *, n_best: int = 20,
+               max_answer_length: int = 30) -> list[Span]:
+  """The best `Span` of every record (in order); arguments as
+  `best_answers`."""
+  best = {}  # example -> Span
   for index, start, end in zip(indices, start_logits, end_logits):
     if index < 0:
       continue
@@ -146,10 +167,12 @@ def best_answers(features: buckets_lib.Tokenized,
       continue
     score, s, e = span
     example = meta['example']
-    if example not in best or score > best[example][0]:
+    if example not in best or score > best[example].score:
+      first, last = int(offsets[s, 0]), int(offsets[e, 1])
       context = records[example]['context']
-      best[example] = (score, context[offsets[s, 0]:offsets[e, 1]])
-  return {r['id']: best.get(i, (0.0, ''))[1] for i, r in enumerate(records)}
+      best[example] = Span(context[first:last], score, first, last)
+  none = Span('', float('-inf'), 0, 0)
+  return [best.get(i, none) for i in range(len(records))]
 
 
 def _best_span(offsets, start, end, n_best, max_answer_length):

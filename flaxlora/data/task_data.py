@@ -178,7 +178,7 @@ def to_text(records: list, kind: str, config: Any) -> list:
            'origin': r['origin']} for i, r in enumerate(records)]
 
 
-def _tokenize(records: list, config: Any, tokenizer: Any):
+def tokenize(records: list, config: Any, tokenizer: Any):
   d = config.data
   if config.task == 'classification':
     return classification.tokenize(records, tokenizer, max_length=d.max_length,
@@ -191,6 +191,21 @@ def _tokenize(records: list, config: Any, tokenizer: Any):
       max_target_length=d.max_target_length, prefix=d.source_prefix,
       source_buckets=tuple(d.buckets),
       target_buckets=tuple(d.get('target_buckets', ())))
+
+
+def load_eval(config: Any, tokenizer: Any) -> Data:
+  """Only the eval data (`train` is None), e.g. `data.eval_file` alone: the
+  train file is not read (`experiments.evaluate`)."""
+  d, kind = config.data, record_kind(config)
+  if d.source == 'files' and not int(d.get('eval_from_train', 0)):
+    records = _read_file(d, kind, d.eval_file, 'data.eval_file',
+                         d.get('eval_articles', ''))
+  else:
+    records = read_records(config)[1]
+  records = _subset(records, config.eval.max_examples, None)
+  if config.task == 'seq2seq':
+    records = to_text(records, kind, config)
+  return Data(None, tokenize(records, config, tokenizer), records, kind)
 
 
 def load(config: Any, tokenizer: Any) -> Data:
@@ -206,5 +221,5 @@ def load(config: Any, tokenizer: Any) -> Data:
   if config.task == 'seq2seq':
     train = to_text(train, kind, config)
     evaluation = to_text(evaluation, kind, config)
-  return Data(_tokenize(train, config, tokenizer),
-              _tokenize(evaluation, config, tokenizer), evaluation, kind)
+  return Data(tokenize(train, config, tokenizer),
+              tokenize(evaluation, config, tokenizer), evaluation, kind)

@@ -1,0 +1,139 @@
+r"""Predicts with a trained adapter on new inputs.
+
+  python -m experiments.predict --workdir=workdirs/sst2 --text='a fine film'
+  python -m experiments.predict --workdir=workdirs/squad \
+      --text='Who wrote it?' --context='It was written by Ann.'
+  python -m experiments.predict --workdir=W --input=inputs.jsonl \
+      --output=predictions.jsonl [--step=N|best] [--config.eval.num_beams=4]
+  python -m experiments.predict --peft=W/peft [--model=PATH] --text='...'
+
+Inputs: --text (with --context for extractive QA) or --input, a .jsonl /
+.json / .tsv / .csv file whose fields follow the task (`flaxlora.predict`).
+Output: one JSON line per input (id, input, prediction; class
+probabilities; answer score and character offsets; generated text with the
+config's beam settings) to --output, or to stdout.
+From a PEFT folder (--peft; LoRA or prompt tuning), the base is --model or
+the folder's base_model_name_or_path, its tokenizer that folder's; the task
+follows the model (BERT classification/QA head, or T5 text-to-text).
+"""
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+
+from experiments import cli as cli_lib
+from flaxlora import errors
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A finished run.')
+_STEP = flags.DEFINE_string('step', 'final',
+                            "Adapter of --workdir: 'final', 'best' or a "
+                            'checkpoint step.')
+_PEFT = flags.DEFINE_string('peft', None, 'A PEFT folder (instead of '
+                            '--workdir).')
+_MODEL = flags.DEFINE_string('model', None, 'Base model folder or hub id of '
+                             '--peft (default: the folder\'s base).')
+_INPUT = flags.DEFINE_string('input', None, 'Inputs: .jsonl/.json/.tsv/.csv.')
+_TEXT = flags.DEFINE_string('text', None, 'One input text (QA: question).')
+_CONTEXT = flags.DEFINE_string('context', None, 'QA context of --text.')
+_OUTPUT = flags.DEFINE_string('output', None, 'JSONL file (default: stdout).')
+_OVERRIDES = []
+
+
+def peft_config(model_path: str):
+  """A run config for a base checkpoint: task and head from its config.json
+  (BERT classification / QA, or T5 text-to-text)."""
+  # pylint: disable=g-import-not-at-top
+  from configs import common
+  from flaxlora.models import hf_io
+  folder = hf_io.resolve(model_path)
+  spec = hf_io.read_config(folder)
+  c = common.base_config()
+  c.model.path, c.tokenizer = str(model_path), str(folder)
+  c.model.family = 't5' if spec.get('model_type') in ('t5', 'mt5') else 'bert'
+  longest = int(spec.get('max_position_embeddings', 512))
+  c.data.update(max_length=min(384, longest), doc_stride=min(128, longest // 4),
+                max_source_length=512, max_target_length=64,
+                source_prefix='', format='seq2seq', metric='rouge',
+                labels=('0', '1'))
+  c.data.buckets = (32, 64, 128, 256)  # longer than max_length: dropped
+  c.train.eval_batch_size = 8
+  if c.model.family == 't5':
+    c.task = 'seq2seq'
+    return c
+  architecture = ' '.join(spec.get('architectures') or [])
+  c.task = 'squad' if 'QuestionAnswering' in architecture else (
+      'classification')
+  c.model.head = 'qa' if c.task == 'squad' else 'classification'
+  id2label = spec.get('id2label') or {'0': '0', '1': '1'}
+  c.data.labels = tuple(id2label[k] for k in sorted(id2label, key=int))
+  c.model.num_labels = len(c.data.labels)
+  return c
+
+
+def _load():
+  # pylint: disable=g-import-not-at-top
+  from flaxlora import evaluation
+  from flaxlora import predict
+  from flaxlora.inspect import runs
+  if _PEFT.value:
+    model = _MODEL.value or predict.peft_base_path(_PEFT.value)
+    if not model:
+      raise app.UsageError(f'{_PEFT.value} names no base model; pass '
+                           '--model=PATH.')
+    config = evaluation.override(peft_config(model), _OVERRIDES)
+    return predict.from_peft(config, _PEFT.value)
+  workdir = pathlib.Path(_WORKDIR.value)
+  config = evaluation.override(runs.read_config(workdir), _OVERRIDES)
+  step = _STEP.value if _STEP.value in ('final', 'best') else int(_STEP.value)
+  loaded = evaluation.load(workdir, config, step)
+  return loaded.run, loaded.adapter
+
+
+def _inputs():
+  from flaxlora import predict  # pylint: disable=g-import-not-at-top
+  if _INPUT.value:
+    return predict.read_inputs(_INPUT.value)
+  row = {'text': _TEXT.value, 'source': _TEXT.value}
+  if _CONTEXT.value is not None:
+    row = {'question': _TEXT.value, 'context': _CONTEXT.value}
+  return [row]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if bool(_WORKDIR.value) == bool(_PEFT.value):
+    raise app.UsageError('pass --workdir=RUN or --peft=FOLDER (one of them).')
+  if bool(_INPUT.value) == (_TEXT.value is not None):
+    raise app.UsageError('pass --input=FILE or --text=TEXT (one of them).')
+  cli_lib.quiet_logs()
+  # pylint: disable=g-import-not-at-top
+  from flaxlora import atomic
+  from flaxlora import predict
+  from flaxlora import predictions_io
+  inputs = _inputs()
+  run, adapter = _load()
+  text = predictions_io.jsonl(predict.predict(run, adapter, inputs))
+  if not run.is_main:
+    return
+  if _OUTPUT.value:
+    atomic.write_file(_OUTPUT.value, text)
+    print(f'flaxlora.predict: {len(inputs)} predictions in {_OUTPUT.value}',
+          file=sys.stderr)
+  else:
+    sys.stdout.write(text)
+
+
+def cli(argv=None) -> int:
+  """Runs main with `argv` (default sys.argv), `--config.*` overrides
+  set aside for the saved config; returns the exit code: 0, 2 for bad
+  input (one line on stderr), 1 for a bug (a traceback)."""
+  rest, overrides = cli_lib.split_overrides(
+      list(sys.argv if argv is None else argv))
+  _OVERRIDES[:] = overrides
+  return errors.cli(main, rest)
+
+
+if __name__ == '__main__':
+  sys.exit(cli())

@@ -1,0 +1,64 @@
+"""experiments.predict from a PEFT folder plus a base (issue #16): the
+class probabilities equal transformers + PEFT's on the same folder."""
+import jax
+import numpy as np
+import pytest
+
+from experiments import predict as predict_cli
+from flaxlora import models
+from flaxlora import predict
+from flaxlora.data import synthetic
+from flaxlora.peft import base as peft_base
+from flaxlora.peft import lora
+from flaxlora.peft import peft_io
+
+torch = pytest.importorskip('torch')
+peft = pytest.importorskip('peft')
+transformers = pytest.importorskip('transformers')
+
+TINY_BERT = dict(model_type='bert', vocab_size=99, hidden_size=32,
+                 num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=37, max_position_embeddings=64)
+TEXTS = ['good nice great film', 'awful bad sad']
+
+
+def test_predict_from_peft_folder_matches_peft(tmp_path):
+  base_dir, peft_dir = tmp_path / 'base', tmp_path / 'peft'
+  config = models.FAMILIES['bert'].config_from_hf(TINY_BERT)
+  model = models.FAMILIES['bert'].build(config, head='classification',
+                                        num_labels=2)
+  base = models.FAMILIES['bert'].init(model, jax.random.PRNGKey(0))
+  models.save(base_dir, model, base)
+  tokenizer = synthetic.words_tokenizer()
+  tokenizer.save_pretrained(str(base_dir))
+  method = peft_base.chain(lora.lora(rank=4, alpha=8, targets='bert'),
+                           peft_base.trainable(r'classifier/.*'))
+  adapter = method.init(jax.random.PRNGKey(1), base)
+  adapter = jax.tree.map(  # B != 0: the adapter changes the output
+      lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(2), x.shape),
+      adapter)
+  peft_io.save_peft(peft_dir, model, base, adapter, method,
+                    base_model_name_or_path=str(base_dir))
+
+  run_config = predict_cli.peft_config(predict.peft_base_path(peft_dir))
+  assert run_config.task == 'classification'
+  run, loaded = predict.from_peft(run_config, peft_dir)
+  rows = predict.predict(run, loaded, [{'text': t} for t in TEXTS])
+  got = np.array([list(r['probabilities'].values()) for r in rows])
+
+  hf = transformers.BertForSequenceClassification.from_pretrained(
+      str(base_dir)).eval()
+  plain = _probabilities(hf, tokenizer)
+  with_lora = _probabilities(
+      peft.PeftModel.from_pretrained(hf, str(peft_dir)).eval(), tokenizer)
+  np.testing.assert_allclose(got, with_lora, atol=1e-5)
+  assert np.abs(with_lora - plain).max() > 1e-3
+  assert [r['prediction'] for r in rows] == [
+      f'LABEL_{i}' for i in with_lora.argmax(-1)]  # config.json's id2label
+
+
+def _probabilities(hf, tokenizer):
+  encoded = tokenizer(TEXTS, padding=True, return_tensors='pt')
+  with torch.no_grad():
+    logits = hf(**encoded).logits
+  return torch.softmax(logits, -1).numpy()
