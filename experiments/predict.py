@@ -22,6 +22,7 @@ import sys
 from absl import app
 from absl import flags
 
+from configs import from_checkpoint
 from experiments import cli as cli_lib
 from flaxlora import errors
 
@@ -40,37 +41,6 @@ _OUTPUT = flags.DEFINE_string('output', None, 'JSONL file (default: stdout).')
 _OVERRIDES = []
 
 
-def peft_config(model_path: str):
-  """A run config for a base checkpoint: task and head from its config.json
-  (BERT classification / QA, or T5 text-to-text)."""
-  # pylint: disable=g-import-not-at-top
-  from configs import common
-  from flaxlora.models import hf_io
-  folder = hf_io.resolve(model_path)
-  spec = hf_io.read_config(folder)
-  c = common.base_config()
-  c.model.path, c.tokenizer = str(model_path), str(folder)
-  c.model.family = 't5' if spec.get('model_type') in ('t5', 'mt5') else 'bert'
-  longest = int(spec.get('max_position_embeddings', 512))
-  c.data.update(max_length=min(384, longest), doc_stride=min(128, longest // 4),
-                max_source_length=512, max_target_length=64,
-                source_prefix='', format='seq2seq', metric='rouge',
-                labels=('0', '1'))
-  c.data.buckets = (32, 64, 128, 256)  # longer than max_length: dropped
-  c.train.eval_batch_size = 8
-  if c.model.family == 't5':
-    c.task = 'seq2seq'
-    return c
-  architecture = ' '.join(spec.get('architectures') or [])
-  c.task = 'squad' if 'QuestionAnswering' in architecture else (
-      'classification')
-  c.model.head = 'qa' if c.task == 'squad' else 'classification'
-  id2label = spec.get('id2label') or {'0': '0', '1': '1'}
-  c.data.labels = tuple(id2label[k] for k in sorted(id2label, key=int))
-  c.model.num_labels = len(c.data.labels)
-  return c
-
-
 def _load():
   # pylint: disable=g-import-not-at-top
   from flaxlora import evaluation
@@ -81,7 +51,7 @@ def _load():
     if not model:
       raise app.UsageError(f'{_PEFT.value} names no base model; pass '
                            '--model=PATH.')
-    config = evaluation.override(peft_config(model), _OVERRIDES)
+    config = evaluation.override(from_checkpoint.get_config(model), _OVERRIDES)
     return predict.from_peft(config, _PEFT.value)
   workdir = pathlib.Path(_WORKDIR.value)
   config = evaluation.override(runs.read_config(workdir), _OVERRIDES)

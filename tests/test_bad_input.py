@@ -292,7 +292,10 @@ def _subprocess(args, **kw):
     (['experiments.inspect_run', '--workdir=/nonexistent/run'],
      'run in /nonexistent/run has not finished'),
     (['experiments.benchmark', 'nope'], 'usage: python -m experiments'),
-], ids=['sweep', 'inspect_run', 'benchmark'])
+    (['experiments.evaluate', '--workdir=/nonexistent/run',
+      '--config.eval.num_beams=2'], '--workdir must be the folder'),
+    (['experiments.predict', '--text=hi'], 'pass --workdir=RUN or --peft'),
+], ids=['sweep', 'inspect_run', 'benchmark', 'evaluate', 'predict'])
 def test_other_entry_points(args, message):
   result = _subprocess(args)
   assert result.returncode == 2, result.stderr[-2000:]

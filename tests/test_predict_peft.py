@@ -4,13 +4,14 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import predict as predict_cli
+from configs import from_checkpoint
 from flaxlora import models
 from flaxlora import predict
 from flaxlora.data import synthetic
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
 from flaxlora.peft import peft_io
+from flaxlora.peft import trainable
 
 torch = pytest.importorskip('torch')
 peft = pytest.importorskip('peft')
@@ -32,7 +33,7 @@ def test_predict_from_peft_folder_matches_peft(tmp_path):
   tokenizer = synthetic.words_tokenizer()
   tokenizer.save_pretrained(str(base_dir))
   method = peft_base.chain(lora.lora(rank=4, alpha=8, targets='bert'),
-                           peft_base.trainable(r'classifier/.*'))
+                           trainable.trainable(r'classifier/.*'))
   adapter = method.init(jax.random.PRNGKey(1), base)
   adapter = jax.tree.map(  # B != 0: the adapter changes the output
       lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(2), x.shape),
@@ -40,7 +41,7 @@ def test_predict_from_peft_folder_matches_peft(tmp_path):
   peft_io.save_peft(peft_dir, model, base, adapter, method,
                     base_model_name_or_path=str(base_dir))
 
-  run_config = predict_cli.peft_config(predict.peft_base_path(peft_dir))
+  run_config = from_checkpoint.get_config(predict.peft_base_path(peft_dir))
   assert run_config.task == 'classification'
   run, loaded = predict.from_peft(run_config, peft_dir)
   rows = predict.predict(run, loaded, [{'text': t} for t in TEXTS])
