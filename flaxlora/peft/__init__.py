@@ -8,14 +8,17 @@
 
 Modules: `base` (protocol, path selection, chain, trainable), `lora` (LoRA,
 rsLoRA, DoRA, PiSSA), `dora` (DoRA's norm), `merge`, `loraplus` (optimizer),
-`describe` (what is trained), `prompt` (prompt tuning), `qlora` (LoRA on
-an NF4-quantised base, `nf4`), `peft_io` (Hugging Face PEFT folders; imports
-the models, so import it explicitly).
+`describe` (what is trained), `prompt` (prompt tuning), `prefix` (prefix
+tuning), `ia3` (IA3), `qlora` (LoRA on an NF4-quantised base, `nf4`),
+`peft_io` / `prompt_io` / `prefix_io` / `ia3_io` (Hugging Face PEFT folders;
+`peft_io` imports the models, so import them explicitly).
 
 `METHODS` is the registry configs name methods by.
 """
 from flaxlora.peft import base
+from flaxlora.peft import ia3
 from flaxlora.peft import lora
+from flaxlora.peft import prefix
 from flaxlora.peft import prompt
 from flaxlora.peft import qlora
 
@@ -23,5 +26,7 @@ METHODS = {
     'lora': lora.lora,
     'qlora': qlora.qlora,
     'prompt_tuning': prompt.prompt_tuning,
+    'prefix_tuning': prefix.prefix_tuning,
+    'ia3': ia3.ia3,
     'trainable': base.trainable,
 }
