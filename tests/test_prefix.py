@@ -12,7 +12,6 @@ looks for a `past_key_values` argument, which transformers 5 renamed
 P ones, then its classifier.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
