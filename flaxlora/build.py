@@ -47,16 +47,21 @@ def peft_method(p: Any, family: str,
   other fields are its arguments (an empty `targets` means the family's
   preset), except `trainable`: regexes of params trained in full (a task
   head), chained after the method. A factory that takes a `tokenizer`
-  (prompt tuning's text inits) gets `tokenizer`.
+  (prompt tuning's text inits) gets `tokenizer`. Fields that only other
+  registered methods take (the LoRA defaults every config carries) are left
+  out, so `--config.peft.method=ia3` runs on any config.
   """
   if p.method not in peft.METHODS:
     raise ValueError(f'peft.method={p.method!r} is not known; use one of '
                      f'{sorted(peft.METHODS)}.')
-  kwargs = {k: p[k] for k in p.keys() if k not in ('method', 'trainable')}
-  if kwargs.get('targets', None) == '':
-    kwargs['targets'] = family
   factory = peft.METHODS[p.method]
   arguments = inspect.signature(factory).parameters
+  others = {a for f in peft.METHODS.values()
+            for a in inspect.signature(f).parameters} - set(arguments)
+  kwargs = {k: p[k] for k in p.keys()
+            if k not in ('method', 'trainable') and k not in others}
+  if kwargs.get('targets', None) == '':
+    kwargs['targets'] = family
   unknown = set(kwargs) - set(arguments) | {'tokenizer'} & set(kwargs)
   if unknown:
     raise ValueError(f'peft.{sorted(unknown)[0]} is not an argument of '

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxlora.models import attention
 from flaxlora.models import bert_hf
 from flaxlora.models import layers
 
@@ -49,8 +50,12 @@ class SelfAttention(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
-    """x [B, T, H], mask [B, T] (1 = token, 0 = padding) -> [B, T, H]."""
+  def __call__(self, x: Array, mask: Array, deterministic: bool,
+               prefix: Array | None = None) -> Array:
+    """x [B, T, H], mask [B, S] (1 = token, 0 = padding) -> [B, T, H].
+
+    `prefix` [2, P, H]: keys/values before the tokens' own (S = P + T).
+    """
     cfg = self.config
     n = cfg.num_attention_heads
     d = cfg.hidden_size // n
@@ -58,10 +63,10 @@ class SelfAttention(nn.Module):
     def project(name):
       y = layers.Dense(cfg.hidden_size, ('embed', 'heads'), use_bias=True,
                        dtype=self.dtype, name=name)(x, deterministic)
-      y = y.reshape(*y.shape[:2], n, d)
-      return jnp.swapaxes(y, 1, 2)  # [B, N, T, D]: plain batched products
+      return attention.heads(y, n)  # [B, N, T, D]
 
     q, k, v = project('query'), project('key'), project('value')
+    k, v = attention.prepend_kv(k, v, prefix, n)
     q = q * jnp.asarray(d**-0.5, q.dtype)  # fewer products than the scores
     scores = layers.einsum('bntd,bnsd->bnts', q, k, dtype=self.dtype)
     keep = mask[:, None, None, :].astype(bool)  # [B, 1, 1, S]
@@ -98,13 +103,15 @@ class Layer(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, mask: Array, deterministic: bool,
+               prefix: Array | None = None) -> Array:
     cfg = self.config
     dropout = layers.Dropout(cfg.hidden_dropout_prob)
     norm = lambda name: layers.LayerNorm(cfg.layer_norm_eps, self.dtype,
                                          name=name)
     y = SelfAttention(cfg, self.dtype, name='attention')(x, mask,
-                                                          deterministic)
+                                                          deterministic,
+                                                          prefix)
     x = norm('attention_norm')(x + dropout(y, deterministic=deterministic))
     y = Mlp(cfg, self.dtype, name='mlp')(x, deterministic)
     return norm('mlp_norm')(x + dropout(y, deterministic=deterministic))
@@ -130,11 +137,13 @@ class Embeddings(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids: Array, token_type_ids: Array,
-               deterministic: bool, prompt: Array | None = None) -> Array:
+               deterministic: bool, prompt: Array | None = None,
+               first_position: int = 0) -> Array:
     """[B, T] ids -> [B, T, H] ([B, T+P, H] with a [B, P, H] `prompt`).
 
     A prompt replaces word embeddings only, spliced in after [CLS]; its
-    positions are numbered like tokens' and its token type is 0.
+    positions are numbered like tokens' and its token type is 0. Positions
+    start at `first_position` (P' after a key/value prefix of P' positions).
     """
     cfg = self.config
     embed = lambda n, axes, name: layers.Embed(
@@ -145,14 +154,15 @@ class Embeddings(nn.Module):
       x = splice(x, prompt)
       token_type_ids = splice(token_type_ids,
                               jnp.zeros(prompt.shape[:2], jnp.int32))
-    t = x.shape[1]
+    t = x.shape[1] + first_position
     if t > cfg.max_position_embeddings:
       # jnp.take would silently clamp the positions past the table.
-      raise ValueError(f'input length {t} (prompt included) exceeds '
-                       f'max_position_embeddings {cfg.max_position_embeddings}'
-                       '; truncate the inputs.')
+      raise ValueError(f'input length {t} (prompt included, and the P '
+                       'positions of a key/value prefix) exceeds '
+                       'max_position_embeddings '
+                       f'{cfg.max_position_embeddings}; truncate the inputs.')
     x = x + embed(cfg.max_position_embeddings, ('positions', 'embed'),
-                  'position')(jnp.arange(t))[None]
+                  'position')(jnp.arange(first_position, t))[None]
     x = x + embed(cfg.type_vocab_size, ('token_types', 'embed'),
                   'token_type')(token_type_ids)
     x = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name='norm')(x)
@@ -164,10 +174,13 @@ class Encoder(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, mask: Array, deterministic: bool,
+               prefix_kv: Array | None = None) -> Array:
+    """x [B, T, H], key mask [B, P + T], prefix_kv [L, 2, P, H] -> [B, T, H]
+    """
     for i in range(self.config.num_hidden_layers):
-      x = Layer(self.config, self.dtype, name=f'layer_{i}')(x, mask,
-                                                            deterministic)
+      x = Layer(self.config, self.dtype, name=f'layer_{i}')(
+          x, mask, deterministic, None if prefix_kv is None else prefix_kv[i])
     return x
 
 
@@ -191,7 +204,8 @@ class Bert(nn.Module):
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                token_type_ids: Array | None = None,
                deterministic: bool = True,
-               prompt: Array | None = None) -> Any:
+               prompt: Array | None = None,
+               prefix_kv: Array | None = None) -> Any:
     """Runs BERT on [B, T] int `input_ids`.
 
     Args:
@@ -202,6 +216,9 @@ class Bert(nn.Module):
       prompt: optional soft prompt [P, H] or [B, P, H] (prompt tuning),
         spliced in after [CLS] as word embeddings (see `Embeddings`); the
         per-token outputs drop its P positions, so position t is token t.
+      prefix_kv: optional [L, 2, P, H] per-layer keys/values of P positions
+        before the input (prefix tuning; see `flaxlora.models.attention`):
+        every token attends to them and token positions start at P.
 
     Returns:
       head None: (hidden [B, T, H], pooled [B, H]) in `dtype`;
@@ -219,10 +236,12 @@ class Bert(nn.Module):
       num_prompt = prompt.shape[1]
       attention_mask = splice(attention_mask,
                               jnp.ones(prompt.shape[:2], jnp.int32))
+    num_prefix = attention.prefix_length(prefix_kv)
     x = Embeddings(cfg, self.dtype, name='embeddings')(
-        input_ids, token_type_ids, deterministic, prompt)
-    x = Encoder(cfg, self.dtype, name='encoder')(x, attention_mask,
-                                                 deterministic)
+        input_ids, token_type_ids, deterministic, prompt, num_prefix)
+    x = Encoder(cfg, self.dtype, name='encoder')(
+        x, attention.key_mask(attention_mask, num_prefix), deterministic,
+        prefix_kv)
     dense = lambda n, axes, name: layers.Dense(
         n, axes, use_bias=True, dtype=self.dtype, name=name)
     if self.head == 'qa':

@@ -45,16 +45,25 @@ def _decoder_inputs(tokens: Array, start: int) -> Array:
   return jnp.concatenate([first, tokens[:, :-1]], axis=1)
 
 
-def _stepper(model, params, encoded, mask, length: int, use_cache: bool):
+def _decoder_kwargs(model_kwargs):
+  """The model kwargs the decoder reads too: a key/value prefix, whose
+  'decoder' entry goes in front of the self-attention cache."""
+  return {k: v for k, v in model_kwargs.items() if k == 'prefix_kv'}
+
+
+def _stepper(model, params, encoded, mask, length: int, use_cache: bool,
+             kwargs):
   """(init() -> cache, step(inputs [B, L], index, cache) -> logits, cache).
 
   With use_cache, a step feeds one token through the cached decoder;
   without, it recomputes the whole decoder over `inputs` (the reference).
+  `kwargs`: the decoder's model kwargs (`_decoder_kwargs`).
   """
   if use_cache:
     def init():
       _, variables = model.apply({'params': params}, encoded, length,
-                                 method='init_cache', mutable=['cache'])
+                                 method='init_cache', mutable=['cache'],
+                                 **kwargs)
       return variables['cache']
 
     def step(inputs, index, cache):
@@ -69,7 +78,7 @@ def _stepper(model, params, encoded, mask, length: int, use_cache: bool):
 
     def step(inputs, index, cache):
       logits = model.apply({'params': params}, inputs, encoded, mask,
-                           method='decode')
+                           method='decode', **kwargs)
       logits = jax.lax.dynamic_index_in_dim(logits, index, 1, keepdims=False)
       return logits.astype(jnp.float32), cache
   return init, step
@@ -214,7 +223,8 @@ def _generate(params, input_ids, attention_mask, model_kwargs, *, model,
     encoded = jnp.repeat(encoded, num_beams, axis=0)
     mask = jnp.repeat(mask, num_beams, axis=0)
   init, step = _stepper(model, _kernels_in(params, model.dtype), encoded,
-                        mask, max_new_tokens, use_cache)
+                        mask, max_new_tokens, use_cache,
+                        _decoder_kwargs(model_kwargs))
   if num_beams == 1:
     return _greedy(init, step, batch, max_new_tokens, ids, min_new_tokens)
   settings = (num_beams, length_penalty, early_stopping, min_new_tokens)
@@ -243,7 +253,8 @@ def generate(model, params, input_ids: Array, attention_mask: Array, *,
     use_cache: False recomputes the decoder over all tokens at each step
       (slow; the reference the cache is tested against).
     model_kwargs: extra arguments of `model.encode` (e.g. a PEFT method's
-      model kwargs such as a soft prompt).
+      model kwargs such as a soft prompt); a key/value prefix (`prefix_kv`)
+      also reaches the decoder and its cache.
 
   Returns:
     [B, L] int32 generated ids, `pad_token_id` after EOS.

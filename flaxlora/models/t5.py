@@ -24,6 +24,8 @@ decoder/block_i/cross_attention/{key,value}, [B, N, S, D]) and zero
 self-attention buffers (decoder/block_i/attention/{key,value}, [B, N, L, D]),
 and for a tied output layer the table transposed (output_table, [H, V]);
 each `decode_step` writes position `index` of the self-attention buffers.
+With a decoder key/value prefix (`prefix_kv`, prefix tuning) the buffers
+hold P + L positions, the prefix first, and step `index` writes P + index.
 `flaxlora.models.decoding` drives this inside one jitted loop.
 
 `T5Config` and the Hugging Face config/checkpoint names live in `t5_hf`; this
@@ -37,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlora.models import attention
 from flaxlora.models import layers
 from flaxlora.models import t5_hf
 
@@ -71,87 +74,6 @@ def relative_position_bucket(relative_position: Array, *, bidirectional: bool,
 
 def _init(std: float) -> layers.Initializer:
   return nn.initializers.normal(std)
-
-
-class Attention(nn.Module):
-  """Multi-head attention without 1/sqrt(D) scaling (T5's convention).
-
-  Bias tensors are additive fp32 [B or 1, N or 1, T, S] and carry both the
-  relative position bias and the masks.
-  """
-  config: T5Config
-  dtype: Any = jnp.float32
-
-  def setup(self):
-    c = self.config
-    inner, hidden = c.num_heads * c.d_kv, c.d_model
-    dense = lambda n, axes, std: layers.Dense(  # pylint: disable=g-long-lambda
-        n, axes=axes, dtype=self.dtype, kernel_init=_init(std))
-    self.q = dense(inner, ('embed', 'heads'), (hidden * c.d_kv)**-0.5)
-    self.k = dense(inner, ('embed', 'heads'), hidden**-0.5)
-    self.v = dense(inner, ('embed', 'heads'), hidden**-0.5)
-    self.o = dense(hidden, ('heads', 'embed'), inner**-0.5)
-    self.dropout = layers.Dropout(c.dropout_rate)
-
-  def _heads(self, x: Array) -> Array:
-    """[B, T, N*D] -> [B, N, T, D] (heads first: plain batched products)."""
-    x = x.reshape(*x.shape[:-1], self.config.num_heads, self.config.d_kv)
-    return jnp.swapaxes(x, -2, -3)
-
-  def project_kv(self, source: Array, deterministic: bool = True):
-    """[B, S, H] -> keys and values, each [B, N, S, D]."""
-    return (self._heads(self.k(source, deterministic)),
-            self._heads(self.v(source, deterministic)))
-
-  def _attend(self, x, k, v, bias, deterministic):
-    """x [B, T, H] attends over keys and values k, v [B, N, S, D]."""
-    q = self._heads(self.q(x, deterministic))  # [B, N, T, D]
-    scores = layers.einsum('bntd,bnsd->bnts', q, k, dtype=self.dtype) + bias
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    probs = self.dropout(probs, deterministic=deterministic)
-    out = layers.einsum('bnts,bnsd->bntd', probs, v,
-                        dtype=self.dtype).astype(self.dtype)
-    out = jnp.swapaxes(out, 1, 2)
-    out = out.reshape(*out.shape[:2], -1)  # [B, T, N*D]
-    return self.o(out, deterministic)
-
-  def __call__(self, x: Array, source: Array, bias: Array,
-               deterministic: bool = True) -> Array:
-    """x [B, T, H] attends over source [B, S, H] -> [B, T, H]."""
-    k, v = self.project_kv(source, deterministic)
-    return self._attend(x, k, v, bias, deterministic)
-
-  def init_cache(self, source: Array | None, batch: int, length: int):
-    """Cross-attention: keys/values of `source`; self-attention: zeros."""
-    c = self.config
-    if source is not None:
-      k, v = self.project_kv(source)
-    else:
-      k = v = jnp.zeros((batch, c.num_heads, length, c.d_kv), self.dtype)
-    self.put_variable('cache', 'key', k)
-    self.put_variable('cache', 'value', v)
-
-  def cached(self, x: Array, bias: Array, index: Array | None,
-             deterministic: bool = True) -> Array:
-    """Attention over cached keys/values; `index` writes x's own first.
-
-    Args:
-      x: [B, 1, H] the current position.
-      bias: [B or 1, N or 1, 1, L] (self) or [B, 1, 1, S] (cross).
-      index: the position of x in the self-attention buffers; None for
-        cross-attention, whose cache is read only.
-      deterministic: disables dropout.
-    """
-    k = self.get_variable('cache', 'key')
-    v = self.get_variable('cache', 'value')
-    if index is not None:
-      k_new, v_new = self.project_kv(x, deterministic)
-      start = (0, 0, index, 0)
-      k = jax.lax.dynamic_update_slice(k, k_new.astype(k.dtype), start)
-      v = jax.lax.dynamic_update_slice(v, v_new.astype(v.dtype), start)
-      self.put_variable('cache', 'key', k)
-      self.put_variable('cache', 'value', v)
-    return self._attend(x, k, v, bias, deterministic)
 
 
 class Mlp(nn.Module):
@@ -191,10 +113,10 @@ class Block(nn.Module):
   def setup(self):
     c = self.config
     norm = lambda: layers.RMSNorm(c.layer_norm_epsilon, dtype=self.dtype)
-    self.attention = Attention(c, self.dtype)
+    self.attention = attention.T5Attention(c, self.dtype)
     self.attention_norm = norm()
     if self.decoder:
-      self.cross_attention = Attention(c, self.dtype)
+      self.cross_attention = attention.T5Attention(c, self.dtype)
       self.cross_attention_norm = norm()
     self.mlp = Mlp(c, self.dtype)
     self.mlp_norm = norm()
@@ -204,11 +126,14 @@ class Block(nn.Module):
     return x + self.dropout(y, deterministic=deterministic)
 
   def __call__(self, x, self_bias, encoded=None, cross_bias=None,
-               deterministic=True, index=None):
-    """x [B, T, H] -> [B, T, H]; with `index`, one cached step (T = 1)."""
+               deterministic=True, index=None, prefix=None):
+    """x [B, T, H] -> [B, T, H]; with `index`, one cached step (T = 1).
+
+    `prefix` [2, P, N*D]: self-attention keys/values before x's own.
+    """
     h = self.attention_norm(x)
     if index is None:
-      h = self.attention(h, h, self_bias, deterministic)
+      h = self.attention(h, h, self_bias, deterministic, prefix)
     else:
       h = self.attention.cached(h, self_bias, index, deterministic)
     x = self._residual(x, h, deterministic)
@@ -261,39 +186,50 @@ class Stack(nn.Module):
     return jnp.transpose(self.relpos_bias(buckets), (2, 0, 1))[None]
 
   def __call__(self, ids, mask, encoded=None, encoder_mask=None,
-               deterministic=True, prefix=None):
+               deterministic=True, prompt=None, prefix_kv=None):
     """ids [B, T], mask [B, T] (1 = token) -> [B, T, H].
 
     The decoder also takes encoded [B, S, H] and encoder_mask [B, S].
-    `prefix` [B, P, H] is prepended to the embedded ids (prompt tuning); the
-    mask must then cover P + T positions.
+    `prompt` [B, P, H] is prepended to the embedded ids (prompt tuning); the
+    mask must then cover P + T positions. `prefix_kv` [depth, 2, P', N*D]:
+    per block, self-attention keys/values of P' positions before the input
+    (see `attention`): the input's positions start at P'.
     """
     x = self.embed(ids)
-    if prefix is not None:
-      x = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)
+    if prompt is not None:
+      x = jnp.concatenate([prompt.astype(x.dtype), x], axis=1)
     x = self.dropout(x, deterministic=deterministic)
-    length = x.shape[1]
-    pos = jnp.arange(length)
-    keep = mask[:, None, None, :].astype(bool)  # [B, 1, 1, T]
+    num_prefix = attention.prefix_length(prefix_kv)
+    key_pos = jnp.arange(num_prefix + x.shape[1])
+    pos = key_pos[num_prefix:]
+    keep = attention.key_mask(mask, num_prefix)[:, None, None, :].astype(bool)
     if self.decoder:
-      keep = keep & (pos[None, :] <= pos[:, None])[None, None]
-    self_bias = self.position_bias(pos, pos) + _mask_bias(keep)
+      keep = keep & (key_pos[None, :] <= pos[:, None])[None, None]
+    self_bias = self.position_bias(pos, key_pos) + _mask_bias(keep)
     cross_bias = None
     if self.decoder:
       cross_bias = _mask_bias(encoder_mask[:, None, None, :].astype(bool))
-    for block in self._blocks():
-      x = block(x, self_bias, encoded, cross_bias, deterministic)
+    for i, block in enumerate(self._blocks()):
+      x = block(x, self_bias, encoded, cross_bias, deterministic,
+                prefix=None if prefix_kv is None else prefix_kv[i])
     return self.dropout(self.final_norm(x), deterministic=deterministic)
 
-  def init_cache(self, encoded: Array, max_length: int):
-    for block in self._blocks():
-      block.attention.init_cache(None, encoded.shape[0], max_length)
+  def init_cache(self, encoded: Array, max_length: int, prefix_kv=None):
+    """Decoder caches; `prefix_kv` [depth, 2, P, N*D] fills positions 0..P-1
+    of the self-attention buffers, and decoding continues at P."""
+    for i, block in enumerate(self._blocks()):
+      block.attention.init_cache(
+          None, encoded.shape[0], max_length,
+          None if prefix_kv is None else prefix_kv[i])
       block.cross_attention.init_cache(encoded, 0, 0)
+    self.put_variable('cache', 'prefix_length',
+                      jnp.int32(attention.prefix_length(prefix_kv)))
 
   def step(self, ids, index, encoder_mask, deterministic=True):
     """One decoder position: ids [B, 1] at `index` -> [B, 1, H]."""
     x = self.dropout(self.embed(ids), deterministic=deterministic)
     length = self.block_0.attention.get_variable('cache', 'key').shape[2]
+    index = index + self.get_variable('cache', 'prefix_length')
     key_pos = jnp.arange(length)
     keep = (key_pos <= index)[None, None, None, :]
     self_bias = (self.position_bias(jnp.reshape(index, (1,)), key_pos) +
@@ -320,34 +256,47 @@ class T5(nn.Module):
                                   dtype=self.dtype, kernel_init=_init(1.0))
 
   def __call__(self, input_ids, attention_mask, decoder_input_ids,
-               decoder_attention_mask=None, deterministic=True, prompt=None):
-    """-> logits [B, T, V] for source ids [B, S] and decoder ids [B, T]."""
-    encoded = self.encode(input_ids, attention_mask, deterministic, prompt)
+               decoder_attention_mask=None, deterministic=True, prompt=None,
+               prefix_kv=None):
+    """-> logits [B, T, V] for source ids [B, S] and decoder ids [B, T].
+
+    prompt: a soft prompt for the encoder (see `encode`).
+    prefix_kv: {'encoder': [L, 2, P, N*D], 'decoder': [L', 2, P', N*D]},
+      either optional: per block, self-attention keys/values of P earlier
+      positions (prefix tuning; see `flaxlora.models.attention`).
+    """
+    encoded = self.encode(input_ids, attention_mask, deterministic, prompt,
+                          prefix_kv)
     return self.decode(decoder_input_ids, encoded,
                        source_mask(attention_mask, prompt),
-                       decoder_attention_mask, deterministic)
+                       decoder_attention_mask, deterministic, prefix_kv)
 
   def encode(self, input_ids, attention_mask, deterministic=True,
-             prompt=None):
+             prompt=None, prefix_kv=None):
     """[B, S] ids and mask -> [B, S, H] (or [B, P + S, H] with a prompt).
 
     prompt: optional soft prompt [P, H] or [B, P, H] prepended to the
       embedded source (prompt tuning); pair it with `source_mask`.
+    prefix_kv: reads its 'encoder' entry, if any (see `__call__`).
     """
-    prefix = None
     if prompt is not None:
-      prefix = jnp.broadcast_to(prompt, (input_ids.shape[0],) +
+      prompt = jnp.broadcast_to(prompt, (input_ids.shape[0],) +
                                 prompt.shape[-2:])
     return self.encoder(input_ids, source_mask(attention_mask, prompt),
-                        deterministic=deterministic, prefix=prefix)
+                        deterministic=deterministic, prompt=prompt,
+                        prefix_kv=(prefix_kv or {}).get('encoder'))
 
   def decode(self, decoder_input_ids, encoded, attention_mask,
-             decoder_attention_mask=None, deterministic=True):
-    """ids [B, T], encoded [B, S, H], source mask [B, S] -> [B, T, V]."""
+             decoder_attention_mask=None, deterministic=True, prefix_kv=None):
+    """ids [B, T], encoded [B, S, H], source mask [B, S] -> [B, T, V].
+
+    prefix_kv: reads its 'decoder' entry, if any (see `__call__`).
+    """
     if decoder_attention_mask is None:
       decoder_attention_mask = jnp.ones_like(decoder_input_ids)
     x = self.decoder(decoder_input_ids, decoder_attention_mask, encoded,
-                     attention_mask, deterministic)
+                     attention_mask, deterministic,
+                     prefix_kv=(prefix_kv or {}).get('decoder'))
     return self.logits(x)
 
   def logits(self, x: Array) -> Array:
@@ -361,8 +310,11 @@ class T5(nn.Module):
       return self.shared.attend(x)
     return self.lm_head(x)
 
-  def init_cache(self, encoded: Array, max_length: int):
+  def init_cache(self, encoded: Array, max_length: int, prefix_kv=None):
     """Fills the 'cache' collection (call with mutable=['cache']).
+
+    prefix_kv: its 'decoder' entry, if any, is put in front of the
+    self-attention buffers (see `Stack.init_cache`).
 
     A tied output layer also gets its table transposed once, [H, V] in the
     compute dtype at 'output_table': each decode step multiplies a few rows
@@ -370,7 +322,8 @@ class T5(nn.Module):
     vocabulary minor (measured on [8, 512] x 32128). Inside the decode loop
     XLA would fold a transpose back into the product, so it is made here.
     """
-    self.decoder.init_cache(encoded, max_length)
+    self.decoder.init_cache(encoded, max_length,
+                            (prefix_kv or {}).get('decoder'))
     if self.config.tie_word_embeddings:
       table = jnp.transpose(self.shared.embedding).astype(self.dtype)
       self.put_variable('cache', 'output_table', table)

@@ -9,13 +9,16 @@
 Modules: `base` (method protocol, path selection, chain), `trainable`
 (modules to save), `lora` (LoRA, rsLoRA, DoRA, PiSSA), `dora` (DoRA's
 norm), `merge`, `loraplus` (optimizer), `describe` (what is trained),
-`prompt` (prompt tuning), `qlora` (LoRA on an NF4-quantised base, `nf4`), `combine` (adapter combinations), `peft_io`,
-`prompt_io` and `peft_names` (Hugging Face PEFT folders; they import the
-models, so import them explicitly).
+`prompt` (prompt tuning), `prefix` (prefix tuning), `ia3` (IA3), `qlora`
+(LoRA on an NF4-quantised base, `nf4`), `combine` (adapter combinations),
+`peft_io` / `prompt_io` / `prefix_io` / `ia3_io` and `peft_names` (Hugging
+Face PEFT folders; they import the models, so import them explicitly).
 
 `METHODS` is the registry configs name methods by.
 """
+from flaxlora.peft import ia3
 from flaxlora.peft import lora
+from flaxlora.peft import prefix
 from flaxlora.peft import prompt
 from flaxlora.peft import qlora
 from flaxlora.peft import trainable
@@ -24,5 +27,7 @@ METHODS = {
     'lora': lora.lora,
     'qlora': qlora.qlora,
     'prompt_tuning': prompt.prompt_tuning,
+    'prefix_tuning': prefix.prefix_tuning,
+    'ia3': ia3.ia3,
     'trainable': trainable.trainable,
 }

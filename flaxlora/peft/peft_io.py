@@ -69,19 +69,20 @@ TASK_TYPES = {('t5', None): 'SEQ_2_SEQ_LM', ('bert', 'classification'):
               ('bert', None): 'FEATURE_EXTRACTION'}
 
 
-def _linear_rules(model) -> dict[str, hf_io.Rule]:
+def linear_rules(model) -> dict[str, hf_io.Rule]:
   """Flax path -> Rule for every parameter, from the family's hf_rules."""
   family = models.family_of_model(model)
   return {'/'.join(r.path): r for r in family.hf_rules(model)}
 
 
-def _module(rule: hf_io.Rule | None, path: str) -> str:
+def linear_module(rule: hf_io.Rule | None, path: str) -> str:
+  """The torch Linear module name of the kernel at `path` (LoRA, IA3)."""
   if rule is None:
     raise ValueError(f'{path} has no Hugging Face name in the model '
-                     "family's hf_rules; PEFT cannot name its LoRA.")
+                     "family's hf_rules; PEFT cannot name its adapter.")
   if not (rule.transpose and rule.key.endswith('.weight')):
     raise ValueError(f'{path} is stored as {rule.key!r}, not a torch Linear '
-                     'weight; PEFT LoRA adapts Linear layers only.')
+                     'weight; PEFT adapts Linear layers only.')
   return rule.key[:-len('.weight')]
 
 
@@ -123,10 +124,10 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
     raise ValueError('save_peft: a PiSSA adapter belongs to the residual '
                      'base, which HF checkpoints do not hold; use '
                      'save_merged instead.')
-  rules = _linear_rules(model)
+  rules = linear_rules(model)
   tensors, modules, ranks, alphas = {}, [], {}, {}
   for path, node in lora.kernels(config, base, lora_adapter).items():
-    module = _module(rules.get(path), path)
+    module = linear_module(rules.get(path), path)
     modules.append(module)
     tensors[PREFIX + module + _A] = np.asarray(node.a, np.float32).T
     tensors[PREFIX + module + _B] = np.asarray(node.b, np.float32).T
@@ -137,7 +138,7 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
     if config.alpha_for(path) != config.alpha:
       alphas[module] = config.alpha_for(path)
   owners = sorted({rules[p].key.rsplit('.', 1)[0] for p in copies})
-  tensors.update(_module_tensors(owners, rules, base, copies))
+  tensors.update(module_tensors(owners, rules, base, copies))
   keys = [r.key for r in rules.values()]
   to_save = peft_names.compact_modules_to_save(owners, keys)
   family = models.family_of_model(model)
@@ -155,10 +156,10 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
       'bias': 'none', 'fan_in_fan_out': False, 'inference_mode': True,
   }
   tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-  return _write(pathlib.Path(folder), peft_config, tensors)
+  return write_folder(pathlib.Path(folder), peft_config, tensors)
 
 
-def _module_tensors(modules: list[str], rules: Mapping[str, hf_io.Rule],
+def module_tensors(modules: list[str], rules: Mapping[str, hf_io.Rule],
                     base: Mapping[str, Any], copies: Mapping[str, Any]
                     ) -> dict[str, np.ndarray]:
   """PEFT tensors of whole modules to save: trained copies, else base."""
@@ -171,7 +172,7 @@ def _module_tensors(modules: list[str], rules: Mapping[str, hf_io.Rule],
   return tensors
 
 
-def _write(folder: pathlib.Path, config: dict[str, Any],
+def write_folder(folder: pathlib.Path, config: dict[str, Any],
            tensors: dict[str, np.ndarray]) -> pathlib.Path:
   """Writes both files into a staging folder swapped in atomically."""
   with atomic.folder(folder) as staging:
@@ -318,14 +319,14 @@ def load_peft(folder: str | os.PathLike, model, base: Mapping[str, Any]
   adapter = jax.tree.map(jnp.asarray, peft_base.unflatten(entries))
   if not saved:
     return method, adapter
-  copies = _saved_copies(saved, by_key, base, source, type(model).__name__)
+  copies = saved_copies(saved, by_key, base, source, type(model).__name__)
   method = peft_base.chain(method, trainable.trainable(
       [re.escape(p) for p in sorted(copies)]))
   return method, (adapter, jax.tree.map(jnp.asarray,
                                         peft_base.unflatten(copies)))
 
 
-def _saved_copies(saved: Mapping[str, np.ndarray],
+def saved_copies(saved: Mapping[str, np.ndarray],
                   by_key: Mapping[str, hf_io.Rule], base: Mapping[str, Any],
                   source: str, model_name: str) -> dict[str, np.ndarray]:
   """{flax path: fp32 value} of PEFT's modules-to-save tensors."""

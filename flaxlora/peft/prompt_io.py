@@ -50,7 +50,7 @@ def _family(model: Any) -> tuple[str, Any]:
   return names[0], family
 
 
-def _model_facts(model: Any) -> dict[str, Any]:
+def model_facts(model: Any) -> dict[str, Any]:
   """task_type, token_dim, layers, heads and submodules of `model`."""
   name, _ = _family(model)
   c = model.config
@@ -83,7 +83,7 @@ def _split(method: peft_base.PeftMethod, adapter: Any
   return prompt, copies
 
 
-def _rules_by_path(model: Any) -> dict[str, Any]:
+def rules_by_path(model: Any) -> dict[str, Any]:
   _, family = _family(model)
   return {'/'.join(r.path): r for r in family.hf_rules(model)}
 
@@ -103,26 +103,15 @@ def save_prompt(folder: str | os.PathLike, model: Any, adapter: Any,
       path is resolved to its folder.
   """
   prompt, copies = _split(method, adapter)
-  facts = _model_facts(model)
+  facts = model_facts(model)
   p, h = prompt.shape
   if h != facts['token_dim']:
     raise ValueError(f'save_prompt: prompt width {h} is not the model '
                      f'hidden size {facts["token_dim"]}.')
   rows = [prompt] + [np.zeros_like(prompt)] * (
       facts['num_transformer_submodules'] - 1)
-  tensors = {PROMPT_KEY: np.ascontiguousarray(np.concatenate(rows))}
-  rules, owners = _rules_by_path(model), set()
-  for path, value in sorted(copies.items()):
-    if path not in rules:
-      raise ValueError(f'save_prompt: trained copy {path} has no '
-                       'transformers name in this model family.')
-    rule = rules[path]
-    value = np.asarray(value, np.float32)
-    tensors[PREFIX + rule.key] = np.ascontiguousarray(
-        value.T if rule.transpose else value)
-    owners.add(rule.key.rsplit('.', 1)[0])
-  modules = peft_names.compact_modules_to_save(
-      owners, [r.key for r in rules.values()])
+  tensors, modules = copies_tensors(model, copies, 'save_prompt')
+  tensors[PROMPT_KEY] = np.ascontiguousarray(np.concatenate(rows))
   config = dict(facts, peft_type='PROMPT_TUNING', num_virtual_tokens=p,
                 prompt_tuning_init='RANDOM', prompt_tuning_init_text=None,
                 tokenizer_name_or_path=None, tokenizer_kwargs=None,
@@ -130,6 +119,30 @@ def save_prompt(folder: str | os.PathLike, model: Any, adapter: Any,
                     base_model_name_or_path),
                 revision=None, inference_mode=True, auto_mapping=None,
                 modules_to_save=modules)
+  return write_folder(folder, config, tensors)
+
+
+def copies_tensors(model: Any, copies: dict[str, Any], what: str
+                   ) -> tuple[dict[str, np.ndarray], list[str] | None]:
+  """PEFT tensors ('base_model.<name>') and modules_to_save of trained
+  copies {flax path: value} (`what` names the caller in errors)."""
+  rules, owners, tensors = rules_by_path(model), set(), {}
+  for path, value in sorted(copies.items()):
+    if path not in rules:
+      raise ValueError(f'{what}: trained copy {path} has no transformers '
+                       'name in this model family.')
+    rule = rules[path]
+    value = np.asarray(value, np.float32)
+    tensors[PREFIX + rule.key] = np.ascontiguousarray(
+        value.T if rule.transpose else value)
+    owners.add(rule.key.rsplit('.', 1)[0])
+  return tensors, peft_names.compact_modules_to_save(
+      owners, [r.key for r in rules.values()])
+
+
+def write_folder(folder: str | os.PathLike, config: dict[str, Any],
+                 tensors: dict[str, np.ndarray]) -> pathlib.Path:
+  """Writes a prompt-learning folder's two files, swapped in atomically."""
   folder = pathlib.Path(folder)
   with atomic.folder(folder) as staging:
     (staging / CONFIG_FILE).write_text(
@@ -139,7 +152,9 @@ def save_prompt(folder: str | os.PathLike, model: Any, adapter: Any,
   return folder
 
 
-def _read(folder: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_folder(folder: pathlib.Path
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(adapter_config.json, {name: tensor}) of a PEFT folder."""
   config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
   for file in (config_file, weights_file):
     if not file.is_file():
@@ -163,13 +178,13 @@ def load_prompt(folder: str | os.PathLike, model: Any
     chain's tuple).
   """
   folder = pathlib.Path(folder)
-  config, tensors = _read(folder)
+  config, tensors = read_folder(folder)
   kind = config.get('peft_type')
   if kind != 'PROMPT_TUNING':
     raise ValueError(f'{folder / CONFIG_FILE}: peft_type {kind!r} is not '
                      "PROMPT_TUNING; read LoRA folders with "
                      'peft_io.load_peft.')
-  facts = _model_facts(model)
+  facts = model_facts(model)
   p = int(config['num_virtual_tokens'])
   subs = config.get('num_transformer_submodules') or facts[
       'num_transformer_submodules']
@@ -183,17 +198,32 @@ def load_prompt(folder: str | os.PathLike, model: Any
         f'this model\'s hidden size {facts["token_dim"]} need '
         f'{(p * subs, facts["token_dim"])}; was it made for another model?')
   adapter = {'prompt': np.asarray(table[:p], np.float32)}
-  method = prompt_lib.prompt_tuning(p)
-  by_key = {r.key: r for r in _rules_by_path(model).values()}
+  return with_copies(prompt_lib.prompt_tuning(p), adapter,
+                     copies_from(tensors, model, folder / WEIGHTS_FILE))
+
+
+def copies_from(tensors: dict[str, Any], model: Any, source: Any
+                ) -> dict[str, np.ndarray]:
+  """{flax path: value} of a prompt-learning folder's modules-to-save
+  tensors (every tensor left in `tensors`)."""
+  by_key = {r.key: r for r in rules_by_path(model).values()}
   copies = {}
   for key, value in sorted(tensors.items()):
     rule = by_key.get(key[len(PREFIX):]) if key.startswith(PREFIX) else None
     if rule is None:
-      raise ValueError(f'{folder / WEIGHTS_FILE}: tensor {key!r} is not a '
-                       'prompt or a module of this model; was it made for '
-                       'another model?')
+      raise ValueError(f'{source}: tensor {key!r} is not a prompt or a '
+                       'module of this model; was it made for another '
+                       'model?')
     value = np.asarray(value, np.float32)
     copies['/'.join(rule.path)] = value.T if rule.transpose else value
+  return copies
+
+
+def with_copies(method: peft_base.PeftMethod, adapter: Any,
+                copies: dict[str, np.ndarray]
+                ) -> tuple[peft_base.PeftMethod, Any]:
+  """(method, adapter), chained with `trainable` copies when there are any.
+  """
   if not copies:
     return method, adapter
   method = peft_base.chain(method, trainable.trainable(
