@@ -45,7 +45,7 @@ def _split(method: peft_base.PeftMethod, adapter: Any):
   for config, sub in peft_base.parts(method, adapter):
     if isinstance(config, ia3_lib.Ia3Config):
       found.append((config, sub))
-    elif isinstance(config, peft_base.TrainableConfig):
+    elif isinstance(config, trainable.TrainableConfig):
       copies.update(peft_base.flatten(sub))
     else:
       raise ValueError(f'save_ia3 writes IA3 (+ trainable) adapters; '

@@ -22,6 +22,7 @@ from flaxlora.peft import base as peft_base
 from flaxlora.peft import peft_names
 from flaxlora.peft import prefix as prefix_lib
 from flaxlora.peft import prompt_io
+from flaxlora.peft import trainable
 
 TABLE_KEY = 'prompt_embeddings'
 
@@ -32,7 +33,7 @@ def _split(method: peft_base.PeftMethod, adapter: Any):
   for config, sub in peft_base.parts(method, adapter):
     if isinstance(config, prefix_lib.PrefixConfig):
       found.append((config, sub))
-    elif isinstance(config, peft_base.TrainableConfig):
+    elif isinstance(config, trainable.TrainableConfig):
       copies.update(peft_base.flatten(sub))
     else:
       raise ValueError(f'save_prefix writes prefix tuning (+ trainable '
