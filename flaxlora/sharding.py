@@ -287,6 +287,36 @@ def optimizer_shardings(tx: Any, params: Tree, params_shardings: Tree,
     same = tuple(leaf.shape) == tuple(param.shape)
     return param_sharding if same else replicated
 
-  return optax.tree_map_params(
-      tx, like_param, abstract, params, params_shardings,
-      transform_non_params=lambda _: replicated)
+  try:
+    return optax.tree_map_params(
+        tx, like_param, abstract, params, params_shardings,
+        transform_non_params=lambda _: replicated)
+  except (TypeError, ValueError, KeyError, AttributeError):
+    # optax inits `tx` with one opaque stand-in for the params, which
+    # `optax.multi_transform` labels and `peft.base.per_part` cannot split.
+    return _shardings_by_name(abstract, params, params_shardings, replicated)
+
+
+def _names(path: tuple[Any, ...]) -> tuple[str, ...]:
+  return tuple(str(k.key) for k in path
+               if isinstance(k, jax.tree_util.DictKey))
+
+
+def _shardings_by_name(abstract: Tree, params: Tree, params_shardings: Tree,
+                       replicated: NamedSharding) -> Tree:
+  """A state leaf takes the sharding of the param whose dict-key path ends
+  its own dict-key path (longest first) and whose shape it has."""
+  index = {}
+  flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+  for (path, param), sharding in zip(flat_params,
+                                     jax.tree.leaves(params_shardings)):
+    index[_names(path), tuple(param.shape)] = sharding
+
+  def pick(path, leaf):
+    names, shape = _names(path), tuple(getattr(leaf, 'shape', ()))
+    for start in range(len(names)):
+      if (names[start:], shape) in index:
+        return index[names[start:], shape]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, abstract)
