@@ -218,8 +218,10 @@ def scalora(rank: int = 8, alpha: float = 16.0,
 
   def init(rng, base):
     flat = peft_base.flatten(inner.init(rng, base), is_leaf=lora.is_lora_node)
-    return peft_base.unflatten({p: dict(leaf, acc=jnp.zeros(
-        peft_base.get(base, p).shape, jnp.float32)) for p, leaf in flat.items()})
+    return peft_base.unflatten({
+        p: dict(leaf, acc=jnp.zeros(peft_base.get(base, p).shape,
+                                    jnp.float32))
+        for p, leaf in flat.items()})
 
   def apply(base, adapter):
     flat = peft_base.flatten(adapter, is_leaf=_is_node)
