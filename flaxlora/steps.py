@@ -9,7 +9,8 @@ The state is only what training changes: the adapter, its optimizer state,
 the step and the rng. The base params are a separate, non-donated argument
 of the jitted steps; gradients are taken w.r.t. the adapter alone, so the
 optimizer never sees the base and XLA computes no gradient for it. The
-method's `after_step` hook runs inside the train step, after the update.
+method's `before_update` hook runs inside the train step between the
+gradient and the update, its `after_step` hook after the update.
 
 Dropout rngs are `fold_in(state.rng, state.step)` (and the micro-batch
 number under gradient accumulation), so a run resumed from a checkpoint
@@ -95,7 +96,8 @@ def train_step(state: TrainState, base: Params, batch: dict, *,
     base: frozen base params (not donated, never differentiated).
     batch: the global batch (arrays [B, ...]).
     loss_fn: see `LossFn`.
-    method: the PEFT method (`apply`, and its `after_step` hook).
+    method: the PEFT method (`apply`, its `before_update` and `after_step`
+      hooks).
     tx: the optimizer (`optimizers.optimizer`).
     accum: micro-batches per update (gradient accumulation).
     clip_norm: clip the mean gradient to this global norm (0: no clipping).
@@ -115,8 +117,10 @@ def train_step(state: TrainState, base: Params, batch: dict, *,
   if clip_norm:
     grads, _ = optax.clip_by_global_norm(clip_norm).update(
         grads, optax.EmptyState())
-  updates, opt_state = tx.update(grads, state.opt_state, state.adapter)
-  adapter = optax.apply_updates(state.adapter, updates)
+  adapter, opt_state, grads = method.before_update(
+      state.adapter, state.opt_state, grads, base, state.step)
+  updates, opt_state = tx.update(grads, opt_state, adapter)
+  adapter = optax.apply_updates(adapter, updates)
   adapter, opt_state = method.after_step(adapter, opt_state, base,
                                          state.step + 1)
   new_state = TrainState(state.step + 1, adapter, opt_state, state.rng)

@@ -84,6 +84,14 @@ def no_after_step(adapter: Adapter, opt_state: Any, base: Params,
   return adapter, opt_state
 
 
+def no_before_update(adapter: Adapter, opt_state: Any, grads: Any,
+                     base: Params, step: jax.Array
+                     ) -> tuple[Adapter, Any, Any]:
+  """`before_update` default: the optimizer sees the state as it is."""
+  del base, step
+  return adapter, opt_state, grads
+
+
 NO_EXPORT = Export()
 
 
@@ -115,6 +123,11 @@ class PeftMethod(NamedTuple):
       opt_state)`, applied inside the jitted train step after each update
       (`step` counts updates done). Base params are read-only: state a
       method accumulates lives in its adapter, frozen by its `optimizer`.
+    before_update: `before_update(adapter, opt_state, grads, base, step) ->
+      (adapter, opt_state, grads)`, applied inside the jitted train step
+      between the (clipped, mean) gradient and the optimizer update, for a
+      method that re-parameterises its adapter from the current gradient
+      (ScaLoRA); `grads` must stay the gradient w.r.t. the returned adapter.
     export: `Export`: how the adapter becomes a Hugging Face PEFT folder.
   """
   init: Callable[[PRNGKey, Params], Adapter]
@@ -127,6 +140,7 @@ class PeftMethod(NamedTuple):
       plain_optimizer)
   after_step: Callable[..., tuple[Adapter, Any]] = no_after_step
   export: Export = NO_EXPORT
+  before_update: Callable[..., tuple[Adapter, Any, Any]] = no_before_update
 
 
 def flatten(tree: Params, is_leaf: Callable[[Any], bool] | None = None
@@ -324,7 +338,7 @@ def _chain_hooks(methods: Sequence[PeftMethod]) -> dict[str, Any]:
   hooks = dict(prepare_base=prepare_base, prepared_axes=prepared_axes,
                logical_axes=logical_axes, export=_chain_export(methods))
   if all(m.optimizer is plain_optimizer and m.after_step is no_after_step
-         for m in methods):
+         and m.before_update is no_before_update for m in methods):
     return hooks
 
   def optimizer(make_tx):
@@ -335,7 +349,13 @@ def _chain_hooks(methods: Sequence[PeftMethod]) -> dict[str, Any]:
              for m, a, s in zip(methods, adapter, opt_state)]
     return tuple(a for a, _ in pairs), tuple(s for _, s in pairs)
 
-  return dict(hooks, optimizer=optimizer, after_step=after_step)
+  def before_update(adapter, opt_state, grads, base, step):
+    out = [m.before_update(a, s, g, base, step)
+           for m, a, s, g in zip(methods, adapter, opt_state, grads)]
+    return tuple(tuple(o[i] for o in out) for i in range(3))
+
+  return dict(hooks, optimizer=optimizer, after_step=after_step,
+              before_update=before_update)
 
 
 def per_part(txs: Sequence[optax.GradientTransformation]
