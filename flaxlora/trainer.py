@@ -50,7 +50,7 @@ from flaxlora import workdir as workdir_lib
 from flaxlora.data import pipeline
 from flaxlora.data import task_data
 from flaxlora.models import layers
-from flaxlora.peft import base as peft_base
+from flaxlora.peft import method_parts
 from flaxlora.peft import peft_names
 
 
@@ -271,16 +271,7 @@ def _train(run: Run, guard: interrupt.Guard) -> dict[str, Any]:
   c = run.config
   tx = optimizers.optimizer(c.optimizer, run.total_steps, run.method)
   state, state_shardings = init_state(run, tx)
-  ckpt = checkpoint.Checkpointer(
-      run.workdir / workdir_lib.CHECKPOINT_DIR, keep=c.checkpoint.keep,
-      best_metric=c.checkpoint.best_metric, best_mode=c.checkpoint.best_mode)
-  train_loader = loader(run, train=True)
-  restored = ckpt.restore_latest(state)
-  start = 0
-  if restored is not None:
-    start, state, data_state = restored
-    train_loader.restore(data_state)
-    print(f'flaxlora: resuming from step {start} ({ckpt.directory})')
+  ckpt, train_loader, start, state = _restore(run, state)
   log = workdir_lib.MetricsLog(
       run.workdir, start, write=run.is_main,
       writer=metric_writers.create(c, run.workdir, run.is_main))
@@ -333,6 +324,25 @@ def _train(run: Run, guard: interrupt.Guard) -> dict[str, Any]:
   return _finish(run, state, ckpt, log, last_eval)
 
 
+def _restore(run: Run, state: steps.TrainState
+             ) -> tuple[checkpoint.Checkpointer, pipeline.Loader, int,
+                        steps.TrainState]:
+  """(checkpointer, train loader, start step, state): restored from the
+  newest checkpoint of the workdir when there is one."""
+  c = run.config
+  ckpt = checkpoint.Checkpointer(
+      run.workdir / workdir_lib.CHECKPOINT_DIR, keep=c.checkpoint.keep,
+      best_metric=c.checkpoint.best_metric, best_mode=c.checkpoint.best_mode)
+  train_loader = loader(run, train=True)
+  restored = ckpt.restore_latest(state)
+  if restored is None:
+    return ckpt, train_loader, 0, state
+  start, state, data_state = restored
+  train_loader.restore(data_state)
+  print(f'flaxlora: resuming from step {start} ({ckpt.directory})')
+  return ckpt, train_loader, start, state
+
+
 def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
             log: workdir_lib.MetricsLog, last_eval: dict) -> dict[str, Any]:
   """Exports the adapter, writes summary.json and plots (main process)."""
@@ -354,9 +364,9 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
     summary.update({f'best_{best}': top[best], 'best_step': top['step']})
   summary['trainable_params'] = int(sum(np.size(x) for x in
                                         jax.tree.leaves(adapter)))
-  summary['base_params'] = _num_base_params(run.base)
+  summary['base_params'] = layers.num_params(run.base)
   # What really trained: the method's resolved hyperparameters.
-  summary['peft_method'] = peft_base.config_dicts(run.method)
+  summary['peft_method'] = method_parts.config_dicts(run.method)
   ckpt.close()
   if run.is_main:
     spec = {'peft': c.peft.to_dict(), 'family': c.model.family,
@@ -372,14 +382,6 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
         summary, run.workdir, time.time() - run.started,
         run.method.export.write is not None), flush=True)
   return summary
-
-
-def _num_base_params(base: Any) -> int:
-  """Scalars of the base model (an adapted kernel, e.g. NF4, counts as the
-  [in, out] kernel it stands for)."""
-  leaves = jax.tree.leaves(base, is_leaf=layers.is_adapted_kernel)
-  return int(sum(x.size if layers.is_adapted_kernel(x) else np.size(x)
-                 for x in leaves))
 
 
 def _save_peft(run: Run, host_base: Any, adapter: Any) -> None:

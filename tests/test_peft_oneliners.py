@@ -20,6 +20,7 @@ import helpers
 from flaxlora import models
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
+from flaxlora.peft import method_parts
 from flaxlora.peft import peft_io
 from flaxlora.peft import peft_names
 from flaxlora.peft import prompt
@@ -188,7 +189,7 @@ def _lora_modules(model, base, method, adapter):
   """Torch names of the modules the method's LoRA part adapts."""
   rules = {'/'.join(r.path): r
            for r in models.family_of_model(model).hf_rules(model)}
-  config, sub = next((c, s) for c, s in peft_base.parts(method, adapter)
+  config, sub = next((c, s) for c, s in method_parts.parts(method, adapter)
                      if isinstance(c, lora.LoraConfig))
   return {rules[p].key[:-len('.weight')]
           for p in lora.kernels(config, base, sub)}

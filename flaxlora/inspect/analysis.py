@@ -42,6 +42,7 @@ from flaxlora.inspect import table
 from flaxlora.inspect import tree as tree_lib
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
+from flaxlora.peft import method_parts
 
 # Above this many elements (in * out) no dense [in, out] matrix is formed.
 MAX_DENSE_ELEMENTS = 1 << 22
@@ -259,7 +260,7 @@ def _base_kernel(base: Any, path: str) -> Any:
 def scales_of(method: peft_base.PeftMethod, adapter: Any) -> dict[str, float]:
   """{kernel path: LoRA scale} from a method's configs (chains included)."""
   scales = {}
-  for config, part in peft_base.parts(method, adapter):
+  for config, part in method_parts.parts(method, adapter):
     if isinstance(config, lora.LoraConfig):
       scales.update({p: config.scale_for(p) for p in lora_nodes(part)})
   return scales

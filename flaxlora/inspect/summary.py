@@ -25,6 +25,7 @@ from flaxlora.inspect import table
 from flaxlora.inspect import tree as tree_lib
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
+from flaxlora.peft import method_parts
 from flaxlora.peft import nf4
 
 BASE_OWNER = 'base'
@@ -125,7 +126,7 @@ def _owners(adapter: Any, method_names: Any) -> list[tuple[str, str, Any]]:
   """
   if isinstance(method_names, peft_base.PeftMethod):
     return [(path, method_name(config, part), leaf)
-            for config, part in peft_base.parts(method_names, adapter)
+            for config, part in method_parts.parts(method_names, adapter)
             for path, leaf in tree_lib.flatten(part).items()]
   if isinstance(adapter, (tuple, list)) and not isinstance(method_names,
                                                            (str, Mapping)):

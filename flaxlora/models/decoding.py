@@ -128,6 +128,27 @@ def _reorder_cache(cache, rows: Array):
   return jax.tree_util.tree_map_with_path(pick, cache)
 
 
+def _merge_finished(kept, candidates, excluded):
+  """The best `beams` finished hypotheses of the kept ones and this step's.
+
+  Args:
+    kept: (seqs [B, N, L], scores [B, N], finished [B, N]) so far.
+    candidates: (seqs [B, K, L], length-normalised scores [B, K], did
+      [B, K]: the candidate just finished and is among the top N).
+    excluded: [B, 1] masks of rows that take no new hypothesis; each adds
+      -1e9 (as the reference does), as does `~did`.
+  """
+  seqs, scores, finished = kept
+  top_seq, new, did = candidates
+  for mask in (*excluded, ~did):
+    new = new + mask.astype(jnp.float32) * _NEG
+  merged = jnp.concatenate([scores, new], 1)
+  best = jax.lax.top_k(merged, scores.shape[1])[1]
+  return (_gather(jnp.concatenate([seqs, top_seq], 1), best),
+          _gather(merged, best),
+          _gather(jnp.concatenate([finished, did], 1), best))
+
+
 def _beam(init, step, batch, length, ids, settings):
   """HF-equivalent beam search -> best hypothesis [B, L]."""
   start, eos, pad = ids
@@ -166,17 +187,10 @@ def _beam(init, step, batch, length, ids, settings):
     cache = _reorder_cache(cache, rows.reshape(-1))
     # Finished hypotheses: merge the new ones (top `beams` only) and keep the
     # best `beams`; each exclusion adds -1e9 like the reference.
-    did = hits & top_mask
-    new = top_lp / denom[index]
-    full = jnp.all(finished, -1, keepdims=True) & early_true
-    new = new + full.astype(jnp.float32) * _NEG
-    new = new + (~unsat).astype(jnp.float32) * _NEG
-    new = new + (~did).astype(jnp.float32) * _NEG
-    merged = jnp.concatenate([scores, new], 1)
-    best = jax.lax.top_k(merged, beams)[1]
-    seqs = _gather(jnp.concatenate([seqs, top_seq], 1), best)
-    finished = _gather(jnp.concatenate([finished, did], 1), best)
-    scores = _gather(merged, best)
+    seqs, scores, finished = _merge_finished(
+        (seqs, scores, finished),
+        (top_seq, top_lp / denom[index], hits & top_mask),
+        (jnp.all(finished, -1, keepdims=True) & early_true, ~unsat))
     # Can a running beam still beat the worst finished hypothesis?
     reach = denom[length - 1] if never else denom[index]
     worst = jnp.where(finished, jnp.min(scores, 1, keepdims=True), _NEG)

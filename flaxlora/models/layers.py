@@ -336,3 +336,11 @@ class LayerNorm(nn.Module):
     variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(variance + self.eps)
     return (y * scale + bias).astype(self.dtype)
+
+
+def num_params(params: Any) -> int:
+  """Scalars of a params tree; an adapted kernel (e.g. NF4) counts as the
+  [in, out] kernel it stands for."""
+  leaves = jax.tree.leaves(params, is_leaf=is_adapted_kernel)
+  return int(sum(x.size if is_adapted_kernel(x) else np.size(x)
+                 for x in leaves))

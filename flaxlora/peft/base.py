@@ -16,7 +16,6 @@ Parameters are selected by regexes over "/"-joined paths
 (`encoder/block_0/attention/q/kernel`) with `re.fullmatch`.
 """
 import dataclasses
-import json
 import pathlib
 import re
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
@@ -386,32 +385,3 @@ def _chain_export(methods: Sequence[PeftMethod]) -> Export:
     return Export(reason=f'no chained method has a PEFT form ({reasons})')
   return Export(reason=f'{len(writers)} chained methods have a PEFT form, '
                 'and a PEFT folder holds one')
-
-
-def config_dicts(method: PeftMethod) -> list[dict[str, Any]]:
-  """JSON-able records of the method's hyperparameters, chains flattened:
-  [{'type': 'LoraConfig', 'rank': 8, ..., 'loraplus_ratio': 4.0}, ...]."""
-  out = []
-  for config in configs(method):
-    if dataclasses.is_dataclass(config):
-      fields = {f.name: getattr(config, f.name)
-                for f in dataclasses.fields(config)}
-      out.append({'type': type(config).__name__, **fields})
-    else:
-      out.append({'type': type(config).__name__})
-  return json.loads(json.dumps(out, default=str))  # tuples -> lists
-
-
-def parts(method: PeftMethod, adapter: Any) -> list[tuple[Any, Any]]:
-  """[(config, sub_adapter)] of a method, with chains flattened."""
-  if isinstance(method.config, ChainConfig):
-    return [p for m, a in zip(method.config.methods, adapter)
-            for p in parts(m, a)]
-  return [(method.config, adapter)]
-
-
-def configs(method: PeftMethod) -> list[Any]:
-  """The configs of `method`, with chains flattened, in order."""
-  if isinstance(method.config, ChainConfig):
-    return [c for m in method.config.methods for c in configs(m)]
-  return [method.config]

@@ -24,6 +24,7 @@ from flaxlora import models
 from flaxlora.models import hf_io
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import ia3 as ia3_lib
+from flaxlora.peft import method_parts
 from flaxlora.peft import peft_io
 from flaxlora.peft import peft_names
 from flaxlora.peft import trainable
@@ -42,7 +43,7 @@ DEFAULTS = {'fan_in_fan_out': (False,)}
 def _split(method: peft_base.PeftMethod, adapter: Any):
   """(Ia3Config, ia3 adapter, {path: trained copy}) of a method."""
   found, copies = [], {}
-  for config, sub in peft_base.parts(method, adapter):
+  for config, sub in method_parts.parts(method, adapter):
     if isinstance(config, ia3_lib.Ia3Config):
       found.append((config, sub))
     elif isinstance(config, trainable.TrainableConfig):

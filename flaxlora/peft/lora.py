@@ -30,6 +30,7 @@ from flaxlora.models import layers
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import dora
 from flaxlora.peft import loraplus
+from flaxlora.peft import method_parts
 
 Array = jax.Array
 
@@ -352,7 +353,7 @@ def pissa_base(base: Mapping[str, Any], adapter: Any,
   dense kernels.
   """
   updates = {}
-  for config, sub_adapter in peft_base.parts(method, adapter):
+  for config, sub_adapter in method_parts.parts(method, adapter):
     if not isinstance(config, LoraConfig) or config.init != 'pissa':
       continue
     for path, node in kernels(config, base, sub_adapter).items():

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
+from flaxlora.peft import method_parts
 
 
 def _is_kernel(node: Any) -> bool:
@@ -62,7 +63,7 @@ def unmerge(merged: Mapping[str, Any], adapter: Any,
       rescaled column is an equally valid preimage). Keep the base params.
   """
   updates = {}
-  for config, sub_adapter in peft_base.parts(method, adapter):
+  for config, sub_adapter in method_parts.parts(method, adapter):
     if not isinstance(config, lora.LoraConfig):
       continue
     if config.use_dora:

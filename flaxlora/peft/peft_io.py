@@ -36,6 +36,7 @@ from flaxlora.models import hf_io
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
 from flaxlora.peft import merge
+from flaxlora.peft import method_parts
 from flaxlora.peft import peft_names
 from flaxlora.peft import trainable
 
@@ -89,7 +90,7 @@ def linear_module(rule: hf_io.Rule | None, path: str) -> str:
 def _split(method: peft_base.PeftMethod, adapter: Any):
   """(LoraConfig, lora adapter, trainable adapter or {}) of a method."""
   loras, copies = [], {}
-  for config, sub in peft_base.parts(method, adapter):
+  for config, sub in method_parts.parts(method, adapter):
     if isinstance(config, lora.LoraConfig):
       loras.append((config, sub))
     elif isinstance(config, trainable.TrainableConfig):

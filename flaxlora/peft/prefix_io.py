@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from flaxlora.peft import base as peft_base
+from flaxlora.peft import method_parts
 from flaxlora.peft import peft_names
 from flaxlora.peft import prefix as prefix_lib
 from flaxlora.peft import prompt_io
@@ -30,7 +31,7 @@ TABLE_KEY = 'prompt_embeddings'
 def _split(method: peft_base.PeftMethod, adapter: Any):
   """(PrefixConfig, prefix adapter, {path: trained copy})."""
   found, copies = [], {}
-  for config, sub in peft_base.parts(method, adapter):
+  for config, sub in method_parts.parts(method, adapter):
     if isinstance(config, prefix_lib.PrefixConfig):
       found.append((config, sub))
     elif isinstance(config, trainable.TrainableConfig):

@@ -29,6 +29,7 @@ from safetensors import numpy as st_numpy
 
 from flaxlora import atomic
 from flaxlora.peft import base as peft_base
+from flaxlora.peft import method_parts
 from flaxlora.peft import peft_names
 from flaxlora.peft import prompt as prompt_lib
 from flaxlora.peft import trainable
@@ -68,7 +69,7 @@ def _split(method: peft_base.PeftMethod, adapter: Any
            ) -> tuple[np.ndarray, dict[str, Any]]:
   """(prompt [P, H], {path: trained copy}) from a prompt (+ trainable)."""
   prompt, copies = None, {}
-  for config, sub in peft_base.parts(method, adapter):
+  for config, sub in method_parts.parts(method, adapter):
     if isinstance(config, prompt_lib.PromptConfig):
       prompt = np.asarray(sub['prompt'], np.float32)
     elif isinstance(config, trainable.TrainableConfig):
