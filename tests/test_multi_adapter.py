@@ -3,8 +3,8 @@ running each adapter alone, on tiny BERT (classification, QA) and T5
 (logits, greedy and beam `generate`); new assignments and swapped slot values
 do not recompile.
 
-The reference for each row is the single-adapter path (`method.apply`, a
-`LoraKernel`, itself tested against PEFT in test_lora / test_peft_io) run on
+The reference for each row is its adapter alone, merged into dense kernels
+W + scale A B (`merge.merge`, one compiled program for all of them), run on
 the whole batch; every test also asserts that the adapters change outputs.
 Adapters differ in rank, alpha and targets, and one carries a trained copy of
 the classifier (modules to save), so padding, missing targets (zero factors)
@@ -22,6 +22,7 @@ from flaxlora.models import decoding
 from flaxlora.models import t5
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
+from flaxlora.peft import merge
 from flaxlora.peft import multi
 from flaxlora.peft import multi_io
 from flaxlora.peft import peft_io
@@ -87,7 +88,7 @@ def test_bert_rows_equal_their_adapter_alone(bert_case):
   forward = jax.jit(lambda params: model.apply({'params': params}, *inputs))
   outs = {-1: forward(base)}
   for k, (method, adapter) in enumerate(pairs):
-    outs[k] = forward(method.apply(base, adapter)[0])
+    outs[k] = forward(merge.merge(base, adapter, method))
   bank = multi.stack(pairs, base)
   got = jax.tree.leaves(forward(multi.apply(base, bank, IDS)[0]))
   for g, want in zip(got, _expected(outs, IDS)):
@@ -114,16 +115,16 @@ def test_bert_no_recompile_on_new_ids_or_swapped_adapter(bert_case):
   got = np.asarray(jax.tree.leaves(forward(base, bank, ids))[0])
   assert forward._cache_size() == 1  # pylint: disable=protected-access
   alone = np.asarray(jax.tree.leaves(model.apply(
-      {'params': swap.apply(base, swapped)[0]}, *inputs))[0])
+      {'params': merge.merge(base, swapped, swap)}, *inputs))[0])
   np.testing.assert_allclose(got[[0, 3]], alone[[0, 3]], rtol=1e-5,
                              atol=1e-5)
   one = np.asarray(jax.tree.leaves(model.apply(
-      {'params': pairs[0][0].apply(base, pairs[0][1])[0]}, *inputs))[0])
+      {'params': merge.merge(base, pairs[0][1], pairs[0][0])}, *inputs))[0])
   np.testing.assert_allclose(got[[1, 4, 5]], one[[1, 4, 5]], rtol=1e-5,
                              atol=1e-5)  # slots 0 and 3 hold adapter one
   np.testing.assert_allclose(got[2], first[2], rtol=1e-5, atol=1e-5)
   two = np.asarray(jax.tree.leaves(model.apply(
-      {'params': pairs[1][0].apply(base, pairs[1][1])[0]}, *inputs))[0])
+      {'params': merge.merge(base, pairs[1][1], pairs[1][0])}, *inputs))[0])
   assert helpers.max_diff(got[[0, 3]], two[[0, 3]]) > 1e-3  # slot 1 new
 
 
@@ -151,7 +152,7 @@ def test_t5_logits_rows_equal_their_adapter_alone(t5_case):
                                                decoder))
   outs = {-1: forward(base)}
   for k, (method, adapter) in enumerate(pairs):
-    outs[k] = forward(method.apply(base, adapter)[0])
+    outs[k] = forward(merge.merge(base, adapter, method))
     assert helpers.max_diff(outs[k], outs[-1]) > 1e-2
   bank = multi.stack(pairs, base)
   got = forward(multi.apply(base, bank, IDS)[0])
@@ -166,7 +167,7 @@ def test_t5_generate_rows_equal_their_adapter_alone(t5_case, num_beams):
       model, params, ids, mask, max_new_tokens=6, num_beams=num_beams))
   outs = {-1: gen(base)}
   for k, (method, adapter) in enumerate(pairs):
-    outs[k] = gen(method.apply(base, adapter)[0])
+    outs[k] = gen(merge.merge(base, adapter, method))
   assert any(np.any(outs[k] != outs[-1]) for k in range(len(pairs)))
   bank = multi.stack(pairs, base)
   np.testing.assert_array_equal(gen(multi.apply(base, bank, IDS)[0]),
@@ -186,7 +187,7 @@ def test_t5_generate_no_recompile(t5_case):
   got = gen(multi.put(bank, 2, swap, swapped, base), np.full(len(IDS), 2))
   assert decoding.compiled_count() == before
   alone = np.asarray(decoding.generate(
-      model, swap.apply(base, swapped)[0], ids, mask, max_new_tokens=6))
+      model, merge.merge(base, swapped, swap), ids, mask, max_new_tokens=6))
   np.testing.assert_array_equal(got, alone)
 
 
