@@ -16,13 +16,14 @@ become per-slot differences from the base: 'delta' [K, in, out] and
 `apply` swaps each banked kernel W for a `MultiLoraKernel`, whose `dot`
 computes, for row b with slot k = ids[b],
 
-    y[b] = x[b] W + scale[k] * (x[b] a[k]) b[k]  (+ x[b] delta[k] + bias_delta[k])
+    y[b] = x[b] W + scale[k] (x[b] a[k]) b[k]  (+ x[b] delta[k] + bias_delta[k])
 
 gathering each row's factors (Punica's BGMV shape). Measured on CPU at the
-benchmark shapes (64 rows over 8 adapters, R = 16; `experiments.bench_multi`
-docstring), the gather beat `jax.lax.ragged_dot` over rows sorted by adapter
-(skyrl-tx's grouping) by ~3x on the encoder and tied it on decode steps, and
-matched a masked dense product over all K * R columns, whose cost grows with
+benchmark shapes (`experiments.bench_multi`, `lowrank_ms`: 64 rows over 8
+adapters, 512 -> 512, R = 16), the gather took 5.8 ms per encoder-sized call
+(T = 64) where `jax.lax.ragged_dot` over rows sorted by adapter (skyrl-tx's
+grouping) took 80 ms, and both ~2.5 ms per decode step (T = 1); a masked
+dense product over all K * R columns was close to the gather but grows with
 K. The bank's shapes (K, R, the banked paths) are the only thing a jitted
 caller compiles for: `put` replaces a slot's values and new ids pick other
 slots, both without recompiling.
@@ -229,8 +230,13 @@ def _padded(factor, a_shape, b_shape):
           jnp.pad(jnp.asarray(b, jnp.float32), ((0, pad), (0, 0))), scale)
 
 
+def num_slots(bank: Bank) -> int:
+  """K, the adapters a bank holds at once."""
+  return jax.tree.leaves(bank)[0].shape[0]
+
+
 def _check_fits(bank: Bank, slot: int, factors, copies) -> None:
-  slots = next(iter(next(iter(bank.values())).values())).shape[0]
+  slots = num_slots(bank)
   if not 0 <= slot < slots:
     raise ValueError(f'multi: slot {slot} is outside the bank\'s {slots} '
                      'slots; build it with more (stack(..., slots=)).')
