@@ -1,7 +1,7 @@
 """Benchmarks, one subcommand each.
 
     python -m experiments.benchmark [--release_freed_memory] \
-        {generate,lora,qlora,sharding} [--quick] [--out FILE] [--traceback]
+        {generate,lora,multi,qlora,sharding} [--quick] [--out FILE] [--traceback]
 
 Before anything else the process keeps freed host memory mapped
 (`flaxlora.host_memory`: XLA:CPU's per-step temporary buffer is then not
@@ -19,12 +19,14 @@ from flaxlora import host_memory
 
 from experiments import bench_generate
 from experiments import bench_lora
+from experiments import bench_multi
 from experiments import bench_qlora
 from experiments import bench_sharding
 
 SUBCOMMANDS = {
     'generate': bench_generate.main,
     'lora': bench_lora.main,
+    'multi': bench_multi.main,
     'qlora': bench_qlora.main,
     'sharding': bench_sharding.main,
 }
