@@ -143,3 +143,9 @@ def data_reads(config: ConfigDict, monkeypatch: Any) -> set[str]:
       task_data.load(config, tokenizer)
     reads |= read
   return reads - {'tokenizer', 'data.source'}
+
+
+def sharding_defaults() -> list[tuple[str, Any]]:
+  """(logical axis, default mesh axes) of flaxlora.sharding.RULES."""
+  from flaxlora import sharding  # pylint: disable=g-import-not-at-top
+  return list(sharding.RULES)
