@@ -239,7 +239,7 @@ ROWS = [
     ('model.dropout', BERT, {'model.dropout': 0.3}, 'train', {}),
     ('model.head', BERT, {'model.head': 'qa'}, 'model', {}),
     ('model.num_labels', BERT, {'model.num_labels': 3}, 'model', {}),
-    ('peft.method', BERT, {'peft.method': 'dora'}, 'train', {}),
+    ('peft.method', BERT, {'peft.method': 'qlora'}, 'train', {}),
     ('peft.rank', BERT, {'peft.rank': 4}, 'train', {}),
     ('peft.alpha', BERT, {'peft.alpha': 32.0}, 'train', {}),
     ('peft.targets', BERT, {'peft.targets': r'.*/query/kernel'}, 'train', {}),
