@@ -48,6 +48,7 @@ from flaxlora.models import bert
 from flaxlora.models import t5
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
+from flaxlora.peft import trainable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +229,7 @@ def flax_bert(shapes: Shapes, variant: str, devices: int = 1):
                        for a in _bert_batch(shapes))
   method = peft_base.chain(
       lora.lora(rank=shapes.rank, alpha=16, targets='bert'),
-      peft_base.trainable(r'classifier/.*'))
+      trainable.trainable(r'classifier/.*'))
   return flax_step(model, base, method, (ids, mask, labels),
                    full=variant == 'full', devices=devices)
 

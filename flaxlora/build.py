@@ -52,7 +52,7 @@ def peft_method(p: Any, family: str,
   if p.method not in peft.METHODS:
     raise ValueError(f'peft.method={p.method!r} is not known; use one of '
                      f'{sorted(peft.METHODS)}.')
-  kwargs = {k: v for k, v in p.items() if k not in ('method', 'trainable')}
+  kwargs = {k: p[k] for k in p.keys() if k not in ('method', 'trainable')}
   if kwargs.get('targets', None) == '':
     kwargs['targets'] = family
   factory = peft.METHODS[p.method]
@@ -66,7 +66,7 @@ def peft_method(p: Any, family: str,
     kwargs['tokenizer'] = tokenizer
   method = factory(**kwargs)
   if p.get('trainable', ''):
-    method = peft_base.chain(method, peft_base.trainable(p.trainable))
+    method = peft_base.chain(method, peft.METHODS['trainable'](p.trainable))
   return method
 
 

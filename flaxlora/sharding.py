@@ -26,7 +26,6 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import optax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
@@ -269,10 +268,14 @@ def optimizer_shardings(tx: Any, params: Tree, params_shardings: Tree,
   """Shardings of `tx.init(params)`: moments like their params, counts and
   other non-param leaves replicated.
 
-  A param-shaped leaf whose shape is not its param's (Adafactor's factored
-  row/column statistics, [in] and [out] of an [in, out] kernel, or its [1]
-  stand-ins) is replicated: the param's spec names more dimensions than it
-  has. Such leaves are small.
+  A state leaf belongs to the param whose key path ends its own key path
+  (`mu/encoder/.../a` ends in `encoder/.../a`; under `peft.base.per_part`
+  after the part index), which holds for optax's states and
+  `multi_transform` (LoRA+) alike. A leaf
+  whose shape is not its param's (Adafactor's factored row/column
+  statistics, [in] and [out] of an [in, out] kernel, or its [1] stand-ins)
+  is replicated: the param's spec names more dimensions than it has. Such
+  leaves are small.
 
   Args:
     tx: an optax GradientTransformation.
@@ -282,11 +285,21 @@ def optimizer_shardings(tx: Any, params: Tree, params_shardings: Tree,
   """
   abstract = jax.eval_shape(tx.init, params)
   replicated = NamedSharding(mesh, PartitionSpec())
+  by_path = {}
+  for (path, param), target in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0],
+      jax.tree.leaves(params_shardings)):
+    by_path[tuple(map(str, path))] = (tuple(param.shape), target)
 
-  def like_param(leaf, param, param_sharding):
-    same = tuple(leaf.shape) == tuple(param.shape)
-    return param_sharding if same else replicated
+  def one(path, leaf):
+    keys = tuple(map(str, path))
+    for start in range(len(keys)):
+      # `per_part` states lead with the part index that their params' paths
+      # start with.
+      owner = by_path.get(keys[start:]) or by_path.get(keys[:1] +
+                                                        keys[start:])
+      if owner is not None:
+        return owner[1] if owner[0] == tuple(leaf.shape) else replicated
+    return replicated
 
-  return optax.tree_map_params(
-      tx, like_param, abstract, params, params_shardings,
-      transform_non_params=lambda _: replicated)
+  return jax.tree_util.tree_map_with_path(one, abstract)

@@ -116,8 +116,8 @@ def run(config: Any, config_arg: str, root: str | os.PathLike, *,
     dry_run: only print one command per point.
 
   Returns:
-    One row per point: {'point', **overrides, **summary} (no summary on a
-    dry run).
+    One row per point: {'point', **overrides, **summary scalars} (no
+    summary on a dry run).
   """
   root = pathlib.Path(root)
   rows = []
@@ -133,7 +133,9 @@ def run(config: Any, config_arg: str, root: str | os.PathLike, *,
     else:
       print(f'sweep: point {i + 1}/{len(todo)}: {overrides}', flush=True)
     summary = train_fn(point_config, workdir)
-    rows.append({'point': workdir.name, **overrides, **summary})
+    scalars = {k: v for k, v in summary.items()
+               if isinstance(v, (int, float, str, bool))}
+    rows.append({'point': workdir.name, **overrides, **scalars})
   if not dry_run:
     write_results(root, rows, list(todo[0]))
   return rows

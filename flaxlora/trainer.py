@@ -38,6 +38,7 @@ from flaxlora import workdir as workdir_lib
 from flaxlora.data import pipeline
 from flaxlora.data import task_data
 from flaxlora.models import layers
+from flaxlora.peft import base as peft_base
 from flaxlora.peft import peft_names
 
 
@@ -335,6 +336,8 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
   summary['trainable_params'] = int(sum(np.size(x) for x in
                                         jax.tree.leaves(adapter)))
   summary['base_params'] = _num_base_params(run.base)
+  # What really trained: the method's resolved hyperparameters.
+  summary['peft_method'] = peft_base.config_dicts(run.method)
   ckpt.close()
   if run.is_main:
     spec = {'peft': c.peft.to_dict(), 'family': c.model.family,

@@ -21,6 +21,7 @@ from flaxlora.inspect import prompts
 from flaxlora.inspect import summary
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
+from flaxlora.peft import trainable
 
 
 def _rand(rng, *shape, scale=1.0):
@@ -358,7 +359,7 @@ def test_analyze_and_summary_with_the_lora_method():
       lora.lora(rank=4, alpha=8.0, targets=r'.*/q/kernel'),
       lora.lora(rank=2, alpha=8.0, targets=r'.*/v/kernel', use_dora=True,
                 use_rslora=True),
-      peft_base.trainable(r'encoder/final_norm/scale'))
+      trainable.trainable(r'encoder/final_norm/scale'))
   adapter = method.init(jax.random.PRNGKey(0), base)
   at_init = analysis.analyze(base, adapter, method)
   assert len(at_init.layers) == 4

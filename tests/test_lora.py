@@ -15,6 +15,7 @@ from flaxlora.peft import dora
 from flaxlora.peft import lora
 from flaxlora.peft import loraplus
 from flaxlora.peft import merge
+from flaxlora.peft import trainable
 
 H, F, C = 16, 24, 3  # toy widths: hidden, inner, classes
 
@@ -216,7 +217,7 @@ def test_dropout_needs_rng_in_model_and_is_off_when_deterministic(toy):
 def test_gradients_reach_only_the_adapter_and_cost_less(toy):
   model, params, x = toy
   method = peft_base.chain(lora.lora(rank=4, targets='t5'),
-                           peft_base.trainable(r'head/bias'))
+                           trainable.trainable(r'head/bias'))
   adapter = method.init(jax.random.PRNGKey(2), params)
 
   def loss(adapter, params):
@@ -248,7 +249,7 @@ def test_init_on_abstract_params(toy):
                           params)
   for kw in ({}, {'use_dora': True}, {'init': 'pissa'}):
     method = peft_base.chain(lora.lora(rank=3, targets='t5', **kw),
-                             peft_base.trainable('head/.*'))
+                             trainable.trainable('head/.*'))
     shapes = jax.eval_shape(method.init, jax.random.PRNGKey(0), abstract)
     q = shapes[0]['block']['q']['kernel']
     assert q['a'].shape == (H, 3) and q['b'].shape == (3, F)
@@ -283,9 +284,9 @@ def test_bad_input_errors_name_the_problem(toy):
   with pytest.raises(ValueError, match='exactly one preset'):
     lora.lora().init(rng, {'x': {'kernel': jnp.zeros((4, 4))}})
   with pytest.raises(ValueError, match='matched no parameter'):
-    peft_base.trainable('classifier/.*').init(rng, params)
+    trainable.trainable('classifier/.*').init(rng, params)
   method = peft_base.chain(lora.lora(rank=2, targets='t5'),
-                           peft_base.trainable('block/q/kernel'))
+                           trainable.trainable('block/q/kernel'))
   with pytest.raises(ValueError, match='already adapted'):
     method.apply(params, method.init(rng, params))
 
@@ -294,7 +295,7 @@ def test_base_params_are_never_modified(toy):
   _, params, _ = toy
   before = jax.tree.map(np.array, params)
   method = peft_base.chain(lora.lora(rank=2, targets='t5'),
-                           peft_base.trainable('head/.*'))
+                           trainable.trainable('head/.*'))
   adapter = _perturb(method.init(jax.random.PRNGKey(0), params))
   method.apply(params, adapter)
   merge.merge(params, adapter, method)
@@ -326,7 +327,7 @@ def test_merge_and_unmerge(toy, use_dora):
   model, params, x = toy
   method = peft_base.chain(lora.lora(rank=4, targets='t5',
                                      use_dora=use_dora),
-                           peft_base.trainable('head/bias'))
+                           trainable.trainable('head/bias'))
   adapter = _perturb(method.init(jax.random.PRNGKey(2), params))
   merged = merge.merge(params, adapter, method)
   assert all(isinstance(l, jax.Array) for l in jax.tree.leaves(merged))
@@ -416,7 +417,7 @@ def test_jit_train_step_with_loraplus(toy):
 def test_describe_and_logical_axes(toy):
   model, params, x = toy
   method = peft_base.chain(lora.lora(rank=4, targets='t5', use_dora=True),
-                           peft_base.trainable('head/.*'))
+                           trainable.trainable('head/.*'))
   info = describe.describe(params, method)
   lora_added = (H * 4 + 4 * F + F) + (F * 4 + 4 * H + H)
   head = H * C + C

@@ -16,6 +16,7 @@ from flaxlora import models
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
 from flaxlora.peft import peft_io
+from flaxlora.peft import trainable
 
 torch = pytest.importorskip('torch')
 peft = pytest.importorskip('peft')
@@ -105,10 +106,10 @@ CASES = {
         rank=4, targets=r'.*/(q|mlp/wo)/kernel', use_dora=True)),
     'bert_head': ('bert', lambda: peft_base.chain(
         lora.lora(rank=4, targets='bert'),
-        peft_base.trainable(r'classifier/.*'))),
+        trainable.trainable(r'classifier/.*'))),
     'bert_dora_kernel_only_head': ('bert', lambda: peft_base.chain(
         lora.lora(rank=2, alpha=4, targets='bert', use_dora=True),
-        peft_base.trainable(r'classifier/kernel'))),
+        trainable.trainable(r'classifier/kernel'))),
 }
 
 

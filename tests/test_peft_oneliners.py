@@ -24,6 +24,7 @@ from flaxlora.peft import peft_io
 from flaxlora.peft import peft_names
 from flaxlora.peft import prompt
 from flaxlora.peft import prompt_io
+from flaxlora.peft import trainable
 
 torch = pytest.importorskip('torch')
 peft = pytest.importorskip('peft')
@@ -118,14 +119,14 @@ CASES = {
     'bert_sst2_setup': Case(
         'bert', {'head': 'classification', 'num_labels': 3},
         lambda: peft_base.chain(lora.lora(rank=2, targets=ALL_KERNELS),
-                                peft_base.trainable(r'(classifier|pooler)/.*')),
+                                trainable.trainable(r'(classifier|pooler)/.*')),
         'AutoPeftModelForSequenceClassification',
         ['dense', 'key', 'query', 'value'], ['classifier', 'pooler'],
         'folder'),
     'bert_qa': Case(
         'bert', {'head': 'qa'}, lambda: peft_base.chain(
             lora.lora(rank=2, targets='bert'),
-            peft_base.trainable(r'qa_outputs/.*')),
+            trainable.trainable(r'qa_outputs/.*')),
         'AutoPeftModelForQuestionAnswering', ['query', 'value'],
         ['qa_outputs'], 'relative'),
 }
@@ -217,7 +218,7 @@ def test_bert_prompt_folder_loads_with_the_one_liner(tmp_path):
   model, base = _save_base(tmp_path / 'base', 'bert',
                            head='classification', num_labels=3)
   method = peft_base.chain(prompt.prompt_tuning(P),
-                           peft_base.trainable(r'(classifier|pooler)/.*'))
+                           trainable.trainable(r'(classifier|pooler)/.*'))
   adapter = _perturb(method.init(jax.random.PRNGKey(0), base))
   folder = prompt_io.save_prompt(
       tmp_path / 'prompt', model, adapter, method,

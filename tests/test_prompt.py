@@ -19,6 +19,7 @@ from flaxlora.models import decoding
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import prompt
 from flaxlora.peft import prompt_io
+from flaxlora.peft import trainable
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -291,7 +292,7 @@ def test_bert_gradients_reach_only_the_prompt(tmp_path):
   model, params, _ = models.load(folder)
   ids, mask, types = helpers.batch()
   method = peft_base.chain(prompt.prompt_tuning(P, 'vocab_sample'),
-                           peft_base.trainable(r'classifier/.*'))
+                           trainable.trainable(r'classifier/.*'))
   adapter = method.init(jax.random.PRNGKey(0), params)
 
   def loss(adapter):
@@ -310,7 +311,7 @@ def test_bert_peft_folder_round_trips(tmp_path):
                                       head='classification')
   model, params, _ = models.load(folder)
   method = peft_base.chain(prompt.prompt_tuning(P),
-                           peft_base.trainable(r'classifier/.*'))
+                           trainable.trainable(r'classifier/.*'))
   adapter = method.init(jax.random.PRNGKey(0), params)
   adapter = (adapter[0], jax.tree.map(lambda x: x + 0.5, adapter[1]))
   prompt_io.save_prompt(tmp_path / 'ours', model, adapter, method)

@@ -1,4 +1,4 @@
-"""The PEFT method protocol, path selection, `chain` and `trainable`.
+"""The PEFT method protocol, path selection and `chain`.
 
 A PEFT method is a pair of pure functions (optax's shape), plus the pure
 hooks a run needs of it, each with a default (see `PeftMethod`):
@@ -21,10 +21,8 @@ import re
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from flaxlora.models import layers
 
 Params = Mapping[str, Any]
 Adapter = Any
@@ -369,50 +367,22 @@ def _chain_export(methods: Sequence[PeftMethod]) -> Export:
                 'and a PEFT folder holds one')
 
 
+def config_dicts(method: PeftMethod) -> list[dict[str, Any]]:
+  """JSON-able records of the method's hyperparameters, chains flattened:
+  [{'type': 'LoraConfig', 'rank': 8, ..., 'loraplus_ratio': 4.0}, ...]."""
+  out = []
+  for config in configs(method):
+    if dataclasses.is_dataclass(config):
+      fields = {f.name: getattr(config, f.name)
+                for f in dataclasses.fields(config)}
+      out.append({'type': type(config).__name__, **fields})
+    else:
+      out.append({'type': type(config).__name__})
+  return out
+
+
 def configs(method: PeftMethod) -> list[Any]:
   """The configs of `method`, with chains flattened, in order."""
   if isinstance(method.config, ChainConfig):
     return [c for m in method.config.methods for c in configs(m)]
   return [method.config]
-
-
-# --------------------------------------------------------------- trainable ---
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainableConfig:
-  patterns: tuple[str, ...]
-
-
-def trainable(patterns: str | Iterable[str]) -> PeftMethod:
-  """Fully trained copies of selected params ("modules to save").
-
-  The adapter holds fp32 copies of the matched leaves (e.g. a classifier head
-  or biases); `apply` swaps them in. Base params stay untouched.
-
-  Args:
-    patterns: regexes over "/"-joined param paths, e.g. r'classifier/.*'.
-  """
-  patterns = as_patterns(patterns, 'trainable patterns')
-
-  def init(rng, base):
-    del rng  # copies, not fresh values
-    paths = select(base, patterns, what='trainable patterns')
-    # A real copy: a donated adapter buffer must never alias the base.
-    return unflatten({p: jnp.array(get(base, p), jnp.float32, copy=True)
-                      for p in paths})
-
-  def apply(base, adapter):
-    updates = flatten(adapter)
-    for path in updates:
-      if layers.is_adapted_kernel(get(base, path)):
-        raise ValueError(
-            f'trainable({list(patterns)}) would replace {path}, which an '
-            'earlier chained method already adapted; exclude it from one of '
-            'the two.')
-    return replace(base, updates), {}
-
-  return PeftMethod(init, apply, TrainableConfig(patterns),
-                    export=Export(reason='trainable() copies alone are no '
-                                  'PEFT adapter; chain them after lora or '
-                                  'prompt_tuning'))

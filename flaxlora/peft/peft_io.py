@@ -37,6 +37,7 @@ from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
 from flaxlora.peft import merge
 from flaxlora.peft import peft_names
+from flaxlora.peft import trainable
 
 CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'
@@ -90,7 +91,7 @@ def _split(method: peft_base.PeftMethod, adapter: Any):
   for config, sub in lora.parts(method, adapter):
     if isinstance(config, lora.LoraConfig):
       loras.append((config, sub))
-    elif isinstance(config, peft_base.TrainableConfig):
+    elif isinstance(config, trainable.TrainableConfig):
       copies.update(peft_base.flatten(sub))
     else:
       raise ValueError(f'save_peft writes LoRA (+ trainable) adapters; '
@@ -318,7 +319,7 @@ def load_peft(folder: str | os.PathLike, model, base: Mapping[str, Any]
   if not saved:
     return method, adapter
   copies = _saved_copies(saved, by_key, base, source, type(model).__name__)
-  method = peft_base.chain(method, peft_base.trainable(
+  method = peft_base.chain(method, trainable.trainable(
       [re.escape(p) for p in sorted(copies)]))
   return method, (adapter, jax.tree.map(jnp.asarray,
                                         peft_base.unflatten(copies)))

@@ -32,6 +32,7 @@ from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
 from flaxlora.peft import peft_names
 from flaxlora.peft import prompt as prompt_lib
+from flaxlora.peft import trainable
 
 CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'
@@ -71,7 +72,7 @@ def _split(method: peft_base.PeftMethod, adapter: Any
   for config, sub in lora.parts(method, adapter):
     if isinstance(config, prompt_lib.PromptConfig):
       prompt = np.asarray(sub['prompt'], np.float32)
-    elif isinstance(config, peft_base.TrainableConfig):
+    elif isinstance(config, trainable.TrainableConfig):
       copies.update(peft_base.flatten(sub))
     else:
       raise ValueError(
@@ -196,6 +197,6 @@ def load_prompt(folder: str | os.PathLike, model: Any
     copies['/'.join(rule.path)] = value.T if rule.transpose else value
   if not copies:
     return method, adapter
-  method = peft_base.chain(method, peft_base.trainable(
+  method = peft_base.chain(method, trainable.trainable(
       [re.escape(path) for path in sorted(copies)]))
   return method, (adapter, peft_base.unflatten(copies))
