@@ -45,13 +45,14 @@ def _steps(run, tx, num_steps, accum=1, clip_norm=0.0, adapter=None):
   return jax.device_get(state.adapter), losses
 
 
-@pytest.mark.parametrize('name', ['bert_sentiment_lora', 'bert_squad_lora',
-                                  't5_lora'])
-def test_loss_falls_for_each_task(name):
-  run = _run(name, **{'train.steps': 30})
-  tx = optimizers.optimizer(run.config.optimizer, 30, run.method)
-  _, losses = _steps(run, tx, 30)
-  first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+@pytest.mark.parametrize('name,num_steps', [('bert_sentiment_lora', 80),
+                                            ('bert_squad_lora', 30),
+                                            ('t5_lora', 30)])
+def test_loss_falls_for_each_task(name, num_steps):
+  run = _run(name, **{'train.steps': num_steps})
+  tx = optimizers.optimizer(run.config.optimizer, num_steps, run.method)
+  _, losses = _steps(run, tx, num_steps)
+  first, last = np.mean(losses[:5]), np.mean(losses[-5:])
   assert last < 0.8 * first, (name, losses)
 
 
