@@ -27,8 +27,9 @@ CASES = {
 }
 
 
-def _run(name, changes, dtype):
-  config = config_reads.shorten(config_reads.get_config(name, 'runlocal'))
+def _run(name, changes, dtype, short=True):
+  config = config_reads.get_config(name, 'runlocal')
+  config = config_reads.shorten(config) if short else config
   for key, value in {**changes, 'model.dtype': dtype,
                      'model.dropout': 0.0}.items():
     section, field = key.split('.')
@@ -72,3 +73,58 @@ def test_bf16_adapter_effect_matches_fp32(case):
   assert ratio < 0.1, (case, ratio)
   # bf16 really ran in bf16 (not an fp32 model under another name).
   assert np.abs(effect_bf16 - effect).max() > 0, case
+
+
+def _path_logits(run, params, kwargs, batch, tokens):
+  """Logits [B, N, V] at each step of the greedy `tokens` path [B, N]
+  (teacher-forced along it)."""
+  start = run.model.config.decoder_start_token_id
+  decoder = np.concatenate([np.full((tokens.shape[0], 1), start),
+                            tokens[:, :-1]], 1).astype(np.int32)
+  logits = run.model.apply(
+      {'params': params}, batch['input_ids'], batch['attention_mask'],
+      jnp.asarray(decoder), jnp.ones_like(jnp.asarray(decoder)),
+      deterministic=True, **kwargs)
+  return np.asarray(logits, np.float32)
+
+
+def test_bf16_greedy_tokens_agree_with_fp32_where_margins_are_real():
+  # pylint: disable=g-import-not-at-top
+  from flaxlora import optimizers
+  from flaxlora import steps
+  from flaxlora.models import decoding
+  # pylint: enable=g-import-not-at-top
+  fp32, bf16 = (_run('t5_lora', {}, d, short=False)
+                for d in ('float32', 'bfloat16'))
+  tx = optimizers.optimizer(fp32.config.optimizer, 200, fp32.method)
+  state, shardings = trainer.init_state(fp32, tx)
+  step = steps.jit_train_step(fp32.task.loss, fp32.method, tx, 1, shardings)
+  loader = trainer.loader(fp32, train=True)
+  for _ in range(200):  # the copy task: a model with real margins
+    state, _ = step(state, fp32.base,
+                    trainer._device_batch(fp32, next(loader)))  # pylint: disable=protected-access
+  batch = trainer._device_batch(fp32, next(trainer.loader(fp32, False)))  # pylint: disable=protected-access
+  tokens = {}
+  for name, run in (('fp32', fp32), ('bf16', bf16)):
+    params, kwargs = run.method.apply(run.base, state.adapter)
+    tokens[name] = np.asarray(decoding.generate(
+        run.model, params, batch['input_ids'], batch['attention_mask'],
+        max_new_tokens=8, model_kwargs=kwargs))
+  logits = {}
+  for name, run in (('fp32', fp32), ('bf16', bf16)):
+    params, kwargs = run.method.apply(run.base, state.adapter)
+    logits[name] = _path_logits(run, params, kwargs, batch, tokens['fp32'])
+  top2 = np.sort(logits['fp32'], -1)[..., -2:]
+  margins = top2[..., 1] - top2[..., 0]                     # [B, N]
+  # Steps up to the first EOS count (later ones are cut off as padding).
+  eos = fp32.model.config.eos_token_id
+  done = np.cumsum(tokens['fp32'] == eos, -1) - (tokens['fp32'] == eos) > 0
+  # A clear row: every step's margin is 4x bf16's largest logit error.
+  error = np.abs(logits['bf16'] - logits['fp32']).max()
+  assert error > 0
+  sure = np.where(done, np.inf, margins).min(-1) > 4 * error
+  assert sure.sum() >= 4, (error, margins.min(-1))
+  cut = lambda t: np.where(done, -1, t)  # pylint: disable=g-long-lambda
+  np.testing.assert_array_equal(cut(tokens['bf16'])[sure],
+                                cut(tokens['fp32'])[sure])
+  assert len(np.unique(tokens['fp32'])) > 3  # not one repeated token
