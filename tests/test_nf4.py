@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from jax.sharding import PartitionSpec
 from scipy import stats
 
@@ -45,6 +46,32 @@ def reference_quantize(w: np.ndarray):
 def test_levels_match_paper_construction():
   np.testing.assert_allclose(nf4.LEVELS, reference_levels(), atol=1e-6)
   assert nf4.LEVELS[7] == 0.0 and len(np.unique(nf4.LEVELS)) == 16
+
+
+def bitsandbytes_dynamic_map():
+  """bitsandbytes' `create_dynamic_map(signed=True, max_exponent_bits=7,
+  total_bits=8)` (bitsandbytes/functional.py), restated from its definition
+  in torch: for exponent i, the midpoints of 2**i + 1 linspace(0.1, 1)
+  boundaries, times +-10**(i - 6); then 0 and 1; sorted."""
+  data = []
+  for i in range(7):
+    boundaries = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float64)
+    means = (boundaries[:-1] + boundaries[1:]) / 2.0
+    data += (10.0**(i - 6) * means).tolist()
+    data += (-(10.0**(i - 6)) * means).tolist()
+  data += [0.0, 1.0]
+  assert len(data) == 256
+  return np.sort(np.array(data))
+
+
+def test_dynamic_map_equals_bitsandbytes_codes():
+  ours = nf4.DYNAMIC.astype(np.float64)
+  np.testing.assert_allclose(ours, bitsandbytes_dynamic_map(), rtol=1e-6,
+                             atol=1e-12)
+  # Published values of that map: the largest code below 1 and the
+  # smallest positive one.
+  np.testing.assert_allclose(ours[-2], 0.99296875, rtol=1e-6)
+  np.testing.assert_allclose(ours[ours > 0].min(), 5.5e-7, rtol=1e-6)
 
 
 def test_dynamic_map_is_signed_8bit():

@@ -4,7 +4,6 @@ References are independent: numpy for the combination, transformers + torch
 (`inputs_embeds` with the prompt spliced in by hand) and PEFT itself.
 """
 import importlib
-import inspect
 import json
 
 import helpers
@@ -15,7 +14,6 @@ import pytest
 
 from flaxlora import models
 from flaxlora import trainer
-from flaxlora.models import bert
 from flaxlora.models import decoding
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import prompt
@@ -31,10 +29,6 @@ TINY_T5 = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2,
                num_heads=4, relative_attention_num_buckets=8,
                relative_attention_max_distance=16, dropout_rate=0.0,
                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-BERT_HAS_PROMPT = 'prompt' in inspect.signature(bert.Bert.__call__).parameters
-needs_bert_prompt = pytest.mark.skipif(
-    not BERT_HAS_PROMPT, reason='bert.Bert has no `prompt` argument yet (the '
-    'hook proposed in the prompt tuning report).')
 
 
 def as_torch(x, dtype=None):
@@ -262,7 +256,6 @@ def bert_reference(hf, ids, mask, types, p, index=1):
               token_type_ids=as_torch(full_types, torch.long))
 
 
-@needs_bert_prompt
 @pytest.mark.parametrize('head', ['classification', 'qa'])
 def test_bert_prompt_after_cls_matches_transformers(head, tmp_path):
   folder, hf = helpers.save_tiny_bert(tmp_path, head=head)
@@ -293,7 +286,6 @@ def test_bert_prompt_after_cls_matches_transformers(head, tmp_path):
       np.testing.assert_allclose(np.asarray(z), np.asarray(b), atol=1e-6)
 
 
-@needs_bert_prompt
 def test_bert_gradients_reach_only_the_prompt(tmp_path):
   folder, _ = helpers.save_tiny_bert(tmp_path, head='classification')
   model, params, _ = models.load(folder)

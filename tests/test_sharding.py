@@ -68,7 +68,7 @@ def test_mesh_size_errors(sizes, message):
 
 
 def test_rules_map_logical_axes():
-  assert sharding.logical_to_spec(('batch', 'length'), RULES) == P(
+  assert sharding.logical_to_spec(('batch', None), RULES) == P(
       ('data', 'fsdp'), None)
   assert sharding.logical_to_spec(('embed', 'mlp'), RULES) == P(
       'fsdp', 'tensor')

@@ -78,7 +78,10 @@ def test_grid_runs_writes_results_and_skips_finished_points(
     table = list(csv.DictReader(f))
   assert [(r['train.seed'], r['data.generated.seed']) for r in table] == [
       ('0', '0'), ('0', '1'), ('1', '0'), ('1', '1')]
-  assert all(0 <= float(r['eval_accuracy']) <= 1 for r in table)
+  # An accuracy over the 16 eval examples: a multiple of 1/16 in [0, 1].
+  for r in table:
+    hits = float(r['eval_accuracy']) * 16
+    assert 0 <= hits <= 16 and abs(hits - round(hits)) < 1e-4, r
   # Different seeds train different adapters.
   assert len({r['train_loss'] for r in table}) == 4
   markdown = (root / 'results.md').read_text().splitlines()

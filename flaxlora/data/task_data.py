@@ -131,6 +131,12 @@ def read_records(config: Any) -> tuple[list, list, str]:
   train = _read_file(d, kind, d.train_file, 'data.train_file',
                      d.get('train_articles', ''))
   held_out = int(d.get('eval_from_train', 0))
+  if held_out and (d.eval_file or d.get('eval_articles', '')):
+    raise ValueError(
+        f'data.eval_from_train={held_out} holds the eval records out of '
+        f'data.train_file, so data.eval_file={d.eval_file!r} and '
+        f"data.eval_articles={d.get('eval_articles', '')!r} would be "
+        "ignored; set them to '' or data.eval_from_train to 0.")
   if held_out:
     return (*_split(train, held_out, d.split_seed, d.train_file), kind)
   return train, _read_file(d, kind, d.eval_file, 'data.eval_file',
