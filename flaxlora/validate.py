@@ -66,6 +66,13 @@ def config_values(config: Any) -> None:
         f'checkpoint.best_metric={c.best_metric!r} is not an eval metric of '
         f'this run (task={config.task!r}, metrics {list(names)}); set it to '
         "one of them, or '' to keep only the latest checkpoints.")
+  log = config.get('log', None)
+  if log and log.wandb_mode not in ('offline', 'online', 'disabled'):
+    raise errors.UserError(f"log.wandb_mode={log.wandb_mode!r}: use "
+                           "'offline', 'online' or 'disabled'.")
+  if log and not log.wandb_project:
+    raise errors.UserError("log.wandb_project is empty; name the W&B "
+                           "project, e.g. --config.log.wandb_project=flaxlora.")
 
 
 def shapes(config: Any, method: peft_base.PeftMethod,

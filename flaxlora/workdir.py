@@ -15,6 +15,7 @@
                   see `flaxlora.predictions_io`
   events.out.tfevents.*  TensorBoard scalars (`flaxlora.metric_writers`)
   eval/<name>/    metrics.json and predictions of `experiments.evaluate`
+  wandb/          the offline Weights & Biases run, when log.wandb is on
 
 Only the main process writes (callers check); every write is atomic (a
 temporary file renamed into place), so a killed run never leaves half a file.

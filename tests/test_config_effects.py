@@ -22,9 +22,12 @@ import pytest
 import config_reads
 import test_configs
 from flaxlora import build
+from flaxlora import errors
+from flaxlora import metric_writers
 from flaxlora import optimizers
 from flaxlora import steps
 from flaxlora import trainer
+from flaxlora import validate
 from flaxlora.data import sources
 from flaxlora.data import task_data
 
@@ -184,10 +187,10 @@ def probe_eval(config):
                                       trainer._device_batch(run, b)))  # pylint: disable=protected-access
              for b in trainer.loader(run, train=False)]
   if config.model.family == 't5':
-    texts = trainer._generate_all(run, state)  # pylint: disable=protected-access
+    texts = trainer.generate_texts(run, state.adapter)
     return _digest([texts, sorted(run.task.metrics(run.data, outputs,
                                                    lambda: texts))])
-  return _digest(run.task.predictions(run.data, outputs))
+  return _digest(run.task.predict(run.data, outputs))
 
 
 def probe_run(config):
@@ -223,9 +226,25 @@ def raises(config):
   return str(error.value)
 
 
+def probe_writers(config):
+  """The checked config's metric writers: the files one logged record
+  leaves in the workdir, or the error that refuses the config."""
+  workdir = pathlib.Path(tempfile.mkdtemp())
+  try:
+    validate.config_values(config)
+    writers = metric_writers.create(config, workdir, is_main=True)
+  except (errors.UserError, ImportError) as e:
+    return str(e)
+  if writers is not None:
+    writers.write(1, 'train', {'loss': 1.0})
+    writers.close()
+  return sorted(p.name.split('.')[0] for p in workdir.rglob('*'))
+
+
 PROBES = dict(data=probe_data, reader=probe_reader, train=probe_train,
               setup=probe_setup, eval=probe_eval, run=probe_run,
-              model=probe_model, raises=raises)
+              model=probe_model, raises=raises,
+              writers=probe_writers)
 
 FILES = {'data.source': 'files', 'data.train_file': '/d/train',
          'data.eval_file': '/d/eval'}
@@ -241,7 +260,8 @@ ROWS = [
     ('model.init', BERT, {'model.init.hidden_size': 48}, 'model', {}),
     ('model.dtype', BERT, {'model.dtype': 'bfloat16'}, 'train', {}),
     ('model.dropout', BERT, {'model.dropout': 0.3}, 'train', {}),
-    ('model.head', BERT, {'model.head': 'qa'}, 'model', {}),
+    ('model.head', BERT, {'model.head': 'qa'}, 'model',
+     {'peft.trainable': ''}),
     ('model.num_labels', BERT, {'model.num_labels': 3}, 'model', {}),
     ('peft.method', BERT, {'peft.method': 'qlora'}, 'train', {}),
     ('peft.rank', BERT, {'peft.rank': 4}, 'train', {}),
@@ -353,6 +373,11 @@ ROWS = [
     ('mesh.fsdp', BERT, {'mesh.fsdp': 2}, 'setup', {}),
     ('mesh.tensor', BERT, {'mesh.tensor': 2}, 'setup',
      {'sharding_rules.vocab': 'None'}),  # 67 words: not split in 2
+    ('log.tensorboard', BERT, {'log.tensorboard': False}, 'writers', {}),
+    ('log.wandb', BERT, {'log.wandb': True}, 'writers', {}),
+    ('log.wandb_mode', BERT, {'log.wandb_mode': 'sometimes'}, 'writers',
+     {}),
+    ('log.wandb_project', BERT, {'log.wandb_project': ''}, 'writers', {}),
     ('eval.max_examples', BERT, {'eval.max_examples': 4}, 'data', {}),
     ('eval.num_beams', T5, {'eval.num_beams': 4}, 'eval', {}),
     ('eval.max_new_tokens', T5, {'eval.max_new_tokens': 4}, 'eval', {}),

@@ -31,10 +31,24 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Modules a run reaches a method through: they may name no method.
 GENERIC = ('flaxlora/trainer.py', 'flaxlora/build.py', 'flaxlora/export.py',
            'flaxlora/steps.py', 'flaxlora/optimizers.py')
-METHOD_MODULES = ('lora', 'qlora', 'nf4', 'prompt', 'prompt_io', 'peft_io',
-                  'dora', 'loraplus', 'trainable', 'merge', 'combine')
-METHOD_CONFIGS = ('ChainConfig', 'LoraConfig', 'QloraConfig', 'PromptConfig',
-                  'TrainableConfig')
+# Every module of flaxlora/peft but the contract itself (base), the
+# method-agnostic views of a method (method_parts) and the names of PEFT
+# folders (peft_names); every *Config class there.
+PEFT_DIR = REPO / 'flaxlora' / 'peft'
+METHOD_MODULES = tuple(sorted(
+    p.stem for p in PEFT_DIR.glob('*.py')
+    if p.stem not in ('__init__', 'base', 'method_parts', 'peft_names')))
+METHOD_CONFIGS = tuple(sorted(
+    node.name for p in PEFT_DIR.glob('*.py')
+    for node in ast.walk(ast.parse(p.read_text()))
+    if isinstance(node, ast.ClassDef) and node.name.endswith('Config')))
+
+
+def test_the_lists_cover_the_methods():
+  assert {'lora', 'qlora', 'nblora', 'scalora', 'prefix', 'ia3', 'multi',
+          'prompt', 'trainable'} <= set(METHOD_MODULES)
+  assert {'ChainConfig', 'LoraConfig', 'PromptConfig',
+          'TrainableConfig'} <= set(METHOD_CONFIGS)
 
 
 def _imports(tree: ast.AST) -> set[str]:
