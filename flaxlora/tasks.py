@@ -100,8 +100,8 @@ class Classification(_Task):
     """{'label': name, 'probabilities': {name: p}} per record (names are
     `data.labels`)."""
     del generate
-    names = [str(n) for n in self.config.data.labels]
     index, probabilities = _rows(outputs, 'probabilities')
+    names = self._names(probabilities.shape[-1])
     by_record = dict(zip(index.tolist(), probabilities))
     out = []
     for i in range(len(data.eval_records)):
@@ -110,8 +110,16 @@ class Classification(_Task):
                   'probabilities': dict(zip(names, map(float, p)))})
     return out
 
+  def _names(self, num_classes: int) -> list[str]:
+    """`data.labels`, or the class indices for data without names (the
+    generated tasks)."""
+    labels = self.config.data.get('labels', None)
+    return ([str(n) for n in labels] if labels else
+            [str(i) for i in range(num_classes)])
+
   def rows(self, records, predictions) -> list[dict[str, Any]]:
-    names = [str(n) for n in self.config.data.labels]
+    names = self._names(len(predictions[0]['probabilities'])
+                        if predictions else 0)
     return [{'id': r.get('id', str(i)),
              'input': r['text'] if r.get('text_pair') is None else
                       [r['text'], r['text_pair']],
@@ -263,6 +271,7 @@ TASKS = {'classification': Classification, 'squad': Squad,
 
 def metric_names(config: Any) -> tuple[str, ...]:
   """The eval metrics `make(config, model).metrics` returns."""
+  _check_task(config)
   if config.task == 'classification':
     return ('loss', 'accuracy', 'f1')
   metric = 'squad' if config.task == 'squad' else config.data.get('metric')
@@ -271,7 +280,11 @@ def metric_names(config: Any) -> tuple[str, ...]:
                       'accuracy': ('accuracy',)}.get(metric, ())
 
 
-def make(config: Any, model: Any):
+def _check_task(config: Any) -> None:
   if config.task not in TASKS:
     raise ValueError(f'task={config.task!r}: use one of {sorted(TASKS)}.')
+
+
+def make(config: Any, model: Any):
+  _check_task(config)
   return TASKS[config.task](config, model)

@@ -142,7 +142,7 @@ CASES = [
      'train.batch_size=12: global batch size 12 must divide by the 8', 2),
     ('task', lambda p: [CONFIG, f'--workdir={p["new"]}',
                         '--config.task=bogus'],
-     "(task 'bogus'): use one of", 2),
+     "task='bogus': use one of", 2),
     ('few_examples', lambda p: [CONFIG, f'--workdir={p["new"]}',
                                 '--config.data.generated.num_train=8'],
      'fewer than train.batch_size=16', 2),
@@ -154,7 +154,7 @@ CASES = [
                                      *_files(p['tmp'])], 'is a folder', 2),
     ('json_array_item', lambda p: [CONFIG, f'--workdir={p["new"]}', *_files(
         _data(p['tmp'], 'a.json', '[{"sentence": "a", "label": "0"}, 3]'))],
-     'item 1 of the array is a JSON int', 2),
+     'element 1 of the array is a JSON int', 2),
     ('jsonl_null', lambda p: [CONFIG, f'--workdir={p["new"]}', *_files(
         _data(p['tmp'], 'n.jsonl', '{"sentence": null, "label": "0"}\n'))],
      "n.jsonl:1: field 'sentence' is null", 2),

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from safetensors import numpy as st_numpy
 
 from configs import bench_bert_lora
@@ -73,6 +74,7 @@ def test_peft_side_does_the_trainers_update(tmp_path):
   assert abs(flax_losses[2] - flax_losses[1]) > 1e-3 * flax_losses[1]
 
 
+@pytest.mark.slow  # ~30 s: every contender of both families
 def test_quick_benchmark_writes_rows_and_ratios(tmp_path):
   out = tmp_path / 'bench.json'
   report = bench_lora.main(['--quick', '--only', 'bert', '--steps', '1',

@@ -55,7 +55,10 @@ def _perturbed(adapter, seed=0):
       for x, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize('case', sorted(CASES))
+# One case in the default suite; `-m slow` runs the rest (~20-30 s each).
+@pytest.mark.parametrize('case', [
+    pytest.param(c, marks=[] if c == 'bert_lora' else [pytest.mark.slow])
+    for c in sorted(CASES)])
 def test_bf16_adapter_effect_matches_fp32(case):
   name, changes = CASES[case]
   fp32, bf16 = (_run(name, changes, d) for d in ('float32', 'bfloat16'))
@@ -88,6 +91,7 @@ def _path_logits(run, params, kwargs, batch, tokens):
   return np.asarray(logits, np.float32)
 
 
+@pytest.mark.slow
 def test_bf16_greedy_tokens_agree_with_fp32_where_margins_are_real():
   # pylint: disable=g-import-not-at-top
   from flaxlora import optimizers

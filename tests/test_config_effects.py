@@ -448,7 +448,15 @@ def _baseline(name, base, probe, monkeypatch):
   return _BASELINES[key]
 
 
-@pytest.mark.parametrize('row', ROWS, ids=[row[0] for row in ROWS])
+# Rows that train, run or decode take ~10-25 s each: `-m slow` runs them
+# (the default suite keeps the data, reader, setup, model and writer rows
+# and the check that every field has a row).
+HEAVY_PROBES = ('train', 'run', 'eval', 'raises')
+
+
+@pytest.mark.parametrize('row', [
+    pytest.param(row, marks=[pytest.mark.slow] if row[3] in HEAVY_PROBES
+                 else []) for row in ROWS], ids=[row[0] for row in ROWS])
 def test_changing_the_field_changes_what_it_should(row, monkeypatch):
   field, name, changes, probe, base = row
   if probe == 'raises':

@@ -45,6 +45,7 @@ def _faults(mode: str) -> dict:
   return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # ~35 s: two subprocess runs of many train steps
 @pytest.mark.skipif(host_memory.glibc() is None,
                     reason='mallopt settings exist on glibc only')
 def test_keeping_freed_memory_stops_per_call_page_faults():
