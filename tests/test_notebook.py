@@ -35,6 +35,7 @@ def _execute(workdir: pathlib.Path, monkeypatch) -> list:
   return [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs]
 
 
+@pytest.mark.slow  # ~50 s: a whole run inside a Jupyter kernel
 def test_notebook_executes_and_cli_inspects_its_run(tmp_path, monkeypatch):
   workdir = tmp_path / 'run'
   outputs = _execute(workdir, monkeypatch)

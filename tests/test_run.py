@@ -95,8 +95,11 @@ def _short(config):
 @pytest.mark.parametrize('make, metric', [
     (lambda: bert_sentiment_lora.get_config('runlocal'), 'accuracy'),
     (lambda: bert_squad_lora.get_config('runlocal'), 'f1'),
-    (lambda: t5_lora.get_config('task=qa,runlocal'), 'f1'),
-    (lambda: t5_lora.get_config('task=classification,runlocal'), 'accuracy'),
+    # ~25 s each: -m slow (T5 seq2seq runs in test_readme_job_t5_runlocal).
+    pytest.param(lambda: t5_lora.get_config('task=qa,runlocal'), 'f1',
+                 marks=pytest.mark.slow),
+    pytest.param(lambda: t5_lora.get_config('task=classification,runlocal'),
+                 'accuracy', marks=pytest.mark.slow),
 ], ids=['bert_sentiment', 'bert_squad', 't5_qa', 't5_classification'])
 def test_runlocal_variants(tmp_path, make, metric):
   summary = trainer.train_and_evaluate(_short(make()), tmp_path)
@@ -111,9 +114,14 @@ BASE_PARAMS = {'t5': 181312, 'bert': 22530}
 
 
 @pytest.mark.parametrize('name, metric, peft_type, optimizer', [
-    ('t5_qlora', 'rouge1', 'LORA', 'adafactor'),
-    ('bert_sentiment_qlora', 'accuracy', 'LORA', 'adafactor'),
-    ('t5_prompt_tuning', 'rouge1', 'PROMPT_TUNING', 'adafactor'),
+    # 25-55 s each: -m slow (the one-device runs of these configs are in
+    # test_qlora.py and test_prompt.py).
+    pytest.param('t5_qlora', 'rouge1', 'LORA', 'adafactor',
+                 marks=pytest.mark.slow),
+    pytest.param('bert_sentiment_qlora', 'accuracy', 'LORA', 'adafactor',
+                 marks=pytest.mark.slow),
+    pytest.param('t5_prompt_tuning', 'rouge1', 'PROMPT_TUNING', 'adafactor',
+                 marks=pytest.mark.slow),
     ('bert_sentiment_prompt', 'accuracy', 'PROMPT_TUNING', 'adamw'),
 ])
 def test_qlora_and_prompt_runlocal_on_a_sharded_mesh(tmp_path, name, metric,
