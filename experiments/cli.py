@@ -5,8 +5,13 @@ absl's `app.run` turns INFO logging on unless `--verbosity` is given, and
 orbax and JAX log at INFO (~190 lines per runlocal run). `quiet_logs()`
 keeps warnings and errors only; `--verbosity=0` brings INFO back.
 """
+import sys
+from typing import Any, Callable
+
 from absl import flags
 from absl import logging
+
+from flaxlora import errors
 
 CONFIG_PREFIX = '--config.'
 
@@ -31,3 +36,14 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
       assignment += '=' + next(args, '')
     overrides.append(assignment)
   return rest, overrides
+
+
+def run_with_overrides(main: Callable[[list[str]], Any], store: list[str],
+                       argv: list[str] | None = None) -> int:
+  """Runs an absl `main` on `argv` (default sys.argv) with its
+  `--config.*` overrides set aside in `store` (for a saved run config);
+  returns the exit code of `errors.cli`: 0, 2 for bad input (one line on
+  stderr), 1 for a bug (a traceback)."""
+  rest, overrides = split_overrides(list(sys.argv if argv is None else argv))
+  store[:] = overrides
+  return errors.cli(main, rest)

@@ -24,7 +24,6 @@ from absl import flags
 
 from configs import from_checkpoint
 from experiments import cli as cli_lib
-from flaxlora import errors
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A finished run.')
 _STEP = flags.DEFINE_string('step', 'final',
@@ -96,13 +95,8 @@ def main(argv):
 
 
 def cli(argv=None) -> int:
-  """Runs main with `argv` (default sys.argv), `--config.*` overrides
-  set aside for the saved config; returns the exit code: 0, 2 for bad
-  input (one line on stderr), 1 for a bug (a traceback)."""
-  rest, overrides = cli_lib.split_overrides(
-      list(sys.argv if argv is None else argv))
-  _OVERRIDES[:] = overrides
-  return errors.cli(main, rest)
+  """`main` on `argv` (default sys.argv); see `cli_lib.run_with_overrides`."""
+  return cli_lib.run_with_overrides(main, _OVERRIDES, argv)
 
 
 if __name__ == '__main__':

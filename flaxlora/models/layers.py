@@ -44,6 +44,19 @@ class AdaptedKernel(Protocol):
     """[..., I] -> [..., O] in compute dtype `dtype`."""
 
 
+class WrapsKernel:
+  """`shape` and `size` of an adapted kernel that keeps the kernel it
+  stands for as its field `w` [I, O] (LoRA, IA3, multi-adapter)."""
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return tuple(self.w.shape)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.w.shape))
+
+
 def is_adapted_kernel(value: Any) -> bool:
   """True for an adapted kernel node (not for plain arrays)."""
   return (not isinstance(value, (jax.Array, np.ndarray)) and

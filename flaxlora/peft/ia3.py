@@ -23,7 +23,6 @@ from typing import Any, Iterable, Mapping
 from flax import struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec
 
 from flaxlora.models import layers
@@ -44,7 +43,7 @@ FEEDFORWARD = {
 
 
 @struct.dataclass
-class Ia3Kernel:
+class Ia3Kernel(layers.WrapsKernel):
   """A kernel W [in, out] whose input or output is scaled; see `layers.dot`.
 
   Attributes:
@@ -55,14 +54,6 @@ class Ia3Kernel:
   w: Any
   scale: Array
   feedforward: bool = struct.field(pytree_node=False)
-
-  @property
-  def shape(self) -> tuple[int, int]:
-    return tuple(self.w.shape)
-
-  @property
-  def size(self) -> int:
-    return int(np.prod(self.w.shape))
 
   @property
   def needs_rng(self) -> bool:

@@ -43,7 +43,7 @@ INITS = ('default', 'gaussian', 'pissa')
 
 
 @struct.dataclass
-class LoraKernel:
+class LoraKernel(layers.WrapsKernel):
   """A kernel W [in, out] with a low-rank update; see `layers.dot`.
 
   Attributes:
@@ -60,14 +60,6 @@ class LoraKernel:
   scale: float = struct.field(pytree_node=False)
   dropout_rate: float = struct.field(pytree_node=False, default=0.0)
   magnitude: Array | None = None
-
-  @property
-  def shape(self) -> tuple[int, int]:
-    return tuple(self.w.shape)
-
-  @property
-  def size(self) -> int:
-    return int(np.prod(self.w.shape))
 
   @property
   def needs_rng(self) -> bool:

@@ -47,7 +47,7 @@ BASE_ROW = -1  # the id of a row that runs the base model
 
 
 @struct.dataclass
-class MultiLoraKernel:
+class MultiLoraKernel(layers.WrapsKernel):
   """A kernel W [in, out] with a different low-rank update per batch row.
 
   Attributes:
@@ -67,14 +67,6 @@ class MultiLoraKernel:
   scale: Array | None = None
   delta: Array | None = None
   bias_delta: Array | None = None
-
-  @property
-  def shape(self) -> tuple[int, int]:
-    return tuple(self.w.shape)
-
-  @property
-  def size(self) -> int:
-    return int(np.prod(self.w.shape))
 
   @property
   def needs_rng(self) -> bool:
