@@ -139,7 +139,7 @@ def run_mutant(mutant: Mutant, root: pathlib.Path) -> tuple[str, float]:
   tic = time.perf_counter()
   try:
     result = subprocess.run(
-        [sys.executable, '-m', 'pytest', '-q', '-x', '-n', '0',
+        [sys.executable, '-m', 'pytest', '-q', '-x', '-n', '0', '-m', 'slow or not slow',
          *mutant.tests], cwd=root,
         capture_output=True, text=True, check=False)
   finally:
