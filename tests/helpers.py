@@ -11,6 +11,9 @@ import numpy as np
 TINY_BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2,
                  num_attention_heads=4, intermediate_size=37,
                  max_position_embeddings=64, type_vocab_size=2)
+TINY_T5 = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+               num_heads=4, relative_attention_num_buckets=8,
+               relative_attention_max_distance=16, decoder_start_token_id=0)
 ARCHITECTURES = {None: 'BertModel',
                  'classification': 'BertForSequenceClassification',
                  'qa': 'BertForQuestionAnswering'}
@@ -37,6 +40,27 @@ def save_tiny_bert(folder, head=None, seed=0, **overrides):
   model = tiny_bert_torch(head, seed, **overrides)
   model.save_pretrained(str(folder), safe_serialization=True)
   return pathlib.Path(folder), model
+
+
+def save_tiny_t5(folder, seed=0, **overrides):
+  """A random `TINY_T5` (+ overrides) T5ForConditionalGeneration saved as
+  safetensors; returns the folder."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  model = transformers.T5ForConditionalGeneration(
+      transformers.T5Config(**{**TINY_T5, **overrides})).eval()
+  model.save_pretrained(str(folder), safe_serialization=True)
+  return pathlib.Path(folder)
+
+
+def t5_batch(seed=0, vocab=TINY_T5['vocab_size']):
+  """ids [2, 7] (row 1 padded after 5), mask, decoder ids [2, 4]."""
+  rng = np.random.RandomState(seed)
+  ids = rng.randint(2, vocab, (2, 7)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 5:] = 0
+  return ids, mask, rng.randint(2, vocab, (2, 4)).astype(np.int32)
 
 
 def batch(seed=0, b=3, t=9, vocab=TINY_BERT['vocab_size']):

@@ -31,18 +31,10 @@ torch = pytest.importorskip('torch')
 peft = pytest.importorskip('peft')
 transformers = pytest.importorskip('transformers')
 
-TINY_T5 = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=3,
-               num_heads=4, relative_attention_num_buckets=8,
-               relative_attention_max_distance=16, decoder_start_token_id=0)
-
-
 @pytest.fixture(scope='module')
 def folders(tmp_path_factory):
-  torch.manual_seed(0)
-  t5 = transformers.T5ForConditionalGeneration(
-      transformers.T5Config(**TINY_T5)).eval()
-  t5_folder = tmp_path_factory.mktemp('t5')
-  t5.save_pretrained(str(t5_folder), safe_serialization=True)
+  t5_folder = helpers.save_tiny_t5(tmp_path_factory.mktemp('t5'),
+                                  num_layers=3)
   bert_folder, _ = helpers.save_tiny_bert(tmp_path_factory.mktemp('bert'),
                                           head='classification')
   return {'t5': t5_folder, 'bert': bert_folder}
@@ -60,11 +52,7 @@ def _load(folder):
 def _inputs(family):
   if family == 'bert':
     return helpers.batch()
-  rng = np.random.RandomState(0)
-  ids = rng.randint(2, 64, (2, 7)).astype(np.int32)
-  mask = np.ones_like(ids)
-  mask[1, 5:] = 0
-  return ids, mask, rng.randint(2, 64, (2, 4)).astype(np.int32)
+  return helpers.t5_batch()
 
 
 def _ours(model, params, family, kwargs=None):
