@@ -42,19 +42,8 @@ DEFAULTS = {'fan_in_fan_out': (False,)}
 
 def _split(method: peft_base.PeftMethod, adapter: Any):
   """(Ia3Config, ia3 adapter, {path: trained copy}) of a method."""
-  found, copies = [], {}
-  for config, sub in method_parts.parts(method, adapter):
-    if isinstance(config, ia3_lib.Ia3Config):
-      found.append((config, sub))
-    elif isinstance(config, trainable.TrainableConfig):
-      copies.update(peft_base.flatten(sub))
-    else:
-      raise ValueError(f'save_ia3 writes IA3 (+ trainable) adapters; '
-                       f'{type(config).__name__} has no PEFT IA3 form.')
-  if len(found) != 1:
-    raise ValueError(f'save_ia3 needs exactly one ia3() in the method, found '
-                     f'{len(found)}.')
-  return found[0][0], found[0][1], copies
+  return method_parts.one_with_copies(
+      method, adapter, ia3_lib.Ia3Config, 'save_ia3', 'ia3()')
 
 
 def _module_names(modules: list[str], ff_modules: set[str],
@@ -86,7 +75,7 @@ def save_ia3(folder: str | os.PathLike, model: Any, base: Mapping[str, Any],
     model: the flaxlora model (names come from its family's hf_rules).
     base: the base params (modules to save are written whole).
     adapter: the trained adapter of `method`.
-    method: `ia3.ia3(...)`, optionally chained with `base.trainable(...)`.
+    method: `ia3.ia3(...)`, optionally chained with `trainable.trainable(...)`.
     base_model_name_or_path: what PEFT's one-liners load as the base (see
       `peft_names.base_model_reference`).
   """

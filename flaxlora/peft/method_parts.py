@@ -5,6 +5,7 @@ import json
 from typing import Any
 
 from flaxlora.peft import base as peft_base
+from flaxlora.peft import trainable
 
 
 def config_dicts(method: peft_base.PeftMethod) -> list[dict[str, Any]]:
@@ -34,3 +35,26 @@ def configs(method: peft_base.PeftMethod) -> list[Any]:
   if isinstance(method.config, peft_base.ChainConfig):
     return [c for m in method.config.methods for c in configs(m)]
   return [method.config]
+
+
+def one_with_copies(method: peft_base.PeftMethod, adapter: Any,
+                    config_type: type, writer: str, factory: str
+                    ) -> tuple[Any, Any, dict[str, Any]]:
+  """(config, adapter, {path: trained copy}) of a method made of exactly one
+  `config_type` part plus `trainable` copies: what a PEFT folder of one
+  type holds. `writer` and `factory` name the caller and the method in
+  errors, e.g. ('save_ia3', 'ia3()')."""
+  found, copies = [], {}
+  for config, sub in parts(method, adapter):
+    if isinstance(config, config_type):
+      found.append((config, sub))
+    elif isinstance(config, trainable.TrainableConfig):
+      copies.update(peft_base.flatten(sub))
+    else:
+      raise ValueError(f'{writer} writes {factory} (+ trainable copies) '
+                       f'only; {type(config).__name__} has no such PEFT '
+                       'form.')
+  if len(found) != 1:
+    raise ValueError(f'{writer} needs exactly one {factory} in the method, '
+                     f'found {len(found)}.')
+  return found[0][0], found[0][1], copies

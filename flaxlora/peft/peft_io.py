@@ -89,19 +89,8 @@ def linear_module(rule: hf_io.Rule | None, path: str) -> str:
 
 def _split(method: peft_base.PeftMethod, adapter: Any):
   """(LoraConfig, lora adapter, trainable adapter or {}) of a method."""
-  loras, copies = [], {}
-  for config, sub in method_parts.parts(method, adapter):
-    if isinstance(config, lora.LoraConfig):
-      loras.append((config, sub))
-    elif isinstance(config, trainable.TrainableConfig):
-      copies.update(peft_base.flatten(sub))
-    else:
-      raise ValueError(f'save_peft writes LoRA (+ trainable) adapters; '
-                       f'{type(config).__name__} has no PEFT LoRA form.')
-  if len(loras) != 1:
-    raise ValueError(f'save_peft needs exactly one lora() in the method, '
-                     f'found {len(loras)}.')
-  return loras[0][0], loras[0][1], copies
+  return method_parts.one_with_copies(
+      method, adapter, lora.LoraConfig, 'save_peft', 'lora()')
 
 
 def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
@@ -115,10 +104,11 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
     base: the base params (fp32), for modules to save that are only partly
       trained (PEFT saves whole modules).
     adapter: the trained adapter of `method`.
-    method: `lora.lora(...)`, optionally chained with `trainable.trainable(...)`.
+    method: `lora.lora(...)`, optionally chained with
+      `trainable.trainable(...)`.
     base_model_name_or_path: the base checkpoint PEFT's one-liners load (a
-      hub id or folder, e.g. from `peft_names.base_model_reference`); a 'pkg:' path is
-      resolved to its folder.
+      hub id or folder, e.g. from `peft_names.base_model_reference`); a
+      'pkg:' path is resolved to its folder.
   """
   config, lora_adapter, copies = _split(method, adapter)
   if config.init == 'pissa':
@@ -147,9 +137,11 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
   peft_config = {
       'peft_type': 'LORA',
       'task_type': TASK_TYPES.get((family.MODEL_TYPES[0], head)),
-      'base_model_name_or_path': peft_names.resolve_pkg(base_model_name_or_path),
+      'base_model_name_or_path': peft_names.resolve_pkg(
+          base_model_name_or_path),
       'r': config.rank, 'lora_alpha': config.alpha,
-      'target_modules': peft_names.compact_target_modules(modules, keys, to_save),
+      'target_modules': peft_names.compact_target_modules(
+          modules, keys, to_save),
       'rank_pattern': ranks, 'alpha_pattern': alphas,
       'use_rslora': config.use_rslora, 'use_dora': config.use_dora,
       'lora_dropout': config.dropout, 'modules_to_save': to_save,

@@ -23,27 +23,15 @@ from flaxlora.peft import method_parts
 from flaxlora.peft import peft_names
 from flaxlora.peft import prefix as prefix_lib
 from flaxlora.peft import prompt_io
-from flaxlora.peft import trainable
 
 TABLE_KEY = 'prompt_embeddings'
 
 
 def _split(method: peft_base.PeftMethod, adapter: Any):
   """(PrefixConfig, prefix adapter, {path: trained copy})."""
-  found, copies = [], {}
-  for config, sub in method_parts.parts(method, adapter):
-    if isinstance(config, prefix_lib.PrefixConfig):
-      found.append((config, sub))
-    elif isinstance(config, trainable.TrainableConfig):
-      copies.update(peft_base.flatten(sub))
-    else:
-      raise ValueError(f'save_prefix writes prefix tuning (+ trainable '
-                       f'copies) only; the method also has '
-                       f'{type(config).__name__}.')
-  if len(found) != 1:
-    raise ValueError(f'save_prefix needs exactly one prefix_tuning() in the '
-                     f'method, found {len(found)}.')
-  return found[0][0], found[0][1], copies
+  return method_parts.one_with_copies(
+      method, adapter, prefix_lib.PrefixConfig, 'save_prefix',
+      'prefix_tuning()')
 
 
 def _facts(model: Any) -> dict[str, Any]:
