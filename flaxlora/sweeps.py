@@ -6,6 +6,10 @@ dicts, big_vision style, e.g. (with `configs.common` helpers)
     common.product(common.sweep('optimizer.lr', [1e-3, 3e-3]),
                    common.sweep('peft.rank', [4, 8]))
 
+A point's key 'arg' picks the config's variant string (the text after ':'
+in --config) for that point, e.g. {'arg': 'method=dora,local_data'}: points
+may differ in whole sections, not just values.
+
 Each point runs in its own sub-workdir `ROOT/<nn>_<overrides>`; a finished
 point (summary.json) is skipped, a stopped one resumes. At the end ROOT holds
 `results.csv`, `results.md` (a Markdown table of final metrics and
@@ -29,6 +33,8 @@ from flaxlora import workdir as workdir_lib
 RESULTS_CSV = 'results.csv'
 RESULTS_MD = 'results.md'
 RESULTS_PNG = 'results.png'
+# The point key selecting the config's variant string.
+ARG = 'arg'
 
 
 def load_module(config_arg: str):
@@ -58,6 +64,19 @@ def points(config_arg: str) -> list[dict[str, Any]]:
     raise ValueError(f'{config_arg}: get_sweep must return a non-empty list '
                      'of override dicts.')
   return [dict(p) for p in result]
+
+
+def point_config(config: Any, config_arg: str, overrides: Mapping[str, Any],
+                 base_overrides: Mapping[str, Any] | None = None) -> Any:
+  """The config of one point: `config`, or for a point with an 'arg' key,
+  the config file's get_config(arg) with `base_overrides` (the command
+  line's), then the point's other overrides."""
+  overrides = dict(overrides)
+  if ARG in overrides:
+    module = load_module(config_arg)
+    config = apply(module.get_config(overrides.pop(ARG)),
+                   base_overrides or {})
+  return apply(config, overrides)
 
 
 def apply(config: Any, overrides: Mapping[str, Any]) -> Any:
@@ -95,6 +114,9 @@ def command(config_arg: str, workdir: pathlib.Path,
             overrides: Mapping[str, Any],
             base_overrides: Mapping[str, Any] | None = None) -> str:
   """The `experiments.run` command line of one point."""
+  overrides = dict(overrides)
+  if ARG in overrides:
+    config_arg = f'{config_arg.split(":", 1)[0]}:{overrides.pop(ARG)}'
   parts = ['python', '-m', 'experiments.run', f'--config={config_arg}',
            f'--workdir={workdir}']
   merged = {**(base_overrides or {}), **overrides}
@@ -123,8 +145,9 @@ def run(config: Any, config_arg: str, root: str | os.PathLike, *,
   root = claim.check_path(root)
   rows = []
   todo = points(config_arg)
-  configs = [apply(config, p) for p in todo]  # all errors before any run
-  for i, (overrides, point_config) in enumerate(zip(todo, configs)):
+  configs = [point_config(config, config_arg, p, base_overrides)
+             for p in todo]  # all errors before any run
+  for i, (overrides, one_config) in enumerate(zip(todo, configs)):
     workdir = root / point_name(i, overrides)
     if dry_run:
       print(command(config_arg, workdir, overrides, base_overrides))
@@ -133,7 +156,7 @@ def run(config: Any, config_arg: str, root: str | os.PathLike, *,
       print(f'sweep: point {i} is done ({workdir}); skipped.')
     else:
       print(f'sweep: point {i + 1}/{len(todo)}: {overrides}', flush=True)
-    summary = train_fn(point_config, workdir)
+    summary = train_fn(one_config, workdir)
     scalars = {k: v for k, v in summary.items()
                if isinstance(v, (int, float, str, bool))}
     rows.append({'point': workdir.name, **overrides, **scalars})
