@@ -1,11 +1,18 @@
 r"""Every PEFT method on BERT SST-2 under one budget, and a learning-rate sweep.
 
+  python -m experiments.run --config=configs/bert_sentiment_compare.py:runlocal \
+      --workdir=workdirs/compare_runlocal
+
+The comparison (every point of `get_sweep`, then its table and plot):
+
   python -m experiments.sweep \
       --config=configs/bert_sentiment_compare.py:local_data \
       --workdir=workdirs/sst2_compare
-  python -m experiments.compare --workdir=workdirs/sst2_compare
+  python -m experiments.compare \
+      --config=configs/bert_sentiment_compare.py:local_data \
+      --workdir=workdirs/sst2_compare
 
-One run: `--config=configs/bert_sentiment_compare.py:method=nblora,local_data`.
+One method: `--config=configs/bert_sentiment_compare.py:method=nblora,local_data`.
 The budget is `bert_sentiment_lora.py:local_data`'s (the 20k longest train
 phrases, two epochs of 32, linear schedule with 100 warm-up steps, bf16
 products, the pooler and classifier trained in full); only the peft section

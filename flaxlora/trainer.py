@@ -369,6 +369,8 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
   summary['base_params'] = layers.num_params(run.base)
   # What really trained: the method's resolved hyperparameters.
   summary['peft_method'] = method_parts.config_dicts(run.method)
+  # Wall seconds of this invocation (a resumed run counts from its resume).
+  summary['seconds'] = round(time.time() - run.started, 1)
   ckpt.close()
   if run.is_main:
     spec = {'peft': c.peft.to_dict(), 'family': c.model.family,

@@ -12,7 +12,8 @@ reads nothing: writing a field down is not using it.
 
 Also: `leaves(config)` (every dotted leaf), `runlocal_run(name, workdir)`
 (one tracked, shortened runlocal run per config, cached per process, shared
-by test_config_reads and test_config_effects) and `data_reads(config)`
+by test_config_reads and test_config_effects), `method_reads(config)`
+(what building a variant's PEFT method reads) and `data_reads(config)`
 (what loading a real variant's data reads, with the file and hub readers
 replaced by generated records).
 """
@@ -27,7 +28,8 @@ import ml_collections
 
 ConfigDict = ml_collections.ConfigDict
 CONFIGS = ('t5_lora', 't5_prompt_tuning', 't5_qlora', 'bert_sentiment_lora',
-           'bert_sentiment_prompt', 'bert_sentiment_qlora', 'bert_squad_lora')
+           'bert_sentiment_prompt', 'bert_sentiment_qlora', 'bert_squad_lora',
+           'bert_sentiment_compare')
 
 
 def leaves(config: ConfigDict, prefix: str = '') -> set[str]:
@@ -107,6 +109,15 @@ def runlocal_run(name: str) -> tuple[frozenset, dict, str]:
   with track(config) as reads:
     summary = trainer.train_and_evaluate(config, workdir)
   return frozenset(reads), summary, str(workdir)
+
+
+def method_reads(config: ConfigDict) -> set[str]:
+  """Fields read by building the config's PEFT method (what a run of a
+  variant whose peft section differs from the runlocal run's reads)."""
+  from flaxlora import build  # pylint: disable=g-import-not-at-top
+  with track(config) as reads:
+    build.peft_method(config.peft, config.model.family)
+  return reads
 
 
 def _fake_records(kind: str, n: int, seed: int) -> list[dict[str, Any]]:

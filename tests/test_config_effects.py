@@ -34,6 +34,7 @@ from flaxlora.data import task_data
 BERT, SQUAD, T5 = 'bert_sentiment_lora', 'bert_squad_lora', 't5_lora'
 PROMPT, QLORA = 'bert_sentiment_prompt', 'bert_sentiment_qlora'
 ADAFACTOR = 't5_prompt_tuning'
+CMP = 'bert_sentiment_compare:method='
 NO_WARMUP = {'optimizer.warmup_steps': 0}
 
 
@@ -283,6 +284,16 @@ ROWS = [
      'train', {}),
     ('peft.keep', QLORA, {'peft.keep': r'(classifier|pooler)/.*|.*/query/.*'},
      'train', {}),
+    ('peft.use_dora', CMP + 'dora', {'peft.use_dora': False}, 'train', {}),
+    ('peft.bound', CMP + 'nblora', {'peft.bound': 0.1}, 'train', {}),
+    ('peft.norm', CMP + 'nblora', {'peft.norm': 'spectral'}, 'train', {}),
+    ('peft.merge_every', CMP + 'scalora', {'peft.merge_every': 2}, 'train',
+     {}),
+    ('peft.feedforward', CMP + 'ia3',
+     {'peft.feedforward': r'.*/mlp/output/kernel'}, 'train', {}),
+    ('peft.projection', CMP + 'prefix', {'peft.projection': False}, 'train',
+     {}),
+    ('peft.hidden', CMP + 'prefix', {'peft.hidden': 8}, 'train', {}),
     ('peft_export.base_model_name_or_path', BERT,
      {'peft_export.base_model_name_or_path': 'me/base'}, 'run', {}),
     ('data.source', BERT, HUB, 'reader', {}),

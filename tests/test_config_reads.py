@@ -2,8 +2,10 @@
 
 Each config's `runlocal` run (shortened, `config_reads.runlocal_run`) is
 tracked field by field; every leaf of every variant of that config must be
-read by that run or by loading the variant's data from `data.source`
-'files' or 'hub' (the fields of a source a user can switch to by flag).
+read by that run, by building the variant's PEFT method (a variant with
+another method, e.g. bert_sentiment_compare's method=nblora) or by loading
+the variant's data from `data.source` 'files' or 'hub' (the fields of a
+source a user can switch to by flag).
 A field kept "for later" fails here: remove it until code reads it.
 """
 import pytest
@@ -42,8 +44,9 @@ def test_every_field_of_every_variant_is_read(name, monkeypatch):
     for data_variant in {variant or None, real}:
       reads |= config_reads.data_reads(
           config_reads.get_config(name, data_variant), monkeypatch)
-    for leaf in config_reads.leaves(config_reads.get_config(name,
-                                                            variant or None)):
+    config = config_reads.get_config(name, variant or None)
+    reads |= config_reads.method_reads(config)
+    for leaf in config_reads.leaves(config):
       if not _covered(leaf, reads):
         unread.setdefault(leaf, []).append(variant or '<default>')
   assert not unread, (

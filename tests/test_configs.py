@@ -12,6 +12,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from configs import bert_sentiment_compare
 from configs import common
 from flaxlora import build
 from flaxlora import sharding
@@ -36,10 +37,21 @@ VARIANTS = {
     'bert_sentiment_qlora': BERT_VARIANTS,
     'bert_sentiment_prompt': BERT_VARIANTS,
     'bert_squad_lora': BERT_VARIANTS,
+    'bert_sentiment_compare': _combos(
+        [f'method={m}' for m in bert_sentiment_compare.METHODS],
+        ('', 'local_data'), ('', 'runlocal')),
 }
 METHODS = {'t5_qlora': 'qlora', 'bert_sentiment_qlora': 'qlora',
            't5_prompt_tuning': 'prompt_tuning',
            'bert_sentiment_prompt': 'prompt_tuning'}
+
+
+def _method(name, variant):
+  """The peft.method a variant of config `name` must have."""
+  if name == 'bert_sentiment_compare':
+    chosen = variant.split(',')[0].partition('=')[2]
+    return bert_sentiment_compare.METHODS[chosen][0]['method']
+  return METHODS.get(name, 'lora')
 
 
 def _module(name):
@@ -55,7 +67,7 @@ def test_every_variant_builds(name):
     for section in ('task', 'model', 'tokenizer', 'peft', 'data',
                     'optimizer', 'train', 'checkpoint', 'mesh', 'eval'):
       assert section in config, (name, variant, section)
-    assert config.peft.method == METHODS.get(name, 'lora')
+    assert config.peft.method == _method(name, variant)
     # Every peft section is a valid set of arguments of its method.
     assert build.peft_method(config.peft, config.model.family).init
     assert config.train.steps > 0 or config.train.epochs > 0
@@ -131,7 +143,8 @@ def test_configs_are_locked_against_typos():
 
 
 def test_sweeps_override_existing_keys():
-  for name in sorted(set(VARIANTS) - {'bert_squad_lora'}):
+  for name in sorted(set(VARIANTS) - {'bert_squad_lora',
+                                      'bert_sentiment_compare'}):
     path = f'configs/{name}.py:runlocal'
     config = _module(name).get_config('runlocal')
     points = sweeps.points(str(REPO / path))
@@ -143,6 +156,22 @@ def test_sweeps_override_existing_keys():
         for part in key.split('.'):
           node = node[part]
         assert node == value
+
+
+def test_compare_points_pick_each_method_and_rate():
+  path = str(REPO / 'configs/bert_sentiment_compare.py:local_data')
+  base = _module('bert_sentiment_compare').get_config('local_data')
+  seen = []
+  for point in sweeps.points(path):
+    config = sweeps.point_config(base, path, point,
+                                 {'train.batch_size': 16})
+    seen.append((repr(sorted(config.peft.items())), config.optimizer.lr))
+    assert config.train.batch_size == 16  # the command line's override
+    assert config.data.source == 'files'  # the sweep's own variant
+  methods = bert_sentiment_compare.METHODS
+  assert len(seen) == len(methods) + 6
+  assert len(set(seen)) == len(seen)  # every point trains something else
+  assert [lr for _, lr in seen].count(1e-1) == 2
 
 
 def test_parse_arg_and_sweep_helpers():

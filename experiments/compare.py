@@ -1,0 +1,142 @@
+r"""The table and plot of a method comparison sweep.
+
+  python -m experiments.compare \
+      --config=configs/bert_sentiment_compare.py:local_data \
+      --workdir=workdirs/sst2_compare [--metric=accuracy --reach=0.85]
+
+For every point of the config's `get_sweep` (run or not yet run), from its
+workdir under --workdir: the final and best dev `--metric`, the first
+evaluated step at which it reached `--reach`, trainable parameters, the
+median seconds per train step and the run's wall minutes. Writes
+`compare.md` (a Markdown table) and `compare.png` (the metric over steps per
+point, and the final metric against the learning rate for the points that
+share a variant) to --workdir, and prints the table.
+"""
+import collections
+import json
+import pathlib
+import statistics
+import sys
+from typing import Any
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from flaxlora import atomic
+from flaxlora import errors
+from flaxlora import figures
+from flaxlora import sweeps
+from flaxlora import workdir as workdir_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'The sweep config, e.g. '
+    'configs/bert_sentiment_compare.py:local_data.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The sweep root folder.')
+_METRIC = flags.DEFINE_string('metric', 'accuracy', 'The eval metric.')
+_REACH = flags.DEFINE_float('reach', 0.85, 'The level whose first step is '
+                            'reported.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+COMPARE_MD = 'compare.md'
+COMPARE_PNG = 'compare.png'
+
+
+def point_row(workdir: pathlib.Path, metric: str, reach: float
+              ) -> dict[str, Any]:
+  """What one point's workdir says (empty values for what is missing)."""
+  records = []
+  log = workdir / workdir_lib.METRICS_FILE
+  if log.is_file():
+    records = [json.loads(line) for line in log.read_text().splitlines()
+               if line.strip()]
+  evals = [(r['step'], r[metric]) for r in records
+           if r['split'] == 'eval' and metric in r]
+  rates = [r['steps_per_s'] for r in records
+           if r['split'] == 'train' and r.get('steps_per_s')]
+  summary = workdir_lib.read_summary(workdir) or {}
+  config = workdir / workdir_lib.CONFIG_FILE
+  lr = json.loads(config.read_text())['optimizer']['lr'] if (
+      config.is_file()) else None
+  return {
+      'lr': lr,
+      'final': summary.get(f'eval_{metric}'),
+      'best': max((v for _, v in evals), default=None),
+      'reach_step': next((s for s, v in evals if v >= reach), None),
+      'trainable': summary.get('trainable_params'),
+      's_per_step': 1 / statistics.median(rates) if rates else None,
+      'minutes': summary['seconds'] / 60 if 'seconds' in summary else None,
+      'status': 'done' if summary else ('stopped' if records else 'not run'),
+      'curve': evals,
+  }
+
+
+def table(rows: dict[str, dict[str, Any]], metric: str, reach: float) -> str:
+  """A Markdown table, one line per point."""
+  head = ['point', 'lr', f'final {metric}', f'best {metric}',
+          f'steps to {reach:g}', 'trainable params', 's/step', 'wall min',
+          'status']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for name, r in rows.items():
+    cells = [name, _fmt(r['lr'], '{:g}'), _fmt(r['final'], '{:.4f}'),
+             _fmt(r['best'], '{:.4f}'), _fmt(r['reach_step'], '{}'),
+             _fmt(r['trainable'], '{:,}'), _fmt(r['s_per_step'], '{:.2f}'),
+             _fmt(r['minutes'], '{:.1f}'), r['status']]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def _fmt(value: Any, spec: str) -> str:
+  return '-' if value is None else spec.format(value)
+
+
+def plot(rows: dict[str, dict[str, Any]], variants: dict[str, str],
+         metric: str, path: pathlib.Path) -> None:
+  """The metric over steps per point; final metric against lr per variant
+  that was run at more than one rate."""
+  fig, (curves, sweep) = figures.grid(2, width=6, height=4.5)
+  for name, r in rows.items():
+    if r['curve']:
+      steps, values = zip(*r['curve'])
+      curves.plot(steps, values, marker='.', label=name)
+  curves.set(xlabel='step', ylabel=f'dev {metric}', title='per point')
+  curves.legend(fontsize=6)
+  by_variant = collections.defaultdict(list)
+  for name, r in rows.items():
+    if r['final'] is not None:
+      by_variant[variants[name]].append((r['lr'], r['final']))
+  for variant, points in sorted(by_variant.items()):
+    if len(points) > 1:
+      lrs, finals = zip(*sorted(points))
+      sweep.plot(lrs, finals, marker='o', label=variant)
+  sweep.set(xscale='log', xlabel='learning rate', ylabel=f'final {metric}',
+            title='learning-rate sweep')
+  sweep.legend(fontsize=7)
+  figures.save(fig, path)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config_arg = config_flags.get_config_filename(flags.FLAGS['config'])
+  root = pathlib.Path(_WORKDIR.value)
+  rows, variants = {}, {}
+  for i, point in enumerate(sweeps.points(config_arg)):
+    folder = root / sweeps.point_name(i, point)
+    name = ','.join(f'{k}={v}' for k, v in point.items())
+    rows[name] = point_row(folder, _METRIC.value, _REACH.value)
+    variants[name] = str(point.get(sweeps.ARG, ''))
+  text = table(rows, _METRIC.value, _REACH.value)
+  atomic.write_file(root / COMPARE_MD, text)
+  plot(rows, variants, _METRIC.value, root / COMPARE_PNG)
+  print(text, end='')
+  print(f'compare: wrote {root / COMPARE_MD} and {root / COMPARE_PNG}')
+
+
+def cli(argv=None) -> int:
+  """Runs main with `argv` (default sys.argv); the exit code (errors.cli)."""
+  return errors.cli(main, argv)
+
+
+if __name__ == '__main__':
+  sys.exit(cli())
