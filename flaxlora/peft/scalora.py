@@ -1,50 +1,62 @@
 """ScaLoRA: a high-rank update accumulated from optimally scaled LoRA steps.
 
-ScaLoRA (Zhang, Yang, Cai, Giannakis, arXiv 2510.23818) notes that LoRA's
-summed updates telescope to the last A B, so they stay in one rank-R
-subspace. Every `merge_every` updates (1, every update, as in the paper) it
-folds the current product into the frozen weight and restarts the adapter
-from A, B with scaled columns, A~ = A diag(alpha), B~ = diag(beta) B:
+Zhang, Yang, Cai, Giannakis, "ScaLoRA: Optimally Scaled Low-Rank Adaptation
+for Efficient High-Rank Fine-Tuning", arXiv 2510.23818. In the paper's
+notation (W = W_pt + A B', A [m, r], B [n, r]; here kernel [in, out],
+a = A [in, R], b = B' [R, out], with LoRA's factor s):
 
-    W_eff = W + acc + s A B = W + acc' + s A~ B~,  acc' = acc + s (A B - A~ B~)
+* LoRA's summed updates telescope to A_T B_T', one rank-r subspace. ScaLoRA
+  folds the current product into the frozen base and restarts the adapter:
+  W_pt,t <- W_pt,t + A B' - A~ B~' (the model is unchanged), so the summed
+  update is a sum of different rank-r pieces and grows high-rank. Here the
+  base is W + acc, acc' = acc + s (a b - a~ b~), every `merge_every` updates
+  (1, as in the paper: every update).
+* A~, B~ minimise the L-smooth upper bound of the next loss (the paper's
+  Assumption 1), i.e. || dW* - dW~ ||_F with dW* = -G / L the full
+  fine-tuning step (G the gradient w.r.t. the effective kernel) and dW~ the
+  first-order change of a gradient step on A~, B~; restricted to A~, B~ =
+  A, B with scaled columns (what keeps the optimizer running), the optimum
+  is analytic. With a~ = a diag(alpha), b~ = diag(beta) b, u = alpha^2,
+  v = beta^2: dW~ = -lr (sum_i u_i X_i + v_i Y_i), X_i = s^2 a_i a_i' G,
+  Y_i = s^2 G b_i' b_i, a linear least-squares problem in (u, v) whose
+  2R x 2R normal equations need only inner products of a, b and the LoRA
+  gradients g_a = s G b', g_b = s a' G: O((in + out) R^2), no dense G.
+* The restart runs in `before_update` (after the gradient at W_t, before
+  the optimizer update): the gradients of the restarted factors are exact
+  without a second backward pass, g_a~ = g_a diag(beta), g_b~ = diag(alpha)
+  g_b, and AdamW's moments are carried over with the same column scaling,
+  m_a~ = m_a diag(beta), v_a~ = v_a diag(beta^2), m_b~ = diag(alpha) m_b,
+  v_b~ = diag(alpha^2) v_b: no optimizer reset, no warm-up, the step count
+  kept. Other optimizers are refused.
 
-so the model is unchanged by a restart while `acc` (the accumulated update)
-becomes a sum of different rank-R pieces: it grows high-rank.
+Choices the paper's text (as available here) leaves open; each is tested in
+tests/test_scalora.py:
+1. lr * L = 1: the restarted LoRA step is matched to the full fine-tuning
+   step at the same learning rate
+   (test_restart_matches_numpy_and_moments_are_transformed).
+2. A coordinate whose term vanishes (B = 0 at LoRA's init: Y_i = 0) does not
+   change the objective and keeps scale 1; if another coefficient of the
+   least-squares optimum is not positive (u, v are squares) or the system
+   is singular, no valid scaling exists and the kernel is not restarted
+   that update: scales 1, acc and moments unchanged, a plain LoRA step
+   (test_free_and_invalid_scalings).
+3. The gradient is the run's (clipped, mean, dropout) minibatch gradient;
+   the scales do not depend on its overall size.
 
-The scaling (choices this module makes where the paper's text was not
-available to check are marked *): at update t, with the gradient G of the
-loss w.r.t. the effective kernel [in, out], a gradient step on the restarted
-factors changes the kernel by, to first order,
--lr s^2 (G B~' B~ + A~ A~' G) = -lr (sum_i u_i X_i + v_i Y_i) with
-u = alpha^2, v = beta^2, X_i = s a_i (s a_i' G) and Y_i = s (s G b_i') b_i.
-alpha, beta minimise || G - sum_i u_i X_i + v_i Y_i ||_F, i.e. the restarted
-LoRA step is the best column-scaled match of the full fine-tuning step at
-the same learning rate (the paper's L-smooth bound with L = 1/lr*). This is a
-2R x 2R linear system whose entries are inner products of A, B and of the
-LoRA gradients g_A = s G B', g_B = s A' G, never of G itself: O((in + out)
-R^2) per kernel. A column whose coefficient is not positive (or whose terms
-vanish, e.g. B = 0 at init) keeps scale 1*.
-
-The restart needs the gradient at the current point and the gradient of the
-restarted factors, which is exact without a second backward pass:
-g_A~ = g_A diag(beta), g_B~ = diag(alpha) g_B. It therefore runs in the
-method's `before_update` hook (between the gradient and the optimizer
-update). AdamW's moments follow the same column scaling, as the paper
-derives from this equivariance (no optimizer reset, no warm-up):
-m_A~ = m_A diag(beta), v_A~ = v_A diag(beta^2), m_B~ = diag(alpha) m_B,
-v_B~ = diag(alpha^2) v_B.
-
-Memory: `acc` is one fp32 copy of every targeted kernel, kept in the adapter
-(so it is checkpointed and a resumed run continues exactly) and frozen by the
+State: acc is one fp32 [in, out] copy per targeted kernel (4 bytes per
+targeted base weight), kept in the adapter (checkpointed: a resumed run
+continues bitwise, test_sigkill_resume_is_bitwise) and frozen by the
 method's optimizer (`optax.set_to_zero`: no moments for it) and by
-`stop_gradient` in `apply`. Each restart forms one dense [in, out] increment.
+`stop_gradient` in `apply`. A restart forms one dense [in, out] increment.
 
-Export: the update is high-rank, so the served form is the merged checkpoint
-(`peft_io.save_merged(folder, model, base, adapter, method)`, W + acc + s A B).
-The method's PEFT export writes the best rank-R approximation (truncated SVD)
-of acc + s A B as a plain LoRA folder and prints its relative error.
+Export: the update is high-rank, so the exact served form is the merged
+checkpoint (`peft_io.save_merged(folder, model, base, adapter, method)`,
+W + acc + s A B). On request (`lora_export=True`) the method's PEFT export
+writes the best rank-R approximation (truncated SVD) of acc + s A B as a
+plain LoRA folder and prints its relative error.
 """
 import dataclasses
+import functools
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -59,13 +71,21 @@ from flaxlora.peft import lora_form
 Array = jax.Array
 FROZEN = 'frozen'
 _HI = jax.lax.Precision.HIGHEST
+# A term whose squared norm is below this x the largest one is zero.
+_FREE = 1e-12
+_NO_LORA = ("ScaLoRA's update is high-rank: write the merged checkpoint "
+            '(peft_io.save_merged), or set lora_export=True for its best '
+            'rank-R LoRA (the error is printed)')
 
 
 @dataclasses.dataclass(frozen=True)
 class ScaLoraConfig:
-  """ScaLoRA hyperparameters: LoRA's (`lora`) and the restart period."""
+  """ScaLoRA hyperparameters: LoRA's (`lora`), the restart period, and
+  whether the run's PEFT folder holds the best rank-R LoRA (`lora_export`).
+  """
   lora: lora.LoraConfig
   merge_every: int = 1
+  lora_export: bool = False
 
 
 def _is_node(node: Any) -> bool:
@@ -78,23 +98,34 @@ def _mm(x, y):
 
 def scaling(a: Array, b: Array, g_a: Array, g_b: Array, scale: float
             ) -> tuple[Array, Array]:
-  """The optimal column scales (alpha [R], beta [R]) for one kernel.
+  """The optimal column scales (alpha [R], beta [R]) of one kernel.
+
+  Solves the normal equations of min_{u, v} ||G - sum_i u_i X_i + v_i Y_i||_F
+  (module docstring) from inner products of the factors and their gradients.
+  A coordinate whose term vanishes (X_i or Y_i = 0) is free and keeps scale
+  1; if any other coordinate is not positive (or the system is singular) no
+  valid scaling exists and every scale is 1 (no restart).
 
   Args:
-    a: [in, R]; b: [R, out]; g_a, g_b: the loss gradients of a and b.
+    a: [in, R]; b: [R, out]; g_a [in, R], g_b [R, out]: the loss gradients
+      of a and b at the current point.
     scale: s of the product s A B.
+
+  Returns:
+    (alpha [R], beta [R]): a~ = a diag(alpha), b~ = diag(beta) b.
   """
   r = a.shape[1]
-  k_xx = (_mm(a.T, a) * _mm(g_b, g_b.T))                    # [R, R]
-  k_yy = (_mm(g_a.T, g_a) * _mm(b, b.T))
-  k_xy = (_mm(a.T, g_a) * _mm(g_b, b.T))
+  k_xx = _mm(a.T, a) * _mm(g_b, g_b.T)                    # [R, R]
+  k_yy = _mm(g_a.T, g_a) * _mm(b, b.T)
+  k_xy = _mm(a.T, g_a) * _mm(g_b, b.T)
   gram = scale**2 * jnp.block([[k_xx, k_xy], [k_xy.T, k_yy]])  # [2R, 2R]
   h = jnp.concatenate([jnp.sum(g_b * g_b, 1), jnp.sum(g_a * g_a, 0)])
   diag = jnp.diagonal(gram)
-  ridge = 1e-6 * jnp.max(diag) + 1e-30
-  theta = jnp.linalg.solve(gram + ridge * jnp.eye(2 * r), h)
-  ok = (theta > 0) & (diag > 1e-12 * jnp.max(diag))
-  col = jnp.where(ok, jnp.sqrt(jnp.where(ok, theta, 1.0)), 1.0)
+  free = diag <= _FREE * jnp.max(diag)
+  gram = jnp.where(free[:, None] | free[None, :], jnp.eye(2 * r), gram)
+  theta = jnp.linalg.solve(gram, jnp.where(free, 1.0, h))
+  valid = jnp.all(jnp.isfinite(theta) & (theta > 0))
+  col = jnp.sqrt(jnp.where(valid, theta, 1.0))
   return col[:r], col[r:]
 
 
@@ -150,6 +181,15 @@ def _labels(adapter: Any, ratio: float) -> Any:
   return peft_base.unflatten(out)
 
 
+def _optimizer(ratio: float, make_tx: peft_base.TxFactory
+               ) -> optax.GradientTransformation:
+  """The run's optimizer for a and b (LoRA+: b at ratio x), none for acc."""
+  txs = {'other': make_tx(1.0), FROZEN: optax.set_to_zero()}
+  if ratio != 1.0:
+    txs['lora_b'] = make_tx(ratio)
+  return optax.multi_transform(txs, lambda ad: _labels(ad, ratio))
+
+
 def logical_axes(base_axes: Any, adapter: Any) -> Any:
   """a, b as LoRA's; acc takes its kernel's axes."""
   flat_axes = peft_base.flatten(base_axes)
@@ -196,13 +236,17 @@ def as_lora(config: ScaLoraConfig, adapter: Any
 def scalora(rank: int = 8, alpha: float = 16.0,
             targets: str | Iterable[str] | None = None, dropout: float = 0.0,
             use_rslora: bool = False, loraplus_ratio: float = 1.0,
-            merge_every: int = 1) -> peft_base.PeftMethod:
+            merge_every: int = 1, lora_export: bool = False
+            ) -> peft_base.PeftMethod:
   """ScaLoRA as a `PeftMethod` (see the module docstring).
 
   Args:
     rank, alpha, targets, dropout, use_rslora, loraplus_ratio: as `lora.lora`
       (A, B start as LoRA's: Kaiming-uniform A, B = 0).
     merge_every: restart every this many updates (1: every update).
+    lora_export: the method's PEFT export writes the best rank-R LoRA of the
+      total update and prints its error; False: no PEFT folder (the exact
+      form is the merged checkpoint, `peft_io.save_merged`).
 
   Returns:
     A PeftMethod whose adapter maps each targeted kernel path to
@@ -210,7 +254,8 @@ def scalora(rank: int = 8, alpha: float = 16.0,
   """
   config = ScaLoraConfig(
       lora.make_config(rank, alpha, targets, dropout, use_rslora=use_rslora,
-                       loraplus_ratio=loraplus_ratio), int(merge_every))
+                       loraplus_ratio=loraplus_ratio), int(merge_every),
+      bool(lora_export))
   if isinstance(merge_every, bool) or not config.merge_every >= 1:
     raise ValueError(f'scalora merge_every must be an int >= 1 (1: every '
                      f'update), got {merge_every!r}.')
@@ -232,13 +277,6 @@ def scalora(rank: int = 8, alpha: float = 16.0,
                                        for p, n in flat.items()})
     return inner.apply(shifted, factors)
 
-  def optimizer(make_tx):
-    txs = {'other': make_tx(1.0), FROZEN: optax.set_to_zero()}
-    if config.lora.loraplus_ratio != 1.0:
-      txs['lora_b'] = make_tx(config.lora.loraplus_ratio)
-    return optax.multi_transform(
-        txs, lambda ad: _labels(ad, config.lora.loraplus_ratio))
-
   def before_update(adapter, opt_state, grads, base, step):
     del base
     return jax.lax.cond(step % config.merge_every == 0,
@@ -246,6 +284,8 @@ def scalora(rank: int = 8, alpha: float = 16.0,
                         lambda: (adapter, opt_state, grads))
 
   return peft_base.PeftMethod(
-      init, apply, config, logical_axes=logical_axes, optimizer=optimizer,
+      init, apply, config, logical_axes=logical_axes,
+      optimizer=functools.partial(_optimizer, config.lora.loraplus_ratio),
       before_update=before_update,
-      export=lora_form.export(ScaLoraConfig, as_lora))
+      export=(lora_form.export(ScaLoraConfig, as_lora) if lora_export
+              else peft_base.Export(reason=_NO_LORA)))
