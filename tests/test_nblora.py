@@ -22,12 +22,18 @@ from flaxlora.peft import trainable
 NORM = {'spectral': lambda s: s.max(),
         'frobenius': lambda s: np.sqrt(np.sum(s**2)),
         'nuclear': np.sum}
-BASE = {'layer': {'kernel': jnp.ones((24, 16))}}
+BASE = {'layer': {'kernel': jnp.ones((24, 16))}}  # in 24, out 16
 
 
 def _update(method, adapter):
   node = nblora.kernels(method.config, BASE, adapter)['layer/kernel']
   return np.asarray(node.a, np.float64) @ np.asarray(node.b, np.float64)
+
+
+def _factored(method, adapter):
+  """The update a @ b, traceable (for gradients)."""
+  node = nblora.kernels(method.config, BASE, adapter)['layer/kernel']
+  return node.a @ node.b
 
 
 def _random(method, std, seed=0):
@@ -38,51 +44,108 @@ def _random(method, std, seed=0):
                                    for x, k in zip(leaves, keys)])
 
 
+def _uncayley(q):
+  """Free x with nblora.cayley(x) = q (q [n, R], orthonormal columns)."""
+  r = q.shape[1]
+  eye = np.eye(r)
+  z = np.linalg.solve(eye + q[:r], eye - q[:r])
+  y = -0.5 * q[r:] @ (eye + z)
+  return np.concatenate([0.5 * (z - y.T @ y), y])
+
+
 @pytest.mark.parametrize('norm', nblora.NORMS)
-def test_every_norm_stays_below_the_bound_and_reaches_it(norm):
-  method = nblora.nblora(rank=4, bound=1.5, norm=norm, targets='layer/kernel')
+@pytest.mark.parametrize('temperature', [1.0, 0.3])
+def test_singular_values_respect_the_bound(norm, temperature):
+  method = nblora.nblora(rank=4, bound=1.5, norm=norm,
+                         temperature=temperature, targets='layer/kernel')
   for seed in range(5):
-    s = np.linalg.svd(_update(method, _random(method, 4.0, seed)),
-                      compute_uv=False)
+    adapter = _random(method, 4.0, seed)
+    s = np.linalg.svd(_update(method, adapter), compute_uv=False)
+    caps = np.sort(np.asarray(nblora.bounds(
+        method.config, adapter['layer']['kernel']['v'])))[::-1]
     assert np.sum(s > 1e-6) <= 4
+    assert np.all(s[:4] <= caps * (1 + 1e-5))  # each sigma_i <= s_(i)
     assert NORM[norm](s) <= 1.5 * (1 + 1e-5)
-  # Large |d| reaches matrices within 1% of the bound.
-  adapter = _random(method, 1.0)
-  adapter['layer']['kernel']['d'] = jnp.full((4,), 4.0)
+
+
+@pytest.mark.parametrize('norm', nblora.NORMS)
+@pytest.mark.parametrize('v', [[0.0] * 4, [30.0, 0.0, 0.0, 0.0]])
+def test_the_parameterisation_reaches_the_bound(norm, v):
+  # An even split of each column between the two frames: singular values s.
+  r = 4
+  q = np.concatenate([np.eye(16)[:, :r], np.eye(24)[:, :r]]) / np.sqrt(2)
+  x = _uncayley(q)
+  np.testing.assert_allclose(nblora.cayley(x), q, atol=1e-5)
+  method = nblora.nblora(rank=r, bound=1.5, norm=norm, targets='layer/kernel')
+  adapter = {'layer': {'kernel': {'x_out': x[:16], 'x_in': x[16:],
+                                  'v': jnp.asarray(v)}}}
   s = np.linalg.svd(_update(method, adapter), compute_uv=False)
   assert 0.99 * 1.5 <= NORM[norm](s) <= 1.5 * (1 + 1e-5)
+  if v[0]:  # The whole budget in one direction: rank 1 at the bound.
+    assert s[0] >= 0.99 * 1.5
 
 
-def test_cayley_is_orthonormal_and_the_update_starts_at_zero():
+@pytest.mark.parametrize('norm', nblora.NORMS)
+def test_bounds_spend_the_whole_budget(norm):
+  v = jax.random.normal(jax.random.PRNGKey(0), (6,))
+  shares = []
+  for temperature in (1.0, 0.25):
+    config = nblora.make_config(6, 2.0, norm, temperature=temperature)
+    s = np.asarray(nblora.bounds(config, v), np.float64)
+    assert NORM[norm](s) == pytest.approx(2.0, rel=1e-5)
+    shares.append(s)
+  spread = np.abs(shares[0] - shares[1]).max()
+  assert spread == 0 if norm == 'spectral' else spread > 1e-2
+  config = nblora.make_config(6, 2.0, norm)
+  grad = jax.grad(lambda v: nblora.bounds(config, v)[0])(
+      jnp.array([-1e4, 0, 0, 0, 0, 0]))
+  assert np.all(np.isfinite(grad))
+
+
+def test_cayley_is_semi_orthogonal_and_the_update_starts_at_zero():
   x = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (20, 5))
   u = np.asarray(nblora.cayley(x), np.float64)
   np.testing.assert_allclose(u.T @ u, np.eye(5), atol=1e-5)
   method = nblora.nblora(rank=4, targets='layer/kernel')
-  assert not np.any(_update(method, method.init(jax.random.PRNGKey(0), BASE)))
+  adapter = method.init(jax.random.PRNGKey(0), BASE)
+  leaf = adapter['layer']['kernel']
+  p_in, p_out = map(np.asarray, nblora.frames(leaf))
+  np.testing.assert_allclose(p_in.T @ p_in + p_out.T @ p_out, np.eye(4),
+                             atol=1e-5)
+  # Zero up to the float32 rounding of x_in's orthonormality.
+  assert np.abs(_update(method, adapter)).max() < 1e-6
+  x_in = np.asarray(leaf['x_in'])
+  np.testing.assert_allclose(x_in.T @ x_in, np.eye(4), atol=1e-5)
+  # Unlike a zero-initialised pair, the update moves at the first step.
+  probe = jax.random.normal(jax.random.PRNGKey(1), (24, 16))
+  grad = jax.grad(lambda ad: jnp.sum(probe * _factored(method, ad)))(adapter)
+  assert np.abs(np.asarray(grad['layer']['kernel']['x_out'])).max() > 1e-3
 
 
-def test_a_large_step_stays_within_the_bound_where_lora_does_not():
+@pytest.mark.parametrize('norm', nblora.NORMS)
+def test_a_large_step_stays_within_the_bound_where_lora_does_not(norm):
   x = jax.random.normal(jax.random.PRNGKey(0), (8, 24))
   y = 10.0 * jax.random.normal(jax.random.PRNGKey(1), (8, 16))
 
-  def step(method, adapter):
+  def step(method):  # One Adam step at lr 1 (every entry moves by ~1).
     def loss(ad):
       params, _ = method.apply(BASE, ad)
       out = params['layer']['kernel'].dot(x, dtype=jnp.float32)
       return jnp.sum((out - y)**2)
-    tx = optax.sgd(100.0)
+    adapter = method.init(jax.random.PRNGKey(0), BASE)
+    tx = optax.adam(1.0)
     updates, _ = tx.update(jax.grad(loss)(adapter), tx.init(adapter))
     return optax.apply_updates(adapter, updates)
 
   plain = lora.lora(rank=4, alpha=4.0, targets='layer/kernel')
-  ad = step(plain, plain.init(jax.random.PRNGKey(0), BASE))['layer']['kernel']
-  lora_norm = np.linalg.norm(np.asarray(ad['a']) @ np.asarray(ad['b']), 2)
-  bounded = nblora.nblora(rank=4, bound=1.0, norm='spectral',
+  ad = step(plain)['layer']['kernel']
+  lora_s = np.linalg.svd(np.asarray(ad['a']) @ np.asarray(ad['b']),
+                         compute_uv=False)
+  bounded = nblora.nblora(rank=4, bound=1.0, norm=norm,
                           targets='layer/kernel')
-  ad = step(bounded, bounded.init(jax.random.PRNGKey(0), BASE))
-  s = np.linalg.svd(_update(bounded, ad), compute_uv=False)
-  assert lora_norm > 10.0
-  assert 0.1 < s.max() <= 1.0 * (1 + 1e-5)
+  s = np.linalg.svd(_update(bounded, step(bounded)), compute_uv=False)
+  assert NORM[norm](lora_s) > 3.0
+  assert 0.3 < NORM[norm](s) <= 1.0 * (1 + 1e-5)
 
 
 @pytest.fixture(scope='module')
@@ -128,10 +191,14 @@ def test_factored_equals_merged_and_peft_export(bert, tmp_path):
 def test_bound_zero_is_the_base(bert):
   _, model, base = bert
   method = nblora.nblora(rank=4, bound=0.0, targets='bert')
-  adapter = jax.tree.map(lambda t: t + 2.0, method.init(
-      jax.random.PRNGKey(0), base))
+  adapter = jax.tree.map(lambda t: t + 0.5 * jax.random.normal(
+      jax.random.PRNGKey(3), t.shape), method.init(jax.random.PRNGKey(0), base))
   params, _ = method.apply(base, adapter)
   assert helpers.max_diff(_logits(model, params), _logits(model, base)) == 0
+  # The same adapter under a positive bound moves the model.
+  moved, _ = nblora.nblora(rank=4, bound=3.0, targets='bert').apply(
+      base, adapter)
+  assert helpers.max_diff(_logits(model, moved), _logits(model, base)) > 5e-4
 
 
 def test_runlocal_through_the_trainer(tmp_path):

@@ -1,48 +1,68 @@
 """NB-LoRA: low-rank updates with every singular value explicitly bounded.
 
 Norm-Bounded Low-Rank Adaptation (Wang, Dvijotham, Manchester, arXiv
-2501.19050) parameterises a rank-R update of a kernel W [in, out] so that
-each singular value is below a prescribed bound, which then bounds any
-unitarily invariant norm of the update; the map from the free parameters is
-unconstrained (any real values), smooth and complete (it reaches every
-rank-R matrix inside the bounds).
+2501.19050): a rank-R update of a kernel whose singular values are bounded
+one by one, so that a chosen unitarily invariant norm of the update never
+exceeds `bound`. The map from the free parameters is unconstrained, smooth
+and complete (it reaches every rank-R matrix within the bounds).
 
     method = nblora.nblora(rank=8, bound=1.0, norm='frobenius')
-    adapter = method.init(rng, base)  # {path: {'x_in', 'x_out', 'd'}}
+    adapter = method.init(rng, base)  # {path: {'x_in', 'x_out', 'v'}}
     params, kw = method.apply(base, adapter)
 
-The parameterisation used here (see `factors`):
+The paper's parameterisation (its NB-LoRA construction and the Schatten-p
+corollary), in its notation: W [m, n] acts as W x (m the output side); the
+free parameters are A~ [r, m], B~ [r, n] and v [r]:
 
-    U = cayley(x_in) [in, R],  V = cayley(x_out) [out, R]   (U'U = V'V = I)
-    s = gamma * tanh(d)  [R]
-    update = U diag(s) V'
+    [A'; B'] = Cayley([A~'; B~'])   ONE Cayley map of the stacked [m + n, r]
+    s = delta * softmax(v / eta) ** (1 / p)      (Schatten-p bound delta)
+    W = 2 A' diag(s) B
 
-where `cayley` is the Cayley transform of a tall matrix X = [Y; Z]
-(Y [R, R], Z [n - R, R]): with M = Y - Y' + Z'Z,
-U = [(I - M)(I + M)^-1; -2 Z (I + M)^-1] has orthonormal columns for every
-X (I + M has symmetric part I + Z'Z > 0, so it is always invertible: one
-R x R solve per side). The singular values of the update are |s_i| < gamma
-exactly, and the sign of s_i absorbs the column signs the Cayley map cannot
-produce. Choices this module makes (the paper leaves them to the user):
-  * every singular value gets the same bound gamma, set from the configured
-    norm so that the norm of the update stays below `bound`:
-    'spectral' gamma = bound, 'frobenius' gamma = bound / sqrt(R),
-    'nuclear' gamma = bound / R (a singular-value vector with all |s_i| <
-    gamma has exactly these norms below `bound`, and all |s_i| -> gamma
-    reaches it);
-  * s = gamma tanh(d) (smooth, odd, onto (-gamma, gamma));
-  * init: d = 0 (update 0: the model starts at the base, and, unlike LoRA's
-    B = 0, the gradient w.r.t. d is not zero), x_in, x_out ~ N(0, 1/n) so
-    U, V start as random orthonormal frames.
+where Cayley([X; Y]) = [(I - Z)(I + Z)^-1; -2 Y (I + Z)^-1] with
+Z = X - X' + Y'Y (X the top r x r block; I + Z is always invertible: one
+r x r solve; the map of Wang & Manchester's direct parameterisation of
+Lipschitz networks). P = [A'; B'] has orthonormal columns (A A' + B B' = I),
+so each column's unit norm is split between A' and B'. Bound: with
+J = diag(I, -I), [[0, W], [W', 0]] = P S P' - J P S P' J, so by Weyl
+sigma_i(W) <= s_(i) (sorted) and every unitarily invariant norm of W is at
+most that of diag(s); sum_i s_i^p = delta^p then gives ||W||_{S_p} <= delta
+for p = 1 ('nuclear'), 2 ('frobenius') and infinity ('spectral': s = delta,
+v has no effect). Completeness: A' = U cos(theta), B' = V sin(theta) (U, V
+orthonormal) gives W = U diag(s sin 2 theta) V', any sigma_i <= s_i; the
+bound itself at theta = pi / 4. The softmax lets one direction take the
+whole budget, so the whole rank-r Schatten ball is reached, not a cube in it.
 
-Compute is factored: `apply` puts a `lora.LoraKernel(w, U diag(s), V', 1)`
-in place of each targeted kernel, so a layer computes x W + ((x U) s) V'
-and the dense update is never formed in the train step. The export writes
-exactly these factors as a plain PEFT LoRA folder (lora_alpha = r, scale 1):
-the served model is the same.
+Here a kernel is w [in, out] acting as x w (in = n, out = m), so x_out
+[out, R] is A~', x_in [in, R] is B~', and the update is
+
+    [p_out; p_in] = cayley([x_out; x_in])   (p_out' p_out + p_in' p_in = I)
+    update = (2 p_in * s) @ p_out'          =: a [in, R] @ b [R, out]
+
+Choices this module makes where the paper leaves them open (each checked in
+tests/test_nblora.py):
+  * init: the paper sets A~ = 0 so that W starts at 0; with the stacked
+    Cayley map that needs B~ B~' = I (then Z = I, A = 0 and B = -B~), so
+    x_out = 0 and x_in is a random orthonormal frame (QR of a Gaussian;
+    W = 0 up to the float32 rounding of its orthonormality, ~1e-8); v = 0
+    (every s_i = delta R^(-1/p)). A~ is taken on the output side (PyTorch's
+    weight is [out, in] = [m, n]), so, as in LoRA (b = 0), the output
+    factor b starts at 0 with a nonzero gradient
+    (test_cayley_is_semi_orthogonal_and_the_update_starts_at_zero);
+  * eta is the `temperature` argument, default 1.0; s is computed as
+    delta * exp(log_softmax(v / eta) / p) so that its gradient stays finite
+    when a softmax entry underflows (test_bounds_spend_the_whole_budget);
+  * the bound is per kernel: each targeted kernel's update has norm <=
+    `bound` (test_singular_values_respect_the_bound,
+    test_the_parameterisation_reaches_the_bound).
+
+Compute is factored: `apply` puts a `lora.LoraKernel(w, a, b, 1)` in place of
+each targeted kernel, so a layer computes x w + ((x a) b) and the dense
+update is never formed in the train step (the Cayley map costs an R x R
+solve and an [R, in + out] x [in + out, R] product per kernel). The export
+writes exactly these factors as a plain PEFT LoRA folder (lora_alpha = r,
+scale 1): the served model is the same.
 """
 import dataclasses
-import math
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -53,7 +73,9 @@ from flaxlora.peft import lora
 from flaxlora.peft import lora_form
 
 Array = jax.Array
-NORMS = ('spectral', 'frobenius', 'nuclear')
+# 1 / p of each Schatten-p norm (p = infinity for 'spectral').
+EXPONENT = {'spectral': 0.0, 'frobenius': 0.5, 'nuclear': 1.0}
+NORMS = tuple(EXPONENT)
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -63,23 +85,18 @@ class NbLoraConfig:
 
   Attributes:
     rank: R.
-    bound: the largest allowed `norm` of each kernel's update (>= 0).
-    norm: one of NORMS.
+    bound: delta, the largest allowed `norm` of each kernel's update (>= 0).
+    norm: one of NORMS (Schatten p = infinity, 2, 1).
     targets: regexes over "/"-joined kernel paths, or None for the preset.
     dropout: dropout on the layer input of the update branch.
+    temperature: eta, the softmax temperature of the bounds s (> 0).
   """
   rank: int = 8
   bound: float = 1.0
   norm: str = 'frobenius'
   targets: tuple[str, ...] | None = None
   dropout: float = 0.0
-
-  @property
-  def gamma(self) -> float:
-    """The bound on every singular value (see the module docstring)."""
-    divisor = {'spectral': 1.0, 'frobenius': math.sqrt(self.rank),
-               'nuclear': float(self.rank)}[self.norm]
-    return self.bound / divisor
+  temperature: float = 1.0
 
   def paths(self, base: Mapping[str, Any]) -> list[str]:
     """The validated kernel paths (LoRA's target rules and rank check)."""
@@ -87,8 +104,13 @@ class NbLoraConfig:
 
 
 def cayley(x: Array) -> Array:
-  """[n, R] (n >= R) -> [n, R] with orthonormal columns, smooth in x."""
-  n, r = x.shape
+  """[n, R] (n >= R) -> [n, R] with orthonormal columns, smooth in x.
+
+  x = [X; Y] (X [R, R]) -> [(I - Z)(I + Z)^-1; -2 Y (I + Z)^-1] with
+  Z = X - X' + Y'Y; I + Z has symmetric part I + Y'Y > 0, so it is always
+  invertible.
+  """
+  r = x.shape[1]
   x = jnp.asarray(x, jnp.float32)
   y, z = x[:r], x[r:]
   eye = jnp.eye(r, dtype=jnp.float32)
@@ -99,22 +121,37 @@ def cayley(x: Array) -> Array:
   return inv_t.T
 
 
-def singular_values(config: NbLoraConfig, d: Array) -> Array:
-  """[R] signed singular values gamma * tanh(d) of the update."""
-  return config.gamma * jnp.tanh(jnp.asarray(d, jnp.float32))
+def bounds(config: NbLoraConfig, v: Array) -> Array:
+  """[R] -> [R] bounds s = delta softmax(v / eta)^(1/p), sum s^p = delta^p.
+
+  In log space, so the gradient stays finite when a softmax entry
+  underflows.
+  """
+  log_share = jax.nn.log_softmax(
+      jnp.asarray(v, jnp.float32) / config.temperature)
+  return config.bound * jnp.exp(EXPONENT[config.norm] * log_share)
+
+
+def frames(leaf: Mapping[str, Array]) -> tuple[Array, Array]:
+  """(p_in [in, R], p_out [out, R]), jointly orthonormal columns:
+  [p_out; p_in] = cayley([x_out; x_in])."""
+  n_out = leaf['x_out'].shape[0]
+  p = cayley(jnp.concatenate([jnp.asarray(leaf['x_out'], jnp.float32),
+                              jnp.asarray(leaf['x_in'], jnp.float32)]))
+  return p[n_out:], p[:n_out]
 
 
 def factors(config: NbLoraConfig, leaf: Mapping[str, Array]
             ) -> tuple[Array, Array]:
-  """(a [in, R], b [R, out]) with update = a @ b = U diag(s) V'."""
-  u, v = cayley(leaf['x_in']), cayley(leaf['x_out'])
-  s = singular_values(config, leaf['d'])
-  return u * s, v.T
+  """(a [in, R], b [R, out]): update = a @ b = 2 p_in diag(s) p_out'."""
+  p_in, p_out = frames(leaf)
+  return 2.0 * p_in * bounds(config, leaf['v']), p_out.T
 
 
 def make_config(rank: int = 8, bound: float = 1.0, norm: str = 'frobenius',
                 targets: str | Iterable[str] | None = None,
-                dropout: float = 0.0) -> NbLoraConfig:
+                dropout: float = 0.0, temperature: float = 1.0
+                ) -> NbLoraConfig:
   """Validates arguments into an `NbLoraConfig`; see `nblora`."""
   checked = lora.make_config(rank, targets=targets, dropout=dropout)
   if norm not in NORMS:
@@ -122,28 +159,30 @@ def make_config(rank: int = 8, bound: float = 1.0, norm: str = 'frobenius',
   if not bound >= 0:
     raise ValueError(f'nblora bound must be >= 0 (0: no update), got '
                      f'{bound!r}.')
+  if not temperature > 0:
+    raise ValueError(f'nblora temperature must be > 0, got {temperature!r}.')
   return NbLoraConfig(checked.rank, float(bound), norm, checked.targets,
-                      checked.dropout)
+                      checked.dropout, float(temperature))
 
 
 def _init_leaf(rng: Array, shape: tuple[int, int], rank: int
                ) -> dict[str, Array]:
-  r_in, r_out = jax.random.split(rng)
+  """x_out = 0, x_in orthonormal, v = 0: the update starts at 0."""
   fan_in, fan_out = shape
-  return {
-      'x_in': jax.random.normal(r_in, (fan_in, rank)) / math.sqrt(fan_in),
-      'x_out': jax.random.normal(r_out, (fan_out, rank)) / math.sqrt(fan_out),
-      'd': jnp.zeros((rank,), jnp.float32)}
+  frame, _ = jnp.linalg.qr(jax.random.normal(rng, (fan_in, rank)))
+  return {'x_in': frame.astype(jnp.float32),
+          'x_out': jnp.zeros((fan_out, rank), jnp.float32),
+          'v': jnp.zeros((rank,), jnp.float32)}
 
 
 def kernels(config: NbLoraConfig, base: Mapping[str, Any],
             adapter: Mapping[str, Any]) -> dict[str, lora.LoraKernel]:
-  """{path: LoraKernel(w, U diag(s), V', scale 1)} for each adapted kernel."""
+  """{path: LoraKernel(w, a, b, scale 1)} for each adapted kernel."""
   out = {}
   for path, leaf in peft_base.flatten(adapter, is_leaf=_is_node).items():
     w = peft_base.get(base, path)
     expected = {'x_in': (w.shape[0], config.rank),
-                'x_out': (w.shape[1], config.rank), 'd': (config.rank,)}
+                'x_out': (w.shape[1], config.rank), 'v': (config.rank,)}
     shapes = {k: tuple(leaf[k].shape) for k in expected if k in leaf}
     if shapes != expected:
       raise ValueError(f'nblora adapter {path} has shapes {shapes}, kernel '
@@ -155,11 +194,11 @@ def kernels(config: NbLoraConfig, base: Mapping[str, Any],
 
 
 def _is_node(node: Any) -> bool:
-  return isinstance(node, Mapping) and 'd' in node and 'x_in' in node
+  return isinstance(node, Mapping) and 'v' in node and 'x_in' in node
 
 
 def logical_axes(base_axes: Any, adapter: Any) -> Any:
-  """x_in (in_axis, 'lora_rank'), x_out (out_axis, 'lora_rank'), d."""
+  """x_in (in_axis, 'lora_rank'), x_out (out_axis, 'lora_rank'), v."""
   flat_axes = peft_base.flatten(base_axes)
   out = {}
   for path in peft_base.flatten(adapter, is_leaf=_is_node):
@@ -167,7 +206,7 @@ def logical_axes(base_axes: Any, adapter: Any) -> Any:
     spec = isinstance(axes, jax.sharding.PartitionSpec)
     in_axis, out_axis = tuple(axes)
     names = {'x_in': (in_axis, 'lora_rank'), 'x_out': (out_axis, 'lora_rank'),
-             'd': ('lora_rank',)}
+             'v': ('lora_rank',)}
     out[path] = {k: jax.sharding.PartitionSpec(*v) if spec else v
                  for k, v in names.items()}
   return peft_base.unflatten(out)
@@ -191,22 +230,24 @@ def _exact(path: str) -> str:
 
 def nblora(rank: int = 8, bound: float = 1.0, norm: str = 'frobenius',
            targets: str | Iterable[str] | None = None,
-           dropout: float = 0.0) -> peft_base.PeftMethod:
+           dropout: float = 0.0, temperature: float = 1.0
+           ) -> peft_base.PeftMethod:
   """NB-LoRA as a `PeftMethod` (see the module docstring).
 
   Args:
     rank: R of every targeted kernel's update.
-    bound: the configured `norm` of each update stays below this (0: the
-      model is the base, whatever the adapter holds).
+    bound: delta; the configured `norm` of each kernel's update is at most
+      this (0: the model is the base, whatever the adapter holds).
     norm: 'spectral', 'frobenius' or 'nuclear'.
     targets: regexes over kernel paths, a key of `lora.TARGETS`, or None.
     dropout: dropout on the input of the update branch while training.
+    temperature: eta in s = delta softmax(v / eta)^(1/p) (> 0).
 
   Returns:
     A PeftMethod whose adapter maps each targeted kernel path to
-    {'x_in': [in, R], 'x_out': [out, R], 'd': [R]}.
+    {'x_in': [in, R], 'x_out': [out, R], 'v': [R]}.
   """
-  config = make_config(rank, bound, norm, targets, dropout)
+  config = make_config(rank, bound, norm, targets, dropout, temperature)
 
   def init(rng, base):
     paths = config.paths(base)
