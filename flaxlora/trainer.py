@@ -29,7 +29,6 @@ import time
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 
 from flaxlora import build
 from flaxlora import checkpoint
@@ -50,6 +49,7 @@ from flaxlora import workdir as workdir_lib
 from flaxlora.data import pipeline
 from flaxlora.data import task_data
 from flaxlora.models import layers
+from flaxlora.peft import describe
 from flaxlora.peft import method_parts
 from flaxlora.peft import peft_names
 
@@ -364,8 +364,7 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
     pick = max if c.checkpoint.best_mode == 'max' else min
     top = pick(evals, key=lambda r: r[best])
     summary.update({f'best_{best}': top[best], 'best_step': top['step']})
-  summary['trainable_params'] = int(sum(np.size(x) for x in
-                                        jax.tree.leaves(adapter)))
+  summary['trainable_params'] = describe.trained_params(run.method, adapter)
   summary['base_params'] = layers.num_params(run.base)
   # What really trained: the method's resolved hyperparameters.
   summary['peft_method'] = method_parts.config_dicts(run.method)

@@ -17,9 +17,13 @@ import pytest
 from configs import bert_sentiment_lora
 from flaxlora import steps
 from flaxlora import trainer
+from flaxlora.peft import base as peft_base
+from flaxlora.peft import describe
+from flaxlora.peft import lora
 from flaxlora.peft import merge
 from flaxlora.peft import peft_io
 from flaxlora.peft import scalora
+from flaxlora.peft import trainable
 
 PATH = 'layer/kernel'
 RANK, SCALE = 2, 2.0  # alpha 4 / rank 2
@@ -289,3 +293,16 @@ def test_sigkill_resume_is_bitwise(tmp_path):
   for r in logs[0] + logs[1]:
     r.pop('steps_per_s', None)
   assert logs[0] == logs[1]
+
+
+def test_trained_params_leave_out_the_accumulated_update():
+  w = {'l': {'kernel': jnp.ones((6, 5))}, 'h': {'kernel': jnp.ones((5, 2))}}
+  method = scalora.scalora(rank=2, targets=[r'l/kernel'])
+  adapter = method.init(jax.random.PRNGKey(0), w)
+  assert describe.trained_params(method, adapter) == 6 * 2 + 2 * 5
+  assert peft_base.num_params(adapter) == 6 * 2 + 2 * 5 + 6 * 5
+  plain = peft_base.chain(lora.lora(rank=2, targets=[r'l/kernel']),
+                          trainable.trainable('h/.*'))
+  adapter = plain.init(jax.random.PRNGKey(0), w)
+  assert describe.trained_params(plain, adapter) == peft_base.num_params(
+      adapter) == 6 * 2 + 2 * 5 + 5 * 2
