@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from configs import bert_sentiment_lora
+from flaxlora import evaluation
 from flaxlora import steps
 from flaxlora import trainer
 from flaxlora.peft import base as peft_base
@@ -222,7 +223,6 @@ def test_best_rank_r_lora_export(capsys):
   error = np.linalg.norm(s[RANK:]) / np.linalg.norm(s)
   assert error > 1e-3  # the update is not rank R
   assert f'error max {error:.4f}' in capsys.readouterr().out
-  assert method.export.write is None  # only on request
   assert scalora.scalora(lora_export=True).export.write is not None
 
 
@@ -234,6 +234,33 @@ def _config(steps_):
                       checkpoint_every=2)
   config.eval.max_examples = 16
   return config
+
+
+def test_trainer_run_exports_the_merged_checkpoint(tmp_path, capsys):
+  """By default the run's export is the merged model: transformers loads
+  it alone and its logits are the trained flaxlora model's."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  config = _config(4)
+  config.peft.lora_export = False
+  trainer.train_and_evaluate(config, tmp_path)
+  assert 'merged Hugging Face checkpoint' in capsys.readouterr().out
+  folder = tmp_path / 'peft'
+  assert not (folder / peft_io.CONFIG_FILE).exists()  # not a PEFT folder
+  hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+      str(folder)).eval()
+  loaded = evaluation.load(tmp_path, config)
+  run = loaded.run
+  ids = np.array([[2, 5, 9, 11, 3]], np.int32)
+  mask = np.ones_like(ids)
+  merged, kw = run.method.apply(run.base, loaded.adapter)
+  ours = run.model.apply({'params': merged}, ids, mask, **kw)
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(ids, dtype=torch.long),
+                attention_mask=torch.tensor(mask)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
+  base_logits = run.model.apply({'params': run.base}, ids, mask)
+  assert np.abs(np.asarray(base_logits) - theirs).max() > 1e-3  # it trained
 
 
 def test_trainer_run_exports_on_request(tmp_path, capsys):
@@ -287,7 +314,8 @@ def test_sigkill_resume_is_bitwise(tmp_path):
   assert (straight / adapter).read_bytes() == (killed / adapter).read_bytes()
   summaries = [json.loads((w / 'summary.json').read_text())
                for w in (straight, killed)]
-  assert summaries[0] == summaries[1]
+  assert summaries[0].pop('seconds') > 0 < summaries[1].pop('seconds')
+  assert summaries[0] == summaries[1]  # all but the wall time
   logs = [[json.loads(line) for line in (w / 'metrics.jsonl').read_text()
            .splitlines()] for w in (straight, killed)]
   for r in logs[0] + logs[1]:

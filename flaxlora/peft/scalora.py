@@ -49,11 +49,12 @@ continues bitwise, test_sigkill_resume_is_bitwise) and frozen by the
 method's optimizer (`optax.set_to_zero`: no moments for it) and by
 `stop_gradient` in `apply`. A restart forms one dense [in, out] increment.
 
-Export: the update is high-rank, so the exact served form is the merged
-checkpoint (`peft_io.save_merged(folder, model, base, adapter, method)`,
-W + acc + s A B). On request (`lora_export=True`) the method's PEFT export
-writes the best rank-R approximation (truncated SVD) of acc + s A B as a
-plain LoRA folder and prints its relative error.
+Export: the update is high-rank, so the method's export (a run's `peft/`
+folder) is the merged Hugging Face checkpoint (`peft_io.save_merged`,
+W + acc + s A B; config.json and safetensors that transformers loads alone).
+On request (`lora_export=True`) it writes instead the best rank-R
+approximation (truncated SVD) of acc + s A B as a plain PEFT LoRA folder and
+prints its relative error.
 """
 import dataclasses
 import functools
@@ -73,9 +74,16 @@ FROZEN = 'frozen'
 _HI = jax.lax.Precision.HIGHEST
 # A term whose squared norm is below this x the largest one is zero.
 _FREE = 1e-12
-_NO_LORA = ("ScaLoRA's update is high-rank: write the merged checkpoint "
-            '(peft_io.save_merged), or set lora_export=True for its best '
-            'rank-R LoRA (the error is printed)')
+
+
+def _write_merged(folder, model, base, adapter, method, **kwargs):
+  """The method's default export: the merged Hugging Face checkpoint."""
+  del kwargs  # a merged checkpoint names no base
+  from flaxlora.peft import peft_io  # pylint: disable=g-import-not-at-top
+  print('scalora: the update is high-rank; the export is the merged '
+        'Hugging Face checkpoint (W + acc + s A B, transformers loads it '
+        'alone); lora_export=True writes its best rank-R PEFT LoRA instead.')
+  return peft_io.save_merged(folder, model, base, adapter, method)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,9 +252,9 @@ def scalora(rank: int = 8, alpha: float = 16.0,
     rank, alpha, targets, dropout, use_rslora, loraplus_ratio: as `lora.lora`
       (A, B start as LoRA's: Kaiming-uniform A, B = 0).
     merge_every: restart every this many updates (1: every update).
-    lora_export: the method's PEFT export writes the best rank-R LoRA of the
-      total update and prints its error; False: no PEFT folder (the exact
-      form is the merged checkpoint, `peft_io.save_merged`).
+    lora_export: the method's export writes the best rank-R PEFT LoRA of the
+      total update and prints its error; False: the merged Hugging Face
+      checkpoint (exact).
 
   Returns:
     A PeftMethod whose adapter maps each targeted kernel path to
@@ -288,4 +296,4 @@ def scalora(rank: int = 8, alpha: float = 16.0,
       optimizer=functools.partial(_optimizer, config.lora.loraplus_ratio),
       before_update=before_update,
       export=(lora_form.export(ScaLoraConfig, as_lora) if lora_export
-              else peft_base.Export(reason=_NO_LORA)))
+              else peft_base.Export(_write_merged, needs_base=True)))
