@@ -100,7 +100,8 @@ def plot(rows: dict[str, dict[str, Any]], variants: dict[str, str],
       steps, values = zip(*r['curve'])
       curves.plot(steps, values, marker='.', label=name)
   curves.set(xlabel='step', ylabel=f'dev {metric}', title='per point')
-  curves.legend(fontsize=6)
+  if curves.lines:
+    curves.legend(fontsize=6)
   by_variant = collections.defaultdict(list)
   for name, r in rows.items():
     if r['final'] is not None:
@@ -111,7 +112,8 @@ def plot(rows: dict[str, dict[str, Any]], variants: dict[str, str],
       sweep.plot(lrs, finals, marker='o', label=variant)
   sweep.set(xscale='log', xlabel='learning rate', ylabel=f'final {metric}',
             title='learning-rate sweep')
-  sweep.legend(fontsize=7)
+  if sweep.lines:
+    sweep.legend(fontsize=7)
   figures.save(fig, path)
 
 

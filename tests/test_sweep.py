@@ -2,6 +2,7 @@
 one command per point, results.csv/.md/.png list every point, and a rerun
 skips finished points with identical metrics."""
 import csv
+import json
 import os
 import pathlib
 import shutil
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 
+from experiments import compare
 from flaxlora import sweeps
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -68,6 +70,14 @@ def _sweep(config_file, root, env):
   return result.stdout
 
 
+def _results_but_wall_time(root):
+  with open(root / 'results.csv') as f:
+    rows = list(csv.DictReader(f))
+  for row in rows:
+    assert float(row.pop('seconds')) > 0
+  return rows
+
+
 def test_grid_runs_writes_results_and_skips_finished_points(
     tmp_path, config_file):
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'cache'),
@@ -93,11 +103,11 @@ def test_grid_runs_writes_results_and_skips_finished_points(
   assert len(points) == 4 and points[0].startswith('00_train.seed=0')
   # Rerun with one point removed: three are skipped, the removed one runs
   # again from scratch and gives identical metrics.
-  before = (root / 'results.csv').read_text()
+  before = _results_but_wall_time(root)
   shutil.rmtree(root / points[2])
   output = _sweep(config_file, root, env)
   assert output.count('skipped') == 3
-  assert (root / 'results.csv').read_text() == before
+  assert _results_but_wall_time(root) == before
   assert (root / points[2] / 'summary.json').exists()
 
 
@@ -109,3 +119,60 @@ def test_bad_sweep_override_is_named(tmp_path, config_file):
     sweeps.apply(module.get_config(), {'peft.rank': 'four'})
   with pytest.raises(ValueError, match='defines no get_sweep'):
     sweeps.points(str(REPO / 'configs/bert_squad_lora.py'))
+
+
+ARG_CONFIG = '''
+"""Points that pick the comparison config's variants, shortened."""
+from configs import bert_sentiment_compare
+
+
+def get_config(arg=None):
+  c = bert_sentiment_compare.get_config(arg)
+  c.train.update(steps=4, eval_every=2, log_every=2, checkpoint_every=0)
+  c.data.generated.update(num_train=64, num_eval=16)
+  return c
+
+
+def get_sweep(arg=None):
+  return [{'arg': 'method=lora,runlocal'}, {'arg': 'method=ia3,runlocal'},
+          {'arg': 'method=lora,runlocal', 'optimizer.lr': 0.05}]
+'''
+
+
+def test_arg_points_pick_variants_and_compare_tabulates(tmp_path):
+  config_file = tmp_path / 'arg_config.py'
+  config_file.write_text(ARG_CONFIG)
+  root = tmp_path / 'root'
+  flag = f'--config={config_file}:runlocal'
+  assert compare.cli(['compare', flag, f'--workdir={root}']) == 0
+  assert (root / compare.COMPARE_MD).read_text().count('| not run |') == 3
+  _sweep(f'{config_file}:runlocal', root, dict(os.environ))
+  points = sorted(p for p in root.iterdir() if p.is_dir())
+  methods = [json.loads((p / 'config.json').read_text())['peft']['method']
+             for p in points]
+  assert methods == ['lora', 'ia3', 'lora']  # each point's own section
+  assert compare.cli(['compare', flag, f'--workdir={root}']) == 0
+  lines = (root / compare.COMPARE_MD).read_text().splitlines()[2:]
+  assert len(lines) == 3 and all(line.endswith('| done |') for line in lines)
+  cells = [line.split(' | ') for line in lines]
+  assert [c[1] for c in cells] == ['0.01', '0.03', '0.05']  # 10x each lr
+  assert cells[0][5] != cells[1][5]  # LoRA and IA3 train other params
+  summaries = [json.loads((p / 'summary.json').read_text()) for p in points]
+  assert cells[0][2] == f"{summaries[0]['eval_accuracy']:.4f}"
+  assert (root / compare.COMPARE_PNG).stat().st_size > 0
+
+
+def test_arg_point_commands_name_the_variant(tmp_path):
+  config_file = tmp_path / 'arg_config.py'
+  config_file.write_text(ARG_CONFIG)
+  result = subprocess.run(
+      [sys.executable, '-m', 'experiments.sweep',
+       f'--config={config_file}:runlocal', f'--workdir={tmp_path / "root"}',
+       '--dry_run', '--config.train.seed=3'],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  commands = result.stdout.strip().splitlines()
+  assert commands[1].startswith(
+      f'python -m experiments.run --config={config_file}:method=ia3,runlocal')
+  assert commands[2].endswith(
+      '--config.train.seed=3 --config.optimizer.lr=0.05')
