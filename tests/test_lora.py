@@ -303,23 +303,49 @@ def test_base_params_are_never_modified(toy):
   assert isinstance(params['block']['q']['kernel'], jax.Array)
 
 
-def test_pissa_residual_base_reproduces_base(toy):
+@pytest.mark.parametrize('use_dora', [False, True])
+def test_pissa_prepare_base_and_init_agree_in_either_order(toy, use_dora):
   model, params, x = toy
-  method = lora.lora(rank=3, alpha=6, targets='t5', init='pissa')
-  adapter = method.init(jax.random.PRNGKey(0), params)
-  residual = lora.pissa_base(params, adapter, method)
+  method = lora.lora(rank=3, alpha=6, targets='t5', init='pissa',
+                     use_dora=use_dora)
+  rng = jax.random.PRNGKey(0)
+  prepared = method.prepare_base(params)
+  # init on the original base (SVD of W) = init on the prepared base.
+  adapter = method.init(rng, prepared)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-5),
+               method.init(rng, params), adapter)
   w = np.asarray(params['block']['q']['kernel'], np.float64)
   u, s, vh = np.linalg.svd(w, full_matrices=False)
   top = (u[:, :3] * s[:3]) @ vh[:3]
   leaf = adapter['block']['q']['kernel']
   np.testing.assert_allclose(2.0 * leaf['a'] @ leaf['b'], top, atol=1e-5)
-  np.testing.assert_allclose(residual['block']['q']['kernel'], w - top,
+  node = prepared['block']['q']['kernel']
+  np.testing.assert_allclose(node.residual, w - top, atol=1e-5)
+  np.testing.assert_allclose(node.original(), w, atol=1e-5)
+  # At init the model computes W, on the prepared base (prepare_base is
+  # idempotent) and on the original one (apply prepares it on the fly).
+  want = model.apply({'params': params}, x)
+  for b in (prepared, method.prepare_base(prepared), params):
+    np.testing.assert_allclose(_run(model, method, b, adapter, x), want,
+                               atol=1e-5)
+  # Without the residual (plain LoRA apply) the top part counts twice.
+  plain = lora.lora(rank=3, alpha=6, targets='t5', use_dora=use_dora)
+  twice = merge.merge(params, adapter, plain)['block']['q']['kernel']
+  assert np.abs(np.asarray(twice) - w).max() > 1e-2
+  np.testing.assert_allclose(
+      merge.merge(prepared, adapter, method)['block']['q']['kernel'], w,
+      atol=1e-5)
+  trained = _perturb(adapter)
+  ours = _run(model, method, prepared, trained, x)
+  np.testing.assert_allclose(_run(model, method, params, trained, x), ours,
                              atol=1e-5)
-  np.testing.assert_allclose(_run(model, method, residual, adapter, x),
-                             model.apply({'params': params}, x), atol=1e-5)
-  assert np.abs(np.asarray(residual['block']['q']['kernel']) - w).max() > 1e-3
-  with pytest.raises(ValueError, match="init='pissa'"):
-    lora.pissa_base(params, adapter, lora.lora(rank=3, targets='t5'))
+  assert np.abs(ours - want).max() > 1e-3
+  np.testing.assert_allclose(
+      model.apply({'params': merge.merge(prepared, trained, method)}, x),
+      ours, atol=1e-5)
+  with pytest.raises(ValueError, match='prepared PiSSA kernel has rank 3'):
+    lora.lora(rank=2, alpha=6, targets='t5', init='pissa').init(rng,
+                                                                 prepared)
 
 
 @pytest.mark.parametrize('use_dora', [False, True])

@@ -213,7 +213,7 @@ def test_save_errors(bert_folder, tmp_path):
   model, base, _ = _load(bert_folder)
   method = lora.lora(rank=2, targets='bert', init='pissa')
   adapter = method.init(jax.random.PRNGKey(0), base)
-  with pytest.raises(ValueError, match='save_merged'):
+  with pytest.raises(ValueError, match='rank 2R over the original base'):
     peft_io.save_peft(tmp_path / 'p', model, base, adapter, method)
   method = lora.lora(rank=2, targets=r'pooler/kernel|.*query/kernel')
   adapter = method.init(jax.random.PRNGKey(0), base)

@@ -7,10 +7,11 @@
     params_for_model, kw = method.apply(params, adapter)
 
 Modules: `base` (method protocol, path selection, chain), `trainable`
-(modules to save), `lora` (LoRA, rsLoRA, DoRA, PiSSA), `dora` (DoRA's
-norm), `merge`, `loraplus` (optimizer), `describe` (what is trained),
-`prompt` (prompt tuning), `prefix` (prefix tuning), `ia3` (IA3), `qlora`
-(LoRA on an NF4-quantised base, `nf4`), `nblora` (norm-bounded LoRA),
+(modules to save), `lora` (LoRA, rsLoRA, DoRA, PiSSA), `pissa` (PiSSA's
+residual base and export), `dora` (DoRA's norm), `merge`, `loraplus`
+(optimizer), `describe` (what is trained), `prompt` (prompt tuning),
+`prefix` (prefix tuning), `ia3` (IA3), `qlora` (LoRA on an NF4-quantised
+base, `nf4`), `nblora` (norm-bounded LoRA),
 `scalora` (accumulated high-rank LoRA), `lora_form` (their LoRA folders),
 `combine` (adapter combinations), `peft_io` / `prompt_io` / `prefix_io` /
 `ia3_io` and `peft_names` (Hugging Face PEFT folders; they import the

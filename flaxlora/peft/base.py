@@ -109,8 +109,9 @@ class PeftMethod(NamedTuple):
     config: the method's hyperparameters (a frozen dataclass), recorded
       and shown by `describe`; None for ad hoc methods.
     prepare_base: `prepare_base(base) -> base`, run once (jitted, sharded)
-      before training: QLoRA quantises kernels to NF4. `apply` must give the
-      same outputs on an unprepared base.
+      before training: QLoRA quantises kernels to NF4, PiSSA subtracts
+      W's top-R part. `apply` must give the same outputs on an unprepared
+      base.
     prepared_axes: `prepared_axes(base_axes, prepared) -> axes`: logical
       axes of the prepared base (`prepared` may be abstract).
     logical_axes: `logical_axes(base_axes, adapter) -> axes` of every

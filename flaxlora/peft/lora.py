@@ -15,7 +15,8 @@ Initialisation follows PEFT 0.21: 'default' draws A like torch's
 `kaiming_uniform_(a=sqrt(5))` on PEFT's [R, in] lora_A, i.e.
 U(-1/sqrt(in), 1/sqrt(in)), and B = 0, so the output equals the base at init;
 'gaussian' draws A ~ N(0, std=1/R), B = 0; 'pissa' takes A, B from the top-R
-SVD of W (see `pissa_base`).
+SVD of W and trains over the residual base W - scale A B, which the method's
+`prepare_base` hook computes (see `pissa`).
 """
 import dataclasses
 import math
@@ -30,7 +31,7 @@ from flaxlora.models import layers
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import dora
 from flaxlora.peft import loraplus
-from flaxlora.peft import method_parts
+from flaxlora.peft import pissa
 
 Array = jax.Array
 
@@ -223,11 +224,9 @@ def _init_leaf(rng: Array, w: Any, rank: int, scale: float, init: str,
                use_dora: bool) -> dict[str, Array]:
   """{'a': [in, R], 'b': [R, out] (+ 'magnitude' [out])} for kernel `w`."""
   fan_in, fan_out = w.shape
-  if init == 'pissa':
-    u, s, vh = jnp.linalg.svd(jnp.asarray(w, jnp.float32),
-                              full_matrices=False)
-    root = jnp.sqrt(s[:rank] / scale)                      # [R]
-    a, b = u[:, :rank] * root, root[:, None] * vh[:rank]
+  if init == 'pissa':  # W's top-R part (a prepared kernel keeps it)
+    a, b = pissa.factors(w, rank, scale)
+    w = pissa.original(w)
   else:
     if init == 'gaussian':
       a = jax.random.normal(rng, (fan_in, rank), jnp.float32) / rank
@@ -237,8 +236,8 @@ def _init_leaf(rng: Array, w: Any, rank: int, scale: float, init: str,
     b = jnp.zeros((rank, fan_out), jnp.float32)
   leaf = {'a': a, 'b': b}
   if use_dora:
-    # ||W + s A B|| equals ||W|| at init: B = 0, or (PiSSA) W is split into
-    # a residual plus s A B.
+    # ||W + s A B|| equals ||W|| at init: B = 0, or (PiSSA) the base is the
+    # residual W - s A B.
     leaf['magnitude'] = jnp.linalg.norm(jnp.asarray(w, jnp.float32), axis=0)
   return leaf
 
@@ -266,8 +265,10 @@ def lora(rank: int = 8, alpha: float = 16.0,
     alpha_pattern: {regex: alpha} overriding `alpha` (first match wins).
     use_rslora: rank-stabilised scaling alpha / sqrt(R).
     init: 'default' (A Kaiming-uniform, B = 0), 'gaussian' (A ~ N(0, 1/R),
-      B = 0) or 'pissa' (top-R SVD of W; then use `pissa_base(base, ...)`
-      as the base).
+      B = 0) or 'pissa' (A, B from the top-R SVD of W; the method's
+      `prepare_base` makes the base the residual W - scale A B, so the
+      output equals the base's at init, and its export is a plain LoRA of
+      rank 2R over the original W; see `pissa`).
     use_dora: DoRA; the adapter gains 'magnitude' [out].
     loraplus_ratio: LoRA+: every B trains at this many times the learning
       rate of the other adapter leaves (1.0: plain LoRA).
@@ -289,12 +290,16 @@ def lora(rank: int = 8, alpha: float = 16.0,
         for path, r in zip(paths, rngs)})
 
   def apply(base, adapter):
+    if config.init == 'pissa':  # W_res (computed here if not prepared)
+      base = pissa.residual_base(config, base)
     return peft_base.replace(base, kernels(config, base, adapter)), {}
 
-  return peft_base.PeftMethod(
+  method = peft_base.PeftMethod(
       init_fn, apply, config, logical_axes=adapter_logical_axes,
       optimizer=loraplus.optimizer_hook(config.loraplus_ratio),
       export=EXPORT)
+  return (method._replace(**pissa.hooks(config)) if config.init == 'pissa'
+          else method)
 
 
 def _write_peft(folder, model, base, adapter, method, **kwargs):
@@ -332,29 +337,6 @@ def kernels(config: LoraConfig, base: Mapping[str, Any],
     out[path] = LoraKernel(w, leaf['a'], leaf['b'], config.scale_for(path),
                            config.dropout, leaf.get('magnitude'))
   return out
-
-
-def pissa_base(base: Mapping[str, Any], adapter: Any,
-               method: peft_base.PeftMethod) -> dict[str, Any]:
-  """The residual base W - scale A0 B0 for a freshly initialised PiSSA adapter.
-
-  PiSSA moves the top-R singular directions of W into A, B. The base params
-  are never modified in place: call this once, right after `method.init`,
-  and train with the returned base. `base` + `adapter` then compute exactly
-  what W did at init, and `merge(residual, adapter, method)` gives the tuned
-  dense kernels.
-  """
-  updates = {}
-  for config, sub_adapter in method_parts.parts(method, adapter):
-    if not isinstance(config, LoraConfig) or config.init != 'pissa':
-      continue
-    for path, node in kernels(config, base, sub_adapter).items():
-      delta = node.scale * jnp.matmul(node.a, node.b,
-                                      precision=jax.lax.Precision.HIGHEST)
-      updates[path] = node.w - delta
-  if not updates:
-    raise ValueError("pissa_base needs a method made with lora(init='pissa').")
-  return peft_base.replace(base, updates)
 
 
 def adapter_logical_axes(base_axes: Mapping[str, Any], adapter: Any) -> Any:

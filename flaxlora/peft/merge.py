@@ -34,7 +34,7 @@ def merge(base: Mapping[str, Any], adapter: Any,
   """Params with every adapted kernel merged to a dense fp32 array.
 
   Args:
-    base: the base params (for PiSSA, the residual from `lora.pissa_base`).
+    base: the base params (PiSSA: original or `method.prepare_base`d).
     adapter: the trained adapter.
     method: the method that made it (any chain of LoRA/trainable).
 

@@ -113,8 +113,9 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
   config, lora_adapter, copies = _split(method, adapter)
   if config.init == 'pissa':
     raise ValueError('save_peft: a PiSSA adapter belongs to the residual '
-                     'base, which HF checkpoints do not hold; use '
-                     'save_merged instead.')
+                     'base, which HF checkpoints do not hold; write it with '
+                     'its method\'s export (flaxlora.export.save_peft), a '
+                     'LoRA of rank 2R over the original base.')
   rules = linear_rules(model)
   tensors, modules, ranks, alphas = {}, [], {}, {}
   for path, node in lora.kernels(config, base, lora_adapter).items():

@@ -1,0 +1,198 @@
+"""PiSSA (Meng et al. 2024): LoRA trained over the residual of W's top-R SVD.
+
+    method = lora.lora(rank=8, alpha=16, targets='t5', init='pissa')
+    base = method.prepare_base(base)          # once: kernels -> PissaKernel
+    adapter = method.init(rng, base)          # A0, B0 of the original W
+    params, kw = method.apply(base, adapter)  # W_res + scale A B
+
+With W = U S V^T, init sets A0 = U_R sqrt(S_R / scale) [in, R] and
+B0 = sqrt(S_R / scale) V_R^T [R, out], so scale A0 B0 is W's top-R part, and
+the frozen base becomes the residual W_res = W - scale A0 B0: at init the
+model computes exactly what W did. The method's `prepare_base` replaces each
+targeted kernel by a `PissaKernel` that keeps W_res together with A0 and B0,
+so `init` gives the same A0, B0 whichever it sees: a prepared base (it reads
+them) or the original one (it takes the same top-R SVD that `prepare_base`
+takes). `apply` prepares a raw kernel on the fly (an SVD per call; the
+trainer prepares the base once), so it computes the same on either base.
+
+The PEFT export (PEFT's own conversion, `path_initial_model_for_weight_
+conversion`) is a plain LoRA of rank 2R over the ORIGINAL weights:
+W + scale (A B - A0 B0) = W_res + scale A B, with A' = [A, A0] [in, 2R] and
+B' = [B; -B0] [2R, out]; r, rank_pattern double and alpha (alpha_pattern)
+doubles (x sqrt(2) for rsLoRA), so the scale is unchanged.
+"""
+import dataclasses
+import math
+from typing import Any, Mapping
+
+from flax import struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from flaxlora.models import layers
+from flaxlora.peft import base as peft_base
+
+Array = jax.Array
+
+
+@struct.dataclass
+class PissaKernel:
+  """A prepared PiSSA base kernel: acts as W_res, remembers W's top-R part.
+
+  Attributes:
+    residual: [in, out] W - scale A0 B0, in W's dtype.
+    a0: [in, R] fp32, the adapter's initial A.
+    b0: [R, out] fp32, the adapter's initial B.
+    scale: the LoRA scale the factors were split with.
+  """
+  residual: Array
+  a0: Array
+  b0: Array
+  scale: float = struct.field(pytree_node=False)
+
+  needs_rng = False
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return tuple(self.residual.shape)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.residual.shape))
+
+  def dot(self, x: Array, *, dtype: jnp.dtype,
+          dropout_rng: Array | None = None) -> Array:
+    """[..., in] -> [..., out]: x W_res (the base without its adapter)."""
+    del dropout_rng
+    return layers.matmul(x, self.residual, dtype=dtype).astype(dtype)
+
+  def original(self) -> Array:
+    """[in, out] fp32 W = W_res + scale A0 B0."""
+    return jnp.asarray(self.residual, jnp.float32) + self.scale * jnp.matmul(
+        self.a0, self.b0, precision=jax.lax.Precision.HIGHEST)
+
+
+def is_pissa(node: Any) -> bool:
+  return isinstance(node, PissaKernel)
+
+
+def factors(w: Any, rank: int, scale: float) -> tuple[Array, Array]:
+  """(A0 [in, R], B0 [R, out]) fp32: a PissaKernel's own, else W's top-R
+  SVD split so that scale A0 B0 = U_R S_R V_R^T."""
+  if is_pissa(w):
+    if w.a0.shape[1] != rank or w.scale != scale:
+      raise ValueError(f'the prepared PiSSA kernel has rank {w.a0.shape[1]} '
+                       f'and scale {w.scale}, the method {rank} and {scale}; '
+                       'prepare the original base with this method.')
+    return w.a0, w.b0
+  u, s, vh = jnp.linalg.svd(jnp.asarray(w, jnp.float32), full_matrices=False)
+  root = jnp.sqrt(s[:rank] / scale)                        # [R]
+  return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+def original(w: Any) -> Any:
+  """W of a kernel: a PissaKernel's reconstruction, else `w` itself."""
+  return w.original() if is_pissa(w) else w
+
+
+def prepare(config: Any, base: Mapping[str, Any]) -> dict[str, Any]:
+  """`base` with each kernel `config` (a LoraConfig) targets as a
+  PissaKernel (idempotent: prepared kernels are kept)."""
+  updates = {}
+  for path in config.paths(base):
+    w = peft_base.get(base, path)
+    if is_pissa(w):
+      continue
+    scale = config.scale_for(path)
+    a0, b0 = factors(w, config.rank_for(path), scale)
+    top = scale * jnp.matmul(a0, b0, precision=jax.lax.Precision.HIGHEST)
+    residual = (jnp.asarray(w, jnp.float32) - top).astype(w.dtype)
+    updates[path] = PissaKernel(residual, a0, b0, scale)
+  return peft_base.replace(base, updates) if updates else dict(base)
+
+
+def residual_base(config: Any, base: Mapping[str, Any]) -> dict[str, Any]:
+  """The base LoRA's `apply` adapts: targeted kernels as W_res arrays."""
+  prepared = prepare(config, base)
+  return peft_base.replace(prepared, {
+      p: v.residual for p, v in _kernels(prepared).items()})
+
+
+def prepared_axes(base_axes: Any, prepared: Any) -> Any:
+  """Logical axes of a prepared base: a PissaKernel's residual keeps its
+  kernel's (in, out) axes, a0 (in, 'lora_rank'), b0 ('lora_rank', out)."""
+
+  def one(spec, value):
+    if not is_pissa(value):
+      return spec
+    in_axis, out_axis = tuple(spec)
+    return PissaKernel(PartitionSpec(in_axis, out_axis),
+                       PartitionSpec(in_axis, 'lora_rank'),
+                       PartitionSpec('lora_rank', out_axis), value.scale)
+
+  return jax.tree.map(one, base_axes, prepared,
+                      is_leaf=lambda v: isinstance(v, PartitionSpec))
+
+
+def _kernels(base: Mapping[str, Any]) -> dict[str, PissaKernel]:
+  return {p: v for p, v in peft_base.flatten(base).items() if is_pissa(v)}
+
+
+def hooks(config: Any) -> dict[str, Any]:
+  """The PeftMethod fields a PiSSA LoRA sets besides LoRA's."""
+  return dict(prepare_base=lambda base: prepare(config, base),
+              prepared_axes=prepared_axes, export=EXPORT)
+
+
+def as_lora(base: Mapping[str, Any], adapter: Any,
+            method: peft_base.PeftMethod) -> tuple[Any, Any, Any]:
+  """(original base, adapter, method) of the plain LoRA that computes what
+  the PiSSA `method` does over `base` (prepared or not): each PiSSA part
+  becomes rank 2R with A' = [A, A0], B' = [B; -B0] over W; other chained
+  parts (`trainable` copies) are kept as they are."""
+  from flaxlora.peft import lora  # pylint: disable=g-import-not-at-top
+  prepared = method.prepare_base(base)
+
+  def convert(m, sub):
+    if isinstance(m.config, peft_base.ChainConfig):
+      pairs = [convert(p, a) for p, a in zip(m.config.methods, sub)]
+      return (m._replace(config=peft_base.ChainConfig(
+          tuple(p for p, _ in pairs))), tuple(a for _, a in pairs))
+    if not (isinstance(m.config, lora.LoraConfig) and
+            m.config.init == 'pissa'):
+      return m, sub
+    stacked = {}
+    for path, leaf in peft_base.flatten(sub, is_leaf=lora.is_lora_node
+                                        ).items():
+      node = peft_base.get(prepared, path)
+      stacked[path] = dict(leaf, a=jnp.concatenate([leaf['a'], node.a0], 1),
+                           b=jnp.concatenate([leaf['b'], -node.b0], 0))
+    return (m._replace(config=_doubled(m.config)),
+            peft_base.unflatten(stacked))
+
+  method, adapter = convert(method, adapter)
+  return jax.tree.map(original, prepared, is_leaf=is_pissa), adapter, method
+
+
+def _doubled(config: Any) -> Any:
+  """The LoraConfig of rank 2R with the same scale (PEFT: r, rank_pattern
+  and alpha, alpha_pattern x 2; alpha x sqrt(2) for rsLoRA)."""
+  factor = math.sqrt(2.0) if config.use_rslora else 2.0
+  return dataclasses.replace(
+      config, rank=2 * config.rank, alpha=factor * config.alpha,
+      rank_pattern=tuple((k, 2 * r) for k, r in config.rank_pattern),
+      alpha_pattern=tuple((k, factor * a) for k, a in config.alpha_pattern),
+      init='default')
+
+
+def _write_peft(folder, model, base, adapter, method, **kwargs):
+  from flaxlora.peft import peft_io  # pylint: disable=g-import-not-at-top
+  return peft_io.save_peft(folder, model, *as_lora(base, adapter, method),
+                           **kwargs)
+
+
+# A LORA folder over the ORIGINAL base (rank 2R): users load it on the
+# checkpoint they started from, not on the residual.
+EXPORT = peft_base.Export(_write_peft, needs_base=True)
