@@ -49,7 +49,6 @@ from flaxlora import workdir as workdir_lib
 from flaxlora.data import pipeline
 from flaxlora.data import task_data
 from flaxlora.models import layers
-from flaxlora.peft import describe
 from flaxlora.peft import method_parts
 from flaxlora.peft import peft_names
 
@@ -364,7 +363,8 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
     pick = max if c.checkpoint.best_mode == 'max' else min
     top = pick(evals, key=lambda r: r[best])
     summary.update({f'best_{best}': top[best], 'best_step': top['step']})
-  summary['trainable_params'] = describe.trained_params(run.method, adapter)
+  summary['trainable_params'] = method_parts.trained_params(
+      run.method, adapter)
   summary['base_params'] = layers.num_params(run.base)
   # What really trained: the method's resolved hyperparameters.
   summary['peft_method'] = method_parts.config_dicts(run.method)

@@ -19,9 +19,9 @@ from flaxlora import evaluation
 from flaxlora import steps
 from flaxlora import trainer
 from flaxlora.peft import base as peft_base
-from flaxlora.peft import describe
 from flaxlora.peft import lora
 from flaxlora.peft import merge
+from flaxlora.peft import method_parts
 from flaxlora.peft import peft_io
 from flaxlora.peft import scalora
 from flaxlora.peft import trainable
@@ -327,10 +327,10 @@ def test_trained_params_leave_out_the_accumulated_update():
   w = {'l': {'kernel': jnp.ones((6, 5))}, 'h': {'kernel': jnp.ones((5, 2))}}
   method = scalora.scalora(rank=2, targets=[r'l/kernel'])
   adapter = method.init(jax.random.PRNGKey(0), w)
-  assert describe.trained_params(method, adapter) == 6 * 2 + 2 * 5
+  assert method_parts.trained_params(method, adapter) == 6 * 2 + 2 * 5
   assert peft_base.num_params(adapter) == 6 * 2 + 2 * 5 + 6 * 5
   plain = peft_base.chain(lora.lora(rank=2, targets=[r'l/kernel']),
                           trainable.trainable('h/.*'))
   adapter = plain.init(jax.random.PRNGKey(0), w)
-  assert describe.trained_params(plain, adapter) == peft_base.num_params(
+  assert method_parts.trained_params(plain, adapter) == peft_base.num_params(
       adapter) == 6 * 2 + 2 * 5 + 5 * 2

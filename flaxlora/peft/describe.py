@@ -10,9 +10,6 @@ import html
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
@@ -90,20 +87,6 @@ def _rows(base: Mapping[str, Any], adapter: Any) -> list[Row]:
       rank = 'full'
     rows.append(Row(path, shape, rank, peft_base.num_params(leaf)))
   return rows
-
-
-def trained_params(method: peft_base.PeftMethod, adapter: Any) -> int:
-  """Scalars of `adapter` that the method's optimizer moves.
-
-  A leaf the method's `optimizer` hook freezes (ScaLoRA's accumulated update,
-  state rather than parameters) does not count: the count is of the leaves
-  a unit gradient gives a non-zero SGD update.
-  """
-  tx = method.optimizer(lambda multiplier: optax.sgd(multiplier))
-  updates, _ = tx.update(jax.tree.map(jnp.ones_like, adapter),
-                         tx.init(adapter), adapter)
-  return sum(int(np.size(u)) for u in jax.tree.leaves(updates)
-             if np.any(np.asarray(u) != 0))
 
 
 def describe(base: Mapping[str, Any], method: peft_base.PeftMethod,

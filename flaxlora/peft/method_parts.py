@@ -1,8 +1,14 @@
 """A method's parts with chains flattened: its configs, (config, adapter)
-pairs, and JSON records of its hyperparameters (what summary.json keeps)."""
+pairs, JSON records of its hyperparameters and the count of what it trains
+(what summary.json keeps)."""
 import dataclasses
 import json
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import trainable
@@ -58,3 +64,17 @@ def one_with_copies(method: peft_base.PeftMethod, adapter: Any,
     raise ValueError(f'{writer} needs exactly one {factory} in the method, '
                      f'found {len(found)}.')
   return found[0][0], found[0][1], copies
+
+
+def trained_params(method: peft_base.PeftMethod, adapter: Any) -> int:
+  """Scalars of `adapter` that the method's optimizer moves.
+
+  A leaf the method's `optimizer` hook freezes (ScaLoRA's accumulated update,
+  state rather than parameters) does not count: the count is of the leaves
+  a unit gradient gives a non-zero SGD update.
+  """
+  tx = method.optimizer(lambda multiplier: optax.sgd(multiplier))
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, adapter),
+                         tx.init(adapter), adapter)
+  return sum(int(np.size(u)) for u in jax.tree.leaves(updates)
+             if np.any(np.asarray(u) != 0))
