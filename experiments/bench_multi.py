@@ -9,8 +9,12 @@ rows, 8 per adapter, two ways: `mixed`, one call of 64 rows over a
 `multi` bank (each row names its adapter), and `sequential`, 8 calls of 8
 rows, each with one adapter applied the usual way (`method.apply`, what a
 user does with one adapter per call). Warm-up calls (every compilation)
-are excluded; the median of `--repeats` timed passes is reported as
-examples/s.
+are excluded; the passes of all runners are interleaved (A, B, A, B...) so
+that a changing machine load hits them alike, and the median of
+`--repeats` passes is reported as examples/s. The base model alone is
+timed the same two ways (64 rows in one call, 8 calls of 8): `ceiling`,
+their ratio, is the most batching can give on this machine, and
+`bank_overhead` is the mixed call's time over the base's at 64 rows.
 
   t5_generate: T5-small shape (d_model 512, d_ff 2048, 6+6 layers, 8 heads,
     vocab 32128), q/v adapters, greedy `decoding.generate` of exactly 32
@@ -19,11 +23,13 @@ examples/s.
     intermediate 1536, vocab 30522), query/value adapters plus a trained
     classifier copy per adapter, 128-token inputs, 2 labels.
 
-`lowrank_ms` times the one choice inside `multi.MultiLoraKernel`: the
-per-row low-rank term x a[k] b[k] of one [64, T, 512] -> 512 kernel at
-R = 16, by gathering each row's factors (what `multi` does) and by
+`lowrank_ms` times the one choice inside `multi.MultiLoraKernel`: x W plus
+the per-row low-rank term x a[k] b[k] of one [64, T, 512] -> 512 kernel at
+R = 16, by gathering each row's factors (what `multi` does), by one product
+over all K * R columns masked to each row's slot (`onehot`) and by
 `jax.lax.ragged_dot` over rows sorted by adapter (skyrl-tx's grouping),
-for T = 64 (an encoder call) and T = 1 (a decode step).
+for T = 64 (an encoder call) and T = 1 (a decode step); `base_only` is
+x W alone.
 """
 import argparse
 import json
@@ -60,14 +66,19 @@ QUICK = dict(
     ranks=(2, 4))
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-  fn()  # warm-up: every compilation
-  times = []
+def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int
+                 ) -> dict[str, float]:
+  """Median seconds of each runner; passes interleaved (A, B, A, B...) so
+  that a changing load on the machine hits every runner alike."""
+  for fn in fns.values():
+    fn()  # warm-up: every compilation
+  times = {name: [] for name in fns}
   for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _adapters(method_for, base, count, ranks):
@@ -85,7 +96,8 @@ def _adapters(method_for, base, count, ranks):
 
 
 def _compare(name, pairs, base, run, rows, repeats):
-  """Times mixed (one call over a bank) vs sequential (one per adapter).
+  """Times mixed (one call over a bank) vs sequential (one per adapter),
+  and the base model alone both ways (the most batching can give).
 
   run(params, row_slice) -> host outputs of those rows.
   """
@@ -94,18 +106,24 @@ def _compare(name, pairs, base, run, rows, repeats):
   ids = np.repeat(np.arange(count, dtype=np.int32), each)
   mixed = lambda: run(multi.apply(base, bank, ids)[0], slice(0, rows))
   singles = [m.apply(base, a)[0] for m, a in pairs]
-  sequential = lambda: [run(p, slice(k * each, (k + 1) * each))
-                        for k, p in enumerate(singles)]
+  parts = [slice(k * each, (k + 1) * each) for k in range(count)]
+  sequential = lambda: [run(p, part) for p, part in zip(singles, parts)]
   agree = float(np.mean(np.concatenate(sequential()) == mixed()))
-  seconds = {'mixed': _median_seconds(mixed, repeats),
-             'sequential': _median_seconds(sequential, repeats)}
+  seconds = _interleaved({
+      'mixed': mixed, 'sequential': sequential,
+      'base_batched': lambda: run(base, slice(0, rows)),
+      'base_split': lambda: [run(base, part) for part in parts]}, repeats)
   result = {'seconds': seconds,
             'examples_per_s': {k: rows / v for k, v in seconds.items()},
             'ratio': seconds['sequential'] / seconds['mixed'],
+            'ceiling': seconds['base_split'] / seconds['base_batched'],
+            'bank_overhead': seconds['mixed'] / seconds['base_batched'],
             'agreement': agree}
   print(f'{name:20s} mixed {rows / seconds["mixed"]:8.1f} ex/s, sequential '
         f'{rows / seconds["sequential"]:8.1f} ex/s, ratio '
-        f'{result["ratio"]:.2f}x, outputs equal {agree:.3f}', flush=True)
+        f'{result["ratio"]:.2f}x (base alone: ceiling '
+        f'{result["ceiling"]:.2f}x; mixed / base {result["bank_overhead"]:.2f}'
+        f'), outputs equal {agree:.3f}', flush=True)
   return result
 
 
@@ -153,6 +171,13 @@ def _gathered(x, a, b, slot):
   return jnp.einsum('btr,bro->bto', h, b[slot])
 
 
+def _onehot(x, a, b, slot):
+  """Every row through all K * R columns, masked to its own slot's."""
+  mask = (jnp.arange(a.shape[0]) == slot[:, None]).astype(x.dtype)  # [B, K]
+  h = jnp.einsum('bti,kir->btkr', x, a) * mask[:, None, :, None]
+  return jnp.einsum('btkr,kro->bto', h, b)
+
+
 def _ragged(x, a, b, slot):
   """Rows sorted by adapter, one `ragged_dot` group per adapter."""
   rows, length, width = x.shape
@@ -166,21 +191,26 @@ def _ragged(x, a, b, slot):
 
 def lowrank_ms(repeats: int, adapters=8, rows=64, width=512, rank=16
                ) -> dict[str, float]:
-  """ms per call of the per-row low-rank term, gather vs ragged_dot."""
+  """ms per call of x W plus the per-row low-rank term, by each way."""
   rng = np.random.RandomState(0)
   a = jnp.asarray(rng.randn(adapters, width, rank), jnp.float32)
   b = jnp.asarray(rng.randn(adapters, rank, width), jnp.float32)
+  w = jnp.asarray(rng.randn(width, width), jnp.float32)
   slot = jnp.asarray(np.repeat(np.arange(adapters), rows // adapters))
   out = {}
   for length in (64, 1):
     x = jnp.asarray(rng.randn(rows, length, width), jnp.float32)
     calls = 10 if length > 1 else 200
-    for name, fn in (('gather', _gathered), ('ragged_dot', _ragged)):
-      f = jax.jit(fn)
-      loop = lambda f=f, x=x: [f(x, a, b, slot).block_until_ready()
-                               for _ in range(calls)]
-      out[f'{name}_T{length}'] = 1e3 * _median_seconds(loop, repeats) / calls
-      print(f'low-rank term {name:10s} T={length:3d} '
+    fns = {}
+    for name, fn in (('base_only', lambda x, a, b, slot: 0.0),
+                     ('gather', _gathered), ('onehot', _onehot),
+                     ('ragged_dot', _ragged)):
+      f = jax.jit(lambda x, a, b, slot, fn=fn: x @ w + fn(x, a, b, slot))
+      fns[name] = lambda f=f, x=x: [f(x, a, b, slot).block_until_ready()
+                                    for _ in range(calls)]
+    for name, sec in _interleaved(fns, repeats).items():
+      out[f'{name}_T{length}'] = 1e3 * sec / calls
+      print(f'x W + low-rank term {name:10s} T={length:3d} '
             f'{out[f"{name}_T{length}"]:8.3f} ms', flush=True)
   return out
 

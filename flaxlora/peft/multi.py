@@ -18,13 +18,28 @@ computes, for row b with slot k = ids[b],
 
     y[b] = x[b] W + scale[k] (x[b] a[k]) b[k]  (+ x[b] delta[k] + bias_delta[k])
 
-gathering each row's factors (Punica's BGMV shape). Measured on CPU at the
-benchmark shapes (`experiments.bench_multi`, `lowrank_ms`: 64 rows over 8
-adapters, 512 -> 512, R = 16), the gather took 5.8 ms per encoder-sized call
-(T = 64) where `jax.lax.ragged_dot` over rows sorted by adapter (skyrl-tx's
-grouping) took 80 ms, and both ~2.5 ms per decode step (T = 1); a masked
-dense product over all K * R columns was close to the gather but grows with
-K. The bank's shapes (K, R, the banked paths) are the only thing a jitted
+gathering each row's factors (Punica's BGMV shape), chosen by measurement
+on a loaded 2-core CPU (`experiments.bench_multi`; interleaved runs, ratios
+only). x W plus the low-rank term of one 512 -> 512 kernel, 64 rows over
+K = 8 adapters at R = 16, took this many times x W alone (two runs):
+
+                       gather      one-hot K*R   ragged_dot (skyrl-tx)
+    T = 64 (encoder)   1.02, 1.33  1.17, 1.70    1.45, 3.43
+    T = 1 (decode)     3.0, 1.58   4.4, 1.17     4.4, 1.68
+
+(one-hot: x @ all K * R columns masked to the row's slot, @ [K*R, out];
+ragged_dot: rows sorted by adapter, one group each.) Whole calls do not see
+the T = 1 difference: a mixed T5 generate of 64 rows took 1.04x the base
+model's time with the gather and 1.05x with one-hot decode steps, a mixed
+BERT forward 1.03x and 1.04x; so the gather serves every T, with no branch
+on the shape. A mixed batch then gains over one call per adapter what
+batching gains the base model itself. On that CPU 8 calls of 8 rows took
+1.7-1.9x one call of 64 for T5 generate and 0.75-0.86x for BERT (64 x 128
+tokens of activations outgrow the caches): the 4x of memory-bound
+accelerators is out of reach there, and the benchmark reports this ceiling
+next to its ratio.
+
+The bank's shapes (K, R, the banked paths) are the only thing a jitted
 caller compiles for: `put` replaces a slot's values and new ids pick other
 slots, both without recompiling.
 """
