@@ -66,7 +66,8 @@ def point_row(workdir: pathlib.Path, metric: str, reach: float
       'trainable': summary.get('trainable_params'),
       's_per_step': 1 / statistics.median(rates) if rates else None,
       'minutes': summary['seconds'] / 60 if 'seconds' in summary else None,
-      'status': 'done' if summary else ('stopped' if records else 'not run'),
+      'status': 'done' if summary else (
+          'unfinished' if records else 'not run'),
       'curve': evals,
   }
 
@@ -125,7 +126,8 @@ def main(argv):
   rows, variants = {}, {}
   for i, point in enumerate(sweeps.points(config_arg)):
     folder = root / sweeps.point_name(i, point)
-    name = ','.join(f'{k}={v}' for k, v in point.items())
+    name = ','.join(str(v) if k == sweeps.ARG else f'{k}={v}'
+                    for k, v in point.items())
     rows[name] = point_row(folder, _METRIC.value, _REACH.value)
     variants[name] = str(point.get(sweeps.ARG, ''))
   text = table(rows, _METRIC.value, _REACH.value)
