@@ -266,6 +266,8 @@ def test_trainer_run_exports_the_merged_checkpoint(tmp_path, capsys):
 def test_trainer_run_exports_on_request(tmp_path, capsys):
   summary = trainer.train_and_evaluate(_config(4), tmp_path)
   assert summary['step'] == 4
+  record = summary['peft_method'][0]  # the nested LoRA config, as a record
+  assert record['merge_every'] == 1 and record['lora']['rank'] == 8
   assert 'scalora: rank-8 PEFT approximation' in capsys.readouterr().out
   peft_config = json.loads((tmp_path / 'peft' / peft_io.CONFIG_FILE)
                            .read_text())

@@ -20,9 +20,9 @@ def config_dicts(method: peft_base.PeftMethod) -> list[dict[str, Any]]:
   out = []
   for config in configs(method):
     if dataclasses.is_dataclass(config):
-      fields = {f.name: getattr(config, f.name)
-                for f in dataclasses.fields(config)}
-      out.append({'type': type(config).__name__, **fields})
+      # asdict recurses: ScaLoRA's nested LoraConfig is a record too.
+      out.append({'type': type(config).__name__,
+                  **dataclasses.asdict(config)})
     else:
       out.append({'type': type(config).__name__})
   return json.loads(json.dumps(out, default=str))  # tuples -> lists
