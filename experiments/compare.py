@@ -21,7 +21,6 @@ from typing import Any
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from flaxlora import atomic
 from flaxlora import errors
@@ -29,9 +28,9 @@ from flaxlora import figures
 from flaxlora import sweeps
 from flaxlora import workdir as workdir_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'The sweep config, e.g. '
-    'configs/bert_sentiment_compare.py:local_data.', lock_config=True)
+_CONFIG = flags.DEFINE_string(
+    'config', None, 'The sweep config file and variant, e.g. '
+    'configs/bert_sentiment_compare.py:local_data.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The sweep root folder.')
 _METRIC = flags.DEFINE_string('metric', 'accuracy', 'The eval metric.')
 _REACH = flags.DEFINE_float('reach', 0.85, 'The level whose first step is '
@@ -121,7 +120,7 @@ def plot(rows: dict[str, dict[str, Any]], variants: dict[str, str],
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config_arg = config_flags.get_config_filename(flags.FLAGS['config'])
+  config_arg = _CONFIG.value
   root = pathlib.Path(_WORKDIR.value)
   rows, variants = {}, {}
   for i, point in enumerate(sweeps.points(config_arg)):

@@ -66,14 +66,13 @@ def points(config_arg: str) -> list[dict[str, Any]]:
   return [dict(p) for p in result]
 
 
-def point_config(config: Any, config_arg: str, overrides: Mapping[str, Any],
+def point_config(config: Any, module: Any, overrides: Mapping[str, Any],
                  base_overrides: Mapping[str, Any] | None = None) -> Any:
   """The config of one point: `config`, or for a point with an 'arg' key,
-  the config file's get_config(arg) with `base_overrides` (the command
+  the config `module`'s get_config(arg) with `base_overrides` (the command
   line's), then the point's other overrides."""
   overrides = dict(overrides)
   if ARG in overrides:
-    module = load_module(config_arg)
     config = apply(module.get_config(overrides.pop(ARG)),
                    base_overrides or {})
   return apply(config, overrides)
@@ -145,7 +144,8 @@ def run(config: Any, config_arg: str, root: str | os.PathLike, *,
   root = claim.check_path(root)
   rows = []
   todo = points(config_arg)
-  configs = [point_config(config, config_arg, p, base_overrides)
+  module = load_module(config_arg)
+  configs = [point_config(config, module, p, base_overrides)
              for p in todo]  # all errors before any run
   for i, (overrides, one_config) in enumerate(zip(todo, configs)):
     workdir = root / point_name(i, overrides)

@@ -162,8 +162,9 @@ def test_compare_points_pick_each_method_and_rate():
   path = str(REPO / 'configs/bert_sentiment_compare.py:local_data')
   base = _module('bert_sentiment_compare').get_config('local_data')
   seen = []
+  module = sweeps.load_module(path)
   for point in sweeps.points(path):
-    config = sweeps.point_config(base, path, point,
+    config = sweeps.point_config(base, module, point,
                                  {'train.batch_size': 16})
     seen.append((repr(sorted(config.peft.items())), config.optimizer.lr))
     assert config.train.batch_size == 16  # the command line's override

@@ -320,7 +320,7 @@ def test_pissa_prepare_base_and_init_agree_in_either_order(toy, use_dora):
   leaf = adapter['block']['q']['kernel']
   np.testing.assert_allclose(2.0 * leaf['a'] @ leaf['b'], top, atol=1e-5)
   node = prepared['block']['q']['kernel']
-  np.testing.assert_allclose(node.residual, w - top, atol=1e-5)
+  np.testing.assert_allclose(node.w, w - top, atol=1e-5)
   np.testing.assert_allclose(node.original(), w, atol=1e-5)
   # At init the model computes W, on the prepared base (prepare_base is
   # idempotent) and on the original one (apply prepares it on the fly).

@@ -79,7 +79,7 @@ def test_at_step_zero_the_run_computes_the_base_model(runs):
   np.testing.assert_allclose(2.0 * np.asarray(leaf['a'], np.float64) @
                              np.asarray(leaf['b'], np.float64), top,
                              atol=1e-5)
-  np.testing.assert_allclose(node.residual, w - top, atol=1e-5)
+  np.testing.assert_allclose(node.w, w - top, atol=1e-5)
   # The tiny random BERT's logits are ~1e-2: fp32 agreement is ~1e-9, the
   # bug this guards against (the adapter added to the original W) ~7e-5.
   base_logits = _logits(runs['default'][0])

@@ -28,7 +28,6 @@ from typing import Any, Mapping
 from flax import struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec
 
 from flaxlora.models import layers
@@ -38,39 +37,31 @@ Array = jax.Array
 
 
 @struct.dataclass
-class PissaKernel:
+class PissaKernel(layers.WrapsKernel):
   """A prepared PiSSA base kernel: acts as W_res, remembers W's top-R part.
 
   Attributes:
-    residual: [in, out] W - scale A0 B0, in W's dtype.
+    w: [in, out] the residual W_res = W - scale A0 B0, in W's dtype.
     a0: [in, R] fp32, the adapter's initial A.
     b0: [R, out] fp32, the adapter's initial B.
     scale: the LoRA scale the factors were split with.
   """
-  residual: Array
+  w: Array
   a0: Array
   b0: Array
   scale: float = struct.field(pytree_node=False)
 
   needs_rng = False
 
-  @property
-  def shape(self) -> tuple[int, int]:
-    return tuple(self.residual.shape)
-
-  @property
-  def size(self) -> int:
-    return int(np.prod(self.residual.shape))
-
   def dot(self, x: Array, *, dtype: jnp.dtype,
           dropout_rng: Array | None = None) -> Array:
     """[..., in] -> [..., out]: x W_res (the base without its adapter)."""
     del dropout_rng
-    return layers.matmul(x, self.residual, dtype=dtype).astype(dtype)
+    return layers.matmul(x, self.w, dtype=dtype).astype(dtype)
 
   def original(self) -> Array:
     """[in, out] fp32 W = W_res + scale A0 B0."""
-    return jnp.asarray(self.residual, jnp.float32) + self.scale * jnp.matmul(
+    return jnp.asarray(self.w, jnp.float32) + self.scale * jnp.matmul(
         self.a0, self.b0, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -117,7 +108,7 @@ def residual_base(config: Any, base: Mapping[str, Any]) -> dict[str, Any]:
   """The base LoRA's `apply` adapts: targeted kernels as W_res arrays."""
   prepared = prepare(config, base)
   return peft_base.replace(prepared, {
-      p: v.residual for p, v in _kernels(prepared).items()})
+      p: v.w for p, v in _kernels(prepared).items()})
 
 
 def prepared_axes(base_axes: Any, prepared: Any) -> Any:
