@@ -2,7 +2,8 @@ r"""The table and plot of a method comparison sweep.
 
   python -m experiments.compare \
       --config=configs/bert_sentiment_compare.py:local_data \
-      --workdir=workdirs/sst2_compare [--metric=accuracy --reach=0.85]
+      --workdir=workdirs/sst2_compare [--metric=accuracy --reach=0.85] \
+      [--previous=experiments/results/sst2_compare.md]
 
 For every point of the config's `get_sweep` (run or not yet run), from its
 workdir under --workdir: the final and best dev `--metric`, the first
@@ -11,6 +12,11 @@ median seconds per train step and the run's wall minutes. Writes
 `compare.md` (a Markdown table) and `compare.png` (the metric over steps per
 point, and the final metric against the learning rate for the points that
 share a variant) to --workdir, and prints the table.
+
+A sweep whose points ran on several machines: `--previous` names an earlier
+`compare.md`; a point not run under --workdir takes that table's row if it
+was done there (status `done (previous)`; its curve is not in that table, so
+it is missing from the left plot, not from the learning-rate plot).
 """
 import collections
 import json
@@ -35,6 +41,9 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'The sweep root folder.')
 _METRIC = flags.DEFINE_string('metric', 'accuracy', 'The eval metric.')
 _REACH = flags.DEFINE_float('reach', 0.85, 'The level whose first step is '
                             'reported.')
+_PREVIOUS = flags.DEFINE_string(
+    'previous', None, 'An earlier compare.md whose done rows stand in for '
+    'points not run under --workdir.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 COMPARE_MD = 'compare.md'
@@ -90,6 +99,36 @@ def _fmt(value: Any, spec: str) -> str:
   return '-' if value is None else spec.format(value)
 
 
+# The table's value columns (after the point's name), as `point_row` keys,
+# and how a cell reads back.
+_COLUMNS = (('lr', float), ('final', float), ('best', float),
+            ('reach_step', int),
+            ('trainable', lambda cell: int(cell.replace(',', ''))),
+            ('s_per_step', float), ('minutes', float))
+
+
+def read_table(path: pathlib.Path) -> dict[str, dict[str, Any]]:
+  """The done rows of an earlier `table` (point name -> row, no curve)."""
+  rows = {}
+  lines = path.read_text().splitlines()
+  for number, line in enumerate(lines[2:], start=3):
+    cells = [c.strip() for c in line.strip().strip('|').split('|')]
+    if len(cells) != len(_COLUMNS) + 2:
+      raise ValueError(f'{path}:{number}: not a row of experiments.compare\'s '
+                       f'table ({len(cells)} cells, want '
+                       f'{len(_COLUMNS) + 2}); pass its compare.md.')
+    if not cells[-1].startswith('done'):
+      continue
+    try:
+      row = {key: None if cell == '-' else read(cell)
+             for (key, read), cell in zip(_COLUMNS, cells[1:-1])}
+    except ValueError as e:
+      raise ValueError(f'{path}:{number}: unreadable cell ({e}); pass '
+                       'experiments.compare\'s compare.md.') from None
+    rows[cells[0]] = dict(row, status='done (previous)', curve=[])
+  return rows
+
+
 def plot(rows: dict[str, dict[str, Any]], variants: dict[str, str],
          metric: str, path: pathlib.Path) -> None:
   """The metric over steps per point; final metric against lr per variant
@@ -122,12 +161,16 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config_arg = _CONFIG.value
   root = pathlib.Path(_WORKDIR.value)
+  previous = read_table(pathlib.Path(_PREVIOUS.value)) if (
+      _PREVIOUS.value) else {}
   rows, variants = {}, {}
   for i, point in enumerate(sweeps.points(config_arg)):
     folder = root / sweeps.point_name(i, point)
     name = ','.join(str(v) if k == sweeps.ARG else f'{k}={v}'
                     for k, v in point.items())
     rows[name] = point_row(folder, _METRIC.value, _REACH.value)
+    if rows[name]['status'] == 'not run' and name in previous:
+      rows[name] = previous[name]
     variants[name] = str(point.get(sweeps.ARG, ''))
   text = table(rows, _METRIC.value, _REACH.value)
   atomic.write_file(root / COMPARE_MD, text)

@@ -12,9 +12,9 @@ Inputs: --text (with --context for extractive QA) or --input, a .jsonl /
 Output: one JSON line per input (id, input, prediction; class
 probabilities; answer score and character offsets; generated text with the
 config's beam settings) to --output, or to stdout.
-From a PEFT folder (--peft; LoRA or prompt tuning), the base is --model or
-the folder's base_model_name_or_path, its tokenizer that folder's; the task
-follows the model (BERT classification/QA head, or T5 text-to-text).
+From a PEFT folder (--peft; LoRA, IA3, prompt or prefix tuning), the base is
+--model or the folder's base_model_name_or_path, its tokenizer that folder's;
+the task follows the model (BERT classification/QA head, or T5 text-to-text).
 """
 import pathlib
 import sys

@@ -16,8 +16,8 @@ and an optional 'id'. Each output row has id, input, prediction and the
 task's extras: the class probabilities; the answer's score and character
 offsets [start, end) in the context; for T5 the text generated with the
 config's eval.num_beams / max_new_tokens / length_penalty.
-`from_peft` rebuilds a run from a PEFT folder (LoRA or prompt tuning) and a
-base checkpoint instead of a workdir.
+`from_peft` rebuilds a run from a PEFT folder (LoRA, IA3, prompt or prefix
+tuning) and a base checkpoint instead of a workdir.
 """
 import json
 import pathlib
@@ -34,8 +34,8 @@ from flaxlora import tasks
 from flaxlora import trainer
 from flaxlora.data import sources
 from flaxlora.data import task_data
+from flaxlora.peft import folders
 from flaxlora.peft import peft_io
-from flaxlora.peft import prompt_io
 
 
 def _get(row: dict[str, Any], names: Sequence[str], origin: str) -> str:
@@ -109,10 +109,8 @@ def read_inputs(path: str | pathlib.Path) -> list[dict[str, Any]]:
 
 def peft_base_path(peft_dir: str | pathlib.Path) -> str:
   """The base model a PEFT folder names (base_model_name_or_path)."""
+  folders.peft_type(peft_dir)  # a PEFT folder, or a clear error
   path = pathlib.Path(peft_dir) / peft_io.CONFIG_FILE
-  if not path.is_file():
-    raise FileNotFoundError(f'{path} does not exist; --peft must be a PEFT '
-                            'folder (a run writes WORKDIR/peft).')
   return json.loads(path.read_text()).get('base_model_name_or_path') or ''
 
 
@@ -127,19 +125,13 @@ def from_peft(config: Any, peft_dir: str | pathlib.Path
 
   `config` is a full run config (task, model family/head/labels, data
   lengths, eval settings); its peft section is unused: the method comes
-  from the folder (`peft_io.load_peft`, `prompt_io.load_prompt`).
+  from the folder (`peft.folders.load`: LoRA, IA3, prompt or prefix).
   """
-  peft_dir = pathlib.Path(peft_dir)
-  peft_type = json.loads((peft_dir / peft_io.CONFIG_FILE).read_text()).get(
-      'peft_type')
   mesh = sharding.make_mesh({'data': -1})
   rules = sharding.resolve_rules(config.get('sharding_rules', None))
   model, base, base_axes, family = build.model_and_params(
       config, jax.random.PRNGKey(0), mesh, rules)
-  if peft_type == 'PROMPT_TUNING':
-    method, adapter = prompt_io.load_prompt(peft_dir, model)
-  else:
-    method, adapter = peft_io.load_peft(peft_dir, model, base)
+  method, adapter = folders.load(peft_dir, model, base)
   tokenizer = build.tokenizer(config)
   run = trainer.Run(config, peft_dir, model, family, tokenizer, None,
                     tasks.make(config, model), method, mesh, rules, base,

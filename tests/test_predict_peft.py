@@ -1,5 +1,6 @@
 """experiments.predict from a PEFT folder plus a base (issue #16): the
-class probabilities equal transformers + PEFT's on the same folder."""
+class probabilities equal transformers + PEFT's on the same folder, for
+each folder kind flaxlora writes (LoRA, IA3, prefix tuning)."""
 import jax
 import numpy as np
 import pytest
@@ -9,8 +10,13 @@ from flaxlora import models
 from flaxlora import predict
 from flaxlora.data import synthetic
 from flaxlora.peft import base as peft_base
+from flaxlora.peft import folders
+from flaxlora.peft import ia3
+from flaxlora.peft import ia3_io
 from flaxlora.peft import lora
 from flaxlora.peft import peft_io
+from flaxlora.peft import prefix
+from flaxlora.peft import prefix_io
 from flaxlora.peft import trainable
 
 torch = pytest.importorskip('torch')
@@ -21,9 +27,19 @@ TINY_BERT = dict(model_type='bert', vocab_size=99, hidden_size=32,
                  num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=37, max_position_embeddings=64)
 TEXTS = ['good nice great film', 'awful bad sad']
+# kind -> (method, its writer (folder, model, base, adapter, method, **kw)).
+KINDS = {
+    'lora': (lambda: lora.lora(rank=4, alpha=8, targets='bert'),
+             peft_io.save_peft),
+    'ia3': (ia3.ia3, ia3_io.save_ia3),
+    'prefix': (lambda: prefix.prefix_tuning(num_tokens=3),
+               lambda folder, model, base, *rest, **kw: prefix_io.save_prefix(
+                   folder, model, *rest, **kw)),
+}
 
 
-def test_predict_from_peft_folder_matches_peft(tmp_path):
+@pytest.mark.parametrize('kind', sorted(KINDS))
+def test_predict_from_peft_folder_matches_peft(tmp_path, kind):
   base_dir, peft_dir = tmp_path / 'base', tmp_path / 'peft'
   config = models.FAMILIES['bert'].config_from_hf(TINY_BERT)
   model = models.FAMILIES['bert'].build(config, head='classification',
@@ -32,14 +48,17 @@ def test_predict_from_peft_folder_matches_peft(tmp_path):
   models.save(base_dir, model, base)
   tokenizer = synthetic.words_tokenizer()
   tokenizer.save_pretrained(str(base_dir))
-  method = peft_base.chain(lora.lora(rank=4, alpha=8, targets='bert'),
+  make_method, save = KINDS[kind]
+  method = peft_base.chain(make_method(),
                            trainable.trainable(r'classifier/.*'))
   adapter = method.init(jax.random.PRNGKey(1), base)
-  adapter = jax.tree.map(  # B != 0: the adapter changes the output
+  adapter = jax.tree.map(  # B != 0, IA3 != 1: the adapter changes the output
       lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(2), x.shape),
       adapter)
-  peft_io.save_peft(peft_dir, model, base, adapter, method,
-                    base_model_name_or_path=str(base_dir))
+  save(peft_dir, model, base, adapter, method,
+       base_model_name_or_path=str(base_dir))
+  assert folders.peft_type(peft_dir) == kind.upper().replace(
+      'PREFIX', 'PREFIX_TUNING')
 
   run_config = from_checkpoint.get_config(predict.peft_base_path(peft_dir))
   assert run_config.task == 'classification'
@@ -61,5 +80,26 @@ def test_predict_from_peft_folder_matches_peft(tmp_path):
 def _probabilities(hf, tokenizer):
   encoded = tokenizer(TEXTS, padding=True, return_tensors='pt')
   with torch.no_grad():
-    logits = hf(**encoded).logits
+    if getattr(hf, 'active_peft_config', None) is None or (
+        hf.active_peft_config.peft_type != 'PREFIX_TUNING'):
+      logits = hf(**encoded).logits
+    else:  # PEFT 0.21's BERT forward refuses prefixes; its own pieces don't
+      p = hf.active_peft_config.num_virtual_tokens
+      mask = encoded['attention_mask']
+      mask = torch.cat([torch.ones(mask.shape[0], p, dtype=mask.dtype), mask],
+                       dim=1)
+      bert = hf.base_model
+      out = bert.bert(input_ids=encoded['input_ids'], attention_mask=mask,
+                      token_type_ids=encoded['token_type_ids'],
+                      cache=hf.get_prompt(mask.shape[0]))
+      logits = bert.classifier(out.pooler_output)
   return torch.softmax(logits, -1).numpy()
+
+
+def test_unknown_peft_type_is_named(tmp_path):
+  (tmp_path / 'adapter_config.json').write_text('{"peft_type": "LOHA"}')
+  with pytest.raises(ValueError, match=r"adapter_config.json: peft_type "
+                     r"'LOHA' is not one flaxlora reads; it reads \['IA3'"):
+    folders.load(tmp_path, None, {})
+  with pytest.raises(FileNotFoundError, match='pass a PEFT folder'):
+    predict.peft_base_path(tmp_path / 'missing')

@@ -138,13 +138,14 @@ def get_sweep(arg=None):
 '''
 
 
-def _compare(flag, root):
+def _compare(flag, root, *more, ok=True):
   # A subprocess: experiments' CLIs each define --config (absl flags).
   result = subprocess.run(
       [sys.executable, '-m', 'experiments.compare', flag,
-       f'--workdir={root}'], cwd=REPO, capture_output=True, text=True,
+       f'--workdir={root}', *more], cwd=REPO, capture_output=True, text=True,
       timeout=120)
-  assert result.returncode == 0, result.stderr[-2000:]
+  assert (result.returncode == 0) == ok, result.stderr[-2000:]
+  return result
 
 
 def test_arg_points_pick_variants_and_compare_tabulates(tmp_path):
@@ -168,6 +169,20 @@ def test_arg_points_pick_variants_and_compare_tabulates(tmp_path):
   summaries = [json.loads((p / 'summary.json').read_text()) for p in points]
   assert cells[0][2] == f"{summaries[0]['eval_accuracy']:.4f}"
   assert (root / 'compare.png').stat().st_size > 0
+
+  # A point run elsewhere: its row comes from the earlier table.
+  earlier = tmp_path / 'earlier.md'
+  earlier.write_text((root / 'compare.md').read_text())
+  shutil.rmtree(points[1])
+  _compare(flag, root, f'--previous={earlier}')
+  again = (root / 'compare.md').read_text().splitlines()[2:]
+  assert again[0] == lines[0] and again[2] == lines[2]
+  assert again[1] == lines[1].replace('| done |', '| done (previous) |')
+  _compare(flag, root)  # without it, the point is not run
+  assert (root / 'compare.md').read_text().count('| not run |') == 1
+  earlier.write_text(earlier.read_text().replace('| 0.03 |', '| 0.03 | x |'))
+  failed = _compare(flag, root, f'--previous={earlier}', ok=False)
+  assert f'{earlier}:4: not a row' in failed.stderr
 
 
 def test_arg_point_commands_name_the_variant(tmp_path):
