@@ -170,7 +170,7 @@ def test_compare_points_pick_each_method_and_rate():
     assert config.train.batch_size == 16  # the command line's override
     assert config.data.source == 'files'  # the sweep's own variant
   methods = bert_sentiment_compare.METHODS
-  assert len(seen) == len(methods) + 6
+  assert len(seen) == len(methods) + 6 + len(bert_sentiment_compare.TUNED)
   assert len(set(seen)) == len(seen)  # every point trains something else
   assert [lr for _, lr in seen].count(1e-1) == 2
 

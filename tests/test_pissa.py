@@ -15,6 +15,7 @@ from flaxlora import export
 from flaxlora import models
 from flaxlora import optimizers
 from flaxlora import trainer
+from flaxlora.inspect import analysis
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
 from flaxlora.peft import peft_io
@@ -86,6 +87,21 @@ def test_at_step_zero_the_run_computes_the_base_model(runs):
   assert helpers.max_diff(_logits(run, state.adapter), base_logits) < 1e-7
   plain = runs['default'][0]
   assert helpers.max_diff(_logits(plain, state.adapter), base_logits) > 1e-5
+
+
+def test_inspect_analyses_the_update_over_the_residual(runs):
+  run, adapter, _ = runs['pissa']
+  prepared = run.method.prepare_base(run.base) if not pissa.is_pissa(
+      _at(run.base)) else run.base
+  report = analysis.analyze(prepared, adapter, run.method)
+  residual = jax.tree.map(lambda x: x.w if pissa.is_pissa(x) else x,
+                          prepared, is_leaf=pissa.is_pissa)
+  path = '/'.join(QUERY)
+  assert report.by_path[path].relative_norm == analysis.analyze(
+      residual, adapter, run.method).by_path[path].relative_norm
+  original = runs['default'][0].base
+  assert report.by_path[path].relative_norm != analysis.analyze(
+      original, adapter, run.method).by_path[path].relative_norm
 
 
 def test_the_run_trains_pissa_not_default(runs):

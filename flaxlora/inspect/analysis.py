@@ -40,6 +40,7 @@ import numpy as np
 
 from flaxlora.inspect import table
 from flaxlora.inspect import tree as tree_lib
+from flaxlora.models import layers
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
 from flaxlora.peft import method_parts
@@ -244,13 +245,19 @@ def _scale_of(path: str, node: Mapping[str, Any], scales: Scales) -> float:
 
 
 def _base_kernel(base: Any, path: str) -> Any:
-  """W [in, out] at `path` (or `path`/kernel); NF4 kernels are dequantised."""
+  """W [in, out] at `path` (or `path`/kernel) that the adapter adds to.
+
+  NF4 kernels are dequantised; a prepared kernel that wraps another (PiSSA's
+  residual) gives the kernel it computes with, its field `w`.
+  """
   for candidate in (path, path + '/kernel'):
     node = base
     for name in candidate.split('/'):
       node = node.get(name) if isinstance(node, Mapping) else None
     if node is not None and not isinstance(node, Mapping):
-      return node.dequantize() if hasattr(node, 'dequantize') else node
+      if hasattr(node, 'dequantize'):
+        return node.dequantize()
+      return node.w if isinstance(node, layers.WrapsKernel) else node
   paths = list(tree_lib.flatten(base))[:3]
   raise ValueError(f'adapter targets {path}, which the base params lack; '
                    f'base paths look like {paths}. Pass the base params the '
