@@ -19,6 +19,7 @@ from flaxlora import evaluation
 from flaxlora import steps
 from flaxlora import trainer
 from flaxlora.peft import base as peft_base
+from flaxlora.peft import describe
 from flaxlora.peft import lora
 from flaxlora.peft import merge
 from flaxlora.peft import method_parts
@@ -336,3 +337,17 @@ def test_trained_params_leave_out_the_accumulated_update():
   adapter = plain.init(jax.random.PRNGKey(0), w)
   assert method_parts.trained_params(plain, adapter) == peft_base.num_params(
       adapter) == 6 * 2 + 2 * 5 + 5 * 2
+
+
+def test_describe_counts_only_what_the_optimizer_moves():
+  w = {'l': {'kernel': jnp.ones((6, 5))}, 'h': {'kernel': jnp.ones((5, 2))}}
+  method = peft_base.chain(scalora.scalora(rank=2, targets=[r'l/kernel']),
+                           trainable.trainable('h/.*'))
+  shapes = jax.eval_shape(lambda: w)  # abstract, as for a large model
+  got = describe.describe(shapes, method)
+  assert got.trainable == 6 * 2 + 2 * 5 + 5 * 2  # a, b, the head; not acc
+  assert [(r.path, r.added) for r in got.rows] == [
+      ('h/kernel', 10), ('l/kernel', 6 * 2 + 2 * 5)]
+  assert got.frozen == 6 * 5 + 5 * 2
+  adapter = method.init(jax.random.PRNGKey(0), w)
+  assert got.trainable == method_parts.trained_params(method, adapter)

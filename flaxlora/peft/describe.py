@@ -3,7 +3,8 @@
     print(describe.describe(base, method))   # also renders in notebooks
 
 Shapes come from `jax.eval_shape(method.init, ...)`, so describing a large
-model allocates nothing.
+model allocates nothing. Adapter leaves the method's optimizer does not move
+(ScaLoRA's accumulated update: state, not parameters) count nowhere.
 """
 import dataclasses
 import html
@@ -13,6 +14,7 @@ import jax
 
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
+from flaxlora.peft import method_parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +102,9 @@ def describe(base: Mapping[str, Any], method: peft_base.PeftMethod,
   """
   rng = jax.random.PRNGKey(0) if rng is None else rng
   adapter = jax.eval_shape(method.init, rng, base)
-  rows = sorted(_rows(base, adapter), key=lambda r: r.path)
-  return Description(tuple(rows), peft_base.num_params(adapter),
+  trained = jax.tree.map(  # a leaf the optimizer does not move: no scalars
+      lambda x, moved: x if moved else jax.ShapeDtypeStruct((0,), x.dtype),
+      adapter, method_parts.trained_mask(method, adapter))
+  rows = sorted(_rows(base, trained), key=lambda r: r.path)
+  return Description(tuple(rows), peft_base.num_params(trained),
                      peft_base.num_params(base))

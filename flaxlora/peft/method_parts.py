@@ -66,15 +66,23 @@ def one_with_copies(method: peft_base.PeftMethod, adapter: Any,
   return found[0][0], found[0][1], copies
 
 
-def trained_params(method: peft_base.PeftMethod, adapter: Any) -> int:
-  """Scalars of `adapter` that the method's optimizer moves.
+def trained_mask(method: peft_base.PeftMethod, adapter: Any) -> Any:
+  """True for each leaf of `adapter` that the method's optimizer moves.
 
   A leaf the method's `optimizer` hook freezes (ScaLoRA's accumulated update,
-  state rather than parameters) does not count: the count is of the leaves
-  a unit gradient gives a non-zero SGD update.
+  state rather than parameters) is False. `adapter` may hold arrays or
+  ShapeDtypeStructs: the hook runs on one-element stand-ins of each leaf
+  (the hooks label leaves by their place in the tree, not their values), and
+  a leaf is moved when a unit gradient gives it a non-zero SGD update.
   """
+  stand_in = jax.tree.map(lambda x: jnp.ones((1,) * len(x.shape)), adapter)
   tx = method.optimizer(lambda multiplier: optax.sgd(multiplier))
-  updates, _ = tx.update(jax.tree.map(jnp.ones_like, adapter),
-                         tx.init(adapter), adapter)
-  return sum(int(np.size(u)) for u in jax.tree.leaves(updates)
-             if np.any(np.asarray(u) != 0))
+  updates, _ = tx.update(stand_in, tx.init(stand_in), stand_in)
+  return jax.tree.map(lambda u: bool(np.any(np.asarray(u) != 0)), updates)
+
+
+def trained_params(method: peft_base.PeftMethod, adapter: Any) -> int:
+  """Scalars of `adapter` that the method's optimizer moves (`trained_mask`)."""
+  moved = jax.tree.leaves(trained_mask(method, adapter))
+  return sum(int(np.prod(x.shape)) for x, m in
+             zip(jax.tree.leaves(adapter), moved) if m)
