@@ -96,8 +96,7 @@ def get_sweep(arg: str | None = None) -> list[dict]:
   """Every method (its own variant), the learning-rate sweep, then TUNED."""
   rest = f',{arg}' if arg else ''
   points = [{'arg': f'method={m}{rest}'} for m in METHODS]
+  rates = [(m, lr) for m in SWEPT_METHODS for lr in SWEPT_LRS] + list(TUNED)
   points += [{'arg': f'method={m}{rest}', 'optimizer.lr': lr}
-             for m in SWEPT_METHODS for lr in SWEPT_LRS]
-  points += [{'arg': f'method={m}{rest}', 'optimizer.lr': lr}
-             for m, lr in TUNED]
+             for m, lr in rates]
   return points

@@ -19,7 +19,6 @@ config's eval.num_beams / max_new_tokens / length_penalty.
 `from_peft` rebuilds a run from a PEFT folder (LoRA, IA3, prompt or prefix
 tuning) and a base checkpoint instead of a workdir.
 """
-import json
 import pathlib
 from typing import Any, Sequence
 
@@ -35,7 +34,6 @@ from flaxlora import trainer
 from flaxlora.data import sources
 from flaxlora.data import task_data
 from flaxlora.peft import folders
-from flaxlora.peft import peft_io
 
 
 def _get(row: dict[str, Any], names: Sequence[str], origin: str) -> str:
@@ -109,9 +107,7 @@ def read_inputs(path: str | pathlib.Path) -> list[dict[str, Any]]:
 
 def peft_base_path(peft_dir: str | pathlib.Path) -> str:
   """The base model a PEFT folder names (base_model_name_or_path)."""
-  folders.peft_type(peft_dir)  # a PEFT folder, or a clear error
-  path = pathlib.Path(peft_dir) / peft_io.CONFIG_FILE
-  return json.loads(path.read_text()).get('base_model_name_or_path') or ''
+  return folders.read_config(peft_dir).get('base_model_name_or_path') or ''
 
 
 def _replicated(tree: Any, mesh: Any) -> Any:

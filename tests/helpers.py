@@ -86,6 +86,21 @@ def torch_outputs(model, ids, mask, token_types):
   return {k: v.numpy() for k, v in out.items() if isinstance(v, torch.Tensor)}
 
 
+def peft_bert_prefix_logits(peft_model, ids, mask, token_types):
+  """Logits of a PEFT PREFIX_TUNING BertForSequenceClassification (torch
+  tensors in, numpy out). PEFT 0.21's BERT forward refuses prefixes (no past
+  key values); its own pieces don't: the prefix positions join the mask and
+  the prompt is the encoder's cache."""
+  import torch  # pylint: disable=g-import-not-at-top
+  p = peft_model.active_peft_config.num_virtual_tokens
+  mask = torch.cat([torch.ones(mask.shape[0], p, dtype=mask.dtype), mask],
+                   dim=1)
+  hf = peft_model.base_model
+  out = hf.bert(input_ids=ids, attention_mask=mask, token_type_ids=token_types,
+                cache=peft_model.get_prompt(ids.shape[0]))
+  return hf.classifier(hf.dropout(out.pooler_output)).numpy()
+
+
 def max_diff(a, b) -> float:
   return float(np.max(np.abs(np.asarray(a, np.float32) -
                              np.asarray(b, np.float32))))

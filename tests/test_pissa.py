@@ -91,8 +91,7 @@ def test_at_step_zero_the_run_computes_the_base_model(runs):
 
 def test_inspect_analyses_the_update_over_the_residual(runs):
   run, adapter, _ = runs['pissa']
-  prepared = run.method.prepare_base(run.base) if not pissa.is_pissa(
-      _at(run.base)) else run.base
+  prepared = run.method.prepare_base(run.base)  # idempotent
   report = analysis.analyze(prepared, adapter, run.method)
   residual = jax.tree.map(lambda x: x.w if pissa.is_pissa(x) else x,
                           prepared, is_leaf=pissa.is_pissa)

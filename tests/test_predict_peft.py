@@ -1,6 +1,7 @@
 """experiments.predict from a PEFT folder plus a base (issue #16): the
 class probabilities equal transformers + PEFT's on the same folder, for
 each folder kind flaxlora writes (LoRA, IA3, prefix tuning)."""
+import helpers
 import jax
 import numpy as np
 import pytest
@@ -27,14 +28,15 @@ TINY_BERT = dict(model_type='bert', vocab_size=99, hidden_size=32,
                  num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=37, max_position_embeddings=64)
 TEXTS = ['good nice great film', 'awful bad sad']
-# kind -> (method, its writer (folder, model, base, adapter, method, **kw)).
+# peft_type -> (method, its writer (folder, model, base, adapter, method,
+# **kw)).
 KINDS = {
-    'lora': (lambda: lora.lora(rank=4, alpha=8, targets='bert'),
+    'LORA': (lambda: lora.lora(rank=4, alpha=8, targets='bert'),
              peft_io.save_peft),
-    'ia3': (ia3.ia3, ia3_io.save_ia3),
-    'prefix': (lambda: prefix.prefix_tuning(num_tokens=3),
-               lambda folder, model, base, *rest, **kw: prefix_io.save_prefix(
-                   folder, model, *rest, **kw)),
+    'IA3': (ia3.ia3, ia3_io.save_ia3),
+    'PREFIX_TUNING': (lambda: prefix.prefix_tuning(num_tokens=3),
+                      lambda folder, model, base, *rest, **kw:
+                      prefix_io.save_prefix(folder, model, *rest, **kw)),
 }
 
 
@@ -57,8 +59,7 @@ def test_predict_from_peft_folder_matches_peft(tmp_path, kind):
       adapter)
   save(peft_dir, model, base, adapter, method,
        base_model_name_or_path=str(base_dir))
-  assert folders.peft_type(peft_dir) == kind.upper().replace(
-      'PREFIX', 'PREFIX_TUNING')
+  assert folders.peft_type(peft_dir) == kind
 
   run_config = from_checkpoint.get_config(predict.peft_base_path(peft_dir))
   assert run_config.task == 'classification'
@@ -80,19 +81,13 @@ def test_predict_from_peft_folder_matches_peft(tmp_path, kind):
 def _probabilities(hf, tokenizer):
   encoded = tokenizer(TEXTS, padding=True, return_tensors='pt')
   with torch.no_grad():
-    if getattr(hf, 'active_peft_config', None) is None or (
-        hf.active_peft_config.peft_type != 'PREFIX_TUNING'):
+    config = getattr(hf, 'active_peft_config', None)
+    if config is not None and config.peft_type == 'PREFIX_TUNING':
+      logits = torch.from_numpy(helpers.peft_bert_prefix_logits(
+          hf, encoded['input_ids'], encoded['attention_mask'],
+          encoded['token_type_ids']))
+    else:
       logits = hf(**encoded).logits
-    else:  # PEFT 0.21's BERT forward refuses prefixes; its own pieces don't
-      p = hf.active_peft_config.num_virtual_tokens
-      mask = encoded['attention_mask']
-      mask = torch.cat([torch.ones(mask.shape[0], p, dtype=mask.dtype), mask],
-                       dim=1)
-      bert = hf.base_model
-      out = bert.bert(input_ids=encoded['input_ids'], attention_mask=mask,
-                      token_type_ids=encoded['token_type_ids'],
-                      cache=hf.get_prompt(mask.shape[0]))
-      logits = bert.classifier(out.pooler_output)
   return torch.softmax(logits, -1).numpy()
 
 

@@ -77,13 +77,7 @@ def _theirs(peft_model, family):
                         decoder_input_ids=dec).logits.numpy()
     ids, mask, types = (torch.tensor(a, dtype=torch.long)
                         for a in _inputs(family))
-    p = peft_model.active_peft_config.num_virtual_tokens
-    mask = torch.cat([torch.ones(mask.shape[0], p, dtype=mask.dtype), mask],
-                     dim=1)
-    hf = peft_model.base_model
-    out = hf.bert(input_ids=ids, attention_mask=mask, token_type_ids=types,
-                  cache=peft_model.get_prompt(ids.shape[0]))
-    return hf.classifier(hf.dropout(out.pooler_output)).numpy()
+    return helpers.peft_bert_prefix_logits(peft_model, ids, mask, types)
 
 
 def _perturb(tree, seed=1):

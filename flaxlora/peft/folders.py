@@ -30,17 +30,22 @@ LOADERS: dict[str, Loader] = {
 }
 
 
-def peft_type(folder: str | os.PathLike) -> str:
-  """The folder's `peft_type` (adapter_config.json)."""
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+  """The folder's adapter_config.json."""
   path = pathlib.Path(folder) / peft_io.CONFIG_FILE
   if not path.is_file():
     raise FileNotFoundError(f'{path} does not exist; pass a PEFT folder '
                             '(a run writes WORKDIR/peft).')
   try:
-    return str(json.loads(path.read_text()).get('peft_type'))
+    return json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f'{path}:{e.lineno}: not JSON ({e.msg}); pass a PEFT '
                      'folder.') from None
+
+
+def peft_type(folder: str | os.PathLike) -> str:
+  """The folder's `peft_type`."""
+  return str(read_config(folder).get('peft_type'))
 
 
 def load(folder: str | os.PathLike, model: Any, base: Mapping[str, Any]
