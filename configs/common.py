@@ -121,8 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = ''
   # dropout < 0 keeps the checkpoint's (or model.init's) dropout rates.
+  # pooling (BERT classifiers): 'cls' or 'mean' (see flaxlora.models.bert).
   c.model = dict(family='', path='', init={}, dtype='float32',
-                 dropout=-1.0)
+                 dropout=-1.0, pooling='cls')
   c.tokenizer = ''
   c.peft = dict(method='lora', rank=8, alpha=16.0, targets='',
                 dropout=0.0, use_rslora=False, loraplus_ratio=1.0,

@@ -88,10 +88,15 @@ def resolve_path(path: str) -> str:
 
 
 def _head_kwargs(config: Any) -> dict[str, Any]:
-  if config.model.family != 'bert':
+  m = config.model
+  pooling = m.get('pooling', 'cls')
+  if m.family != 'bert':
+    if pooling != 'cls':
+      raise ValueError(f'model.pooling={pooling!r} is for BERT classifiers; '
+                       f'model.family={m.family!r} has no pooler: drop it.')
     return {}
-  return {'head': config.model.head or None,
-          'num_labels': config.model.num_labels}
+  return {'head': m.head or None, 'num_labels': m.num_labels,
+          'pooling': pooling}
 
 
 def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):

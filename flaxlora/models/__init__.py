@@ -8,6 +8,8 @@ A model family is a module (`t5`, `bert`) that provides:
   MODULE: its flax module class (the model's type).
   config_from_hf(dict) -> config;  config_to_hf(model) -> dict (for saving,
     head and label count included)
+  hf_class_missing(model) -> str: why transformers cannot compute the model
+    ('' when it can)
   build(config, *, dtype, **head_kwargs) -> nn.Module
   init(model, rng) -> params (unboxed fp32 arrays)
   hf_rules(model, keys=None) -> list[hf_io.Rule]  (keys: the checkpoint's names)
@@ -79,6 +81,12 @@ def load(path_or_hub_id: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32,
   if fresh:
     print(f'flaxlora: newly initialised (not in {folder}): {fresh}')
   return model, jax.tree.map(jnp.asarray, params), config
+
+
+def hf_class_missing(model) -> str:
+  """Why `model` has no transformers class (so no Hugging Face or PEFT
+  folder), or '' when it has one."""
+  return family_of_model(model).hf_class_missing(model)
 
 
 def save(folder: str | os.PathLike, model, params,

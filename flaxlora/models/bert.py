@@ -35,6 +35,7 @@ BertConfig = bert_hf.BertConfig  # fields follow HF's BertConfig
 HEADS = bert_hf.HEADS
 # The 'auto' head of `build`: the one the checkpoint's config.json names.
 AUTO = 'auto'
+POOLINGS = ('cls', 'mean')
 # Keys: bert_hf.ACTIVATIONS, the names BertConfig accepts.
 _ACTIVATIONS = {
     'gelu': layers.gelu,
@@ -194,11 +195,18 @@ class Bert(nn.Module):
       [B, T]; no pooler, like BertForQuestionAnswering).
     num_labels: C, the classifier's outputs ('classification' only).
     dtype: compute dtype; params stay fp32 and head logits are fp32.
+    pooling: what the pooler reads: 'cls', the [CLS] state (BERT's and
+      Hugging Face's), or 'mean', the mean of the token states under the
+      attention mask (soft-prompt positions excluded): the sentence vector
+      sentence-transformers checkpoints such as all-MiniLM-L6-v2 were
+      trained to give (their [CLS] state never was). Hugging Face has no
+      class for 'mean' (`models.save` refuses it).
   """
   config: BertConfig
   head: str | None = None
   num_labels: int = 2
   dtype: jnp.dtype = jnp.float32
+  pooling: str = 'cls'
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
@@ -229,6 +237,7 @@ class Bert(nn.Module):
       attention_mask = jnp.ones_like(input_ids)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
+    token_mask = attention_mask  # [B, T]
     num_prompt = 0
     if prompt is not None:
       prompt = jnp.broadcast_to(prompt, input_ids.shape[:1] +
@@ -250,7 +259,7 @@ class Bert(nn.Module):
       logits = unsplice(logits, num_prompt)  # [B, T, 2]
       return logits[..., 0], logits[..., 1]
     pooled = jnp.tanh(dense(cfg.hidden_size, ('embed', 'mlp'), 'pooler')(
-        x[:, 0], deterministic))  # [B, H]
+        _pool(x, token_mask, num_prompt, self.pooling), deterministic))
     if self.head is None:
       return unsplice(x, num_prompt), pooled
     rate = (cfg.hidden_dropout_prob if cfg.classifier_dropout is None
@@ -261,9 +270,20 @@ class Bert(nn.Module):
 
 
 
+def _pool(x: Array, token_mask: Array, num_prompt: int, pooling: str) -> Array:
+  """[B, H]: the [CLS] state of `x` [B, T+P, H], or the mean of its token
+  states where `token_mask` [B, T] is 1 (the P prompt positions left out)."""
+  if pooling == 'cls':
+    return x[:, 0]
+  tokens = unsplice(x, num_prompt).astype(jnp.float32)  # [B, T, H]
+  weights = token_mask.astype(jnp.float32)[..., None]  # [B, T, 1]
+  mean = (tokens * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+  return mean.astype(x.dtype)
+
 
 def build(config: BertConfig, *, dtype: jnp.dtype = jnp.float32,
-          head: str | None = AUTO, num_labels: int | None = None) -> Bert:
+          head: str | None = AUTO, num_labels: int | None = None,
+          pooling: str = 'cls') -> Bert:
   """A Bert module.
 
   Args:
@@ -272,10 +292,16 @@ def build(config: BertConfig, *, dtype: jnp.dtype = jnp.float32,
     head: None, 'classification' or 'qa'; 'auto' (default) takes the head
       the checkpoint was saved with (`config.head`).
     num_labels: classifier size; None takes `config.num_labels`.
+    pooling: 'cls' or 'mean' (see `Bert`).
   """
   head = config.head if head == AUTO else head
   if head not in HEADS:
     raise ValueError(f'head {head!r} is not one of {HEADS}.')
+  if pooling not in POOLINGS:
+    raise ValueError(f'pooling {pooling!r} is not one of {POOLINGS}.')
+  if head == 'qa' and pooling != 'cls':
+    raise ValueError(f'pooling={pooling!r} with head=\'qa\': the QA head '
+                     'reads every token and has no pooler; use \'cls\'.')
   if head == 'qa':
     if num_labels not in (None, 2):
       raise ValueError(f'num_labels={num_labels} with head=\'qa\': extractive '
@@ -284,7 +310,8 @@ def build(config: BertConfig, *, dtype: jnp.dtype = jnp.float32,
   num_labels = config.num_labels if num_labels is None else num_labels
   if num_labels < 1:
     raise ValueError(f'num_labels must be >= 1, got {num_labels}.')
-  return Bert(config, head=head, num_labels=num_labels, dtype=dtype)
+  return Bert(config, head=head, num_labels=num_labels, dtype=dtype,
+              pooling=pooling)
 
 
 def _boxed_init(model: Bert, rng: Array) -> Any:
@@ -316,4 +343,5 @@ MODEL_TYPES = ('bert',)
 HF_IGNORE = bert_hf.HF_IGNORE
 config_from_hf = bert_hf.config_from_hf
 config_to_hf = bert_hf.config_to_hf
+hf_class_missing = bert_hf.hf_class_missing
 hf_rules = bert_hf.hf_rules

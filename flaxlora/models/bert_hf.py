@@ -85,8 +85,19 @@ def config_from_hf(config_dict: dict[str, Any]) -> BertConfig:
   return BertConfig(**kwargs)
 
 
+def hf_class_missing(model: Any) -> str:
+  """Why transformers has no class computing `model`, or '' if it has."""
+  if model.pooling == 'cls':
+    return ''
+  return (f'pooling={model.pooling!r} has no Hugging Face class '
+          '(BertForSequenceClassification pools [CLS]); keep the flaxlora '
+          'adapter, or train with model.pooling=\'cls\' to export')
+
+
 def config_to_hf(model: Any) -> dict[str, Any]:
   """A config.json dict that makes transformers build `model`'s class."""
+  if model.pooling != 'cls':
+    raise ValueError(hf_class_missing(model))
   cfg = model.config
   out = {k: v for k, v in dataclasses.asdict(cfg).items()
          if k not in ('id2label', 'head', 'num_labels')}

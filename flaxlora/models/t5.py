@@ -372,4 +372,5 @@ MODEL_TYPES = ('t5',)
 HF_IGNORE = t5_hf.HF_IGNORE
 config_from_hf = t5_hf.config_from_hf
 config_to_hf = t5_hf.config_to_hf
+hf_class_missing = lambda model: ''  # every flaxlora T5 is a transformers one
 hf_rules = t5_hf.hf_rules
