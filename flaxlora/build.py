@@ -95,6 +95,13 @@ def _head_kwargs(config: Any) -> dict[str, Any]:
       raise ValueError(f'model.pooling={pooling!r} is for BERT classifiers; '
                        f'model.family={m.family!r} has no pooler: drop it.')
     return {}
+  if pooling != 'cls' and m.head != 'classification':
+    raise ValueError(f'model.pooling={pooling!r} with model.head={m.head!r}: '
+                     "pooling is the classifier's; use model.head="
+                     "'classification' or model.pooling='cls'.")
+  from flaxlora.models import bert  # pylint: disable=g-import-not-at-top
+  if pooling not in bert.POOLINGS:
+    raise ValueError(f'model.pooling={pooling!r}: use one of {bert.POOLINGS}.')
   return {'head': m.head or None, 'num_labels': m.num_labels,
           'pooling': pooling}
 

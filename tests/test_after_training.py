@@ -312,3 +312,25 @@ def test_bf16_peaks():
   assert peaks.fraction(989e12, 2.0, 'NVIDIA H200', devices=1) == 0.5
   assert peaks.fraction(989e12, 1.0, 'NVIDIA H200', devices=2) == 0.5
   assert peaks.fraction(1.0, 1.0, 'cpu') is None
+
+
+def test_mean_pooled_run_keeps_its_adapter_and_serves(tmp_path, capsys):
+  config = bert_sentiment_lora.get_config('runlocal')
+  config.unlock()
+  config.train.update(steps=6, eval_every=6, checkpoint_every=6)
+  config.model.pooling = 'mean'
+  summary = trainer.train_and_evaluate(config, tmp_path)
+  out = capsys.readouterr().out
+  assert "no PEFT folder: pooling='mean' has no Hugging Face class" in out
+  assert not (tmp_path / 'peft').exists()
+  assert (tmp_path / 'adapter').is_dir()
+  assert 'PEFT folder' not in out.splitlines()[-1]
+  # Served from the workdir with the run's pooling, as evaluated.
+  loaded = evaluation.load(tmp_path, runs.read_config(tmp_path))
+  assert loaded.run.model.pooling == 'mean'
+  rows = predictions_io.read(tmp_path)
+  got = predict.predict(loaded.run, loaded.adapter,
+                        [{'text': r['input']} for r in rows])
+  assert [r['prediction'] for r in got] == [r['prediction'] for r in rows]
+  accuracy = np.mean([r['prediction'] == r['reference'] for r in rows])
+  assert accuracy == pytest.approx(summary['eval_accuracy'])

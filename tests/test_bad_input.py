@@ -25,6 +25,7 @@ from flaxlora import errors
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f'--config={REPO}/configs/bert_sentiment_lora.py:runlocal'
+T5_CONFIG = f'--config={REPO}/configs/t5_lora.py:runlocal'
 SHORT = ['--config.train.steps=4', '--config.train.checkpoint_every=2',
          '--config.train.eval_every=4', '--config.train.log_every=2']
 
@@ -137,6 +138,16 @@ CASES = [
     ('dtype', lambda p: [CONFIG, f'--workdir={p["new"]}',
                          '--config.model.dtype=float16'],
      "model.dtype='float16'", 2),
+    ('pooling', lambda p: [CONFIG, f'--workdir={p["new"]}',
+                           '--config.model.pooling=max'],
+     "model.pooling='max': use one of", 2),
+    ('pooling_of_qa', lambda p: [CONFIG, f'--workdir={p["new"]}',
+                                 '--config.model.pooling=mean',
+                                 '--config.model.head=qa'],
+     "model.pooling='mean' with model.head='qa'", 2),
+    ('pooling_of_t5', lambda p: [T5_CONFIG, f'--workdir={p["new"]}',
+                                 '--config.model.pooling=mean'],
+     "model.pooling='mean' is for BERT classifiers", 2),
     ('batch_vs_mesh', lambda p: [CONFIG, f'--workdir={p["new"]}',
                                  '--config.train.batch_size=12'],
      'train.batch_size=12: global batch size 12 must divide by the 8', 2),

@@ -260,3 +260,69 @@ def test_prompt_hook_keeps_token_positions(folders):
   too_long = jnp.zeros((61, 32))  # 9 tokens + 61 > 64 positions
   with pytest.raises(ValueError, match='prompt included'):
     model.apply({'params': params}, ids, mask, token_types, prompt=too_long)
+
+
+def _torch_mean_pooled_logits(torch_model, ids, mask, token_types):
+  """BertForSequenceClassification's pooler and classifier over the masked
+  mean of its token states (sentence-transformers' pooling), in torch."""
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.no_grad():
+    hidden = torch_model.bert(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        attention_mask=torch.tensor(mask, dtype=torch.long),
+        token_type_ids=torch.tensor(token_types, dtype=torch.long),
+    ).last_hidden_state  # [B, T, H]
+    weights = torch.tensor(mask, dtype=torch.float32)[..., None]
+    mean = (hidden * weights).sum(1) / weights.sum(1)
+    pooled = torch.tanh(torch_model.bert.pooler.dense(mean))
+    return torch_model.classifier(pooled).numpy()
+
+
+def test_mean_pooling_matches_torch(folders):
+  folder, torch_model = folders['classification']
+  model, params, _ = models.load(folder, pooling='mean')
+  inputs = helpers.batch()
+  got = model.apply({'params': params}, *inputs)
+  want = _torch_mean_pooled_logits(torch_model, *inputs)
+  assert helpers.max_diff(got, want) < TOL
+  # [CLS] pooling (transformers' own class) gives other logits.
+  assert helpers.max_diff(got, helpers.torch_outputs(torch_model, *inputs)
+                          ['logits']) > 1e-3
+  # Padding stays out of the mean.
+  ids, mask, token_types = inputs
+  repadded = model.apply({'params': params}, np.where(mask == 1, ids, 7),
+                         mask, token_types)
+  assert helpers.max_diff(repadded, got) < 1e-5
+
+
+def test_mean_pooling_leaves_soft_prompt_out(folders):
+  folder, _ = folders['classification']
+  model, params, _ = models.load(folder, pooling='mean')
+  bare = bert.build(model.config, head=None)
+  ids, mask, token_types = helpers.batch()
+  prompt = jax.random.normal(jax.random.PRNGKey(0), (4, 32))  # [P, H]
+  hidden, _ = bare.apply({'params': params}, ids, mask, token_types,
+                         prompt=prompt)  # [B, T, H]: token positions only
+  weights = mask[..., None].astype(np.float32)
+  mean = (np.asarray(hidden) * weights).sum(1) / weights.sum(1)
+  pooler, classifier = params['pooler'], params['classifier']
+  pooled = np.tanh(mean @ pooler['kernel'] + pooler['bias'])
+  want = pooled @ classifier['kernel'] + classifier['bias']
+  got = model.apply({'params': params}, ids, mask, token_types, prompt=prompt)
+  assert helpers.max_diff(got, want) < TOL
+  assert helpers.max_diff(got, model.apply({'params': params}, *helpers.batch())
+                          ) > 1e-3  # the prompt still acts through attention
+
+
+def test_mean_pooling_has_no_hugging_face_class(folders, tmp_path):
+  folder, _ = folders['classification']
+  model, params, _ = models.load(folder, pooling='mean')
+  assert 'model.pooling' in models.hf_class_missing(model)
+  assert not models.hf_class_missing(models.load(folder)[0])
+  with pytest.raises(ValueError, match='pooling=.mean. has no Hugging Face'):
+    models.save(tmp_path / 'out', model, params)
+  assert not (tmp_path / 'out').exists()
+  with pytest.raises(ValueError, match='pooling'):
+    bert.build(model.config, head='classification', pooling='max')
+  with pytest.raises(ValueError, match='QA head'):
+    bert.build(model.config, head='qa', pooling='mean')

@@ -264,6 +264,7 @@ ROWS = [
     ('model.head', BERT, {'model.head': 'qa'}, 'model',
      {'peft.trainable': ''}),
     ('model.num_labels', BERT, {'model.num_labels': 3}, 'model', {}),
+    ('model.pooling', BERT, {'model.pooling': 'mean'}, 'train', {}),
     ('peft.method', BERT, {'peft.method': 'qlora'}, 'train', {}),
     ('peft.rank', BERT, {'peft.rank': 4}, 'train', {}),
     ('peft.alpha', BERT, {'peft.alpha': 32.0}, 'train', {}),
