@@ -5,7 +5,8 @@ flaxlora's format is a folder with
   adapter.safetensors  every adapter leaf, named by its "/"-joined pytree
                        path ('0/encoder/block_0/attention/q/kernel/a'; the
                        leading number is the position in a `chain`)
-  method.json          the config's peft section, model family and source
+  method.json          the config's peft section, model family, source and
+                       pooling (BERT classifiers' `model.pooling`)
 
 so an adapter can be reloaded onto the same base with `load_adapter` and the
 method rebuilt from `method.json`. `save_peft` additionally writes a folder

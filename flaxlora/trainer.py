@@ -374,7 +374,8 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
   ckpt.close()
   if run.is_main:
     spec = {'peft': c.peft.to_dict(), 'family': c.model.family,
-            'model': c.model.path or 'model.init', 'task': c.task}
+            'model': c.model.path or 'model.init', 'task': c.task,
+            'pooling': c.model.get('pooling', 'cls')}
     export.save_adapter(run.workdir / workdir_lib.ADAPTER_DIR, adapter, spec)
     _save_peft(run, host_base, adapter)
     workdir_lib.write_summary(run.workdir, summary)

@@ -166,13 +166,15 @@ def test_compare_points_pick_each_method_and_rate():
   for point in sweeps.points(path):
     config = sweeps.point_config(base, module, point,
                                  {'train.batch_size': 16})
-    seen.append((repr(sorted(config.peft.items())), config.optimizer.lr))
+    seen.append((repr(sorted(config.peft.items())), config.optimizer.lr,
+                 config.model.pooling))
     assert config.train.batch_size == 16  # the command line's override
     assert config.data.source == 'files'  # the sweep's own variant
   methods = bert_sentiment_compare.METHODS
   assert len(seen) == len(methods) + 6 + len(bert_sentiment_compare.TUNED)
   assert len(set(seen)) == len(seen)  # every point trains something else
-  assert [lr for _, lr in seen].count(1e-1) == 2
+  assert [lr for _, lr, _ in seen].count(1e-1) == 2
+  assert [pooling for _, _, pooling in seen].count('mean') == 1
 
 
 def test_parse_arg_and_sweep_helpers():

@@ -207,6 +207,15 @@ def test_load_folders_peft_and_flaxlora(tmp_path, bert_case):
   want = multi.apply(base, multi.stack(pairs[:2], base), rows)[0]
   np.testing.assert_allclose(got, model.apply({'params': want}, *inputs),
                              rtol=1e-5, atol=1e-5)
+  # An adapter trained over mean-pooled states is not served by a [CLS] model.
+  export.save_adapter(tmp_path / 'mean', pairs[1][1], {
+      'family': 'bert', 'pooling': 'mean',
+      'peft': export.read_spec(tmp_path / 'own')['peft']})
+  with pytest.raises(ValueError, match="trained with model.pooling='mean'"):
+    multi_io.load({'mean': tmp_path / 'mean'}, model, base)
+  names, _ = multi_io.load({'mean': tmp_path / 'mean'},
+                           model.clone(pooling='mean'), base)
+  assert names == ('mean',)
 
 
 def test_errors_name_the_fix(bert_case):

@@ -36,6 +36,12 @@ def read(folder: str | os.PathLike, model, base: Mapping[str, Any]
         f'{export.METHOD_FILE} (a flaxlora run\'s adapter folder); pass one '
         'of those.')
   spec = export.read_spec(folder)
+  pooling = spec.get('pooling', 'cls')
+  if pooling != getattr(model, 'pooling', 'cls'):
+    raise ValueError(
+        f'{folder / export.METHOD_FILE}: trained with model.pooling='
+        f'{pooling!r}, but the model pools {model.pooling!r}; build the '
+        f'serving model with pooling={pooling!r}.')
   method = build.peft_method(ml_collections.ConfigDict(spec['peft']),
                              spec['family'])
   like = jax.eval_shape(method.init, jax.random.PRNGKey(0), base)
