@@ -24,6 +24,7 @@ import numpy as np
 from safetensors import numpy as st_numpy
 
 from flaxlora import atomic
+from flaxlora import models
 from flaxlora.peft import base as peft_base
 
 ADAPTER_FILE = 'adapter.safetensors'
@@ -82,6 +83,14 @@ def read_spec(folder: str | os.PathLike) -> dict[str, Any]:
   return json.loads((pathlib.Path(folder) / METHOD_FILE).read_text())
 
 
+def peft_missing(model: Any, method: peft_base.PeftMethod) -> str:
+  """Why `save_peft` cannot write this adapter (the method has no PEFT form,
+  or transformers has no class for the model), or '' when it can."""
+  if method.export.write is None:
+    return method.export.reason
+  return models.hf_class_missing(model)
+
+
 def save_peft(folder: str | os.PathLike, model: Any, base: Any, adapter: Any,
               method: peft_base.PeftMethod, *,
               base_model_name_or_path: str | None = None) -> pathlib.Path:
@@ -98,13 +107,14 @@ def save_peft(folder: str | os.PathLike, model: Any, base: Any, adapter: Any,
     base_model_name_or_path: recorded for PEFT (the base checkpoint).
 
   Raises:
-    ValueError: the method has no PEFT form (the error says why), or it
-      needs the base and `base` is None.
+    ValueError: the method has no PEFT form or transformers no class for
+      the model (the error says why), or it needs the base and `base` is
+      None.
   """
   how = method.export
-  if how.write is None:
+  if peft_missing(model, method):
     raise ValueError(f'this adapter cannot be written as a PEFT folder: '
-                     f'{how.reason}.')
+                     f'{peft_missing(model, method)}.')
   if how.needs_base and base is None:
     raise ValueError('export.save_peft: this method writes base params '
                      '(modules to save); pass base=.')

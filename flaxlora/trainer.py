@@ -38,7 +38,6 @@ from flaxlora import export
 from flaxlora import interrupt
 from flaxlora import lock
 from flaxlora import metric_writers
-from flaxlora import models
 from flaxlora import optimizers
 from flaxlora import predictions_io
 from flaxlora import progress as progress_lib
@@ -385,25 +384,16 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
   if run.is_main:
     print(workdir_lib.result_line(
         summary, run.workdir, time.time() - run.started,
-        not _peft_missing(run)), flush=True)
+        not export.peft_missing(run.model, run.method)), flush=True)
   return summary
 
 
-def _peft_missing(run: Run) -> str:
-  """Why the run writes no PEFT folder (the method has no PEFT form, or
-  transformers no class for the model), or ''."""
-  if run.method.export.write is None:
-    return run.method.export.reason
-  return models.hf_class_missing(run.model)
-
-
 def _save_peft(run: Run, host_base: Any, adapter: Any) -> None:
-  """The adapter as a Hugging Face PEFT folder, when the method has one."""
-  if _peft_missing(run):
-    print(f'flaxlora: no PEFT folder: {_peft_missing(run)}.')
+  """The adapter as a Hugging Face PEFT folder, when it has one."""
+  if missing := export.peft_missing(run.model, run.method):
+    print(f'flaxlora: no PEFT folder: {missing}.')
     return
-  c = run.config
-  reference = (c.peft_export.base_model_name_or_path or
-               peft_names.base_model_reference(c.model.path))
+  reference = (run.config.peft_export.base_model_name_or_path or
+               peft_names.base_model_reference(run.config.model.path))
   export.save_peft(run.workdir / workdir_lib.PEFT_DIR, run.model, host_base,
                    adapter, run.method, base_model_name_or_path=reference)

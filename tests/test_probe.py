@@ -1,9 +1,9 @@
-"""experiments.probe_pooling: its features and its linear probe."""
+"""flaxlora.inspect.probe: the frozen vectors and the linear probe."""
 import helpers
 import numpy as np
 
-from experiments import probe_pooling
 from flaxlora import models
+from flaxlora.inspect import probe
 
 
 def test_features_are_the_pooled_vectors(tmp_path):
@@ -12,7 +12,7 @@ def test_features_are_the_pooled_vectors(tmp_path):
   ids, mask, token_types = helpers.batch()
   del token_types
   rows = [row[m == 1] for row, m in zip(ids, mask)]  # unpadded, any length
-  got = probe_pooling.features(model, params, rows)
+  got = probe.features(model, params, rows)
   hidden, pooled = model.apply({'params': params}, ids, mask)
   weights = mask[..., None]
   want = {'cls': hidden[:, 0], 'pooler': pooled,
@@ -26,8 +26,8 @@ def test_probe_reads_a_linear_signal_and_not_noise():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(400, 16)).astype(np.float32)  # [N, H]
   labels = (x[:, 3] - x[:, 7] > 0).astype(np.int32)
-  assert probe_pooling.probe_accuracy(x[:300], labels[:300], x[300:],
-                                      labels[300:], l2=1e-3) > 0.95
+  assert probe.accuracy(x[:300], labels[:300], x[300:], labels[300:],
+                        l2=1e-3) > 0.95
   noise = rng.permutation(labels)
-  assert probe_pooling.probe_accuracy(x[:300], noise[:300], x[300:],
-                                      noise[300:], l2=1e-3) < 0.7
+  assert probe.accuracy(x[:300], noise[:300], x[300:], noise[300:],
+                        l2=1e-3) < 0.7
