@@ -112,9 +112,9 @@ def save_peft(folder: str | os.PathLike, model: Any, base: Any, adapter: Any,
       None.
   """
   how = method.export
-  if peft_missing(model, method):
+  if missing := peft_missing(model, method):
     raise ValueError(f'this adapter cannot be written as a PEFT folder: '
-                     f'{peft_missing(model, method)}.')
+                     f'{missing}.')
   if how.needs_base and base is None:
     raise ValueError('export.save_peft: this method writes base params '
                      '(modules to save); pass base=.')

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flaxlora.models import bert
+
 _BATCH = 128
 
 
@@ -29,17 +31,15 @@ def features(model, params, ids: list[np.ndarray]) -> dict[str, np.ndarray]:
   out = {'cls': [], 'pooler': [], 'mean': []}
   for start in range(0, len(ids), _BATCH):
     rows = ids[start:start + _BATCH]
-    width = max(len(r) for r in rows)
+    width = -(-max(len(r) for r in rows) // 16) * 16  # few compiled shapes
     batch = np.zeros((len(rows), width), np.int32)  # [B, T]
     for i, row in enumerate(rows):
       batch[i, :len(row)] = row
     mask = (np.arange(width) < np.array([len(r) for r in rows])[:, None])
     hidden, pooled = apply(batch, mask.astype(np.int32))  # [B, T, H], [B, H]
-    weights = mask[..., None].astype(np.float32)
     out['cls'].append(np.asarray(hidden[:, 0], np.float32))
     out['pooler'].append(np.asarray(pooled, np.float32))
-    out['mean'].append((np.asarray(hidden, np.float32) * weights).sum(1)
-                       / weights.sum(1))
+    out['mean'].append(np.asarray(bert.masked_mean(hidden, mask)))
   return {k: np.concatenate(v) for k, v in out.items()}
 
 

@@ -275,10 +275,14 @@ def _pool(x: Array, token_mask: Array, num_prompt: int, pooling: str) -> Array:
   states where `token_mask` [B, T] is 1 (the P prompt positions left out)."""
   if pooling == 'cls':
     return x[:, 0]
-  tokens = unsplice(x, num_prompt).astype(jnp.float32)  # [B, T, H]
+  return masked_mean(unsplice(x, num_prompt), token_mask).astype(x.dtype)
+
+
+def masked_mean(tokens: Array, token_mask: Array) -> Array:
+  """[B, H] fp32 mean of `tokens` [B, T, H] where `token_mask` [B, T] is 1."""
   weights = token_mask.astype(jnp.float32)[..., None]  # [B, T, 1]
-  mean = (tokens * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
-  return mean.astype(x.dtype)
+  return ((tokens.astype(jnp.float32) * weights).sum(1) /
+          jnp.maximum(weights.sum(1), 1.0))
 
 
 def build(config: BertConfig, *, dtype: jnp.dtype = jnp.float32,
