@@ -17,6 +17,9 @@ A workdir is claimed only when it is new, empty, or a flaxlora run:
   ...) continues from its last checkpoint, and config.json records each
   change with the step it took effect (`changes`). Any other difference is
   refused, naming the keys.
+* A key flaxlora added after a run was written (`ADDED`) reads, in that
+  run's config.json, as the value that reproduces it: the run continues
+  under that value and is refused under any other.
 """
 import fnmatch
 import json
@@ -37,6 +40,9 @@ COMPATIBLE = ('train.steps', 'train.epochs', 'train.eval_every',
               'optimizer.b2', 'optimizer.eps', 'optimizer.clip_norm',
               'optimizer.warmup_steps', 'optimizer.schedule',
               'checkpoint.keep', 'eval.*', 'peft_export.*')
+# Keys added to the config after runs were written -> the value that trains
+# as those runs did (a run without the key is this value's run).
+ADDED = {'model.pooling': 'cls'}
 CHANGES = 'changes'  # config.json's record of continued-run changes
 _SHOWN = 6  # differing keys named in a message
 
@@ -127,7 +133,7 @@ def _compatible(key: str) -> bool:
 def _diffs(old: Mapping[str, Any], new: Mapping[str, Any]
            ) -> dict[str, tuple[Any, Any]]:
   """{dotted key: (old, new)} of the keys that differ."""
-  old_flat = workdir_lib.flatten(old)
+  old_flat = {**ADDED, **workdir_lib.flatten(old)}
   new_flat = workdir_lib.flatten(new)
   absent = '<absent>'
   return {k: (old_flat.get(k, absent), new_flat.get(k, absent))

@@ -165,6 +165,19 @@ def test_workdir_refuses_another_config_and_names_the_keys(tmp_path):
       'seed'] == 3
 
 
+def test_a_run_written_before_a_key_was_added_continues_under_its_value(
+    tmp_path):
+  config = bert_sentiment_lora.get_config('runlocal')
+  claim.prepare(tmp_path, config)
+  written = json.loads((tmp_path / 'config.json').read_text())
+  assert written['model'].pop('pooling') == 'cls'  # added in a later version
+  (tmp_path / 'config.json').write_text(json.dumps(written))
+  assert claim.changes(tmp_path, config, 0, None) == []
+  config.model.pooling = 'mean'
+  with pytest.raises(ValueError, match=r"model\.pooling: 'cls' -> 'mean'"):
+    claim.changes(tmp_path, config, 0, None)
+
+
 def test_metrics_log_drops_steps_after_the_resumed_checkpoint(tmp_path):
   log = workdir_lib.MetricsLog(tmp_path, 0)
   for step in (10, 20, 30):
