@@ -13,7 +13,8 @@ vectors: the [CLS] state, the pooler's output (tanh dense over [CLS], what
 of each: a cheap look, before training, at which pooling the checkpoint was
 trained for.
 """
-from absl import app
+import sys
+
 from absl import flags
 import jax
 from ml_collections import config_flags
@@ -21,6 +22,7 @@ import numpy as np
 
 from experiments import cli as cli_lib
 from flaxlora import build
+from flaxlora import errors
 from flaxlora import sharding
 from flaxlora.data import task_data
 from flaxlora.inspect import probe
@@ -37,7 +39,10 @@ def main(argv):
   cli_lib.quiet_logs()
   config = _CONFIG.value
   if config.model.family != 'bert' or config.task != 'classification':
-    raise app.UsageError('--config: a BERT classification config, please.')
+    raise errors.UserError(
+        f'--config: model.family={config.model.family!r}, task='
+        f'{config.task!r}; the probe reads a BERT classifier\'s vectors: '
+        'pass a BERT classification config.')
   data = task_data.load(config, build.tokenizer(config))
   mesh = sharding.make_mesh(config.mesh)
   model, params, _, _ = build.model_and_params(
@@ -60,4 +65,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(errors.cli(main))
