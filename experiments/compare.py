@@ -8,7 +8,8 @@ r"""The table and plot of a method comparison sweep.
 For every point of the config's `get_sweep` (run or not yet run), from its
 workdir under --workdir: the final and best dev `--metric`, the first
 evaluated step at which it reached `--reach`, trainable parameters, the
-median seconds per train step and the run's wall minutes. Writes
+median seconds per train step and the run's wall minutes (a resumed run's
+last invocation: "23.4 (from step 875)"). Writes
 `compare.md` (a Markdown table) and `compare.png` (the metric over steps per
 point, and the final metric against the learning rate for the points that
 share a variant) to --workdir, and prints the table.
@@ -74,6 +75,7 @@ def point_row(workdir: pathlib.Path, metric: str, reach: float
       'trainable': summary.get('trainable_params'),
       's_per_step': 1 / statistics.median(rates) if rates else None,
       'minutes': summary['seconds'] / 60 if 'seconds' in summary else None,
+      'minutes_from': summary.get('seconds_from', 0),
       'status': 'done' if summary else (
           'unfinished' if records else 'not run'),
       'curve': evals,
@@ -90,7 +92,7 @@ def table(rows: dict[str, dict[str, Any]], metric: str, reach: float) -> str:
     cells = [name, _fmt(r['lr'], '{:g}'), _fmt(r['final'], '{:.4f}'),
              _fmt(r['best'], '{:.4f}'), _fmt(r['reach_step'], '{}'),
              _fmt(r['trainable'], '{:,}'), _fmt(r['s_per_step'], '{:.2f}'),
-             _fmt(r['minutes'], '{:.1f}'), r['status']]
+             _minutes(r), r['status']]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -99,12 +101,26 @@ def _fmt(value: Any, spec: str) -> str:
   return '-' if value is None else spec.format(value)
 
 
+_FROM = ' (from step '  # a resumed run's minutes: its last invocation's
+
+
+def _minutes(row: dict[str, Any]) -> str:
+  start = row.get('minutes_from')
+  return _fmt(row['minutes'], '{:.1f}') + (f'{_FROM}{start})' if start
+                                           else '')
+
+
+def _read_minutes(cell: str) -> tuple[float, int]:
+  minutes, _, start = cell.partition(_FROM)
+  return float(minutes), int(start.rstrip(')') or 0)
+
+
 # The table's value columns (after the point's name), as `point_row` keys,
 # and how a cell reads back.
 _COLUMNS = (('lr', float), ('final', float), ('best', float),
             ('reach_step', int),
             ('trainable', lambda cell: int(cell.replace(',', ''))),
-            ('s_per_step', float), ('minutes', float))
+            ('s_per_step', float), ('minutes', _read_minutes))
 
 
 def read_table(path: pathlib.Path) -> dict[str, dict[str, Any]]:
@@ -125,6 +141,7 @@ def read_table(path: pathlib.Path) -> dict[str, dict[str, Any]]:
     except ValueError as e:
       raise ValueError(f'{path}:{number}: unreadable cell ({e}); pass '
                        'experiments.compare\'s compare.md.') from None
+    row['minutes'], row['minutes_from'] = row['minutes'] or (None, 0)
     rows[cells[0]] = dict(row, status='done (previous)', curve=[])
   return rows
 

@@ -368,8 +368,9 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
   summary['base_params'] = layers.num_params(run.base)
   # What really trained: the method's resolved hyperparameters.
   summary['peft_method'] = method_parts.config_dicts(run.method)
-  # Wall seconds of this invocation (a resumed run counts from its resume).
-  summary['seconds'] = round(time.time() - run.started, 1)
+  # Wall seconds of this invocation, from step `seconds_from` (a resume's).
+  summary.update(seconds=round(time.time() - run.started, 1),
+                 seconds_from=log.resume_step)
   ckpt.close()
   if run.is_main:
     spec = {'peft': c.peft.to_dict(), 'family': c.model.family,

@@ -102,6 +102,7 @@ class MetricsLog:
     self.path = pathlib.Path(workdir) / METRICS_FILE
     self.write = write
     self.writer = writer  # also gets every record (`metric_writers`)
+    self.resume_step = resume_step
     kept = [r for r in read_metrics(workdir) if r['step'] <= resume_step]
     self.records = kept
     if write:

@@ -318,6 +318,7 @@ def test_sigkill_resume_is_bitwise(tmp_path):
   summaries = [json.loads((w / 'summary.json').read_text())
                for w in (straight, killed)]
   assert summaries[0].pop('seconds') > 0 < summaries[1].pop('seconds')
+  assert [s.pop('seconds_from') for s in summaries] == [0, 4]
   assert summaries[0] == summaries[1]  # all but the wall time
   logs = [[json.loads(line) for line in (w / 'metrics.jsonl').read_text()
            .splitlines()] for w in (straight, killed)]

@@ -160,9 +160,14 @@ def test_arg_points_pick_variants_and_compare_tabulates(tmp_path):
   methods = [json.loads((p / 'config.json').read_text())['peft']['method']
              for p in points]
   assert methods == ['lora', 'ia3', 'lora']  # each point's own section
+  # Say point 1 was resumed at step 2: its minutes are its last invocation's.
+  summary_file = points[1] / 'summary.json'
+  summary_file.write_text(json.dumps(dict(
+      json.loads(summary_file.read_text()), seconds_from=2)))
   _compare(flag, root)
   lines = (root / 'compare.md').read_text().splitlines()[2:]
   assert len(lines) == 3 and all(line.endswith('| done |') for line in lines)
+  assert [line.count(' (from step 2) |') for line in lines] == [0, 1, 0]
   cells = [line.split(' | ') for line in lines]
   assert [c[1] for c in cells] == ['0.01', '0.03', '0.05']  # 10x each lr
   assert cells[0][5] != cells[1][5]  # LoRA and IA3 train other params
