@@ -24,7 +24,7 @@ import json
 import pathlib
 import statistics
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
@@ -74,8 +74,9 @@ def point_row(workdir: pathlib.Path, metric: str, reach: float
       'reach_step': next((s for s, v in evals if v >= reach), None),
       'trainable': summary.get('trainable_params'),
       's_per_step': 1 / statistics.median(rates) if rates else None,
-      'minutes': summary['seconds'] / 60 if 'seconds' in summary else None,
-      'minutes_from': summary.get('seconds_from', 0),
+      # (wall minutes, the step they count from: a resume's, else 0)
+      'wall': (summary['seconds'] / 60, summary.get('seconds_from', 0))
+              if 'seconds' in summary else None,
       'status': 'done' if summary else (
           'unfinished' if records else 'not run'),
       'curve': evals,
@@ -92,25 +93,26 @@ def table(rows: dict[str, dict[str, Any]], metric: str, reach: float) -> str:
     cells = [name, _fmt(r['lr'], '{:g}'), _fmt(r['final'], '{:.4f}'),
              _fmt(r['best'], '{:.4f}'), _fmt(r['reach_step'], '{}'),
              _fmt(r['trainable'], '{:,}'), _fmt(r['s_per_step'], '{:.2f}'),
-             _minutes(r), r['status']]
+             _fmt(r['wall'], _wall), r['status']]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 
-def _fmt(value: Any, spec: str) -> str:
-  return '-' if value is None else spec.format(value)
+def _fmt(value: Any, spec: str | Callable[[Any], str]) -> str:
+  if value is None:
+    return '-'
+  return spec(value) if callable(spec) else spec.format(value)
 
 
 _FROM = ' (from step '  # a resumed run's minutes: its last invocation's
 
 
-def _minutes(row: dict[str, Any]) -> str:
-  start = row.get('minutes_from')
-  return _fmt(row['minutes'], '{:.1f}') + (f'{_FROM}{start})' if start
-                                           else '')
+def _wall(wall: tuple[float, int]) -> str:
+  minutes, start = wall
+  return f'{minutes:.1f}' + (f'{_FROM}{start})' if start else '')
 
 
-def _read_minutes(cell: str) -> tuple[float, int]:
+def _read_wall(cell: str) -> tuple[float, int]:
   minutes, _, start = cell.partition(_FROM)
   return float(minutes), int(start.rstrip(')') or 0)
 
@@ -120,7 +122,7 @@ def _read_minutes(cell: str) -> tuple[float, int]:
 _COLUMNS = (('lr', float), ('final', float), ('best', float),
             ('reach_step', int),
             ('trainable', lambda cell: int(cell.replace(',', ''))),
-            ('s_per_step', float), ('minutes', _read_minutes))
+            ('s_per_step', float), ('wall', _read_wall))
 
 
 def read_table(path: pathlib.Path) -> dict[str, dict[str, Any]]:
@@ -141,7 +143,6 @@ def read_table(path: pathlib.Path) -> dict[str, dict[str, Any]]:
     except ValueError as e:
       raise ValueError(f'{path}:{number}: unreadable cell ({e}); pass '
                        'experiments.compare\'s compare.md.') from None
-    row['minutes'], row['minutes_from'] = row['minutes'] or (None, 0)
     rows[cells[0]] = dict(row, status='done (previous)', curve=[])
   return rows
 
