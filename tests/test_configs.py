@@ -161,20 +161,21 @@ def test_sweeps_override_existing_keys():
 def test_compare_points_pick_each_method_and_rate():
   path = str(REPO / 'configs/bert_sentiment_compare.py:local_data')
   base = _module('bert_sentiment_compare').get_config('local_data')
-  seen = []
+  configs = []
   module = sweeps.load_module(path)
   for point in sweeps.points(path):
     config = sweeps.point_config(base, module, point,
                                  {'train.batch_size': 16})
-    seen.append((repr(sorted(config.peft.items())), config.optimizer.lr,
-                 config.model.pooling))
+    configs.append(config)
     assert config.train.batch_size == 16  # the command line's override
     assert config.data.source == 'files'  # the sweep's own variant
   methods = bert_sentiment_compare.METHODS
-  assert len(seen) == len(methods) + 6 + len(bert_sentiment_compare.TUNED)
-  assert len(set(seen)) == len(seen)  # every point trains something else
-  assert [lr for _, lr, _ in seen].count(1e-1) == 2
-  assert [pooling for _, _, pooling in seen].count('mean') == 1
+  assert len(configs) == len(methods) + 6 + len(bert_sentiment_compare.TUNED)
+  recipes = {c.to_json(sort_keys=True) for c in configs}
+  assert len(recipes) == len(configs)  # every point trains something else
+  assert [c.optimizer.lr for c in configs].count(1e-1) == 2
+  assert [c.model.pooling for c in configs].count('mean') == 1
+  assert [c.train.seed for c in configs].count(1) == 1
 
 
 def test_parse_arg_and_sweep_helpers():
