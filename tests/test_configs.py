@@ -176,6 +176,7 @@ def test_compare_points_pick_each_method_and_rate():
   assert [c.optimizer.lr for c in configs].count(1e-1) == 2
   assert [c.model.pooling for c in configs].count('mean') == 1
   assert [c.train.seed for c in configs].count(1) == 2
+  assert [c.data.max_train_examples for c in configs].count(40000) == 2
 
 
 def test_parse_arg_and_sweep_helpers():
