@@ -175,8 +175,10 @@ def test_compare_points_pick_each_method_and_rate():
   assert len(recipes) == len(configs)  # every point trains something else
   assert [c.optimizer.lr for c in configs].count(1e-1) == 2
   assert [c.model.pooling for c in configs].count('mean') == 1
-  assert [c.train.seed for c in configs].count(1) == 2
-  assert [c.data.max_train_examples for c in configs].count(40000) == 2
+  assert [c.train.seed for c in configs].count(1) == 3
+  assert [c.train.seed for c in configs].count(2) == 2
+  assert [c.data.max_train_examples for c in configs].count(40000) == 3
+  assert [c.data.max_train_examples for c in configs].count(48000) == 3
 
 
 def test_parse_arg_and_sweep_helpers():
