@@ -17,13 +17,6 @@ FLAGS = ['--config=configs/bert_sentiment_lora.py:runlocal',
          '--config.train.eval_every=20', '--config.train.log_every=5']
 
 
-def _env(cache_dir):
-  # conftest's JAX settings, plus a persistent compilation cache shared by
-  # the three runs (only the first compiles).
-  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-
-
 def _command(workdir):
   return [sys.executable, '-m', 'experiments.run', f'--workdir={workdir}',
           *FLAGS]
@@ -60,7 +53,7 @@ def _kill_after_checkpoint(workdir, env, step):
 
 
 def test_sigkill_and_resume_give_the_same_adapter_bytes(tmp_path):
-  env = _env(tmp_path / 'jax_cache')
+  env = dict(os.environ)  # conftest's JAX settings and compilation cache
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
   _run(straight, env)
   _kill_after_checkpoint(killed, env, step=10)

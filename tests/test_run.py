@@ -27,14 +27,10 @@ from flaxlora.peft import prompt_io
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_env(cache_dir=None):
-  """The subprocess environment: conftest's JAX settings (+ a shared
-  persistent compilation cache, so later runs skip compiling)."""
-  env = dict(os.environ)
-  if cache_dir is not None:
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  return env
+def run_env():
+  """The subprocess environment: conftest's JAX settings and the session's
+  persistent compilation cache."""
+  return dict(os.environ)
 
 
 def check_workdir(workdir: pathlib.Path, metric: str) -> dict:

@@ -41,8 +41,7 @@ def test_lock_and_sigterm_then_resume_gives_the_same_bytes(tmp_path,
                                                            capsys):
   straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'
   assert cli(*FLAGS, f'--workdir={straight}') == 0
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  env = dict(os.environ)  # conftest's JAX settings and compilation cache
   process = subprocess.Popen(
       [sys.executable, '-m', 'experiments.run', *FLAGS,
        f'--workdir={stopped}'], cwd=REPO, env=env, stdout=subprocess.PIPE,

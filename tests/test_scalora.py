@@ -305,8 +305,7 @@ def _run(workdir, env, kill_at=0):
 
 
 def test_sigkill_resume_is_bitwise(tmp_path):
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  env = dict(os.environ)  # conftest's JAX settings and compilation cache
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
   assert _run(straight, env)[0] == 0
   assert _run(killed, env, kill_at=4)[0] == -9  # SIGKILL

@@ -79,8 +79,7 @@ def _results_but_wall_time(root):
 
 def test_grid_runs_writes_results_and_skips_finished_points(
     tmp_path, config_file):
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  env = dict(os.environ)  # conftest's JAX settings and compilation cache
   root = tmp_path / 'root'
   _sweep(config_file, root, env)
   with open(root / 'results.csv') as f:
