@@ -5,9 +5,11 @@ The cache folder is made by the first process (the xdist controller, or the
 only process) and reaches every worker and every `experiments.*` subprocess
 through the environment, so a program compiled by one test (the runlocal
 train step that many tests and subprocess runs share) is loaded by the rest.
-A size limit turns on the cache's file lock, so no process reads an entry
-that another is still writing. The folder goes when the session ends; set
-JAX_COMPILATION_CACHE_DIR yourself to keep one.
+No size limit: a limit makes every write scan the whole folder under one
+lock, which cost more than the cache saves. An entry read while another
+process still writes it is a warning and a recompile, never a wrong program.
+The folder goes when the session ends; set JAX_COMPILATION_CACHE_DIR
+yourself to keep one.
 """
 import atexit
 import os
@@ -23,4 +25,3 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 << 30))
