@@ -1,7 +1,6 @@
 """A run killed with SIGKILL at an arbitrary moment and restarted ends with
 exactly the adapter bytes of an uninterrupted run (CPU)."""
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -22,8 +21,8 @@ def _command(workdir):
           *FLAGS]
 
 
-def _run(workdir, env):
-  result = subprocess.run(_command(workdir), cwd=REPO, env=env,
+def _run(workdir):
+  result = subprocess.run(_command(workdir), cwd=REPO,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
@@ -36,9 +35,9 @@ def _steps(workdir):
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
 
-def _kill_after_checkpoint(workdir, env, step):
+def _kill_after_checkpoint(workdir, step):
   """Starts a run and SIGKILLs it once checkpoint `step` is complete."""
-  process = subprocess.Popen(_command(workdir), cwd=REPO, env=env,
+  process = subprocess.Popen(_command(workdir), cwd=REPO,
                              stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
   try:
@@ -53,13 +52,12 @@ def _kill_after_checkpoint(workdir, env, step):
 
 
 def test_sigkill_and_resume_give_the_same_adapter_bytes(tmp_path):
-  env = dict(os.environ)  # conftest's JAX settings and compilation cache
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
-  _run(straight, env)
-  _kill_after_checkpoint(killed, env, step=10)
+  _run(straight)
+  _kill_after_checkpoint(killed, step=10)
   stopped_at = _steps(killed)[-1]
   assert stopped_at < 40 and not (killed / 'summary.json').exists()
-  output = _run(killed, env)
+  output = _run(killed)
   assert f'resuming from step {stopped_at}' in output
   adapter = 'adapter/adapter.safetensors'
   assert (straight / adapter).read_bytes() == (killed / adapter).read_bytes()
@@ -77,4 +75,4 @@ def test_sigkill_and_resume_give_the_same_adapter_bytes(tmp_path):
     return records
   assert metrics(straight) == metrics(killed)
   # A finished run is not run again.
-  assert 'nothing to do' in _run(killed, env)
+  assert 'nothing to do' in _run(killed)

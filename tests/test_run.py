@@ -6,7 +6,6 @@ mesh; tests/test_qlora.py and tests/test_prompt.py run them on the default
 mesh."""
 import importlib
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -25,12 +24,6 @@ from flaxlora.inspect import runs
 from flaxlora.peft import prompt_io
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def run_env():
-  """The subprocess environment: conftest's JAX settings and the session's
-  persistent compilation cache."""
-  return dict(os.environ)
 
 
 def check_workdir(workdir: pathlib.Path, metric: str) -> dict:
@@ -58,7 +51,7 @@ def test_cpu_devices_flag_sets_the_mesh(tmp_path):
       [sys.executable, '-m', 'experiments.run', '--cpu_devices=2',
        '--config=configs/bert_sentiment_lora.py:runlocal',
        f'--workdir={tmp_path / "bert"}'],
-      cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+      cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1} over 2 cpu devices" in (
       result.stdout), result.stdout[-2000:]
@@ -70,7 +63,7 @@ def test_readme_job_t5_runlocal(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'experiments.run',
        '--config=configs/t5_lora.py:runlocal', f'--workdir={workdir}'],
-      cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+      cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'steps/s ETA' in result.stdout
   summary = check_workdir(workdir, 'rouge1')
@@ -160,7 +153,7 @@ def test_bad_flags_fail_before_touching_the_workdir(tmp_path, flag, message):
   args = [sys.executable, '-m', 'experiments.run', f'--workdir={workdir}']
   if not flag.startswith('--config='):
     args.append('--config=configs/t5_lora.py:runlocal')
-  result = subprocess.run(args + [flag], cwd=REPO, env=run_env(),
+  result = subprocess.run(args + [flag], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert message in result.stderr, result.stderr[-2000:]

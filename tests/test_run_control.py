@@ -3,7 +3,6 @@ checkpoint at the signal (resumed to the uninterrupted adapter bytes), a
 NaN stop whose message is the command that continues it, compatible changes
 that extend a finished run, and a fall-back past a broken checkpoint."""
 import json
-import os
 import pathlib
 import re
 import shlex
@@ -41,10 +40,9 @@ def test_lock_and_sigterm_then_resume_gives_the_same_bytes(tmp_path,
                                                            capsys):
   straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'
   assert cli(*FLAGS, f'--workdir={straight}') == 0
-  env = dict(os.environ)  # conftest's JAX settings and compilation cache
   process = subprocess.Popen(
       [sys.executable, '-m', 'experiments.run', *FLAGS,
-       f'--workdir={stopped}'], cwd=REPO, env=env, stdout=subprocess.PIPE,
+       f'--workdir={stopped}'], cwd=REPO, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True)
   try:
     lock = stopped / workdir_lib.LOCK_FILE

@@ -3,7 +3,6 @@ are base + acc + s A B at every step; restarts and AdamW moments against a
 numpy computation; free and invalid scalings; the rank-R export; a run
 SIGKILLed mid-way resumes bitwise."""
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -296,21 +295,20 @@ sys.exit(run.cli(['run', *sys.argv[2:]]))
 """
 
 
-def _run(workdir, env, kill_at=0):
+def _run(workdir, kill_at=0):
   result = subprocess.run(
       [sys.executable, '-c', DRIVER, str(kill_at), f'--workdir={workdir}',
-       *FLAGS], cwd=REPO, env=env, capture_output=True, text=True,
+       *FLAGS], cwd=REPO, capture_output=True, text=True,
       timeout=600)
   return result.returncode, result.stdout
 
 
 def test_sigkill_resume_is_bitwise(tmp_path):
-  env = dict(os.environ)  # conftest's JAX settings and compilation cache
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
-  assert _run(straight, env)[0] == 0
-  assert _run(killed, env, kill_at=4)[0] == -9  # SIGKILL
+  assert _run(straight)[0] == 0
+  assert _run(killed, kill_at=4)[0] == -9  # SIGKILL
   assert not (killed / 'summary.json').exists()
-  code, out = _run(killed, env)
+  code, out = _run(killed)
   assert code == 0 and 'resuming from step 4' in out
   adapter = 'adapter/adapter.safetensors'  # a, b and acc of every kernel
   assert (straight / adapter).read_bytes() == (killed / adapter).read_bytes()

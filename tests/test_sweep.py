@@ -3,7 +3,6 @@ one command per point, results.csv/.md/.png list every point, and a rerun
 skips finished points with identical metrics."""
 import csv
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -60,10 +59,10 @@ def test_dry_run_prints_one_command_per_point(tmp_path, config_file):
   assert not (tmp_path / 'root').exists()
 
 
-def _sweep(config_file, root, env):
+def _sweep(config_file, root):
   result = subprocess.run(
       [sys.executable, '-m', 'experiments.sweep', f'--config={config_file}',
-       f'--workdir={root}'], cwd=REPO, env=env, capture_output=True,
+       f'--workdir={root}'], cwd=REPO, capture_output=True,
       text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
@@ -79,9 +78,8 @@ def _results_but_wall_time(root):
 
 def test_grid_runs_writes_results_and_skips_finished_points(
     tmp_path, config_file):
-  env = dict(os.environ)  # conftest's JAX settings and compilation cache
   root = tmp_path / 'root'
-  _sweep(config_file, root, env)
+  _sweep(config_file, root)
   with open(root / 'results.csv') as f:
     table = list(csv.DictReader(f))
   assert [(r['train.seed'], r['data.generated.seed']) for r in table] == [
@@ -103,7 +101,7 @@ def test_grid_runs_writes_results_and_skips_finished_points(
   # again from scratch and gives identical metrics.
   before = _results_but_wall_time(root)
   shutil.rmtree(root / points[2])
-  output = _sweep(config_file, root, env)
+  output = _sweep(config_file, root)
   assert output.count('skipped') == 3
   assert _results_but_wall_time(root) == before
   assert (root / points[2] / 'summary.json').exists()
@@ -154,7 +152,7 @@ def test_arg_points_pick_variants_and_compare_tabulates(tmp_path):
   flag = f'--config={config_file}:runlocal'
   _compare(flag, root)
   assert (root / 'compare.md').read_text().count('| not run |') == 3
-  _sweep(f'{config_file}:runlocal', root, dict(os.environ))
+  _sweep(f'{config_file}:runlocal', root)
   points = sorted(p for p in root.iterdir() if p.is_dir())
   methods = [json.loads((p / 'config.json').read_text())['peft']['method']
              for p in points]
