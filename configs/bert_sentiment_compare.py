@@ -78,8 +78,7 @@ SWEPT_LRS = (1e-4, 1e-2, 1e-1)  # and each method's own 1e-3
 # the 20k twice (new phrases where the second epoch repeats them; with seed
 # 1 too); then prefix tuning at a fifth of its rate (it collapsed at 5e-3);
 # then a third seed of the 40k recipe, and the 48k longest phrases once (1500
-# steps: ~16 min at 0.55 s a step, the README's machines A and C) with three
-# seeds.
+# steps: ~16 min at 0.55 s a step on a 2-core CPU) with three seeds.
 _ONCE_40K = {'data.max_train_examples': 40000, 'train.epochs': 1.0}
 _ONCE_48K = {'data.max_train_examples': 48000, 'train.epochs': 1.0}
 TUNED = (('scalora', {'optimizer.lr': 5e-4}),

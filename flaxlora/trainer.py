@@ -48,6 +48,7 @@ from flaxlora import validate
 from flaxlora import workdir as workdir_lib
 from flaxlora.data import pipeline
 from flaxlora.data import task_data
+from flaxlora.models import decoding
 from flaxlora.models import layers
 from flaxlora.peft import method_parts
 from flaxlora.peft import peft_names
@@ -200,7 +201,6 @@ def evaluate(run: Run, eval_step: Any, adapter: Any,
 def generate_texts(run: Run, adapter: Any) -> dict[int, str]:
   """{eval record index: generated text} (seq2seq eval), with the config's
   eval.num_beams, max_new_tokens and length_penalty."""
-  from flaxlora.models import decoding  # pylint: disable=g-import-not-at-top
   e = run.config.eval
   params, kwargs = run.method.apply(run.base, adapter)
   texts = {}
