@@ -281,7 +281,13 @@ def run_parallel(todo: Sequence[Point], root: str | os.PathLike,
   share = len(gpus) // parallel
   slots = [gpus[i * share:(i + 1) * share] for i in range(parallel)]
   (root / LOG_DIR).mkdir(parents=True, exist_ok=True)
-  queue, running, failed = list(todo), {}, []
+  queue = []
+  for point in todo:
+    if workdir_lib.read_summary(point.workdir) is None:
+      queue.append(point)
+    else:
+      print(f'sweep: point {point.name} is done; skipped.')
+  running, failed = {}, []
   while queue or running:
     while queue and len(running) < parallel:
       point, slot = queue.pop(0), slots[len(running)]
