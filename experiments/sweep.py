@@ -86,8 +86,7 @@ def main(argv):
     from flaxlora import sweep_status
     tasks = slurm.task_states(slurm.jobs(root))
     print(sweep_status.table(sweep_status.rows(points, root, tasks)), end='')
-    if sweeps.collect(points, root):
-      print(f'sweep: the done points are in {root}/results.md')
+    sweeps.collect(points, root)  # results.md of the points done so far
   elif launch == 'slurm':
     slurm.submit_sweep(points, root, _settings(config_arg, 'slurm'),
                        dry_run=_DRY_RUN.value)

@@ -3,7 +3,9 @@ one job array gives the results of --launch=local, a task requeued mid-run
 resumes from its checkpoint and ends bitwise equal, a failed point is
 reported with its error line while the others finish, and a 2-task `srun`
 run (two processes, data parallel) equals one process. Without Slurm these
-skip with the reason (they fail under CI=true)."""
+skip with the reason (they fail under CI=true). Each runs several runlocal
+processes on the 2-CPU node (minutes on 2 cores): all are `slow`, and
+`.ci/run` runs them."""
 import json
 import os
 import pathlib
@@ -39,6 +41,7 @@ def get_sweep(arg=None):
     points.append({'train.seed': 3, 'train.batch_size': 0})
   return points
 '''
+pytestmark = pytest.mark.slow
 # Keys of summary.json that depend on the wall clock.
 _TIMES = ('seconds', 'seconds_from')
 
@@ -199,7 +202,6 @@ def _adapter(workdir):
   return load_file(str(workdir / 'adapter/adapter.safetensors'))
 
 
-@pytest.mark.slow
 def test_two_task_srun_equals_one_process(cluster, tmp_path):
   config = tmp_path / 'one_point.py'
   config.write_text(CONFIG.replace('return points', 'return points[1:2]'))
