@@ -13,6 +13,7 @@ point's state. Finished points are skipped and stopped ones resume; ROOT
 gets results.csv, results.md and results.png. --config.x=y overrides apply
 to every point. See docs/sweeps.md.
 """
+import os
 import sys
 
 from absl import app
@@ -79,9 +80,12 @@ def main(argv):
   from flaxlora import sweeps
   config_arg = config_flags.get_config_filename(flags.FLAGS['config'])
   overrides = config_flags.get_override_values(flags.FLAGS['config'])
-  points = sweeps.plan(_CONFIG.value, config_arg, _WORKDIR.value, overrides)
-  root = points[0].workdir.parent
   launch = _LAUNCH.value
+  root = _WORKDIR.value
+  if launch == 'slurm' or _STATUS.value:  # the nodes need the whole path
+    root = os.path.abspath(root)
+  points = sweeps.plan(_CONFIG.value, config_arg, root, overrides)
+  root = points[0].workdir.parent
   if _STATUS.value:
     from flaxlora import sweep_status
     tasks = slurm.task_states(slurm.jobs(root))

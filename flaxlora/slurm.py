@@ -183,12 +183,15 @@ def task_states(records: Sequence[Mapping[str, Any]]
     for i, name in enumerate(record['points']):
       names[(str(record['job']), str(i))] = name
   ids = ','.join(str(r['job']) for r in records)
-  known = {}
-  queue = subprocess.run(
-      ['squeue', '--array', '--states=all', '--noheader', f'--jobs={ids}',
-       '-O', 'ArrayJobID:20,ArrayTaskID:12,State:20,RestartCnt:6,Reason:40'],
-      capture_output=True, text=True, timeout=60, check=False)
-  for line in queue.stdout.splitlines():
+  known, lines = {}, []
+  for record in records:  # one query each: squeue fails on a job it forgot
+    lines += subprocess.run(
+        ['squeue', '--array', '--states=all', '--noheader',
+         f'--jobs={record["job"]}', '-O',
+         'ArrayJobID:20,ArrayTaskID:12,State:20,RestartCnt:6,Reason:40'],
+        capture_output=True, text=True, timeout=60,
+        check=False).stdout.splitlines()
+  for line in lines:
     parts = line.split(None, 4)
     if len(parts) >= 4 and (parts[0], parts[1]) in names:
       known[(parts[0], parts[1])] = dict(
@@ -217,7 +220,6 @@ def submit_sweep(points: Sequence[sweeps.Point], root: pathlib.Path,
   """Submits the points that are neither done nor queued/running as one
   array; prints what it did. Returns the job id (None: nothing to submit,
   or a dry run, which prints the script instead)."""
-  root = root.absolute()
   states = task_states(jobs(root))
   todo = []
   for point in points:

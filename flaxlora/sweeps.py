@@ -198,7 +198,7 @@ def plan(config: Any, config_arg: str, root: str | os.PathLike,
   Raises:
     ValueError: a bad override, or two points with the same overrides.
   """
-  root = claim.check_path(root).absolute()
+  root = claim.check_path(root)
   module = load_module(config_arg)
   result, seen = [], {}
   for index, overrides in enumerate(points(config_arg)):
@@ -290,12 +290,12 @@ def run_parallel(todo: Sequence[Point], root: str | os.PathLike,
   running, failed = {}, []
   while queue or running:
     while queue and len(running) < parallel:
-      point, slot = queue.pop(0), slots[len(running)]
-      slots.remove(slot)
+      point, slot = queue.pop(0), slots.pop(0)
       env = dict(os.environ)
       if slot:
         env['CUDA_VISIBLE_DEVICES'] = ','.join(slot)
-      log = open(log_path(root, point.name), 'a')  # pylint: disable=consider-using-with
+      # Closed when the point ends (below).
+      log = open(log_path(root, point.name), 'a')  # pylint: disable=R1732
       print(f'sweep: started {point.name}', flush=True)
       proc = subprocess.Popen(
           [python, '-m', 'experiments.run', *point.args], env=env,
