@@ -45,10 +45,21 @@ def _env_int(name: str, value: int | None) -> int | None:
                      'integer.') from None
 
 
+def tpu_attached() -> bool:
+  """Whether this host is a TPU VM: libtpu installed and TPU chips on its
+  PCI bus. libtpu alone (`pip install "flaxlora[tpu]"` on a CPU machine,
+  for `experiments.plan`'s ahead-of-time compiles) is not a TPU host."""
+  if importlib.util.find_spec('libtpu') is None:
+    return False
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src import hardware_utils  # what jax's own TPU detection reads
+  return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+
+
 def _auto_detectable() -> bool:
-  """Whether JAX can find the job by itself: a TPU VM (libtpu installed), or
-  a SLURM / Open MPI launch of several tasks."""
-  if importlib.util.find_spec('libtpu') is not None:
+  """Whether JAX can find the job by itself: a TPU VM, or a SLURM / Open MPI
+  launch of several tasks."""
+  if tpu_attached():
     return True
   if os.environ.get('SLURM_JOB_ID') and _env_int('SLURM_NTASKS', None):
     return _env_int('SLURM_NTASKS', None) > 1
