@@ -107,10 +107,13 @@ class Target:
 
 def topology_shape(chips: int, dims: int) -> tuple[int, ...]:
   """Google's slice shape of `chips` chips: v5e 2D (16 -> 4x4), v4/v5p 3D
-  (16 -> 2x2x4, 64 -> 4x4x4): the smallest (last on ties) side doubles."""
-  if chips < 1 or chips & (chips - 1):
-    raise ValueError(f'a TPU slice of {chips} chips: use a power of two.')
-  shape = [1] * dims
+  from 2x2x1 (16 -> 2x2x4, 64 -> 4x4x4): the smallest side (the last one
+  on ties) doubles."""
+  smallest = 1 if dims == 2 else 4
+  if chips < smallest or chips & (chips - 1):
+    raise ValueError(f'a slice of {chips} chips: use a power of two, at '
+                     f'least {smallest}.')
+  shape = [1] * dims if dims == 2 else [2, 2, 1]
   while math.prod(shape) < chips:
     side = min(shape)
     shape[max(i for i, s in enumerate(shape) if s == side)] *= 2
@@ -331,6 +334,32 @@ def useful_flops(config: Any, chips: int) -> float:
   return float(cost['flops']) / chips
 
 
+def compile_step(step: Step) -> tuple[Any, dict[str, float]]:
+  """(the compiled step, or the compiler's message when the step does not
+  fit the chip; {'compile_seconds', 'compile_cpu_seconds'}): wall time
+  depends on what else the host runs, CPU time less so."""
+  tic, cpu = time.perf_counter(), time.process_time()
+  try:
+    compiled = step.lower().compile()
+  except Exception as e:  # pylint: disable=broad-except
+    if not is_out_of_memory(e):
+      raise
+    compiled = str(e).strip().splitlines()[0][:400]
+  return compiled, {
+      'compile_seconds': round(time.perf_counter() - tic, 1),
+      'compile_cpu_seconds': round(time.process_time() - cpu, 1)}
+
+
+def total_bytes(compiled: Any) -> int:
+  """What the compiled step holds in device memory at its peak, per chip:
+  arguments, outputs not aliased to (donated) arguments, temporaries and
+  code."""
+  m = compiled.memory_analysis()
+  return (m.argument_size_in_bytes + m.output_size_in_bytes -
+          m.alias_size_in_bytes + m.temp_size_in_bytes +
+          m.generated_code_size_in_bytes)
+
+
 def plan(config: Any, t: Target, device_list: Sequence[Any] | None = None
          ) -> dict[str, Any]:
   """Compiles the config's train step for target `t`; the per-chip figures
@@ -342,6 +371,7 @@ def plan(config: Any, t: Target, device_list: Sequence[Any] | None = None
   report = {
       'target': t.name, 'topology': t.topology, 'chip': t.chip.name,
       'chips': len(device_list), 'mesh': dict(step.mesh.shape),
+      'model': config.model.path or 'model.init',
       'family': config.model.family, 'task': config.task,
       'peft': config.peft.method, 'batch_size': int(config.train.batch_size),
       'grad_accum_steps': int(config.optimizer.grad_accum_steps),
@@ -354,24 +384,14 @@ def plan(config: Any, t: Target, device_list: Sequence[Any] | None = None
                 'batch': chip_bytes(step.batch)},
       'hbm_bytes': t.chip.hbm_bytes,
   }
-  tic, cpu = time.perf_counter(), time.process_time()
-  try:
-    compiled = step.lower().compile()
-  except Exception as e:  # pylint: disable=broad-except
-    if not is_out_of_memory(e):
-      raise
-    compiled = None
-    report.update(fits=False, error=str(e).splitlines()[0][:400])
-  # Wall time depends on what else the host runs; CPU time less so.
-  report.update(compile_seconds=round(time.perf_counter() - tic, 1),
-                compile_cpu_seconds=round(time.process_time() - cpu, 1))
-  if compiled is None:
+  compiled, seconds = compile_step(step)
+  report.update(seconds)
+  if isinstance(compiled, str):
+    report.update(fits=False, error=compiled)
     return report
-  memory = compiled.memory_analysis()
-  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes -
-           memory.alias_size_in_bytes + memory.temp_size_in_bytes +
-           memory.generated_code_size_in_bytes)
-  report['bytes'].update(temp=memory.temp_size_in_bytes, total=total)
+  total = total_bytes(compiled)
+  report['bytes'].update(temp=compiled.memory_analysis().temp_size_in_bytes,
+                         total=total)
   report.update(fits=total <= t.chip.hbm_bytes,
                 headroom=round(1 - total / t.chip.hbm_bytes, 4))
   cost = compiled.cost_analysis()
@@ -438,6 +458,26 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int,
   return low * unit, tried
 
 
+def search_batch(config: Any, t: Target, limit: int,
+                 device_list: Sequence[Any] | None = None
+                 ) -> dict[str, Any]:
+  """{'max_batch': the largest global batch whose step fits the target's
+  chips (`largest_batch` over compiles, from the config's batch size),
+  'batch_tries': [[size, fits], ...]}."""
+  device_list = devices(t) if device_list is None else device_list
+  unit = batch_unit(config, sharding.make_mesh(config.mesh, device_list))
+
+  def fits(batch_size):
+    step = abstract_step(with_batch(config, batch_size), device_list)
+    compiled, _ = compile_step(step)
+    return (not isinstance(compiled, str) and
+            total_bytes(compiled) <= t.chip.hbm_bytes)
+
+  best, tried = largest_batch(fits, unit, int(config.train.batch_size),
+                              limit)
+  return {'max_batch': best, 'batch_tries': [list(x) for x in tried]}
+
+
 def batch_unit(config: Any, mesh: Any) -> int:
   """The smallest global batch the step accepts: the devices the batch is
   split over, times the accumulation steps."""
@@ -458,7 +498,7 @@ def table(reports: Sequence[dict[str, Any]]) -> str:
   for r in reports:
     b = r['bytes']
     rows.append((
-        r['target'], r.get('name', r['family']), str(r['batch_size']),
+        r['target'], r['model'], str(r['batch_size']),
         gib(b['base']), gib(b['adapter']), gib(b['opt_state']),
         gib(b.get('temp')), gib(b.get('total')), gib(r['hbm_bytes']),
         f"{r['headroom']:.0%}" if 'headroom' in r else 'OOM',
