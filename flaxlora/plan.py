@@ -512,3 +512,26 @@ def table(reports: Sequence[dict[str, Any]]) -> str:
            for row in rows]
   lines.insert(1, '  '.join('-' * w for w in widths))
   return '\n'.join(lines)
+
+
+def markdown(reports: Sequence[dict[str, Any]]) -> str:
+  """A Markdown table of `plan` reports: which configuration fits which
+  slice, with its per-chip memory, roofline step time and MFU."""
+  lines = ['| model | PEFT | batch | remat | base | target | GiB / chip '
+           '(HBM) | free | fits | roofline step | MFU | max batch |',
+           '|' + '---|' * 12]
+  for r in reports:
+    total = r['bytes'].get('total')
+    used = (f"{total / GIB:.1f} ({r['hbm_bytes'] / GIB:.0f})" if total
+            else f"- ({r['hbm_bytes'] / GIB:.0f})")
+    lines.append('| ' + ' | '.join([
+        r['model'].split('/')[-1], r['peft'],
+        f"{r['batch_size']}" + (f" x {r['sequence']}" if 'sequence' in r
+                                else ''),
+        r['remat'], r['base_dtype'], r['target'], used,
+        f"{r['headroom']:.0%}" if 'headroom' in r else '-',
+        'yes' if r['fits'] else 'no',
+        f"{r['roofline_seconds']:.2f} s" if 'roofline_seconds' in r else '-',
+        f"{r['mfu']:.0%}" if 'mfu' in r else '-',
+        str(r.get('max_batch', '-'))]) + ' |')
+  return '\n'.join(lines)
