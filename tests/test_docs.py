@@ -143,6 +143,18 @@ def test_method_page_names_the_factory_arguments(page):
       f'{factory.__name__}\'s arguments in order')
 
 
+def test_the_contract_test_follows_the_adding_a_method_checklist():
+  steps = re.findall(r'^(\d+)\. \*\*', (ROOT / 'docs' /
+                                         'adding_a_method.md').read_text(),
+                     re.M)
+  contract = (ROOT / 'tests' / 'test_method_contract.py').read_text()
+  marked = re.findall(r'# Checklist (\d+)\b', contract)
+  assert steps == [str(n) for n in range(1, len(steps) + 1)]
+  assert marked == steps, (
+      'tests/test_method_contract.py must mark each step of '
+      'docs/adding_a_method.md\'s checklist, in order, with "# Checklist N"')
+
+
 if __name__ == '__main__':
   _page = pathlib.Path(sys.argv[1])
   print(run_blocks(str(_page.relative_to(ROOT)), _page.read_text(),
