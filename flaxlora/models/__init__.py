@@ -24,10 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlora.models import bert
+from flaxlora.models import gpt2
 from flaxlora.models import hf_io
+from flaxlora.models import llama
 from flaxlora.models import t5
 
-FAMILIES = {'t5': t5, 'bert': bert}
+FAMILIES = {'t5': t5, 'bert': bert, 'llama': llama, 'gpt2': gpt2}
 
 
 def family_of(config_dict: dict[str, Any], source: str = 'config.json'):
