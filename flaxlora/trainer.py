@@ -40,6 +40,7 @@ from flaxlora import lock
 from flaxlora import metric_writers
 from flaxlora import optimizers
 from flaxlora import predictions_io
+from flaxlora import provenance
 from flaxlora import progress as progress_lib
 from flaxlora import sharding
 from flaxlora import steps
@@ -385,6 +386,7 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
             'pooling': c.model.get('pooling', 'cls')}
     export.save_adapter(run.workdir / workdir_lib.ADAPTER_DIR, adapter, spec)
     _save_peft(run, host_base, adapter)
+    summary.update(provenance.record())  # hardware, date, commit
     workdir_lib.write_summary(run.workdir, summary)
     workdir_lib.plot(run.workdir)
   log.close()
