@@ -3,7 +3,7 @@ r"""The table and plot of a method comparison sweep.
   python -m experiments.compare \
       --config=configs/bert_sentiment_compare.py:local_data \
       --workdir=workdirs/sst2_compare [--metric=accuracy --reach=0.85] \
-      [--previous=experiments/results/sst2_compare.md]
+      [--previous=experiments/results/sst2_compare.md] [--baseline=32]
 
 For every point of the config's `get_sweep` (run or not yet run), from its
 workdir under --workdir: the final and best dev `--metric`, the first
@@ -19,8 +19,10 @@ Under it, `compare.md` holds one line per recipe (a point's name without its
 sample standard deviation of the final and best metric over them, the mean
 wall minutes; and one sentence, computed from those rows, on whether the
 recipe with the best mean final metric (among those with 2 seeds or more)
-leads the baseline recipe (--baseline, default the first point's recipe) by
-more than each of the two recipes' standard deviations.
+leads the baseline recipe (the recipe of point --baseline, default 0) by
+more than each of the two recipes' standard deviations; only recipes
+evaluated on the baseline's eval records (the same `eval.half=` in their
+names) are ranked.
 
 A sweep whose points ran on several machines: `--previous` names an earlier
 `compare.md`; a point not run under --workdir takes that table's row if it
@@ -53,9 +55,9 @@ _REACH = flags.DEFINE_float('reach', 0.85, 'The level whose first step is '
 _PREVIOUS = flags.DEFINE_string(
     'previous', None, 'An earlier compare.md whose done rows stand in for '
     'points not run under --workdir.')
-_BASELINE = flags.DEFINE_string(
-    'baseline', None, "The recipe the best one is compared with (a point's "
-    "name without train.seed=N); default: the first point's.")
+_BASELINE = flags.DEFINE_integer(
+    'baseline', 0, 'The sweep point (its index) whose recipe the best '
+    'recipe is compared with.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 COMPARE_MD = 'compare.md'
@@ -120,6 +122,11 @@ def recipe(name: str) -> tuple[str, int]:
   return rest, int(seeds[-1][len(_SEED):]) if seeds else 0
 
 
+def _half(name: str) -> str:
+  """The eval records a point's name says it used (its `eval.half=`)."""
+  return next((p for p in name.split(',') if p.startswith('eval.half=')), '')
+
+
 def by_recipe(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
   """Recipe -> {'seeds', 'final', 'best', 'wall'}: the done seeds, and per
   value (mean, sample std or None with one seed); an undone recipe has
@@ -144,8 +151,10 @@ def by_recipe(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def lead(recipes: dict[str, dict[str, Any]], baseline: str,
          metric: str) -> str:
   """One sentence: does the best recipe (by mean final `metric`, over the
-  recipes with >= 2 seeds) lead `baseline` by more than both stds?"""
-  ranked = {k: r for k, r in recipes.items() if len(r['seeds']) > 1}
+  recipes with >= 2 seeds evaluated on `baseline`'s eval records) lead
+  `baseline` by more than both stds?"""
+  ranked = {k: r for k, r in recipes.items() if len(r['seeds']) > 1 and
+            _half(k) == _half(baseline)}
   base = ranked.get(baseline)
   if base is None:
     return (f'No lead is stated: the baseline {baseline} has '
@@ -276,7 +285,10 @@ def main(argv):
     if rows[name]['status'] == 'not run' and name in previous:
       rows[name] = previous[name]
     variants[name] = str(point.get(sweeps.ARG, ''))
-  baseline = _BASELINE.value or recipe(next(iter(rows)))[0]
+  if not 0 <= _BASELINE.value < len(rows):
+    raise ValueError(f'--baseline={_BASELINE.value}: the sweep has points 0 '
+                     f'to {len(rows) - 1}.')
+  baseline = recipe(list(rows)[_BASELINE.value])[0]
   text = (table(rows, _METRIC.value, _REACH.value) + '\n' +
           seed_table(rows, _METRIC.value, baseline))
   atomic.write_file(root / COMPARE_MD, text)

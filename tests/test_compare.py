@@ -1,7 +1,8 @@
 """experiments.compare's per-recipe table over seeds, from synthetic run
 records: means and sample stds against numpy, the lead sentence computed
 from the data (holds, not shown, no baseline seeds), and an earlier table
-with the recipe table under it still read back."""
+with the recipe table under it still read back, only recipes on the
+baseline's eval records ranked; `eval.half`'s two halves of the records."""
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 from experiments import compare
 from flaxlora import workdir as workdir_lib
+from flaxlora.data import task_data
 
 LORA, SCALORA = 'method=lora,local_data', 'method=scalora,local_data'
 
@@ -99,3 +101,25 @@ def test_an_earlier_table_reads_back_above_its_recipe_table(tmp_path):
   for name, row in rows.items():
     assert back[name]['final'] == pytest.approx(row['final'], abs=1e-4)
   assert compare.by_recipe(back)[LORA]['seeds'] == (0, 1)
+
+
+def test_only_recipes_on_the_baselines_eval_records_are_ranked(tmp_path):
+  report = ',eval.half=report'
+  rows = _rows(tmp_path, {
+      LORA + report: [0.86], f'{LORA}{report},train.seed=1': [0.862],
+      SCALORA: [0.95], f'{SCALORA},train.seed=1': [0.95],  # all of dev
+      SCALORA + report: [0.87], f'{SCALORA}{report},train.seed=1': [0.872]})
+  text = compare.lead(compare.by_recipe(rows), LORA + report, 'accuracy')
+  assert text.startswith(f'{SCALORA}{report} leads')
+
+
+def test_eval_halves_split_the_records_in_two():
+  records = list(range(11))
+  select, report = (task_data.eval_half(records, h, 0)
+                    for h in ('select', 'report'))
+  assert sorted(select + report) == records and len(select) == 5
+  assert select == sorted(select) and report == sorted(report)
+  assert task_data.eval_half(records, 'select', 1) != select  # split_seed
+  assert task_data.eval_half(records, '', 0) == records
+  with pytest.raises(ValueError, match="eval.half='first'"):
+    task_data.eval_half(records, 'first', 0)
