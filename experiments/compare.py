@@ -3,7 +3,7 @@ r"""The table and plot of a method comparison sweep.
   python -m experiments.compare \
       --config=configs/bert_sentiment_compare.py:local_data \
       --workdir=workdirs/sst2_compare [--metric=accuracy --reach=0.85] \
-      [--previous=OLD_ROOT/compare.md] [--baseline=POINT]
+      [--previous=OLD_ROOT/compare.md] [--baseline=INDEX]
 
 For every point of the config's `get_sweep` (run or not yet run), from its
 workdir under --workdir: the final and best dev `--metric`, the first
