@@ -45,21 +45,6 @@ from flaxlora import figures
 from flaxlora import sweeps
 from flaxlora import workdir as workdir_lib
 
-_CONFIG = flags.DEFINE_string(
-    'config', None, 'The sweep config file and variant, e.g. '
-    'configs/bert_sentiment_compare.py:local_data.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The sweep root folder.')
-_METRIC = flags.DEFINE_string('metric', 'accuracy', 'The eval metric.')
-_REACH = flags.DEFINE_float('reach', 0.85, 'The level whose first step is '
-                            'reported.')
-_PREVIOUS = flags.DEFINE_string(
-    'previous', None, 'An earlier compare.md whose done rows stand in for '
-    'points not run under --workdir.')
-_BASELINE = flags.DEFINE_integer(
-    'baseline', 0, 'The sweep point (its index) whose recipe the best '
-    'recipe is compared with.')
-flags.mark_flags_as_required(['config', 'workdir'])
-
 COMPARE_MD = 'compare.md'
 COMPARE_PNG = 'compare.png'
 
@@ -272,27 +257,27 @@ def plot(rows: dict[str, dict[str, Any]], variants: dict[str, str],
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config_arg = _CONFIG.value
-  root = pathlib.Path(_WORKDIR.value)
-  previous = read_table(pathlib.Path(_PREVIOUS.value)) if (
-      _PREVIOUS.value) else {}
+  config_arg = flags.FLAGS.config
+  root = pathlib.Path(flags.FLAGS.workdir)
+  previous = read_table(pathlib.Path(flags.FLAGS.previous)) if (
+      flags.FLAGS.previous) else {}
   rows, variants = {}, {}
   for point in sweeps.points(config_arg):
     folder = root / sweeps.point_name(point)
     name = ','.join(str(v) if k == sweeps.ARG else f'{k}={v}'
                     for k, v in point.items())
-    rows[name] = point_row(folder, _METRIC.value, _REACH.value)
+    rows[name] = point_row(folder, flags.FLAGS.metric, flags.FLAGS.reach)
     if rows[name]['status'] == 'not run' and name in previous:
       rows[name] = previous[name]
     variants[name] = str(point.get(sweeps.ARG, ''))
-  if not 0 <= _BASELINE.value < len(rows):
-    raise ValueError(f'--baseline={_BASELINE.value}: the sweep has points 0 '
+  if not 0 <= flags.FLAGS.baseline < len(rows):
+    raise ValueError(f'--baseline={flags.FLAGS.baseline}: the sweep has points 0 '
                      f'to {len(rows) - 1}.')
-  baseline = recipe(list(rows)[_BASELINE.value])[0]
-  text = (table(rows, _METRIC.value, _REACH.value) + '\n' +
-          seed_table(rows, _METRIC.value, baseline))
+  baseline = recipe(list(rows)[flags.FLAGS.baseline])[0]
+  text = (table(rows, flags.FLAGS.metric, flags.FLAGS.reach) + '\n' +
+          seed_table(rows, flags.FLAGS.metric, baseline))
   atomic.write_file(root / COMPARE_MD, text)
-  plot(rows, variants, _METRIC.value, root / COMPARE_PNG)
+  plot(rows, variants, flags.FLAGS.metric, root / COMPARE_PNG)
   print(text, end='')
   print(f'compare: wrote {root / COMPARE_MD} and {root / COMPARE_PNG}')
 
@@ -302,5 +287,25 @@ def cli(argv=None) -> int:
   return errors.cli(main, argv)
 
 
+def define_flags():
+  """The command's flags, defined only when it runs as a command, so
+  tests import this module beside other commands that have a --config."""
+  flags.DEFINE_string(
+      'config', None, 'The sweep config file and variant, e.g. '
+      'configs/bert_sentiment_compare.py:local_data.')
+  flags.DEFINE_string('workdir', None, 'The sweep root folder.')
+  flags.DEFINE_string('metric', 'accuracy', 'The eval metric.')
+  flags.DEFINE_float('reach', 0.85,
+                     'The level whose first step is reported.')
+  flags.DEFINE_string(
+      'previous', None, 'An earlier compare.md whose done rows stand in for '
+      'points not run under --workdir.')
+  flags.DEFINE_integer(
+      'baseline', 0, 'The sweep point (its index) whose recipe the best '
+      'recipe is compared with.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
 if __name__ == '__main__':
+  define_flags()
   sys.exit(cli())

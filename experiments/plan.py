@@ -29,21 +29,6 @@ from ml_collections import config_flags
 from experiments import cli as cli_lib
 from flaxlora import errors
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file, e.g. configs/pod_lora.py:model=flan-t5-xl.',
-    lock_config=True)
-_TARGET = flags.DEFINE_list(
-    'target', ['cpu'], 'Slices (v5e-16, v5p-128, v4-32), topologies '
-    '(v5e:4x4) or cpu, comma-separated.')
-_JSON = flags.DEFINE_string('json', None, 'Write the reports here (JSON).')
-_MAX_BATCH = flags.DEFINE_bool(
-    'max_batch', False, 'Also bisect the largest global batch that fits.')
-_BATCH_LIMIT = flags.DEFINE_integer(
-    'batch_limit', 4096, 'The largest global batch --max_batch tries.')
-_CPU_DEVICES = flags.DEFINE_integer(
-    'cpu_devices', None, 'XLA CPU devices of this host for --target=cpu.')
-flags.mark_flags_as_required(['config'])
-
 
 def _host() -> dict[str, str]:
   """What made the numbers: host CPU, versions, commit, date."""
@@ -82,22 +67,22 @@ def main(argv):
   import jax
   # Plans compile; nothing runs on an accelerator of this host.
   jax.config.update('jax_platforms', 'cpu')
-  if _CPU_DEVICES.value:
-    jax.config.update('jax_num_cpu_devices', _CPU_DEVICES.value)
+  if flags.FLAGS.cpu_devices:
+    jax.config.update('jax_num_cpu_devices', flags.FLAGS.cpu_devices)
   from flaxlora import plan
-  config = _CONFIG.value
-  targets = [plan.target(name) for name in _TARGET.value]
+  config = flags.FLAGS.config
+  targets = [plan.target(name) for name in flags.FLAGS.target]
   reports, host = [], _host()
   for t in targets:
     report = plan.plan(config, t)
-    if _MAX_BATCH.value:
-      report.update(plan.search_batch(config, t, _BATCH_LIMIT.value))
+    if flags.FLAGS.max_batch:
+      report.update(plan.search_batch(config, t, flags.FLAGS.batch_limit))
     report.update(command=errors.command(), host=host)
     reports.append(report)
     print(plan.table([report]).splitlines()[-1] if len(reports) > 1 else
           plan.table([report]), flush=True)
-  if _JSON.value:
-    path = pathlib.Path(_JSON.value)
+  if flags.FLAGS.json:
+    path = pathlib.Path(flags.FLAGS.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(reports, indent=1) + '\n')
     print(f'flaxlora: wrote {path}')
@@ -109,5 +94,25 @@ def cli(argv=None) -> int:
   return errors.cli(main, argv)
 
 
+def define_flags():
+  """The command's flags, defined only when it runs as a command, so
+  tests import this module beside other commands that have a --config."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'Config file, e.g. configs/pod_lora.py:model=flan-t5-xl.',
+      lock_config=True)
+  flags.DEFINE_list(
+      'target', ['cpu'], 'Slices (v5e-16, v5p-128, v4-32), topologies '
+      '(v5e:4x4) or cpu, comma-separated.')
+  flags.DEFINE_string('json', None, 'Write the reports here (JSON).')
+  flags.DEFINE_bool(
+      'max_batch', False, 'Also bisect the largest global batch that fits.')
+  flags.DEFINE_integer(
+      'batch_limit', 4096, 'The largest global batch --max_batch tries.')
+  flags.DEFINE_integer(
+      'cpu_devices', None, 'XLA CPU devices of this host for --target=cpu.')
+  flags.mark_flags_as_required(['config'])
+
+
 if __name__ == '__main__':
+  define_flags()
   sys.exit(cli())

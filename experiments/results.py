@@ -33,10 +33,6 @@ from flaxlora import figures
 from flaxlora import sweeps
 from flaxlora import workdir as workdir_lib
 
-_ADD = flags.DEFINE_string('add', None, 'A sweep root whose finished points '
-                           'become records (needs --config).')
-_CONFIG = flags.DEFINE_string('config', None, 'The sweep config of --add.')
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECORDS = ROOT / 'experiments' / 'results'
 PAGE = ROOT / 'docs' / 'results.md'
@@ -236,10 +232,10 @@ def page(records_root: pathlib.Path, plots: pathlib.Path) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _ADD.value:
-    if not _CONFIG.value:
+  if flags.FLAGS.add:
+    if not flags.FLAGS.config:
       raise app.UsageError('--add needs --config, the sweep config.')
-    for path in add(pathlib.Path(_ADD.value), _CONFIG.value):
+    for path in add(pathlib.Path(flags.FLAGS.add), flags.FLAGS.config):
       print(f'results: wrote {path.relative_to(ROOT)}')
     return
   atomic.write_file(PAGE, page(RECORDS, PAGE.parent / 'results'))
@@ -251,5 +247,14 @@ def cli(argv=None) -> int:
   return errors.cli(main, argv)
 
 
+def define_flags():
+  """The command's flags, defined only when it runs as a command, so
+  tests import this module beside other commands that have a --config."""
+  flags.DEFINE_string('add', None, 'A sweep root whose finished points '
+                      'become records (needs --config).')
+  flags.DEFINE_string('config', None, 'The sweep config of --add.')
+
+
 if __name__ == '__main__':
+  define_flags()
   sys.exit(cli())

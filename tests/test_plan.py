@@ -2,6 +2,8 @@
 batches, the CLI on the host's devices, a TPU v5e:2x2 compile, and the
 one-line error without libtpu."""
 import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -9,7 +11,6 @@ import pytest
 
 from configs import bert_sentiment_lora
 from configs import pod_lora
-from experiments import plan as plan_cli
 from flaxlora import build
 from flaxlora import plan
 from flaxlora import sharding
@@ -87,12 +88,21 @@ def test_abstract_batch_has_the_keys_and_dtypes_of_a_real_one(config):
         x.shape, x.dtype), name
 
 
-def test_plan_on_the_host_devices_through_the_cli(tmp_path, capsys):
+def _plan(*args, patch=''):
+  """Runs `experiments.plan` in a subprocess (its --config flag would clash
+  with other commands' in this one); `patch`: Python run before it."""
+  code = (f'{patch}\nimport sys\nfrom experiments import plan\n'
+          'plan.define_flags()\nsys.exit(plan.cli(sys.argv))')
+  return subprocess.run([sys.executable, '-c', code, *args],
+                        capture_output=True, text=True, check=False)
+
+
+def test_plan_on_the_host_devices_through_the_cli(tmp_path):
   path = tmp_path / 'plan.json'
-  code = plan_cli.cli(['plan', f'--config={pod_lora.__file__}:{TINY}',
-                       '--target=cpu', f'--json={path}', *TINY_FLAGS])
-  out = capsys.readouterr().out
-  assert code == 0, out
+  done = _plan(f'--config={pod_lora.__file__}:{TINY}', '--target=cpu',
+               f'--json={path}', *TINY_FLAGS)
+  out = done.stdout
+  assert done.returncode == 0, out + done.stderr
   assert 'target' in out and 'cpu' in out
   [report] = json.loads(path.read_text())
   devices = len(jax.devices())
@@ -110,12 +120,12 @@ def test_plan_on_the_host_devices_through_the_cli(tmp_path, capsys):
   assert report['host']['jax'] == jax.__version__
 
 
-def test_missing_libtpu_is_one_line_with_the_install(monkeypatch, capsys):
-  monkeypatch.setattr(plan, 'libtpu_installed', lambda: False)
-  code = plan_cli.cli(['plan', f'--config={pod_lora.__file__}:{TINY}',
-                       '--target=v5e-16'])
-  err = capsys.readouterr().err.strip()
-  assert code == 2
+def test_missing_libtpu_is_one_line_with_the_install():
+  done = _plan(f'--config={pod_lora.__file__}:{TINY}', '--target=v5e-16',
+               patch='from flaxlora import plan\n'
+               'plan.libtpu_installed = lambda: False')
+  err = done.stderr.strip()
+  assert done.returncode == 2, err
   assert len(err.splitlines()) == 1, err
   assert "pip install 'flaxlora[tpu]'" in err and 'v5e-16' in err
 
