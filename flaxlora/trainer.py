@@ -206,8 +206,9 @@ def generate_texts(run: Run, adapter: Any) -> dict[int, str]:
   texts = {}
   for batch in loader(run, train=False):
     device = _device_batch(run, batch)
+    ids, mask = run.task.GENERATE_FROM
     tokens = decoding.generate(
-        run.model, params, device['input_ids'], device['attention_mask'],
+        run.model, params, device[ids], device[mask],
         max_new_tokens=e.max_new_tokens, num_beams=e.num_beams,
         length_penalty=e.length_penalty, model_kwargs=kwargs)
     tokens = distributed.to_host(tokens)
