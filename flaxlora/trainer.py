@@ -206,18 +206,29 @@ def evaluate(run: Run, eval_step: Any, adapter: Any,
 
 
 def generate_texts(run: Run, adapter: Any) -> dict[int, str]:
-  """{eval record index: generated text} (seq2seq eval), with the config's
-  eval.num_beams, max_new_tokens and length_penalty."""
-  from flaxlora.models import decoding  # pylint: disable=g-import-not-at-top
+  """{eval record index: generated text} (seq2seq and causal-LM eval), with
+  the config's eval.num_beams, max_new_tokens and length_penalty; a causal
+  LM continues the left-padded prompts and stops at the tokenizer's eos."""
+  # pylint: disable=g-import-not-at-top
+  if run.config.task == 'causal_lm':
+    from flaxlora.models import causal_decoding as decoder
+    eos = run.tokenizer.eos_token_id
+    pad = run.tokenizer.pad_token_id
+    extra = {'eos_token_id': eos, 'pad_token_id': eos if pad is None else pad}
+  else:
+    from flaxlora.models import decoding as decoder
+    extra = {}
+  # pylint: enable=g-import-not-at-top
   e = run.config.eval
   params, kwargs = run.method.apply(run.base, adapter)
   texts = {}
+  ids, mask = run.task.GENERATE_FROM
   for batch in loader(run, train=False):
     device = _device_batch(run, batch)
-    tokens = decoding.generate(
-        run.model, params, device['input_ids'], device['attention_mask'],
+    tokens = decoder.generate(
+        run.model, params, device[ids], device[mask],
         max_new_tokens=e.max_new_tokens, num_beams=e.num_beams,
-        length_penalty=e.length_penalty, model_kwargs=kwargs)
+        length_penalty=e.length_penalty, model_kwargs=kwargs, **extra)
     tokens = distributed.to_host(tokens)
     index = distributed.to_host(device['index'])
     for i, row in zip(index, tokens):
