@@ -164,7 +164,9 @@ def test_arg_points_pick_variants_and_compare_tabulates(tmp_path):
   _compare(flag, root)
   assert (root / 'compare.md').read_text().count('| not run |') == 3
   _sweep(f'{config_file}:runlocal', root)
-  points = sorted(p for p in root.iterdir() if p.is_dir())
+  points = [root / sweeps.point_name(p)
+            for p in sweeps.points(f'{config_file}:runlocal')]
+  assert sorted(points) == sorted(p for p in root.iterdir() if p.is_dir())
   methods = [json.loads((p / 'config.json').read_text())['peft']['method']
              for p in points]
   assert methods == ['lora', 'ia3', 'lora']  # each point's own section
