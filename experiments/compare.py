@@ -182,8 +182,8 @@ def main(argv):
   previous = read_table(pathlib.Path(_PREVIOUS.value)) if (
       _PREVIOUS.value) else {}
   rows, variants = {}, {}
-  for i, point in enumerate(sweeps.points(config_arg)):
-    folder = root / sweeps.point_name(i, point)
+  for point in sweeps.points(config_arg):
+    folder = root / sweeps.point_name(point)
     name = ','.join(str(v) if k == sweeps.ARG else f'{k}={v}'
                     for k, v in point.items())
     rows[name] = point_row(folder, _METRIC.value, _REACH.value)

@@ -123,19 +123,26 @@ def setup(config: Any, workdir: pathlib.Path,
              distributed.is_main_process())
 
 
-def init_state(run: Run, tx: Any) -> tuple[steps.TrainState, Any]:
-  """A fresh train state and its shardings (shape first: eval_shape, then a
-  jit that writes each shard in place)."""
+def state_shardings(run: Run, tx: Any) -> steps.TrainState:
+  """The train state's shardings: the adapter by its logical axes, the
+  optimizer state like the adapter, step and rng replicated (`run.base`
+  may be abstract: shapes only)."""
   abstract = jax.eval_shape(run.method.init, run.adapter_rng, run.base)
   axes = run.method.logical_axes(run.base_axes, abstract)
   adapter_shardings = sharding.named_shardings(abstract, axes, run.mesh,
                                                run.rules)
   replicated = jax.sharding.NamedSharding(run.mesh,
                                           jax.sharding.PartitionSpec())
-  shardings = steps.TrainState(
+  return steps.TrainState(
       replicated, adapter_shardings,
       sharding.optimizer_shardings(tx, abstract, adapter_shardings, run.mesh),
       replicated)
+
+
+def init_state(run: Run, tx: Any) -> tuple[steps.TrainState, Any]:
+  """A fresh train state and its shardings (shape first: eval_shape, then a
+  jit that writes each shard in place)."""
+  shardings = state_shardings(run, tx)
 
   def init(rng, base):
     return steps.create(run.state_rng, run.method.init(rng, base), tx)
