@@ -154,8 +154,7 @@ def abstract_params(config: Any) -> tuple[Any, Any]:
                      f'{sorted(models.FAMILIES)}.')
   family = models.FAMILIES[m.family]
   if m.path:
-    folder = hf_io.resolve(resolve_path(m.path))
-    spec = hf_io.read_config(folder)
+    spec = models.read_config(resolve_path(m.path))
   elif not m.init:
     raise ValueError('model.path is empty and model.init gives no config; '
                      'set one of them.')

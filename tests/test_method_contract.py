@@ -87,6 +87,10 @@ def test_import_check_sees_a_method_import():
 
 
 # ------------------------------------ a method the library does not know ---
+# It follows docs/adding_a_method.md's checklist, step by step.
+
+# Checklist 1: one package; this test file stands in for
+# flaxlora/peft/scaled_bias/, and imports only flaxlora.peft.base.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,19 +105,26 @@ def scaled_bias(scale: float = 2.0, limit: float = 0.05,
   """Trains one delta per bias, added as `scale * delta`; every hook set.
 
   prepare_base adds 0.5 to every LayerNorm bias of the base (a visible
-  change, even on a base whose biases start at zero); the optimizer runs at `lr_multiplier` x the run's rate;
-  after_step clips every delta to [-limit, limit].
+  change, even on a base whose biases start at zero); the optimizer runs at
+  `lr_multiplier` x the run's rate; after_step clips every delta to
+  [-limit, limit].
   """
+  # Checklist 2: a factory returning a PeftMethod; its config a frozen
+  # dataclass of the arguments.
   config = ScaledBiasConfig(scale, limit, lr_multiplier)
 
   def paths(base):
     return [p for p in peft_base.flatten(base) if p.endswith('/bias')]
 
+  # Checklist 3: only the hooks it changes (prepare_base, optimizer,
+  # after_step); the others keep their defaults.
   def init(rng, base):
     del rng
     return peft_base.unflatten({p: jnp.zeros(peft_base.get(base, p).shape)
                                 for p in paths(base)})
 
+  # Checklist 4: biases are added, no kernel product changes, so no
+  # adapted-kernel node is needed (LoRA's is `lora.kernel.LoraKernel`).
   def apply(base, adapter):
     updates = {p: peft_base.get(base, p) + scale * d
                for p, d in peft_base.flatten(adapter).items()}
@@ -129,6 +140,7 @@ def scaled_bias(scale: float = 2.0, limit: float = 0.05,
     return jax.tree.map(lambda d: jnp.clip(d, -limit, limit),
                         adapter), opt_state
 
+  # Checklist 5: no PEFT folder form, so its export says why.
   return peft_base.PeftMethod(
       init, apply, config, prepare_base=prepare_base,
       optimizer=lambda make_tx: make_tx(lr_multiplier),
@@ -139,6 +151,7 @@ def scaled_bias(scale: float = 2.0, limit: float = 0.05,
 @pytest.fixture(name='registered')
 def _registered():
   """`scaled_bias` registered as a method: the one step besides writing it."""
+  # Checklist 6: one registration.
   registry.register('scaled_bias', scaled_bias)
   yield
   registry.unregister('scaled_bias')
@@ -152,6 +165,11 @@ def _bias_config():
   config.train.update(steps=6, eval_every=0, log_every=3)
   config.optimizer.update(warmup_steps=0, schedule='constant')
   return config
+
+
+# Checklist 7: it trains through train_and_evaluate from a config.
+# Checklist 8: a test method has no page; tests/test_docs.py checks that
+# every registered method has one.
 
 
 @pytest.mark.usefixtures('registered')
