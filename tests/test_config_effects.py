@@ -213,6 +213,19 @@ def _run_observable(summary, workdir):
   return repr([logged, kept, summary, peft_config['base_model_name_or_path']])
 
 
+def probe_compiled(config):
+  """The trainer's train step, lowered and compiled: its program text and
+  the compiler's temp bytes (what the memory options change)."""
+  run = _setup(config)
+  tx = optimizers.optimizer(config.optimizer, run.total_steps, run.method)
+  state, shardings = trainer.init_state(run, tx)
+  batch = trainer._device_batch(run, next(trainer.loader(run, train=True)))  # pylint: disable=protected-access
+  lowered = trainer.train_step_fn(run, tx, shardings).lower(state, run.base,
+                                                            batch)
+  temp = lowered.compile().memory_analysis().temp_size_in_bytes
+  return _digest([lowered.as_text(), temp])
+
+
 def probe_model(config):
   """The base params' names and shapes."""
   return _digest(jax.tree.map(np.shape, jax.device_get(_setup(config).base)))
@@ -244,7 +257,7 @@ def probe_writers(config):
 
 PROBES = dict(data=probe_data, reader=probe_reader, train=probe_train,
               setup=probe_setup, eval=probe_eval, run=probe_run,
-              model=probe_model, raises=raises,
+              model=probe_model, compiled=probe_compiled, raises=raises,
               writers=probe_writers)
 
 FILES = {'data.source': 'files', 'data.train_file': '/d/train',
@@ -265,6 +278,8 @@ ROWS = [
      {'peft.trainable': ''}),
     ('model.num_labels', BERT, {'model.num_labels': 3}, 'model', {}),
     ('model.pooling', BERT, {'model.pooling': 'mean'}, 'train', {}),
+    ('model.remat', T5, {'model.remat': 'block'}, 'compiled', {}),
+    ('model.base_dtype', BERT, {'model.base_dtype': 'bfloat16'}, 'train', {}),
     ('peft.method', BERT, {'peft.method': 'qlora'}, 'train', {}),
     ('peft.rank', BERT, {'peft.rank': 4}, 'train', {}),
     ('peft.alpha', BERT, {'peft.alpha': 32.0}, 'train', {}),
@@ -463,7 +478,7 @@ def _baseline(name, base, probe, monkeypatch):
 # Rows that train, run or decode take ~10-25 s each: `-m slow` runs them
 # (the default suite keeps the data, reader, setup, model and writer rows
 # and the check that every field has a row).
-HEAVY_PROBES = ('train', 'run', 'eval', 'raises')
+HEAVY_PROBES = ('train', 'run', 'eval', 'raises', 'compiled')
 
 
 @pytest.mark.parametrize('row', [
