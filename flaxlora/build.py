@@ -153,15 +153,13 @@ def abstract_params(config: Any) -> tuple[Any, Any]:
   or computed, for checks before a run claims its workdir."""
   # pylint: disable=g-import-not-at-top
   from flaxlora import models
-  from flaxlora.models import hf_io
   m = config.model
   if m.family not in models.FAMILIES:
     raise ValueError(f'model.family={m.family!r}: use one of '
                      f'{sorted(models.FAMILIES)}.')
   family = models.FAMILIES[m.family]
   if m.path:
-    folder = hf_io.resolve(resolve_path(m.path))
-    spec = hf_io.read_config(folder)
+    spec = models.read_config(resolve_path(m.path))
   elif not m.init:
     raise ValueError('model.path is empty and model.init gives no config; '
                      'set one of them.')
