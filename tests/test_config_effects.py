@@ -424,6 +424,9 @@ _RULE_BASES = {
     'relpos_buckets': (T5, dict(_MESH, **{'sharding_rules.vocab': 'None'})),
     'relpos_heads': (T5, dict(_MESH, **{'sharding_rules.vocab': 'None'})),
     'batch': (BERT, {}),
+    # Only the Llama family has key/value heads (vocab 259: replicated).
+    'kv_heads': ('llama_lora:runlocal',
+                 dict(_MESH, **{'sharding_rules.vocab': 'None'})),
 }
 for _axis, _default in config_reads.sharding_defaults():
   _name, _base = _RULE_BASES.get(
