@@ -68,18 +68,14 @@ METHODS = {
 SWEPT_METHODS = ('lora', 'nblora')
 SWEPT_LRS = (1e-4, 1e-2, 1e-1)  # and each method's own 1e-3
 # (method, config overrides) tried besides, for the best method (ScaLoRA):
-# half its rate (its 1e-3 run peaked at step 750 of 1250, then fell back),
-# the pooling MiniLM was trained for (the mean of its token states: a
-# linear probe on frozen features reads SST-2 dev at 78.1% from the mean,
-# 72.3% from [CLS] and 71.6% from the pooler: experiments/probe_pooling.py),
-# twice the adapter dropout and 10x the weight decay (against the fall in
-# the second epoch), another seed (how far apart two runs land), twice its
-# rate, and the same 1250 steps over the 40k longest phrases once instead of
-# the 20k twice (new phrases where the second epoch repeats them; with seed
-# 1 too); then prefix tuning at a fifth of its rate (it collapsed at 5e-3);
-# then a third seed of the 40k recipe, and the 48k longest phrases once (1500
-# steps: ~16 min at 0.55 s a step, the README's machines A and C) with three
-# seeds.
+# half and twice its rate, the pooling MiniLM was trained for (the mean of
+# its token states; experiments/probe_pooling.py compares the poolings),
+# twice the adapter dropout with 10x the weight decay (against the fall in
+# the second epoch), another seed, and the same 1250 steps over the 40k
+# longest phrases once instead of the 20k twice (new phrases where a second
+# epoch repeats them), with three seeds; prefix tuning at a fifth of its
+# rate; and the 48k longest phrases once (1500 steps) with three seeds.
+# docs/results.md shows the recorded runs (experiments/results/).
 _ONCE_40K = {'data.max_train_examples': 40000, 'train.epochs': 1.0}
 _ONCE_48K = {'data.max_train_examples': 48000, 'train.epochs': 1.0}
 TUNED = (('scalora', {'optimizer.lr': 5e-4}),

@@ -20,7 +20,6 @@ arrays between hosts and such a mesh: `host_to_global` and `global_batch`
 `to_host` (global arrays -> numpy on every process). Sharded model init and
 slice-wise checkpoint loading are `flaxlora.models.sharded`.
 """
-import glob
 import importlib.util
 import math
 import os
@@ -49,12 +48,22 @@ def _env_int(name: str, value: int | None) -> int | None:
                      'integer.') from None
 
 
+def tpu_attached() -> bool:
+  """Whether this host is a TPU VM: libtpu installed and TPU chips on its
+  PCI bus. libtpu alone (`pip install "flaxlora[tpu]"` on a CPU machine,
+  for `experiments.plan`'s ahead-of-time compiles) is not a TPU host."""
+  if importlib.util.find_spec('libtpu') is None:
+    return False
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src import hardware_utils  # what jax's own TPU detection reads
+  return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+
+
 def _auto_detectable() -> bool:
-  """Whether JAX can find the job by itself: a TPU VM (libtpu installed and
-  TPU chips attached), a task of a Slurm job step (`srun`) of several tasks,
-  or an Open MPI launch of several processes."""
-  if importlib.util.find_spec('libtpu') is not None and (
-      glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')):
+  """Whether JAX can find the job by itself: a TPU VM (`tpu_attached`), a
+  task of a Slurm job step (`srun`) of several tasks, or an Open MPI launch
+  of several processes."""
+  if tpu_attached():
     return True
   if os.environ.get('SLURM_STEP_NODELIST') and os.environ.get('SLURM_PROCID'):
     # JAX reads SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the step's

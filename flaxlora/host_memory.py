@@ -37,19 +37,23 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 _kept = False
-# Top-level modules of JAX's accelerator plugins (CUDA, ROCm, TPU).
-ACCELERATOR_PREFIXES = ('jax_cuda', 'jax_rocm', 'libtpu')
+# Top-level modules of JAX's GPU plugins (CUDA, ROCm).
+GPU_PLUGIN_PREFIXES = ('jax_cuda', 'jax_rocm')
 
 
 def cpu_only() -> bool:
   """Whether JAX will run on the CPU, decided without starting a backend:
-  JAX_PLATFORMS, when set, names cpu first; otherwise no accelerator plugin
-  (jax-cuda*-plugin, jax-rocm*-plugin, libtpu) is installed."""
+  JAX_PLATFORMS, when set, names cpu first; otherwise no GPU plugin
+  (jax-cuda*-plugin, jax-rocm*-plugin) is installed and no TPU is attached
+  (libtpu alone compiles for TPUs ahead of time: `experiments.plan`)."""
   platforms = os.environ.get('JAX_PLATFORMS', '').strip()
   if platforms:
     return platforms.split(',')[0].strip() == 'cpu'
-  return not any(m.name.startswith(ACCELERATOR_PREFIXES)
-                 for m in pkgutil.iter_modules())
+  if any(m.name.startswith(GPU_PLUGIN_PREFIXES)
+         for m in pkgutil.iter_modules()):
+    return False
+  from flaxlora import distributed  # pylint: disable=g-import-not-at-top
+  return not distributed.tpu_attached()
 
 
 def cpu_settings(keep_freed: bool, cpu_devices: int | None) -> str | None:

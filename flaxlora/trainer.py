@@ -40,6 +40,7 @@ from flaxlora import lock
 from flaxlora import metric_writers
 from flaxlora import optimizers
 from flaxlora import predictions_io
+from flaxlora import provenance
 from flaxlora import progress as progress_lib
 from flaxlora import sharding
 from flaxlora import steps
@@ -122,19 +123,26 @@ def setup(config: Any, workdir: pathlib.Path,
              distributed.is_main_process())
 
 
-def init_state(run: Run, tx: Any) -> tuple[steps.TrainState, Any]:
-  """A fresh train state and its shardings (shape first: eval_shape, then a
-  jit that writes each shard in place)."""
+def state_shardings(run: Run, tx: Any) -> steps.TrainState:
+  """The train state's shardings: the adapter by its logical axes, the
+  optimizer state like the adapter, step and rng replicated (`run.base`
+  may be abstract: shapes only)."""
   abstract = jax.eval_shape(run.method.init, run.adapter_rng, run.base)
   axes = run.method.logical_axes(run.base_axes, abstract)
   adapter_shardings = sharding.named_shardings(abstract, axes, run.mesh,
                                                run.rules)
   replicated = jax.sharding.NamedSharding(run.mesh,
                                           jax.sharding.PartitionSpec())
-  shardings = steps.TrainState(
+  return steps.TrainState(
       replicated, adapter_shardings,
       sharding.optimizer_shardings(tx, abstract, adapter_shardings, run.mesh),
       replicated)
+
+
+def init_state(run: Run, tx: Any) -> tuple[steps.TrainState, Any]:
+  """A fresh train state and its shardings (shape first: eval_shape, then a
+  jit that writes each shard in place)."""
+  shardings = state_shardings(run, tx)
 
   def init(rng, base):
     return steps.create(run.state_rng, run.method.init(rng, base), tx)
@@ -389,6 +397,7 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
             'pooling': c.model.get('pooling', 'cls')}
     export.save_adapter(run.workdir / workdir_lib.ADAPTER_DIR, adapter, spec)
     _save_peft(run, host_base, adapter)
+    summary.update(provenance.record())  # hardware, date, commit
     workdir_lib.write_summary(run.workdir, summary)
     workdir_lib.plot(run.workdir)
   log.close()

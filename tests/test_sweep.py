@@ -164,7 +164,9 @@ def test_arg_points_pick_variants_and_compare_tabulates(tmp_path):
   _compare(flag, root)
   assert (root / 'compare.md').read_text().count('| not run |') == 3
   _sweep(f'{config_file}:runlocal', root)
-  points = sorted(p for p in root.iterdir() if p.is_dir())
+  points = [root / sweeps.point_name(p)
+            for p in sweeps.points(f'{config_file}:runlocal')]
+  assert sorted(points) == sorted(p for p in root.iterdir() if p.is_dir())
   methods = [json.loads((p / 'config.json').read_text())['peft']['method']
              for p in points]
   assert methods == ['lora', 'ia3', 'lora']  # each point's own section
@@ -239,12 +241,13 @@ def test_point_names_follow_the_point_not_its_place(tmp_path, config_file):
                 tmp_path)
 
 
-def test_committed_comparison_runs_are_points_of_the_sweep():
+def test_committed_comparison_records_are_points_of_the_sweep():
   names = {sweeps.point_name(p) for p in sweeps.points(
       str(REPO / 'configs/bert_sentiment_compare.py:local_data'))}
-  runs = REPO / 'experiments/results/sst2_compare_runs'
-  folders = {p.name for p in runs.iterdir()}
-  assert folders and folders <= names, folders - names
+  records = sorted((REPO / 'experiments/results/sst2_compare').glob('*.json'))
+  recorded = {sweeps.point_name(json.loads(r.read_text())['point'])
+              for r in records}
+  assert recorded and recorded <= names, recorded - names
 
 
 FAKE_GCLOUD = """#!/usr/bin/env python3

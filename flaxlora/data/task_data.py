@@ -150,6 +150,31 @@ def read_records(config: Any) -> tuple[list, list, str]:
                            d.get('eval_articles', '')), kind
 
 
+# `eval.half`: '' all eval records, or one of two disjoint halves drawn by
+# `data.split_seed` (choose hyperparameters on one, report on the other).
+HALVES = ('', 'select', 'report')
+
+
+def eval_half(records: list, half: str, seed: int) -> list:
+  """The records of `half` (see HALVES), in file order."""
+  if half not in HALVES:
+    raise ValueError(f"eval.half={half!r}: use '' (all), 'select' or "
+                     "'report'.")
+  if not half:
+    return records
+  order = np.random.default_rng(seed).permutation(len(records))
+  cut = len(records) // 2
+  chosen = order[:cut] if half == 'select' else order[cut:]
+  return [records[i] for i in sorted(chosen)]
+
+
+def _eval_records(records: list, config: Any) -> list:
+  """`eval.half` of the records, then at most `eval.max_examples`."""
+  records = eval_half(records, config.eval.get('half', ''),
+                      config.data.split_seed)
+  return _subset(records, config.eval.max_examples, None)
+
+
 def _text_length(record: dict) -> int:
   if 'text' not in record:
     raise ValueError("data.train_subset='longest' needs classification "
@@ -230,7 +255,7 @@ def load_eval(config: Any, tokenizer: Any) -> Data:
                          d.get('eval_articles', ''))
   else:
     records = read_records(config)[1]
-  records = _subset(records, config.eval.max_examples, None)
+  records = _eval_records(records, config)
   if config.task in TEXT_TASKS:
     records = to_text(records, kind, config)
   return Data(None, tokenize(records, config, tokenizer), records, kind)
@@ -242,7 +267,7 @@ def load(config: Any, tokenizer: Any) -> Data:
   train = _subset(train, config.data.max_train_examples,
                   config.data.split_seed,
                   config.data.get('train_subset', 'random'))
-  evaluation = _subset(evaluation, config.eval.max_examples, None)
+  evaluation = _eval_records(evaluation, config)
   for name, records in (('train', train), ('eval', evaluation)):
     if not records:
       raise ValueError(f'the {name} data is empty; check data.* options.')
