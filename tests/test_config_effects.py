@@ -34,6 +34,7 @@ from flaxlora.data import task_data
 BERT, SQUAD, T5 = 'bert_sentiment_lora', 'bert_squad_lora', 't5_lora'
 PROMPT, QLORA = 'bert_sentiment_prompt', 'bert_sentiment_qlora'
 ADAFACTOR = 't5_prompt_tuning'
+LLAMA = 'llama_lora'
 CMP = 'bert_sentiment_compare:method='
 NO_WARMUP = {'optimizer.warmup_steps': 0}
 
@@ -346,6 +347,9 @@ ROWS = [
     ('data.label_names', T5_CLS, {'data.label_names': ('bad', 'good')},
      'data', {}),
     ('data.source_prefix', T5, {'data.source_prefix': 'copy: '}, 'data', {}),
+    ('data.prompt', LLAMA, {'data.prompt': 'copy {source} ='}, 'data', {}),
+    ('data.chat_template', LLAMA, {'data.chat_template': True}, 'raises', {}),
+    ('data.pack', LLAMA, {'data.pack': True}, 'data', {}),
     ('data.max_source_length', T5, {'data.max_source_length': 6}, 'data', {}),
     ('data.max_target_length', T5, {'data.max_target_length': 4}, 'data', {}),
     ('data.target_buckets', T5, {'data.target_buckets': (4, 16)}, 'data', {}),
