@@ -410,6 +410,8 @@ ROWS = [
      {}),
     ('log.wandb_project', BERT, {'log.wandb_project': ''}, 'writers', {}),
     ('eval.max_examples', BERT, {'eval.max_examples': 4}, 'data', {}),
+    ('eval.half', CMP + 'lora', {'eval.half': 'report'}, 'data',
+     {'eval.half': 'select'}),
     ('eval.num_beams', T5, {'eval.num_beams': 4}, 'eval', {}),
     ('eval.max_new_tokens', T5, {'eval.max_new_tokens': 4}, 'eval', {}),
     ('eval.length_penalty', T5, {'eval.length_penalty': -2.0}, 'eval',
