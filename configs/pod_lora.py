@@ -8,9 +8,10 @@ compiles for the pod-scale table (docs/pod_scale.md).
 
 `model=` names a checkpoint (`MODELS`); a run downloads it, while
 `experiments.plan` builds its shapes from `flaxlora.models.presets` (no
-download). The base is sharded FSDP-style over every chip (mesh fsdp=-1),
-products in bf16, LoRA r=16 (alpha 32) on every attention and MLP kernel,
-AdamW. T5: XSum, inputs 512 / targets 128 tokens, global batch 128.
+download). The base is sharded FSDP-style over every chip (mesh fsdp=-1)
+and stored in bf16, products in bf16, every block rematerialised
+(model.remat=block), LoRA r=16 (alpha 32) on every attention and MLP
+kernel, AdamW. T5: XSum, inputs 512 / targets 128 tokens, global batch 128.
 BERT: SST-2 classification, 128 tokens, global batch 256.
 
 Variants (after ':', comma-separated):
@@ -57,7 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.path = path
     common.sst2_data(c)
     c.data.buckets = ()
-  c.model.dtype = 'bfloat16'
+  # bf16 products, the frozen base stored in bf16 (the adapter, its
+  # optimizer state and updates in fp32), every block rematerialised.
+  c.model.update(dtype='bfloat16', base_dtype='bfloat16', remat='block')
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.peft.update(method=arg.method, rank=16, alpha=32.0,
                 targets=TARGETS[family])

@@ -344,7 +344,9 @@ def compile_step(step: Step) -> tuple[Any, dict[str, float]]:
   except Exception as e:  # pylint: disable=broad-except
     if not is_out_of_memory(e):
       raise
-    compiled = str(e).strip().splitlines()[0][:400]
+    # The compiler's message: the total, then the largest allocations
+    # (shape, op, source line): what to shard or rematerialise.
+    compiled = '\n'.join(str(e).strip().splitlines()[:40])
   return compiled, {
       'compile_seconds': round(time.perf_counter() - tic, 1),
       'compile_cpu_seconds': round(time.process_time() - cpu, 1)}
@@ -364,8 +366,8 @@ def plan(config: Any, t: Target, device_list: Sequence[Any] | None = None
          ) -> dict[str, Any]:
   """Compiles the config's train step for target `t`; the per-chip figures
   (see the module docstring) as a JSON-ready dict. `fits` is False, with
-  the compiler's message in `error`, when the compiler refuses the step
-  for memory."""
+  the compiler's message in `error` (its largest allocations), when the
+  compiler refuses the step for memory."""
   device_list = devices(t) if device_list is None else device_list
   step = abstract_step(config, device_list)
   report = {
