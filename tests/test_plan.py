@@ -126,15 +126,19 @@ def test_plan_on_the_host_devices_through_the_cli(tmp_path):
   assert b['total'] >= b['base'] + b['adapter'] + b['opt_state'] + b['temp']
   # The base is split over the devices (FSDP): a chip holds about 1/8.
   model, params = build.abstract_params(plan.without_weights(_tiny_config()))
-  whole = sum(x.size * 4 for x in jax.tree.leaves(params))
+  whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   assert whole / devices <= b['base'] < whole / 2
-  # Without remat the step's FLOPs are all useful work.
-  assert 0.9 < report['useful_flops'] / report['flops'] < 1.1
+  # Block remat recomputes each block's forward pass, which is not useful
+  # work: about 4 of the 6 passes' FLOPs are (forward, backward).
+  assert report['remat'] == 'block'
+  assert 0.4 < report['useful_flops'] / report['flops'] < 0.9
   assert report['command'].startswith('python -m experiments.plan')
   assert report['host']['jax'] == jax.__version__
   # The docs table is made from such JSON files.
-  assert plan_table.cli(['plan_table', str(path)]) == 0
-  rows = capsys.readouterr().out.strip().splitlines()
+  table = subprocess.run([sys.executable, '-m', 'experiments.plan_table',
+                          str(path)], capture_output=True, text=True,
+                         check=True)
+  rows = table.stdout.strip().splitlines()
   assert len(rows) == 3 and rows[0].startswith('| model |')
   assert '| cpu |' in rows[2] and '| yes |' in rows[2]
 
