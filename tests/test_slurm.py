@@ -46,8 +46,9 @@ def get_sweep(arg=None):
   return points
 '''
 pytestmark = pytest.mark.slow
-# Keys of summary.json that depend on the wall clock.
-_TIMES = ('seconds', 'seconds_from')
+# Keys of summary.json that depend on when and where the run ran.
+_CIRCUMSTANCES = ('seconds', 'seconds_from', 'date', 'hardware', 'commit',
+                  'dirty')
 
 
 @pytest.fixture(scope='module')
@@ -157,10 +158,11 @@ def _check_local_results(array):
   for point in _good_points(config, root):
     there = json.loads((point.workdir / 'summary.json').read_text())
     here = json.loads((local / point.name / 'summary.json').read_text())
-    for key in _TIMES:
+    for key in _CIRCUMSTANCES:
       there.pop(key, None)
       here.pop(key, None)
     assert there == here, point.name
+    assert 'eval_accuracy' in there and 'train_loss' in there
     assert (point.workdir / 'adapter/adapter.safetensors').read_bytes() == (
         local / point.name / 'adapter/adapter.safetensors').read_bytes()
   assert status.splitlines()[-1] == '4 done, 1 failed'
