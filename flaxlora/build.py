@@ -23,11 +23,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from flaxlora import models
+from flaxlora import provenance
 from flaxlora import sharding
 from flaxlora.data import byte_tokenizer
 from flaxlora.data import synthetic
 from flaxlora.models import bert
 from flaxlora.models import hf_io
+from flaxlora.models import layers
 from flaxlora.models import sharded
 from flaxlora.models import tokenizers
 from flaxlora.peft import base as peft_base
@@ -139,6 +141,12 @@ def _head_kwargs(config: Any) -> dict[str, Any]:
           'pooling': pooling}
 
 
+def _model_kwargs(config: Any) -> dict[str, Any]:
+  """The family `build` arguments of the config: head (BERT) and the
+  memory options (`docs/memory.md`)."""
+  return dict(_head_kwargs(config), remat=config.model.remat)
+
+
 def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
   """(model, base params sharded over `mesh`, their logical axes, family).
 
@@ -147,14 +155,12 @@ def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
   `model.dropout` unless that is negative.
   """
   m = config.model
-  if m.dtype not in DTYPES:
-    raise ValueError(f'model.dtype={m.dtype!r}: use one of {sorted(DTYPES)}.')
-  dtype = DTYPES[m.dtype]
+  dtype = compute_dtype(m.dtype)
   if m.family not in models.FAMILIES:
     raise ValueError(f'model.family={m.family!r}: use one of '
                      f'{sorted(models.FAMILIES)}.')
   family = models.FAMILIES[m.family]
-  heads = _head_kwargs(config)
+  heads = _model_kwargs(config)
   if m.path:
     model, params, model_config = sharded.load(
         resolve_path(m.path), mesh, rules, dtype=dtype, rng=rng, **heads)
@@ -178,6 +184,27 @@ def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
   return model, params, family.logical_axes(model), family
 
 
+def compute_dtype(name: str) -> jnp.dtype:
+  """The dtype of the model's products for `model.dtype`: 'float32',
+  'bfloat16', or 'auto': bfloat16 on a GPU or TPU and on a CPU with bf16
+  matmul instructions (AVX512-BF16 or AMX; printed when chosen), float32
+  on other CPUs."""
+  if name == 'auto':
+    if jax.default_backend() != 'cpu':
+      return jnp.bfloat16
+    bf16 = [f for f in provenance.cpu_features()
+            if f in provenance.BF16_FEATURES]
+    if not bf16:
+      return jnp.float32
+    print(f'flaxlora: model.dtype=auto: bfloat16 products (this CPU has '
+          f'{", ".join(bf16)}); --config.model.dtype=float32 keeps fp32.')
+    return jnp.bfloat16
+  if name not in DTYPES:
+    raise ValueError(f"model.dtype={name!r}: use one of "
+                     f"{sorted(DTYPES) + ['auto']}.")
+  return DTYPES[name]
+
+
 def abstract_params(config: Any) -> tuple[Any, Any]:
   """(model, base params as ShapeDtypeStructs): shapes only, no weight read
   or computed, for checks before a run claims its workdir."""
@@ -194,9 +221,57 @@ def abstract_params(config: Any) -> tuple[Any, Any]:
   else:
     spec = dict(m.init.to_dict() if hasattr(m.init, 'to_dict') else m.init)
     spec.setdefault('model_type', family.MODEL_TYPES[0])
-  model = family.build(family.config_from_hf(spec), **_head_kwargs(config))
-  return model, jax.eval_shape(lambda r: family.init(model, r),
+  model = family.build(family.config_from_hf(spec), **_model_kwargs(config))
+  dtype = base_dtype(config)
+  return model, jax.eval_shape(lambda r: stored(family.init(model, r), dtype),
                                jax.random.PRNGKey(0))
+
+
+def base_dtype(config: Any) -> jnp.dtype:
+  """The dtype the frozen base is stored in (`model.base_dtype`)."""
+  name = config.model.base_dtype
+  if name not in DTYPES:
+    raise ValueError(f'model.base_dtype={name!r}: use one of '
+                     f'{sorted(DTYPES)}.')
+  return DTYPES[name]
+
+
+def stored(base: Any, dtype: jnp.dtype) -> Any:
+  """`base` with every float array cast to `dtype`.
+
+  Adapted kernels a method prepared (QLoRA's NF4 codes and scales, PiSSA's
+  residual) keep their own storage: their exactness is the method's.
+  """
+  def one(x):
+    if (layers.is_adapted_kernel(x) or
+        not jnp.issubdtype(x.dtype, jnp.floating)):
+      return x
+    return x.astype(dtype)
+  return jax.tree.map(one, base, is_leaf=layers.is_adapted_kernel)
+
+
+def store_base(base: Any, dtype: jnp.dtype) -> Any:
+  """`stored(base, dtype)` computed shard by shard, each in place."""
+  if dtype == jnp.float32:
+    return base
+  shardings = jax.tree.map(lambda x: x.sharding, base)
+  return jax.jit(lambda b: stored(b, dtype), out_shardings=shardings)(base)
+
+
+def fp32_adapter(method: peft_base.PeftMethod) -> peft_base.PeftMethod:
+  """`method` whose `init` upcasts narrower float leaves to float32: an
+  adapter that copies base params (`trainable` heads) trains in float32
+  over a bfloat16 base."""
+  init = method.init
+
+  def fp32_init(rng, base):
+    def one(x):
+      narrow = (jnp.issubdtype(x.dtype, jnp.floating) and
+                jnp.finfo(x.dtype).bits < 32)
+      return x.astype(jnp.float32) if narrow else x
+    return jax.tree.map(one, init(rng, base))
+
+  return method._replace(init=fp32_init)
 
 
 def tokenizer(config: Any):
@@ -233,11 +308,11 @@ class Built(NamedTuple):
   Attributes:
     model: the flax model (dropout per `model.dropout`).
     base: frozen base params, sharded, prepared by the method (QLoRA: NF4
-      kernels).
+      kernels), stored in `model.base_dtype` (`stored`).
     base_axes: logical axes of the *unprepared* base params (adapter axes
       derive from them; `method.prepared_axes` maps them onto `base`).
     family: the model family module.
-    method: the PEFT method.
+    method: the PEFT method (its adapter float32 whatever the base dtype).
     adapter_rng: the key `method.init` takes.
     state_rng: the train state's base key (dropout).
   """
@@ -268,6 +343,9 @@ def model_and_method(config: Any, mesh: Any, rules: Any,
   if tokenizer is not None:
     check_vocab(tokenizer, model)
   base = prepare_base(method, base, base_axes, mesh, rules)
+  dtype = base_dtype(config)
+  if dtype != jnp.float32:
+    base, method = store_base(base, dtype), fp32_adapter(method)
   return Built(model, base, base_axes, family, method,
                jax.random.fold_in(rng, ADAPTER_FOLD),
                jax.random.fold_in(rng, STATE_FOLD))

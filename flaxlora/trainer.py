@@ -29,6 +29,7 @@ import time
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 
 from flaxlora import build
 from flaxlora import checkpoint
@@ -368,7 +369,8 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
   c = run.config
   # Collectives: every process gathers, only the main one writes.
   adapter = distributed.to_host(state.adapter)
-  host_base = (distributed.to_host(run.base)
+  # Exports are float32 from the stored base (a bfloat16 base upcast).
+  host_base = (build.stored(distributed.to_host(run.base), np.float32)
                if run.method.export.needs_base else None)
   summary = {'step': run.total_steps, **{f'eval_{k}': v for k, v in
                                          last_eval.items()}}

@@ -316,6 +316,8 @@ def test_sigkill_resume_is_bitwise(tmp_path):
                for w in (straight, killed)]
   assert summaries[0].pop('seconds') > 0 < summaries[1].pop('seconds')
   assert [s.pop('seconds_from') for s in summaries] == [0, 4]
+  for s in summaries:  # when and where each invocation ran
+    assert s.pop('date') and s.pop('hardware')
   assert summaries[0] == summaries[1]  # all but the wall time
   logs = [[json.loads(line) for line in (w / 'metrics.jsonl').read_text()
            .splitlines()] for w in (straight, killed)]
