@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxlora import models
+from flaxlora import provenance
 from flaxlora import sharding
 from flaxlora.data import byte_tokenizer
 from flaxlora.data import synthetic
@@ -121,9 +122,7 @@ def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
   `model.dropout` unless that is negative.
   """
   m = config.model
-  if m.dtype not in DTYPES:
-    raise ValueError(f'model.dtype={m.dtype!r}: use one of {sorted(DTYPES)}.')
-  dtype = DTYPES[m.dtype]
+  dtype = compute_dtype(m.dtype)
   if m.family not in models.FAMILIES:
     raise ValueError(f'model.family={m.family!r}: use one of '
                      f'{sorted(models.FAMILIES)}.')
@@ -150,6 +149,27 @@ def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
     model_config = dataclasses.replace(model_config, **fields)
     model = family.build(model_config, dtype=dtype, **heads)
   return model, params, family.logical_axes(model), family
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+  """The dtype of the model's products for `model.dtype`: 'float32',
+  'bfloat16', or 'auto': bfloat16 on a GPU or TPU and on a CPU with bf16
+  matmul instructions (AVX512-BF16 or AMX; printed when chosen), float32
+  on other CPUs."""
+  if name == 'auto':
+    if jax.default_backend() != 'cpu':
+      return jnp.bfloat16
+    bf16 = [f for f in provenance.cpu_features()
+            if f in provenance.BF16_FEATURES]
+    if not bf16:
+      return jnp.float32
+    print(f'flaxlora: model.dtype=auto: bfloat16 products (this CPU has '
+          f'{", ".join(bf16)}); --config.model.dtype=float32 keeps fp32.')
+    return jnp.bfloat16
+  if name not in DTYPES:
+    raise ValueError(f"model.dtype={name!r}: use one of "
+                     f"{sorted(DTYPES) + ['auto']}.")
+  return DTYPES[name]
 
 
 def abstract_params(config: Any) -> tuple[Any, Any]:
