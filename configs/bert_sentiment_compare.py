@@ -105,6 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   common.sst2_data(c)
   c.optimizer.update(lr=lr, schedule='linear', warmup_steps=100,
                      weight_decay=0.01)
+  c.eval.half = ''  # all of dev; 'select' / 'report': one half of it
   if arg.local_data:
     common.sst2_local_data(c, max_length=64)
     c.train.update(epochs=2.0, batch_size=32, eval_every=125,

@@ -31,9 +31,10 @@ _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False, 'Discard a run of a different config in --workdir.')
 _RELEASE_FREED_MEMORY = flags.DEFINE_bool(
     'release_freed_memory', False,
-    'Let glibc return freed host memory to the system (its default). '
-    'Otherwise XLA:CPU steps reuse their temporary buffers\' pages instead '
-    'of page-faulting them in anew every step (flaxlora.host_memory).')
+    'Let glibc return freed host memory to the system. Otherwise XLA:CPU '
+    'steps reuse their temporary buffers\' pages instead of page-faulting '
+    'them in anew every step (flaxlora.host_memory). Default: keep on hosts '
+    'with more than 20 GB of memory, release on smaller ones.')
 _CPU_DEVICES = flags.DEFINE_integer(
     'cpu_devices', None,
     'XLA CPU devices of this process (JAX\'s default: 1). On CPU-only hosts '
@@ -55,8 +56,10 @@ def main(argv):
   # Imported here so that --help and flag errors do not wait for JAX.
   # pylint: disable=g-import-not-at-top
   from flaxlora import host_memory
-  note = host_memory.cpu_settings(  # before JAX starts its backend
-      not _RELEASE_FREED_MEMORY.value, _CPU_DEVICES.value)
+  keep = (not _RELEASE_FREED_MEMORY.value
+          if flags.FLAGS['release_freed_memory'].present
+          else host_memory.keep_by_default())
+  note = host_memory.cpu_settings(keep, _CPU_DEVICES.value)  # before JAX
   if note:
     print(note)
   from flaxlora import distributed

@@ -13,10 +13,10 @@ from flaxlora import export
 from flaxlora import models
 from flaxlora import trainer
 from flaxlora.peft import base as peft_base
+from flaxlora.peft import hf_folder
 from flaxlora.peft import lora
 from flaxlora.peft import merge
 from flaxlora.peft import nblora
-from flaxlora.peft import peft_io
 from flaxlora.peft import trainable
 
 NORM = {'spectral': lambda s: s.max(),
@@ -176,7 +176,7 @@ def test_factored_equals_merged_and_peft_export(bert, tmp_path):
   assert helpers.max_diff(ours, merged) < 1e-5
   assert helpers.max_diff(ours, _logits(model, base)) > 1e-2
   export.save_peft(tmp_path / 'a', model, base, adapter, method)
-  config = json.loads((tmp_path / 'a' / peft_io.CONFIG_FILE).read_text())
+  config = json.loads((tmp_path / 'a' / hf_folder.CONFIG_FILE).read_text())
   assert (config['peft_type'], config['r'], config['lora_alpha']) == (
       'LORA', 4, 4.0)
   hf = transformers.BertForSequenceClassification.from_pretrained(
@@ -210,6 +210,6 @@ def test_runlocal_through_the_trainer(tmp_path):
   config.eval.max_examples = 16
   summary = trainer.train_and_evaluate(config, tmp_path)
   assert summary['step'] == 3
-  peft_config = json.loads((tmp_path / 'peft' / peft_io.CONFIG_FILE)
+  peft_config = json.loads((tmp_path / 'peft' / hf_folder.CONFIG_FILE)
                            .read_text())
   assert (peft_config['peft_type'], peft_config['r']) == ('LORA', 4)

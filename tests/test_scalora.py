@@ -19,10 +19,10 @@ from flaxlora import steps
 from flaxlora import trainer
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import describe
+from flaxlora.peft import hf_folder
 from flaxlora.peft import lora
 from flaxlora.peft import merge
 from flaxlora.peft import method_parts
-from flaxlora.peft import peft_io
 from flaxlora.peft import scalora
 from flaxlora.peft import trainable
 
@@ -246,7 +246,7 @@ def test_trainer_run_exports_the_merged_checkpoint(tmp_path, capsys):
   trainer.train_and_evaluate(config, tmp_path)
   assert 'merged Hugging Face checkpoint' in capsys.readouterr().out
   folder = tmp_path / 'peft'
-  assert not (folder / peft_io.CONFIG_FILE).exists()  # not a PEFT folder
+  assert not (folder / hf_folder.CONFIG_FILE).exists()  # not a PEFT folder
   hf = transformers.AutoModelForSequenceClassification.from_pretrained(
       str(folder)).eval()
   loaded = evaluation.load(tmp_path, config)
@@ -269,7 +269,7 @@ def test_trainer_run_exports_on_request(tmp_path, capsys):
   record = summary['peft_method'][0]  # the nested LoRA config, as a record
   assert record['merge_every'] == 1 and record['lora']['rank'] == 8
   assert 'scalora: rank-8 PEFT approximation' in capsys.readouterr().out
-  peft_config = json.loads((tmp_path / 'peft' / peft_io.CONFIG_FILE)
+  peft_config = json.loads((tmp_path / 'peft' / hf_folder.CONFIG_FILE)
                            .read_text())
   assert peft_config['peft_type'] == 'LORA' and peft_config['r'] == 8
 
@@ -316,6 +316,8 @@ def test_sigkill_resume_is_bitwise(tmp_path):
                for w in (straight, killed)]
   assert summaries[0].pop('seconds') > 0 < summaries[1].pop('seconds')
   assert [s.pop('seconds_from') for s in summaries] == [0, 4]
+  for s in summaries:  # when and where each invocation ran
+    assert s.pop('date') and s.pop('hardware')
   assert summaries[0] == summaries[1]  # all but the wall time
   logs = [[json.loads(line) for line in (w / 'metrics.jsonl').read_text()
            .splitlines()] for w in (straight, killed)]

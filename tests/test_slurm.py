@@ -23,7 +23,8 @@ from flaxlora import sweeps
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = '''
 """Runlocal seeds; seed 0 runs long enough to be requeued mid-run; the
-'with_failure' variant adds a point that fails (batch size 0)."""
+'with_failure' variant adds a point that fails (batch size 0) and one that
+gets the time-limit warning mid-run."""
 from configs import bert_sentiment_lora
 
 
@@ -38,12 +39,14 @@ def get_sweep(arg=None):
   points = [{'train.seed': 0, 'train.steps': 150}, {'train.seed': 1},
             {'train.seed': 2}]
   if arg == 'with_failure':
-    points.append({'train.seed': 3, 'train.batch_size': 0})
+    points += [{'train.seed': 3, 'train.batch_size': 0},
+               {'train.seed': 4, 'train.steps': 150}]
   return points
 '''
 pytestmark = pytest.mark.slow
-# Keys of summary.json that depend on the wall clock.
-_TIMES = ('seconds', 'seconds_from')
+# Keys of summary.json that depend on the wall clock (and the measured
+# hardware: its matmul peak varies from run to run).
+_TIMES = ('seconds', 'seconds_from', 'date', 'hardware')
 
 
 @pytest.fixture(scope='module')
@@ -88,9 +91,10 @@ def _wait(env, config, root, timeout=900):
 
 @pytest.fixture(scope='module')
 def array(cluster, tmp_path_factory):
-  """The 4-point array (one point requeued mid-run, one failing) and the
-  same config's 3 points with --launch=local; returns (config file, slurm
-  root, local root, the final --status output, the requeue's output)."""
+  """The 5-point array (one point requeued mid-run, one failing, one warned
+  of its time limit mid-run) and the same config's 3 points with
+  --launch=local; returns (config file, slurm root, local root, the final
+  --status output, (the requeue's process, the step it saw))."""
   tmp = tmp_path_factory.mktemp('array')
   config = tmp / 'sweep_config.py'
   config.write_text(CONFIG)
@@ -100,24 +104,33 @@ def array(cluster, tmp_path_factory):
                '--launch=slurm', '--slurm.max_parallel=2')
   assert 'submitted job array' in out
   job = json.loads((root / 'slurm/jobs.json').read_text())[-1]
-  long_point = root / job['points'][0]
-  deadline = time.time() + 300
-  while not any(r['split'] == 'train' for r in
-                _records(long_point / 'metrics.jsonl')):
-    assert time.time() < deadline, 'the long point never started'
-    time.sleep(0.05)
+  _started(root / job['points'][0])
   requeue = subprocess.run(['scontrol', 'requeue', f'{job["job"]}_0'],
                            env=env, capture_output=True, text=True,
                            check=True)
-  stopped_at = max(r['step'] for r in _records(long_point / 'metrics.jsonl'))
+  stopped_at = max(r['step'] for r in
+                   _records(root / job['points'][0] / 'metrics.jsonl'))
   local_run = subprocess.Popen(
       [sys.executable, '-m', 'experiments.sweep', f'--config={config}',
        f'--workdir={local}'], cwd=REPO, env=env, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True)
+  # What Slurm sends signal_seconds before the time limit, to the steps.
+  _started(root / job['points'][4])
+  subprocess.run(['scancel', '--signal=USR1', f'{job["job"]}_4'], env=env,
+                 check=True)
   status = _wait(env, f'{config}:with_failure', root)
   log = local_run.communicate(timeout=600)[0]
   assert local_run.returncode == 0, log[-3000:]
   return config, root, local, status, (requeue, stopped_at)
+
+
+def _started(workdir, timeout=600):
+  """Waits until the run in `workdir` logged a train step."""
+  deadline = time.time() + timeout
+  while not any(r['split'] == 'train' for r in
+                _records(workdir / 'metrics.jsonl')):
+    assert time.time() < deadline, f'{workdir.name} never started'
+    time.sleep(0.05)
 
 
 def _records(path):
@@ -151,10 +164,10 @@ def test_array_gives_the_local_results(array):
     assert there == here, point.name
     assert (point.workdir / 'adapter/adapter.safetensors').read_bytes() == (
         local / point.name / 'adapter/adapter.safetensors').read_bytes()
-  assert status.splitlines()[-1] == '3 done, 1 failed'
+  assert status.splitlines()[-1] == '4 done, 1 failed'
   # One array, the %N limit asked for.
   script = (root / 'slurm/submit_0.sbatch').read_text()
-  assert '#SBATCH --array=0-3%2' in script and '#SBATCH --requeue' in script
+  assert '#SBATCH --array=0-4%2' in script and '#SBATCH --requeue' in script
 
 
 def test_requeued_task_resumes_from_its_checkpoint_bitwise(array):
@@ -183,7 +196,7 @@ def test_failed_point_is_reported_with_its_error_line(array):
   assert 'train.batch_size=0' in failed[0].split('  failed  ')[0]
   assert ('flaxlora: error: train.batch_size=0 must be >= 1 (examples per '
           'step)') in failed[0]
-  assert (root / 'results.md').read_text().count('\n') == 2 + 3
+  assert (root / 'results.md').read_text().count('\n') == 2 + 4
 
 
 def test_compare_reads_a_launched_sweep(array):
@@ -195,7 +208,20 @@ def test_compare_reads_a_launched_sweep(array):
   assert result.returncode == 0, result.stderr[-2000:]
   rows = (root / 'compare.md').read_text().splitlines()[2:]
   assert [r.rstrip(' |').rsplit('| ', 1)[1] for r in rows] == [
-      'done', 'done', 'done', 'not run']
+      'done', 'done', 'done', 'not run', 'done']
+
+
+def test_time_limit_warning_requeues_the_task_itself(array):
+  config, root, _, _, _ = array
+  point = sweeps.plan(sweeps.load_module(str(config)).get_config(),
+                      f'{config}:with_failure', root)[4]
+  log = sweeps.log_path(root, point.name).read_text()
+  stop = [line for line in log.splitlines()
+          if line.startswith('flaxlora: stopped: SIGUSR1 at step')]
+  assert len(stop) == 1 and 'restart 1 on' in log, log[-3000:]
+  step = int(stop[0].split('at step ')[1].split(':')[0])
+  summary = json.loads((point.workdir / 'summary.json').read_text())
+  assert summary['step'] == 150 and summary['seconds_from'] == step < 150
 
 
 def _adapter(workdir):

@@ -344,3 +344,19 @@ def test_status_reads_each_point_from_its_workdir_and_log(tmp_path):
   table = sweep_status.table(rows)
   assert table.splitlines()[-1] == ('1 done, 1 running, 1 failed, '
                                     '1 requeued, 1 queued')
+
+
+def test_parallel_names_a_failed_point_and_its_error(tmp_path, config_file):
+  config_file.write_text(CONFIG.replace(
+      "  return common.product(",
+      "  return [{'train.batch_size': 0}]\n  common.product("))
+  result = subprocess.run(
+      [sys.executable, '-m', 'experiments.sweep', f'--config={config_file}',
+       f'--workdir={tmp_path / "root"}', '--parallel=2'], cwd=REPO,
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  name = sweeps.point_name({'train.batch_size': 0})
+  assert result.stderr.strip() == (
+      f'flaxlora: error: 1 point(s) failed: {name}: flaxlora: error: '
+      'train.batch_size=0 must be >= 1 (examples per step); set '
+      '--config.train.batch_size to a value >= 1.')

@@ -50,7 +50,7 @@ method's optimizer (`optax.set_to_zero`: no moments for it) and by
 `stop_gradient` in `apply`. A restart forms one dense [in, out] increment.
 
 Export: the update is high-rank, so the method's export (a run's `peft/`
-folder) is the merged Hugging Face checkpoint (`peft_io.save_merged`,
+folder) is the merged Hugging Face checkpoint (`lora_folder.save_merged`,
 W + acc + s A B; config.json and safetensors that transformers loads alone).
 On request (`lora_export=True`) it writes instead the best rank-R
 approximation (truncated SVD) of acc + s A B as a plain PEFT LoRA folder and
@@ -67,7 +67,8 @@ import optax
 
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
-from flaxlora.peft import lora_form
+from flaxlora.peft.lora import folder as lora_folder
+from flaxlora.peft.lora import form as lora_form
 
 Array = jax.Array
 FROZEN = 'frozen'
@@ -79,11 +80,10 @@ _FREE = 1e-12
 def _write_merged(folder, model, base, adapter, method, **kwargs):
   """The method's default export: the merged Hugging Face checkpoint."""
   del kwargs  # a merged checkpoint names no base
-  from flaxlora.peft import peft_io  # pylint: disable=g-import-not-at-top
   print('scalora: the update is high-rank; the export is the merged '
         'Hugging Face checkpoint (W + acc + s A B, transformers loads it '
         'alone); lora_export=True writes its best rank-R PEFT LoRA instead.')
-  return peft_io.save_merged(folder, model, base, adapter, method)
+  return lora_folder.save_merged(folder, model, base, adapter, method)
 
 
 @dataclasses.dataclass(frozen=True)

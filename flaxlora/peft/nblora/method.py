@@ -70,7 +70,7 @@ import jax.numpy as jnp
 
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
-from flaxlora.peft import lora_form
+from flaxlora.peft.lora import form as lora_form
 
 Array = jax.Array
 # 1 / p of each Schatten-p norm (p = infinity for 'spectral').
