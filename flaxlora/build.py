@@ -254,6 +254,8 @@ def store_base(base: Any, dtype: jnp.dtype) -> Any:
   """`stored(base, dtype)` computed shard by shard, each in place."""
   if dtype == jnp.float32:
     return base
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(base)):
+    return stored(base, dtype)  # shapes only (experiments.plan)
   shardings = jax.tree.map(lambda x: x.sharding, base)
   return jax.jit(lambda b: stored(b, dtype), out_shardings=shardings)(base)
 
