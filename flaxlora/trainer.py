@@ -29,6 +29,7 @@ import time
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 
 from flaxlora import build
 from flaxlora import checkpoint
@@ -49,6 +50,8 @@ from flaxlora import validate
 from flaxlora import workdir as workdir_lib
 from flaxlora.data import pipeline
 from flaxlora.data import task_data
+from flaxlora.models import causal_decoding
+from flaxlora.models import decoding
 from flaxlora.models import layers
 from flaxlora.peft import method_parts
 from flaxlora.peft import peft_names
@@ -209,16 +212,13 @@ def generate_texts(run: Run, adapter: Any) -> dict[int, str]:
   """{eval record index: generated text} (seq2seq and causal-LM eval), with
   the config's eval.num_beams, max_new_tokens and length_penalty; a causal
   LM continues the left-padded prompts and stops at the tokenizer's eos."""
-  # pylint: disable=g-import-not-at-top
   if run.config.task == 'causal_lm':
-    from flaxlora.models import causal_decoding as decoder
+    decoder = causal_decoding
     eos = run.tokenizer.eos_token_id
     pad = run.tokenizer.pad_token_id
     extra = {'eos_token_id': eos, 'pad_token_id': eos if pad is None else pad}
   else:
-    from flaxlora.models import decoding as decoder
-    extra = {}
-  # pylint: enable=g-import-not-at-top
+    decoder, extra = decoding, {}
   e = run.config.eval
   params, kwargs = run.method.apply(run.base, adapter)
   texts = {}
@@ -316,7 +316,7 @@ def _train(run: Run, guard: interrupt.Guard) -> dict[str, Any]:
     if do_log or do_save:
       train_loss = progress_lib.check_finite(pending, ckpt, c.optimizer.lr)
     if do_log:
-      record = {'loss': train_loss, 'grad_norm': metrics['grad_norm'],
+      record = {'loss': train_loss, **steps.logged(metrics),
                 'lr': lr(step - 1), **progress.update(step)}
       log.log(step, 'train', record)
       print(progress.line(step, train_loss), flush=True)
@@ -369,7 +369,8 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
   c = run.config
   # Collectives: every process gathers, only the main one writes.
   adapter = distributed.to_host(state.adapter)
-  host_base = (distributed.to_host(run.base)
+  # Exports are float32 from the stored base (a bfloat16 base upcast).
+  host_base = (build.stored(distributed.to_host(run.base), np.float32)
                if run.method.export.needs_base else None)
   summary = {'step': run.total_steps, **{f'eval_{k}': v for k, v in
                                          last_eval.items()}}

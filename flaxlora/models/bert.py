@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flaxlora.models import attention
 from flaxlora.models import bert_hf
 from flaxlora.models import layers
+from flaxlora.models import remat as remat_lib
 
 Array = jax.Array
 
@@ -173,14 +174,17 @@ class Embeddings(nn.Module):
 class Encoder(nn.Module):
   config: BertConfig
   dtype: jnp.dtype
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool,
                prefix_kv: Array | None = None) -> Array:
     """x [B, T, H], key mask [B, P + T], prefix_kv [L, 2, P, H] -> [B, T, H]
     """
+    # `deterministic` (argument 3 of Layer.__call__) is a Python bool.
+    layer = remat_lib.wrap(Layer, self.remat, static_argnums=(3,))
     for i in range(self.config.num_hidden_layers):
-      x = Layer(self.config, self.dtype, name=f'layer_{i}')(
+      x = layer(self.config, self.dtype, name=f'layer_{i}')(
           x, mask, deterministic, None if prefix_kv is None else prefix_kv[i])
     return x
 
@@ -201,12 +205,14 @@ class Bert(nn.Module):
       sentence-transformers checkpoints such as all-MiniLM-L6-v2 were
       trained to give (their [CLS] state never was). Hugging Face has no
       class for 'mean' (`models.save` refuses it).
+    remat: rematerialisation of every layer (`remat.POLICIES`).
   """
   config: BertConfig
   head: str | None = None
   num_labels: int = 2
   dtype: jnp.dtype = jnp.float32
   pooling: str = 'cls'
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
@@ -248,7 +254,7 @@ class Bert(nn.Module):
     num_prefix = attention.prefix_length(prefix_kv)
     x = Embeddings(cfg, self.dtype, name='embeddings')(
         input_ids, token_type_ids, deterministic, prompt, num_prefix)
-    x = Encoder(cfg, self.dtype, name='encoder')(
+    x = Encoder(cfg, self.dtype, self.remat, name='encoder')(
         x, attention.key_mask(attention_mask, num_prefix), deterministic,
         prefix_kv)
     dense = lambda n, axes, name: layers.Dense(
@@ -287,7 +293,7 @@ def masked_mean(tokens: Array, token_mask: Array) -> Array:
 
 def build(config: BertConfig, *, dtype: jnp.dtype = jnp.float32,
           head: str | None = AUTO, num_labels: int | None = None,
-          pooling: str = 'cls') -> Bert:
+          pooling: str = 'cls', remat: str = 'none') -> Bert:
   """A Bert module.
 
   Args:
@@ -297,6 +303,7 @@ def build(config: BertConfig, *, dtype: jnp.dtype = jnp.float32,
       the checkpoint was saved with (`config.head`).
     num_labels: classifier size; None takes `config.num_labels`.
     pooling: 'cls' or 'mean' (see `Bert`).
+    remat: one of `remat.POLICIES` (see `Bert`).
   """
   head = config.head if head == AUTO else head
   if head not in HEADS:
@@ -314,8 +321,9 @@ def build(config: BertConfig, *, dtype: jnp.dtype = jnp.float32,
   num_labels = config.num_labels if num_labels is None else num_labels
   if num_labels < 1:
     raise ValueError(f'num_labels must be >= 1, got {num_labels}.')
+  remat_lib.wrap(Layer, remat)  # checks the name
   return Bert(config, head=head, num_labels=num_labels, dtype=dtype,
-              pooling=pooling)
+              pooling=pooling, remat=remat)
 
 
 def _boxed_init(model: Bert, rng: Array) -> Any:

@@ -41,6 +41,7 @@ import numpy as np
 
 from flaxlora.models import attention
 from flaxlora.models import layers
+from flaxlora.models import remat as remat_lib
 from flaxlora.models import t5_hf
 
 Array = jax.Array
@@ -159,6 +160,7 @@ class Stack(nn.Module):
   decoder: bool
   embed: nn.Module
   dtype: Any = jnp.float32
+  remat: str = 'none'
 
   def setup(self):
     c = self.config
@@ -167,8 +169,10 @@ class Stack(nn.Module):
         axes=('relpos_buckets', 'relpos_heads'), dtype=jnp.float32,
         embedding_init=_init(c.d_model**-0.5))
     depth = c.num_decoder_layers if self.decoder else c.num_layers
+    # `deterministic` (argument 5 of Block.__call__) is a Python bool.
+    block = remat_lib.wrap(Block, self.remat, static_argnums=(5,))
     for i in range(depth):
-      setattr(self, f'block_{i}', Block(c, self.decoder, self.dtype))
+      setattr(self, f'block_{i}', block(c, self.decoder, self.dtype))
     self.depth = depth
     self.final_norm = layers.RMSNorm(c.layer_norm_epsilon, dtype=self.dtype)
     self.dropout = layers.Dropout(c.dropout_rate)
@@ -210,8 +214,8 @@ class Stack(nn.Module):
     if self.decoder:
       cross_bias = _mask_bias(encoder_mask[:, None, None, :].astype(bool))
     for i, block in enumerate(self._blocks()):
-      x = block(x, self_bias, encoded, cross_bias, deterministic,
-                prefix=None if prefix_kv is None else prefix_kv[i])
+      x = block(x, self_bias, encoded, cross_bias, deterministic, None,
+                None if prefix_kv is None else prefix_kv[i])
     return self.dropout(self.final_norm(x), deterministic=deterministic)
 
   def init_cache(self, encoded: Array, max_length: int, prefix_kv=None):
@@ -236,21 +240,28 @@ class Stack(nn.Module):
                  _mask_bias(keep))
     cross_bias = _mask_bias(encoder_mask[:, None, None, :].astype(bool))
     for block in self._blocks():
-      x = block(x, self_bias, None, cross_bias, deterministic, index=index)
+      x = block(x, self_bias, None, cross_bias, deterministic, index)
     return self.dropout(self.final_norm(x), deterministic=deterministic)
 
 
 class T5(nn.Module):
-  """T5 encoder-decoder with an LM head. See the module docstring."""
+  """T5 encoder-decoder with an LM head. See the module docstring.
+
+  Attributes:
+    config: the architecture.
+    dtype: compute dtype.
+    remat: rematerialisation of every block (`remat.POLICIES`).
+  """
   config: T5Config
   dtype: Any = jnp.float32
+  remat: str = 'none'
 
   def setup(self):
     c = self.config
     self.shared = layers.Embed(c.vocab_size, c.d_model, dtype=self.dtype,
                                embedding_init=_init(1.0))
-    self.encoder = Stack(c, False, self.shared, self.dtype)
-    self.decoder = Stack(c, True, self.shared, self.dtype)
+    self.encoder = Stack(c, False, self.shared, self.dtype, self.remat)
+    self.decoder = Stack(c, True, self.shared, self.dtype, self.remat)
     if not c.tie_word_embeddings:
       self.lm_head = layers.Dense(c.vocab_size, axes=('embed', 'vocab'),
                                   dtype=self.dtype, kernel_init=_init(1.0))
@@ -344,8 +355,11 @@ def source_mask(attention_mask: Array, prompt: Array | None) -> Array:
   return jnp.concatenate([ones, attention_mask], axis=1)
 
 
-def build(config: T5Config, *, dtype: Any = jnp.float32) -> T5:
-  return T5(config, dtype)
+def build(config: T5Config, *, dtype: Any = jnp.float32,
+          remat: str = 'none') -> T5:
+  """A T5 module; `remat` is one of `remat.POLICIES`."""
+  remat_lib.wrap(Block, remat)  # checks the name
+  return T5(config, dtype, remat)
 
 
 def _dummy_inputs():
