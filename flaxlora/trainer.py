@@ -316,7 +316,7 @@ def _train(run: Run, guard: interrupt.Guard) -> dict[str, Any]:
     if do_log or do_save:
       train_loss = progress_lib.check_finite(pending, ckpt, c.optimizer.lr)
     if do_log:
-      record = {'loss': train_loss, 'grad_norm': metrics['grad_norm'],
+      record = {'loss': train_loss, **steps.logged(metrics),
                 'lr': lr(step - 1), **progress.update(step)}
       log.log(step, 'train', record)
       print(progress.line(step, train_loss), flush=True)
