@@ -38,6 +38,8 @@ from flaxlora.peft import registry
 # Folded into PRNGKey(train.seed): the base init, the adapter init, and the
 # train state's rng (dropout).
 BASE_FOLD, ADAPTER_FOLD, STATE_FOLD = 1, 2, 3
+# The families whose `build` takes `remat`.
+REMAT_FAMILIES = ('t5', 'bert')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Config fields that hold a family's dropout rates.
 DROPOUT_FIELDS = {
@@ -144,7 +146,15 @@ def _head_kwargs(config: Any) -> dict[str, Any]:
 def _model_kwargs(config: Any) -> dict[str, Any]:
   """The family `build` arguments of the config: head (BERT) and the
   memory options (`docs/memory.md`)."""
-  return dict(_head_kwargs(config), remat=config.model.remat)
+  kwargs = _head_kwargs(config)
+  remat = config.model.remat
+  if remat != 'none':
+    if config.model.family not in REMAT_FAMILIES:
+      raise ValueError(f'model.remat={remat!r}: model.family='
+                       f'{config.model.family!r} has no remat yet; use '
+                       f"'none' (remat: {REMAT_FAMILIES}).")
+    kwargs['remat'] = remat
+  return kwargs
 
 
 def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
