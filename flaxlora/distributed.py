@@ -3,8 +3,11 @@
 Every process runs the same program. Call `initialize_distributed()` first
 thing, before any other JAX call:
 
-  * TPU pod slices, SLURM and Open MPI jobs: no arguments; JAX finds the
-    coordinator, the process count and this process's id itself.
+  * TPU pod slices, Slurm job steps (`srun`, e.g. a multi-node task of
+    `experiments.sweep --launch=slurm`) and Open MPI jobs: no arguments;
+    JAX finds the coordinator, the process count and this process's id
+    itself (on Slurm from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the
+    first node of SLURM_STEP_NODELIST).
   * Anything else (several GPU hosts, several CPU processes): pass, or set in
     the environment, the coordinator's `host:port` (JAX_COORDINATOR_ADDRESS),
     the number of processes (JAX_NUM_PROCESSES) and this process's id
@@ -45,13 +48,27 @@ def _env_int(name: str, value: int | None) -> int | None:
                      'integer.') from None
 
 
+def tpu_attached() -> bool:
+  """Whether this host is a TPU VM: libtpu installed and TPU chips on its
+  PCI bus. libtpu alone (`pip install "flaxlora[tpu]"` on a CPU machine,
+  for `experiments.plan`'s ahead-of-time compiles) is not a TPU host."""
+  if importlib.util.find_spec('libtpu') is None:
+    return False
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src import hardware_utils  # what jax's own TPU detection reads
+  return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+
+
 def _auto_detectable() -> bool:
-  """Whether JAX can find the job by itself: a TPU VM (libtpu installed), or
-  a SLURM / Open MPI launch of several tasks."""
-  if importlib.util.find_spec('libtpu') is not None:
+  """Whether JAX can find the job by itself: a TPU VM (`tpu_attached`), a
+  task of a Slurm job step (`srun`) of several tasks, or an Open MPI launch
+  of several processes."""
+  if tpu_attached():
     return True
-  if os.environ.get('SLURM_JOB_ID') and _env_int('SLURM_NTASKS', None):
-    return _env_int('SLURM_NTASKS', None) > 1
+  if os.environ.get('SLURM_STEP_NODELIST') and os.environ.get('SLURM_PROCID'):
+    # JAX reads SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the step's
+    # first node (SLURM_STEP_NODELIST), the coordinator.
+    return (_env_int('SLURM_NTASKS', None) or 1) > 1
   return (_env_int('OMPI_COMM_WORLD_SIZE', None) or 1) > 1
 
 

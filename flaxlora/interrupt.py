@@ -1,4 +1,5 @@
-"""Graceful SIGINT/SIGTERM: stop at a step boundary, after a checkpoint.
+"""Graceful SIGINT/SIGTERM/SIGUSR1: stop at a step boundary, after a
+checkpoint.
 
     with interrupt.Guard() as guard:
       for step in ...:
@@ -6,7 +7,9 @@
         if guard.stop(at_log_step):
           save a checkpoint at `step`; raise guard.error(step, resume)
 
-SIGTERM is what TPU/GPU schedulers send on preemption, SIGINT is Ctrl-C.
+SIGTERM is what TPU/GPU schedulers send on preemption, SIGUSR1 what a
+Slurm sweep asks for before the time limit (`flaxlora.slurm`), SIGINT is
+Ctrl-C.
 The first signal only sets a flag, so a step, an eval or a checkpoint in
 progress completes; a second SIGINT stops at once (KeyboardInterrupt). On
 several processes the flag is compared at log and checkpoint steps (a small
@@ -23,12 +26,12 @@ from jax.experimental import multihost_utils
 
 from flaxlora import errors
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class Guard:
-  """Catches SIGINT/SIGTERM while active (main thread only; elsewhere a
-  no-op, as Python delivers signals to the main thread)."""
+  """Catches SIGINT/SIGTERM/SIGUSR1 while active (main thread only;
+  elsewhere a no-op, as Python delivers signals to the main thread)."""
 
   def __init__(self):
     self.signum = None

@@ -39,6 +39,7 @@ RULES = (
     ('embed', 'fsdp'),
     ('mlp', 'tensor'),
     ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
     ('vocab', 'tensor'),
     ('lora_rank', None),
     ('prompt', None),

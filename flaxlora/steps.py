@@ -105,9 +105,9 @@ def train_step(state: TrainState, base: Params, batch: dict, *,
     clip_norm: clip the mean gradient to this global norm (0: no clipping).
 
   Returns:
-    (new state, {'loss', 'weight', 'grad_norm'}) where loss is the mean over
-    labelled positions of the whole batch and grad_norm the norm before
-    clipping.
+    (new state, {'loss', 'weight', 'grad_norm', and the method's metrics})
+    where loss is the mean over labelled positions of the whole batch and
+    grad_norm the norm before clipping.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   loss_sum, weight, grads = loss_and_grads(loss_fn, method, base,
@@ -119,7 +119,7 @@ def train_step(state: TrainState, base: Params, batch: dict, *,
   if clip_norm:
     grads, _ = optax.clip_by_global_norm(clip_norm).update(
         grads, optax.EmptyState())
-  adapter, opt_state, grads = method.before_update(
+  adapter, opt_state, grads, method_metrics = method.before_update(
       state.adapter, state.opt_state, grads, base, state.step)
   updates, opt_state = tx.update(grads, opt_state, adapter)
   adapter = optax.apply_updates(adapter, updates)
@@ -128,7 +128,17 @@ def train_step(state: TrainState, base: Params, batch: dict, *,
   new_state = TrainState(state.step + 1, adapter, opt_state, state.rng)
   metrics = {'loss': loss_sum / denominator, 'weight': weight,
              'grad_norm': grad_norm}
-  return new_state, metrics
+  if set(method_metrics) & set(metrics):
+    raise ValueError(f'the PEFT method reports metrics named '
+                     f'{sorted(set(method_metrics) & set(metrics))}, which '
+                     "the train step's own metrics use; rename them.")
+  return new_state, {**metrics, **method_metrics}
+
+
+def logged(metrics: dict) -> dict:
+  """What a run logs of a train step's metrics besides its loss: the
+  gradient norm and the method's own metrics (`before_update`'s)."""
+  return {k: v for k, v in metrics.items() if k not in ('loss', 'weight')}
 
 
 def _sharding_activations(fn: Callable, activation_sharding: Any) -> Callable:

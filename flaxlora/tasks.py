@@ -16,7 +16,8 @@ see `flaxlora.steps.eval_step`).
 Losses are sums over labelled positions with their count, so sharded and
 accumulated reductions stay exact.
 
-Registry: TASKS = {'classification': ..., 'squad': ..., 'seq2seq': ...}.
+Registry: TASKS = {'classification': ..., 'squad': ..., 'seq2seq': ...,
+'causal_lm': ...}.
 """
 from typing import Any, Callable
 
@@ -204,6 +205,8 @@ class Seq2Seq(_Task):
   (data.metric: 'rouge', 'squad' exact match / F1, or 'accuracy')."""
 
   METRICS = ('rouge', 'squad', 'accuracy')
+  # The batch columns generation starts from.
+  GENERATE_FROM = ('input_ids', 'attention_mask')
 
   def __init__(self, config: Any, model: Any):
     self.config, self.model = config, model
@@ -265,8 +268,36 @@ class Seq2Seq(_Task):
     return result
 
 
+class CausalLM(Seq2Seq):
+  """Decoder-only LM on prompt -> response text (`flaxlora.data.causal`):
+  next-token loss on the response tokens only (the prompt is masked), also
+  on packed rows; generated responses scored like seq2seq (data.metric)."""
+
+  # The batch columns generation starts from (left-padded prompts).
+  GENERATE_FROM = ('prompt_ids', 'prompt_mask')
+  # Packed rows' columns, passed on to the model when present.
+  PACKED = ('segment_ids', 'positions')
+
+  def _logits(self, params, kwargs, batch, rng):
+    inputs = {k: batch[k] for k in self.PACKED if k in batch}
+    kwargs = dict(kwargs, attention_mask=batch['attention_mask'], **inputs)
+    logits = _apply(self.model, params, kwargs, (batch['input_ids'],), rng)
+    # A prompt-tuning prefix adds positions in front: keep the tokens'.
+    return logits[:, logits.shape[1] - batch['input_ids'].shape[1]:]
+
+  def _token_ce(self, params, kwargs, batch, rng):
+    """Cross-entropy [B, T-1] of each next token and its weight."""
+    logits = self._logits(params, kwargs, batch, rng)  # [B, T, V]
+    ce = _ce(logits[:, :-1], batch['input_ids'][:, 1:])
+    weights = batch['loss_mask'][:, 1:] * batch['weight'][:, None]
+    if 'segment_ids' in batch:  # never predict across two sequences
+      segments = batch['segment_ids']
+      weights = weights * (segments[:, 1:] == segments[:, :-1])
+    return ce * weights, weights
+
+
 TASKS = {'classification': Classification, 'squad': Squad,
-         'seq2seq': Seq2Seq}
+         'seq2seq': Seq2Seq, 'causal_lm': CausalLM}
 
 
 def metric_names(config: Any) -> tuple[str, ...]:

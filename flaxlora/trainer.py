@@ -41,6 +41,7 @@ from flaxlora import lock
 from flaxlora import metric_writers
 from flaxlora import optimizers
 from flaxlora import predictions_io
+from flaxlora import provenance
 from flaxlora import progress as progress_lib
 from flaxlora import sharding
 from flaxlora import steps
@@ -49,6 +50,8 @@ from flaxlora import validate
 from flaxlora import workdir as workdir_lib
 from flaxlora.data import pipeline
 from flaxlora.data import task_data
+from flaxlora.models import causal_decoding
+from flaxlora.models import decoding
 from flaxlora.models import layers
 from flaxlora.peft import method_parts
 from flaxlora.peft import peft_names
@@ -123,19 +126,26 @@ def setup(config: Any, workdir: pathlib.Path,
              distributed.is_main_process())
 
 
-def init_state(run: Run, tx: Any) -> tuple[steps.TrainState, Any]:
-  """A fresh train state and its shardings (shape first: eval_shape, then a
-  jit that writes each shard in place)."""
+def state_shardings(run: Run, tx: Any) -> steps.TrainState:
+  """The train state's shardings: the adapter by its logical axes, the
+  optimizer state like the adapter, step and rng replicated (`run.base`
+  may be abstract: shapes only)."""
   abstract = jax.eval_shape(run.method.init, run.adapter_rng, run.base)
   axes = run.method.logical_axes(run.base_axes, abstract)
   adapter_shardings = sharding.named_shardings(abstract, axes, run.mesh,
                                                run.rules)
   replicated = jax.sharding.NamedSharding(run.mesh,
                                           jax.sharding.PartitionSpec())
-  shardings = steps.TrainState(
+  return steps.TrainState(
       replicated, adapter_shardings,
       sharding.optimizer_shardings(tx, abstract, adapter_shardings, run.mesh),
       replicated)
+
+
+def init_state(run: Run, tx: Any) -> tuple[steps.TrainState, Any]:
+  """A fresh train state and its shardings (shape first: eval_shape, then a
+  jit that writes each shard in place)."""
+  shardings = state_shardings(run, tx)
 
   def init(rng, base):
     return steps.create(run.state_rng, run.method.init(rng, base), tx)
@@ -208,18 +218,26 @@ def evaluate(run: Run, eval_step: Any, adapter: Any,
 
 
 def generate_texts(run: Run, adapter: Any) -> dict[int, str]:
-  """{eval record index: generated text} (seq2seq eval), with the config's
-  eval.num_beams, max_new_tokens and length_penalty."""
-  from flaxlora.models import decoding  # pylint: disable=g-import-not-at-top
+  """{eval record index: generated text} (seq2seq and causal-LM eval), with
+  the config's eval.num_beams, max_new_tokens and length_penalty; a causal
+  LM continues the left-padded prompts and stops at the tokenizer's eos."""
+  if run.config.task == 'causal_lm':
+    decoder = causal_decoding
+    eos = run.tokenizer.eos_token_id
+    pad = run.tokenizer.pad_token_id
+    extra = {'eos_token_id': eos, 'pad_token_id': eos if pad is None else pad}
+  else:
+    decoder, extra = decoding, {}
   e = run.config.eval
   params, kwargs = run.method.apply(run.base, adapter)
   texts = {}
+  ids, mask = run.task.GENERATE_FROM
   for batch in loader(run, train=False):
     device = _device_batch(run, batch)
-    tokens = decoding.generate(
-        run.model, params, device['input_ids'], device['attention_mask'],
+    tokens = decoder.generate(
+        run.model, params, device[ids], device[mask],
         max_new_tokens=e.max_new_tokens, num_beams=e.num_beams,
-        length_penalty=e.length_penalty, model_kwargs=kwargs)
+        length_penalty=e.length_penalty, model_kwargs=kwargs, **extra)
     tokens = distributed.to_host(tokens)
     index = distributed.to_host(device['index'])
     for i, row in zip(index, tokens):
@@ -308,7 +326,7 @@ def _train(run: Run, guard: interrupt.Guard) -> dict[str, Any]:
     if do_log or do_save:
       train_loss = progress_lib.check_finite(pending, ckpt, c.optimizer.lr)
     if do_log:
-      record = {'loss': train_loss, 'grad_norm': metrics['grad_norm'],
+      record = {'loss': train_loss, **steps.logged(metrics),
                 'lr': lr(step - 1), **progress.update(step)}
       log.log(step, 'train', record)
       print(progress.line(step, train_loss), flush=True)
@@ -390,6 +408,7 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
             'pooling': c.model.get('pooling', 'cls')}
     export.save_adapter(run.workdir / workdir_lib.ADAPTER_DIR, adapter, spec)
     _save_peft(run, host_base, adapter)
+    summary.update(provenance.record())  # hardware, date, commit
     workdir_lib.write_summary(run.workdir, summary)
     workdir_lib.plot(run.workdir)
   log.close()

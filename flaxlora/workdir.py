@@ -24,7 +24,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from flaxlora import atomic
 from flaxlora import figures
@@ -51,9 +51,31 @@ RUN_PATTERNS = ('*.png', 'events.out.tfevents.*')
 
 
 def config_dict(config: Any) -> dict[str, Any]:
-  """The config as plain JSON types (tuples become lists)."""
+  """The config as plain JSON types (tuples become lists), with the paths
+  of existing files under the current directory or beside it made relative
+  to it (`portable_path`), so that a record names no machine's folders."""
   as_dict = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
-  return json.loads(json.dumps(as_dict, sort_keys=True, default=str))
+  plain = json.loads(json.dumps(as_dict, sort_keys=True, default=str))
+  return _map_strings(plain, portable_path)
+
+
+def portable_path(value: str) -> str:
+  """An existing absolute path under the current directory or its parent
+  ('/work/flaxlora/../shared/data/x.tsv' -> '../shared/data/x.tsv', run
+  from /work/flaxlora), relative to the current directory; anything else
+  unchanged."""
+  if not os.path.isabs(value) or not os.path.exists(value):
+    return value
+  relative = os.path.relpath(value)
+  return value if relative.startswith(os.path.join('..', '..')) else relative
+
+
+def _map_strings(tree: Any, fn: Callable[[str], str]) -> Any:
+  if isinstance(tree, dict):
+    return {k: _map_strings(v, fn) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return [_map_strings(v, fn) for v in tree]
+  return fn(tree) if isinstance(tree, str) else tree
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:

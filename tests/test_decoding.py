@@ -197,11 +197,11 @@ def test_bf16_generation_runs(pair_v11):
 def test_bf16_decoder_kernels_are_cast_once():
   params = {'kernel': jnp.ones((3, 4)), 'scale': jnp.ones((4,)),
             'codes': jnp.ones((3, 4), jnp.uint8)}
-  cast = decoding._kernels_in(params, jnp.bfloat16)
+  cast = decoding.kernels_in(params, jnp.bfloat16)
   assert cast['kernel'].dtype == jnp.bfloat16
   assert cast['scale'].dtype == jnp.float32  # vectors stay
   assert cast['codes'].dtype == jnp.uint8
-  assert decoding._kernels_in(params, jnp.float32) is params
+  assert decoding.kernels_in(params, jnp.float32) is params
 
 
 def test_rejects_bad_settings(pair_v11):

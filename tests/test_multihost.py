@@ -96,7 +96,7 @@ def test_checkpoint_restores_in_one_process_on_another_mesh(runs, shape):
 def no_launcher_env(monkeypatch):
   for name in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES',
                'JAX_PROCESS_ID', 'SLURM_JOB_ID', 'SLURM_NTASKS',
-               'OMPI_COMM_WORLD_SIZE'):
+               'SLURM_STEP_NODELIST', 'SLURM_PROCID', 'OMPI_COMM_WORLD_SIZE'):
     monkeypatch.delenv(name, raising=False)
 
 
@@ -122,3 +122,18 @@ def test_initialize_distributed_errors_name_the_missing_setting(monkeypatch):
                      'integer'):
     distributed.initialize_distributed('127.0.0.1:1234')
   assert not jax.distributed.is_initialized()
+
+
+@pytest.mark.usefixtures('no_launcher_env')
+def test_slurm_step_of_several_tasks_is_detected(monkeypatch):
+  # A batch script (no step yet) and a one-task step run one process; a
+  # step of several tasks (srun) is a multi-process job JAX joins itself.
+  monkeypatch.setattr(distributed, 'tpu_attached', lambda: False)
+  monkeypatch.setenv('SLURM_JOB_ID', '12')
+  monkeypatch.setenv('SLURM_NTASKS', '2')
+  assert not distributed._auto_detectable()  # pylint: disable=protected-access
+  monkeypatch.setenv('SLURM_STEP_NODELIST', 'node[01-02]')
+  monkeypatch.setenv('SLURM_PROCID', '1')
+  assert distributed._auto_detectable()  # pylint: disable=protected-access
+  monkeypatch.setenv('SLURM_NTASKS', '1')
+  assert not distributed._auto_detectable()  # pylint: disable=protected-access

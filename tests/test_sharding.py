@@ -201,14 +201,14 @@ def single_device_runs():
   """Per family: losses, adapter and base of the run on one device."""
   one = sharding.make_mesh({}, devices=jax.devices()[:1])
   runs = {}
-  for family in ('t5', 'bert'):
+  for family in ('t5', 'bert', 'llama'):
     losses, state, _, base = multihost_worker.train(family, one)
     runs[family] = (losses, multihost_worker.flat_arrays(
         distributed.to_host(state['adapter'])), distributed.to_host(base))
   return runs
 
 
-@pytest.mark.parametrize('family', ['t5', 'bert'])
+@pytest.mark.parametrize('family', ['t5', 'bert', 'llama'])
 @pytest.mark.parametrize('shape', MESHES)
 def test_lora_steps_match_single_device(single_device_runs, family, shape):
   losses, adapter, base = single_device_runs[family]

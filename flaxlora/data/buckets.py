@@ -54,6 +54,7 @@ class Tokenized:
     pad: sequence name -> its padding value (default 0).
     meta: one dict per example that is not batched (ids, offsets, texts),
       looked up through the batch's 'index' column.
+    left: sequence names padded on the left (prompts to generate from).
   """
   sequences: dict[str, list[np.ndarray]]
   scalars: dict[str, np.ndarray]
@@ -61,6 +62,7 @@ class Tokenized:
   buckets: dict[str, tuple[int, ...]]
   pad: dict[str, int] = dataclasses.field(default_factory=dict)
   meta: list[dict[str, Any]] | None = None
+  left: tuple[str, ...] = ()
 
   def __post_init__(self):
     sizes = {name: len(col) for name, col in
@@ -105,7 +107,9 @@ class Tokenized:
       out = np.full((len(indices), widths[self.groups[name]]),
                     self.pad.get(name, 0), np.int32)
       for i, index in enumerate(indices):
-        if index >= 0:
+        if index >= 0 and name in self.left:
+          out[i, out.shape[1] - len(rows[index]):] = rows[index]
+        elif index >= 0:
           out[i, :len(rows[index])] = rows[index]
       batch[name] = out
     for name, values in self.scalars.items():

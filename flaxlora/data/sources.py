@@ -146,13 +146,16 @@ def _jsonl_rows(path, text):
   return rows
 
 
-def _field(row: dict[str, Any], name: str, origin: str) -> Any:
+def _field(row: dict[str, Any], name: str, origin: str,
+           option: str = 'data.*_field') -> Any:
+  """row[name]; a missing or null field is an error naming `origin` and
+  the config option that names the field."""
   if row.get(name, '') is None:
     raise ValueError(f'{origin}: field {name!r} is null; give it a value '
                      'or drop the example.')
   if name not in row:
     raise ValueError(f'{origin}: no field {name!r} (fields: {sorted(row)}); '
-                     'set the data.*_field option to the right column.')
+                     f'set {option} to the right column.')
   return row[name]
 
 
@@ -176,14 +179,15 @@ def read_classification(path: str | os.PathLike, *, labels: Sequence[str],
                      "set, e.g. labels=('0', '1').")
   records = []
   for origin, row in read_rows(path):
-    label = str(_field(row, label_field, origin))
+    label = str(_field(row, label_field, origin, 'data.label_field'))
     if label not in labels:
       raise ValueError(f'{origin}: label {label!r} is not in the label set '
                        f'{labels}; fix the row or the data.labels option.')
     records.append({
-        'text': str(_field(row, text_field, origin)),
+        'text': str(_field(row, text_field, origin, 'data.text_field')),
         'text_pair': (None if pair_field is None else
-                      str(_field(row, pair_field, origin))),
+                      str(_field(row, pair_field, origin,
+                                 'data.pair_field'))),
         'label': labels.index(label),
         'origin': origin,
     })
@@ -193,14 +197,18 @@ def read_classification(path: str | os.PathLike, *, labels: Sequence[str],
 def read_seq2seq(path: str | os.PathLike, *, source_field: str = 'document',
                  target_field: str = 'summary',
                  id_field: str | None = 'id') -> list[Record]:
-  """Source/target text records (XSum's JSONL by default)."""
+  """Source/target text records (XSum's JSONL by default) from any
+  .jsonl / .json / .tsv / .csv columns, e.g. source_field='instruction',
+  target_field='response' (id_field None: the row number)."""
   records = []
   for index, (origin, row) in enumerate(read_rows(path)):
     records.append({
         'id': (str(index) if id_field is None else
-               str(_field(row, id_field, origin))),
-        'source': str(_field(row, source_field, origin)),
-        'target': str(_field(row, target_field, origin)),
+               str(_field(row, id_field, origin, 'data.id_field'))),
+        'source': str(_field(row, source_field, origin,
+                             'data.source_field')),
+        'target': str(_field(row, target_field, origin,
+                             'data.target_field')),
         'origin': origin,
     })
   return records

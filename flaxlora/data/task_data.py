@@ -2,9 +2,13 @@
 
 Three record kinds (see `flaxlora.data.sources`): 'classification',
 'squad' and 'seq2seq'. BERT tasks tokenize the first two directly; T5
-(task 'seq2seq') turns any kind into source/target text first
+(task 'seq2seq') and decoder-only LMs (task 'causal_lm',
+`flaxlora.data.causal`) turn any kind into source/target text first
 (`data.format` names the kind read: SQuAD becomes 'question: .. context:
-..' -> answer, classification becomes sentence -> label name).
+..' -> answer, classification becomes sentence -> label name). Source and
+target are read from any JSONL / TSV / CSV columns (data.source_field,
+data.target_field, data.id_field: e.g. document/summary,
+instruction/response).
 
 Sources (`data.source`):
   files      data.train_file / data.eval_file (or `data.eval_from_train`
@@ -19,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from flaxlora.data import buckets
+from flaxlora.data import causal
 from flaxlora.data import classification
 from flaxlora.data import seq2seq
 from flaxlora.data import sources
@@ -26,6 +31,8 @@ from flaxlora.data import squad
 from flaxlora.data import synthetic
 
 KINDS = ('classification', 'squad', 'seq2seq')
+# Tasks that read any kind as source/target text.
+TEXT_TASKS = ('seq2seq', 'causal_lm')
 # How `data.max_train_examples` picks its records.
 SUBSETS = ('random', 'longest')
 GENERATED_KIND = {'majority': 'classification', 'lookup': 'squad',
@@ -49,8 +56,8 @@ class Data:
 
 
 def record_kind(config: Any) -> str:
-  kind = config.data.get('format', '') if config.task == 'seq2seq' else (
-      config.task)
+  kind = (config.data.get('format', '') if config.task in TEXT_TASKS else
+          config.task)
   if kind not in KINDS:
     raise ValueError(f'data.format={kind!r} (task {config.task!r}): use one '
                      f'of {KINDS}.')
@@ -143,6 +150,31 @@ def read_records(config: Any) -> tuple[list, list, str]:
                            d.get('eval_articles', '')), kind
 
 
+# `eval.half`: '' all eval records, or one of two disjoint halves drawn by
+# `data.split_seed` (choose hyperparameters on one, report on the other).
+HALVES = ('', 'select', 'report')
+
+
+def eval_half(records: list, half: str, seed: int) -> list:
+  """The records of `half` (see HALVES), in file order."""
+  if half not in HALVES:
+    raise ValueError(f"eval.half={half!r}: use '' (all), 'select' or "
+                     "'report'.")
+  if not half:
+    return records
+  order = np.random.default_rng(seed).permutation(len(records))
+  cut = len(records) // 2
+  chosen = order[:cut] if half == 'select' else order[cut:]
+  return [records[i] for i in sorted(chosen)]
+
+
+def _eval_records(records: list, config: Any) -> list:
+  """`eval.half` of the records, then at most `eval.max_examples`."""
+  records = eval_half(records, config.eval.get('half', ''),
+                      config.data.split_seed)
+  return _subset(records, config.eval.max_examples, None)
+
+
 def _text_length(record: dict) -> int:
   if 'text' not in record:
     raise ValueError("data.train_subset='longest' needs classification "
@@ -184,8 +216,23 @@ def to_text(records: list, kind: str, config: Any) -> list:
            'origin': r['origin']} for i, r in enumerate(records)]
 
 
-def tokenize(records: list, config: Any, tokenizer: Any):
+def prompt(config: Any, tokenizer: Any) -> causal.Prompt:
+  """The causal-LM prompt of data.prompt and data.chat_template."""
+  return causal.Prompt(tokenizer, config.data.prompt,
+                       config.data.chat_template)
+
+
+def tokenize(records: list, config: Any, tokenizer: Any,
+             train: bool = False):
+  """Features of `records`; causal-LM train data is packed per data.pack,
+  eval data carries its prompts for generation."""
   d = config.data
+  if config.task == 'causal_lm':
+    return causal.tokenize(
+        records, tokenizer, prompt(config, tokenizer),
+        max_source_length=d.max_source_length,
+        max_target_length=d.max_target_length, buckets=tuple(d.buckets),
+        pack=train and d.pack, with_prompts=not train)
   if config.task == 'classification':
     return classification.tokenize(records, tokenizer, max_length=d.max_length,
                                    buckets=tuple(d.buckets))
@@ -208,8 +255,8 @@ def load_eval(config: Any, tokenizer: Any) -> Data:
                          d.get('eval_articles', ''))
   else:
     records = read_records(config)[1]
-  records = _subset(records, config.eval.max_examples, None)
-  if config.task == 'seq2seq':
+  records = _eval_records(records, config)
+  if config.task in TEXT_TASKS:
     records = to_text(records, kind, config)
   return Data(None, tokenize(records, config, tokenizer), records, kind)
 
@@ -220,12 +267,12 @@ def load(config: Any, tokenizer: Any) -> Data:
   train = _subset(train, config.data.max_train_examples,
                   config.data.split_seed,
                   config.data.get('train_subset', 'random'))
-  evaluation = _subset(evaluation, config.eval.max_examples, None)
+  evaluation = _eval_records(evaluation, config)
   for name, records in (('train', train), ('eval', evaluation)):
     if not records:
       raise ValueError(f'the {name} data is empty; check data.* options.')
-  if config.task == 'seq2seq':
+  if config.task in TEXT_TASKS:
     train = to_text(train, kind, config)
     evaluation = to_text(evaluation, kind, config)
-  return Data(tokenize(train, config, tokenizer),
+  return Data(tokenize(train, config, tokenizer, train=True),
               tokenize(evaluation, config, tokenizer), evaluation, kind)

