@@ -23,7 +23,9 @@ from flaxlora import sharding
 from flaxlora import trainer
 from flaxlora.models import bert
 from flaxlora.models import decoding
+from flaxlora.models import gpt2
 from flaxlora.models import layers
+from flaxlora.models import llama
 from flaxlora.models import t5
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
@@ -42,6 +44,13 @@ TINY_BERT = bert.BertConfig(
 
 
 def _model(family, **kwargs):
+  if family in CAUSAL:
+    module, config = CAUSAL[family]
+    model = module.build(config, **kwargs)
+    apply = lambda p, ids, rng: model.apply(  # pylint: disable=g-long-lambda
+        {'params': p}, ids, ids > 0, deterministic=False,
+        rngs={'dropout': rng})
+    return model, module.init(model, jax.random.PRNGKey(0)), apply
   if family == 't5':
     model = t5.build(TINY_T5, **kwargs)
     apply = lambda p, ids, rng: model.apply(  # pylint: disable=g-long-lambda
@@ -55,6 +64,16 @@ def _model(family, **kwargs):
   return model, bert.init(model, jax.random.PRNGKey(0)), apply
 
 
+CAUSAL = {
+    'llama': (llama, llama.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8)),
+    'gpt2': (gpt2, gpt2.GPT2Config(vocab_size=64, n_positions=32, n_embd=32,
+                                   n_layer=2, n_head=4)),
+}
+
+
 def _grads(family, **kwargs):
   _, params, apply = _model(family, **kwargs)
   ids = jax.random.randint(jax.random.PRNGKey(1), (3, 10), 0, 64)
@@ -62,7 +81,7 @@ def _grads(family, **kwargs):
   return jax.jit(jax.grad(loss))(params)
 
 
-@pytest.mark.parametrize('family', ['t5', 'bert'])
+@pytest.mark.parametrize('family', ['t5', 'bert', 'llama', 'gpt2'])
 @pytest.mark.parametrize('policy', ['block', 'dots'])
 def test_remat_keeps_the_gradients(family, policy):
   plain, rematted = _grads(family), _grads(family, remat=policy)
@@ -299,6 +318,8 @@ def test_fused_attention_refusals():
       t5.build(TINY_T5, attention='cudnn')
   with pytest.raises(ValueError, match="model.attention='flash'"):
     bert.build(TINY_BERT, attention='flash')
+  with pytest.raises(ValueError, match="model.attention='xla': llama"):
+    llama.build(CAUSAL['llama'][1], attention='xla')
   model = t5.build(TINY_T5, attention='xla')  # dropout_rate 0.1
   params = t5.init(model, jax.random.PRNGKey(0))
   ids = jnp.ones((1, 4), jnp.int32)

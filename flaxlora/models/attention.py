@@ -67,6 +67,13 @@ def check_implementation(name: str) -> None:
                      f'not on {jax.default_backend()!r}; use \'xla\'.')
 
 
+def reference_only(name: str, family: str) -> None:
+  """Refuses a fused `model.attention` for a family that has none yet."""
+  if name != 'reference':
+    raise ValueError(f'model.attention={name!r}: {family} runs its own '
+                     "attention only; use model.attention='reference'.")
+
+
 def fused(q: Array, k: Array, v: Array, *, bias: Array | None,
           mask: Array | None, scale: float, implementation: str,
           dropout_rate: float, deterministic: bool) -> Array:
