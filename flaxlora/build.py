@@ -39,7 +39,6 @@ from flaxlora.peft import registry
 # train state's rng (dropout).
 BASE_FOLD, ADAPTER_FOLD, STATE_FOLD = 1, 2, 3
 # The families whose `build` takes `remat`.
-REMAT_FAMILIES = ('t5', 'bert')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Config fields that hold a family's dropout rates.
 DROPOUT_FIELDS = {
@@ -146,15 +145,8 @@ def _head_kwargs(config: Any) -> dict[str, Any]:
 def _model_kwargs(config: Any) -> dict[str, Any]:
   """The family `build` arguments of the config: head (BERT) and the
   memory options (`docs/memory.md`)."""
-  kwargs = _head_kwargs(config)
-  remat = config.model.remat
-  if remat != 'none':
-    if config.model.family not in REMAT_FAMILIES:
-      raise ValueError(f'model.remat={remat!r}: model.family='
-                       f'{config.model.family!r} has no remat yet; use '
-                       f"'none' (remat: {REMAT_FAMILIES}).")
-    kwargs['remat'] = remat
-  return kwargs
+  m = config.model
+  return dict(_head_kwargs(config), remat=m.remat, attention=m.attention)
 
 
 def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
