@@ -128,6 +128,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = ''
   # dropout < 0 keeps the checkpoint's (or model.init's) dropout rates.
   # pooling (BERT classifiers): 'cls' or 'mean' (see flaxlora.models.bert).
+  # dtype: the products' dtype, 'float32', 'bfloat16' or 'auto' (bfloat16
+  # where the CPU has bf16 matmul instructions or on an accelerator).
   # remat: 'none', 'block' or 'dots'; base_dtype: the frozen base's
   # storage, 'float32' or 'bfloat16' (docs/memory.md).
   c.model = dict(family='', path='', init={}, dtype='float32',

