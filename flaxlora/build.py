@@ -38,7 +38,6 @@ from flaxlora.peft import registry
 # Folded into PRNGKey(train.seed): the base init, the adapter init, and the
 # train state's rng (dropout).
 BASE_FOLD, ADAPTER_FOLD, STATE_FOLD = 1, 2, 3
-# The families whose `build` takes `remat`.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Config fields that hold a family's dropout rates.
 DROPOUT_FIELDS = {
