@@ -2,6 +2,15 @@
 
     python -m experiments.benchmark generate --out /tmp/bench_generate.json
     python -m experiments.benchmark generate --quick     # tiny shapes, seconds
+    python -m experiments.benchmark generate --only llama
+
+`--only llama` times a causal LM instead (`run_llama`): a random Llama of
+SmolLM2-135M's shape (hidden 576, 30 layers, 9 query / 3 key-value heads,
+MLP 1536, vocab 49152, tied output) continuing 8 prompts of 256 tokens by
+exactly 64 tokens, transformers fp32 and bf16 autocast vs flaxlora fp32 and
+bf16 compute (`causal_decoding`), with the fp32 token agreement.
+
+The default (`--only t5`):
 
 A random T5-small-shaped model (d_model 512, d_ff 2048, 6+6 layers, 8 heads,
 d_kv 64, vocab 32128) is built in transformers, saved, and loaded into
@@ -34,7 +43,9 @@ import numpy as np
 
 from flaxlora import models
 from flaxlora import sharding
+from flaxlora.models import causal_decoding
 from flaxlora.models import decoding
+from flaxlora.models import llama
 from flaxlora.models import t5
 
 FULL = dict(model=dict(d_model=512, d_ff=2048, num_layers=6, num_heads=8,
@@ -43,6 +54,18 @@ FULL = dict(model=dict(d_model=512, d_ff=2048, num_layers=6, num_heads=8,
 QUICK = dict(model=dict(d_model=64, d_ff=128, num_layers=2, num_heads=4,
                         d_kv=16, vocab_size=512),
              batch=2, source=32, new_tokens=8)
+
+
+LLAMA_FULL = dict(model=dict(vocab_size=49152, hidden_size=576,
+                             intermediate_size=1536, num_hidden_layers=30,
+                             num_attention_heads=9, num_key_value_heads=3,
+                             rope_theta=100000.0, tie_word_embeddings=True),
+                  batch=8, source=256, new_tokens=64)
+LLAMA_QUICK = dict(model=dict(vocab_size=512, hidden_size=64,
+                              intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2,
+                              tie_word_embeddings=True),
+                   batch=2, source=32, new_tokens=8)
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -168,6 +191,72 @@ def run_benchmark(shape: dict[str, Any], repeats: int,
   return results
 
 
+def _llama_runners(shape, folder, ids, mask):
+  """{name: run() -> new tokens [B, L]} of transformers and flaxlora."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      bos_token_id=1, eos_token_id=2, pad_token_id=2,
+      **shape['model'])).eval()
+  hf.save_pretrained(folder)
+  model, params, config = models.load(folder)
+  new = shape['new_tokens']
+  t_ids, t_mask = torch.tensor(ids), torch.tensor(mask)
+
+  def torch_run(autocast):
+    def run():
+      with torch.inference_mode(), torch.autocast(
+          'cpu', dtype=torch.bfloat16, enabled=autocast):
+        out = hf.generate(t_ids, attention_mask=t_mask, max_new_tokens=new,
+                          min_new_tokens=new, do_sample=False, num_beams=1)
+      return out[:, ids.shape[1]:].numpy()
+    return run
+
+  def flax_run(m):
+    def run():
+      return np.asarray(jax.block_until_ready(causal_decoding.generate(
+          m, params, ids, mask, max_new_tokens=new, min_new_tokens=new)))
+    return run
+
+  return {'torch_fp32': torch_run(False), 'torch_bf16_autocast':
+          torch_run(True), 'flaxlora_fp32': flax_run(model),
+          'flaxlora_bf16': flax_run(llama.build(config, dtype=jnp.bfloat16))}
+
+
+def run_llama(shape: dict[str, Any], repeats: int) -> dict[str, Any]:
+  """Times greedy decoding of a causal LM (see the module docstring)."""
+  rng = np.random.RandomState(0)
+  batch, new = shape['batch'], shape['new_tokens']
+  ids = rng.randint(3, shape['model']['vocab_size'], (batch, shape['source']))
+  mask = np.ones_like(ids)
+  with tempfile.TemporaryDirectory() as folder:
+    runners = _llama_runners(shape, folder, ids, mask)
+  same = float(np.mean(runners['torch_fp32']() ==
+                       runners['flaxlora_fp32']()))
+  results = {'model': 'llama', 'shape': shape, 'repeats': repeats,
+             'fp32_token_agreement': same, 'cpu_count': os.cpu_count(),
+             'seconds': {}, 'tokens_per_s': {}}
+  for name, run in runners.items():
+    seconds = _median_seconds(run, repeats)
+    results['seconds'][name] = seconds
+    results['tokens_per_s'][name] = batch * new / seconds
+    print(f'{name:22s} {batch * new / seconds:9.1f} tokens/s', flush=True)
+  tps = results['tokens_per_s']
+  results['ratios'] = {
+      f'{ours}/{theirs}': tps[ours] / tps[theirs]
+      for ours in ('flaxlora_fp32', 'flaxlora_bf16')
+      for theirs in ('torch_fp32', 'torch_bf16_autocast')}
+  results['fastest_vs_fastest'] = (
+      max(tps['flaxlora_fp32'], tps['flaxlora_bf16']) /
+      max(tps['torch_fp32'], tps['torch_bf16_autocast']))
+  for key, ratio in results['ratios'].items():
+    print(f'{key:40s} {ratio:6.2f}x')
+  print(f'fastest vs fastest: {results["fastest_vs_fastest"]:.2f}x; fp32 '
+        f'greedy token agreement with transformers: {same:.3f}')
+  return results
+
+
 def main(argv=None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(
       prog='python -m experiments.benchmark generate', description=__doc__,
@@ -181,11 +270,17 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument('--cpu_devices', type=int, default=os.cpu_count() or 1,
                       help='XLA CPU devices of the flaxlora_fp32_tp runner '
                       '(default: one per core); 1 drops it')
+  parser.add_argument('--only', choices=('t5', 'llama'), default='t5',
+                      help='the model to time (see above)')
   args = parser.parse_args(argv)
-  if args.cpu_devices > 1:  # before JAX starts its CPU backend
-    jax.config.update('jax_num_cpu_devices', args.cpu_devices)
-  results = run_benchmark(QUICK if args.quick else FULL, args.repeats,
-                          args.cpu_devices)
+  if args.only == 'llama':
+    results = run_llama(LLAMA_QUICK if args.quick else LLAMA_FULL,
+                        args.repeats)
+  else:
+    if args.cpu_devices > 1:  # before JAX starts its CPU backend
+      jax.config.update('jax_num_cpu_devices', args.cpu_devices)
+    results = run_benchmark(QUICK if args.quick else FULL, args.repeats,
+                            args.cpu_devices)
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(results, f, indent=2)

@@ -62,11 +62,17 @@ def main(argv):
   note = host_memory.cpu_settings(keep, _CPU_DEVICES.value)  # before JAX
   if note:
     print(note)
+  from flaxlora import build
   from flaxlora import distributed
   from flaxlora import trainer
   distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                      _PROCESS_ID.value)
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+  # The peft fields written for the file's method go when the command line
+  # switches peft.method; those the command line sets stay (and fail if the
+  # method does not take them).
+  config = build.settle_peft(_CONFIG.value, config_flags.get_override_values(
+      flags.FLAGS['config']))
+  trainer.train_and_evaluate(config, _WORKDIR.value,
                              overwrite=_OVERWRITE.value)
 
 

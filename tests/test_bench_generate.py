@@ -15,3 +15,9 @@ def test_quick_generate_benchmark_agrees_and_splits_encoder_from_loop():
     assert math.isfinite(split['loop_ms_per_step'])
   assert set(results['ratios']) >= {'flaxlora_fp32/torch_fp32',
                                     'flaxlora_fp32_tp/torch_fp32'}
+
+
+def test_quick_llama_generate_benchmark_agrees():
+  results = bench_generate.run_llama(bench_generate.LLAMA_QUICK, repeats=1)
+  assert results['fp32_token_agreement'] == 1.0
+  assert results['fastest_vs_fastest'] > 0

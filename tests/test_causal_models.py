@@ -4,6 +4,8 @@ Tiny random checkpoints are saved by transformers, loaded by
 `models.load`, and the logits compared on a left-padded batch; the same
 params saved by `models.save` load back into transformers.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -165,7 +167,6 @@ def test_dropout_is_active_when_not_deterministic(tiny):
 
 
 def _with_dropout(config):
-  import dataclasses  # pylint: disable=g-import-not-at-top
   fields = {f.name for f in dataclasses.fields(config)}
   rates = {k: 0.3 for k in ('attention_dropout', 'resid_pdrop', 'embd_pdrop',
                             'attn_pdrop') if k in fields}

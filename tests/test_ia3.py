@@ -179,9 +179,10 @@ def test_vectors_follow_the_axis_they_scale(folders):
 
 def test_ia3_trains_from_a_config(tmp_path):
   config = bert_sentiment_lora.get_config('runlocal')
-  # The section's LoRA-only fields (rank, alpha, ...) are left out; '' is
-  # the family's preset targets.
+  # As --config.peft.method=ia3 --config.peft.targets='': the section's
+  # LoRA-only fields (rank, alpha, ...) go; '' is the family's preset.
   config.peft.update(method='ia3', targets='')
+  config = build.settle_peft(config, {'peft.method', 'peft.targets'})
   config.train.update(eval_every=0, checkpoint_every=0)
   config.optimizer.update(lr=3e-2, warmup_steps=0)
   trainer.train_and_evaluate(config, tmp_path)

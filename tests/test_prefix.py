@@ -17,6 +17,7 @@ import pytest
 
 import helpers
 from configs import bert_sentiment_lora
+from flaxlora import build
 from flaxlora import models
 from flaxlora import trainer
 from flaxlora import workdir as workdir_lib
@@ -176,7 +177,8 @@ def test_t5_generates_with_a_cached_prefix(folders):
 
 def test_prefix_trains_from_a_config(tmp_path):
   config = bert_sentiment_lora.get_config('runlocal')
-  config.peft.method = 'prefix_tuning'  # the LoRA fields are left out
+  config.peft.method = 'prefix_tuning'
+  config = build.settle_peft(config, {'peft.method'})  # LoRA's fields go
   config.train.update(eval_every=0, checkpoint_every=0)
   config.optimizer.update(lr=1e-2, warmup_steps=0)
   trainer.train_and_evaluate(config, tmp_path)

@@ -1,8 +1,10 @@
 """Sweeps on a real single-node Slurm (`slurm_cluster`): a runlocal sweep as
 one job array gives the results of --launch=local, a task requeued mid-run
-resumes from its checkpoint and ends bitwise equal, a failed point is
-reported with its error line while the others finish, and a 2-task `srun`
-run (two processes, data parallel) equals one process. Without Slurm these
+resumes from its checkpoint and ends bitwise equal, a task warned of its
+time limit (SIGUSR1) requeues itself and finishes, a failed point is
+reported with its error line while the others finish, `experiments.compare`
+reads the sweep, and a 2-task `srun` run (two processes, data parallel)
+equals one process. Without Slurm these
 skip with the reason (they fail under CI=true). Each runs several runlocal
 processes on the 2-CPU node (minutes on 2 cores): all are `slow`, and
 `.ci/run` runs them."""
@@ -44,9 +46,9 @@ def get_sweep(arg=None):
   return points
 '''
 pytestmark = pytest.mark.slow
-# Keys of summary.json that depend on the wall clock (and the measured
-# hardware: its matmul peak varies from run to run).
-_TIMES = ('seconds', 'seconds_from', 'date', 'hardware')
+# Keys of summary.json that depend on when and where the run ran.
+_CIRCUMSTANCES = ('seconds', 'seconds_from', 'date', 'hardware', 'commit',
+                  'dirty')
 
 
 @pytest.fixture(scope='module')
@@ -89,13 +91,11 @@ def _wait(env, config, root, timeout=900):
   raise AssertionError(f'the sweep did not end in {timeout}s:\n{status}')
 
 
-@pytest.fixture(scope='module')
-def array(cluster, tmp_path_factory):
-  """The 5-point array (one point requeued mid-run, one failing, one warned
+def _run_array(cluster, tmp):
+  """Runs the 5-point array (one point requeued mid-run, one failing, one warned
   of its time limit mid-run) and the same config's 3 points with
   --launch=local; returns (config file, slurm root, local root, the final
   --status output, (the requeue's process, the step it saw))."""
-  tmp = tmp_path_factory.mktemp('array')
   config = tmp / 'sweep_config.py'
   config.write_text(CONFIG)
   root, local = tmp / 'slurm_root', tmp / 'local_root'
@@ -152,16 +152,17 @@ def _good_points(config, root):
                                  str(config), root)]
 
 
-def test_array_gives_the_local_results(array):
+def _check_local_results(array):
   config, root, local, status, _ = array
   print(status)  # the report's --status view
   for point in _good_points(config, root):
     there = json.loads((point.workdir / 'summary.json').read_text())
     here = json.loads((local / point.name / 'summary.json').read_text())
-    for key in _TIMES:
+    for key in _CIRCUMSTANCES:
       there.pop(key, None)
       here.pop(key, None)
     assert there == here, point.name
+    assert 'eval_accuracy' in there and 'train_loss' in there
     assert (point.workdir / 'adapter/adapter.safetensors').read_bytes() == (
         local / point.name / 'adapter/adapter.safetensors').read_bytes()
   assert status.splitlines()[-1] == '4 done, 1 failed'
@@ -170,7 +171,7 @@ def test_array_gives_the_local_results(array):
   assert '#SBATCH --array=0-4%2' in script and '#SBATCH --requeue' in script
 
 
-def test_requeued_task_resumes_from_its_checkpoint_bitwise(array):
+def _check_requeued_task_resumed_bitwise(array):
   config, root, local, status, (requeue, stopped_at) = array
   point = _good_points(config, root)[0]
   log = sweeps.log_path(root, point.name).read_text()
@@ -189,7 +190,7 @@ def test_requeued_task_resumes_from_its_checkpoint_bitwise(array):
   assert point.name in status and 'done' in status.split(point.name)[1]
 
 
-def test_failed_point_is_reported_with_its_error_line(array):
+def _check_failed_point_reported(array):
   _, root, _, status, _ = array
   failed = [line for line in status.splitlines() if '  failed  ' in line]
   assert len(failed) == 1, status
@@ -199,19 +200,20 @@ def test_failed_point_is_reported_with_its_error_line(array):
   assert (root / 'results.md').read_text().count('\n') == 2 + 4
 
 
-def test_compare_reads_a_launched_sweep(array):
+def _check_compare_reads_it(array):
   config, root, _, _, _ = array
   result = subprocess.run(
       [sys.executable, '-m', 'experiments.compare',
        f'--config={config}:with_failure', f'--workdir={root}'],
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
-  rows = (root / 'compare.md').read_text().splitlines()[2:]
+  table = (root / 'compare.md').read_text().split('\n\n')[0]
+  rows = table.splitlines()[2:]  # the per-point table
   assert [r.rstrip(' |').rsplit('| ', 1)[1] for r in rows] == [
       'done', 'done', 'done', 'not run', 'done']
 
 
-def test_time_limit_warning_requeues_the_task_itself(array):
+def _check_warned_task_requeued_itself(array):
   config, root, _, _, _ = array
   point = sweeps.plan(sweeps.load_module(str(config)).get_config(),
                       f'{config}:with_failure', root)[4]
@@ -222,6 +224,16 @@ def test_time_limit_warning_requeues_the_task_itself(array):
   step = int(stop[0].split('at step ')[1].split(':')[0])
   summary = json.loads((point.workdir / 'summary.json').read_text())
   assert summary['step'] == 150 and summary['seconds_from'] == step < 150
+
+
+def test_one_array_of_points_on_slurm(cluster, tmp_path):
+  # One test, so that parallel workers (xdist) never run the array twice.
+  array = _run_array(cluster, tmp_path)
+  _check_local_results(array)  # 3 points done as --launch=local does
+  _check_requeued_task_resumed_bitwise(array)  # scontrol requeue mid-run
+  _check_warned_task_requeued_itself(array)  # SIGUSR1 before time limit
+  _check_failed_point_reported(array)  # its error line, the others finish
+  _check_compare_reads_it(array)  # experiments.compare on a launched sweep
 
 
 def _adapter(workdir):

@@ -8,7 +8,7 @@ the whole chain as it writes LoRA. PiSSA's `PISSA_EXPORT` writes a plain
 LoRA of rank 2R over the original base.
 
     EXPORT = form.export(NbLoraConfig, as_lora)
-    # as_lora(config, sub_adapter) -> (lora method, lora adapter)
+    # as_lora(config, sub_adapter, base) -> (lora method, lora adapter)
 """
 import dataclasses
 import math
@@ -22,19 +22,20 @@ from flaxlora.peft.lora import folder as lora_folder
 from flaxlora.peft.lora import kernel
 from flaxlora.peft.lora import pissa
 
-AsLora = Callable[[Any, Any], tuple[peft_base.PeftMethod, Any]]
+# as_lora(config, adapter, base) -> (LoRA method, LoRA adapter).
+AsLora = Callable[[Any, Any, Any], tuple[peft_base.PeftMethod, Any]]
 
 
 def equivalent(method: peft_base.PeftMethod, adapter: Any, config_type: type,
-               as_lora: AsLora) -> tuple[peft_base.PeftMethod, Any]:
+               as_lora: AsLora, base: Any) -> tuple[peft_base.PeftMethod, Any]:
   """(method, adapter) with each `config_type` part replaced by its LoRA."""
   if isinstance(method.config, peft_base.ChainConfig):
-    pairs = [equivalent(m, a, config_type, as_lora)
+    pairs = [equivalent(m, a, config_type, as_lora, base)
              for m, a in zip(method.config.methods, adapter)]
     return (peft_base.chain(*(m for m, _ in pairs)),
             tuple(a for _, a in pairs))
   if isinstance(method.config, config_type):
-    return as_lora(method.config, adapter)
+    return as_lora(method.config, adapter, base)
   return method, adapter
 
 
@@ -44,7 +45,7 @@ def export(config_type: type, as_lora: AsLora) -> peft_base.Export:
 
   def write(folder, model, base, adapter, method, **kwargs):
     lora_method, lora_adapter = equivalent(method, adapter, config_type,
-                                           as_lora)
+                                           as_lora, base)
     return lora_folder.save_peft(folder, model, base, lora_adapter,
                                  lora_method, **kwargs)
 

@@ -10,6 +10,8 @@ folder form is the LoRA of the same update (`lora.form`), read back by
 from flaxlora.peft.nblora.method import as_lora
 from flaxlora.peft.nblora.method import bounds
 from flaxlora.peft.nblora.method import cayley
+from flaxlora.peft.nblora.method import delta
+from flaxlora.peft.nblora.method import EXPONENT
 from flaxlora.peft.nblora.method import factors
 from flaxlora.peft.nblora.method import frames
 from flaxlora.peft.nblora.method import kernels
