@@ -102,7 +102,9 @@ class Target:
   @property
   def topology(self) -> str:
     """libtpu's topology name, e.g. 'v5e:4x4' ('' for the host)."""
-    return f'{self.kind}:' + 'x'.join(map(str, self.shape)) if self.shape else ''
+    if not self.shape:
+      return ''
+    return f'{self.kind}:' + 'x'.join(map(str, self.shape))
 
 
 def topology_shape(chips: int, dims: int) -> tuple[int, ...]:

@@ -34,13 +34,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
         layer_norm_eps=1e-12, hidden_dropout_prob=0.1,
         attention_probs_dropout_prob=0.1, pad_token_id=0),  # 335M
     'meta-llama/Meta-Llama-3-8B': dict(
-        _DECODER, model_type='llama', attention_bias=False, vocab_size=128256, hidden_size=4096,
+        _DECODER, model_type='llama', attention_bias=False,
+        vocab_size=128256, hidden_size=4096,
         intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8,
         max_position_embeddings=8192, rms_norm_eps=1e-5,
         rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001),
     'Qwen/Qwen2-7B': dict(
-        _DECODER, model_type='qwen2',  # q, k, v with biases vocab_size=152064, hidden_size=3584,
+        _DECODER, model_type='qwen2', vocab_size=152064,  # q, k, v biased
+        hidden_size=3584,
         intermediate_size=18944, num_hidden_layers=28,
         num_attention_heads=28, num_key_value_heads=4,
         max_position_embeddings=131072, rms_norm_eps=1e-6,
