@@ -557,7 +557,11 @@ def markdown(reports: Sequence[dict[str, Any]]) -> str:
         r['remat'], r['base_dtype'], r['target'], used,
         f"{r['headroom']:.0%}" if 'headroom' in r else '-',
         'yes' if r['fits'] else 'no',
-        f"{r['roofline_seconds']:.2f} s" if 'roofline_seconds' in r else '-',
+        _seconds(r['roofline_seconds']) if 'roofline_seconds' in r else '-',
         f"{r['mfu']:.0%}" if 'mfu' in r else '-',
         str(r.get('max_batch', '-'))]) + ' |')
   return '\n'.join(lines)
+
+
+def _seconds(t: float) -> str:
+  return f'{t:.2f} s' if t >= 1 else f'{t * 1e3:.2g} ms'
