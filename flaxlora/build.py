@@ -144,7 +144,8 @@ def _head_kwargs(config: Any) -> dict[str, Any]:
 def _model_kwargs(config: Any) -> dict[str, Any]:
   """The family `build` arguments of the config: head (BERT) and the
   memory options (`docs/memory.md`)."""
-  return dict(_head_kwargs(config), remat=config.model.remat)
+  m = config.model
+  return dict(_head_kwargs(config), remat=m.remat, attention=m.attention)
 
 
 def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):

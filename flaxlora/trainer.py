@@ -161,7 +161,16 @@ def train_step_fn(run: Run, tx: Any, state_shardings: Any):
   o = run.config.optimizer
   return steps.jit_train_step(run.task.loss, run.method, tx,
                               o.grad_accum_steps, state_shardings,
-                              clip_norm=optimizers.clip_norm(o))
+                              clip_norm=optimizers.clip_norm(o),
+                              activation_sharding=activation_sharding(run))
+
+
+def activation_sharding(run: Run) -> tuple[Any, Any] | None:
+  """(mesh, rules) that the steps constrain activations by, or None
+  (`model.shard_activations`)."""
+  if not run.config.model.shard_activations:
+    return None
+  return run.mesh, run.rules
 
 
 def loader(run: Run, train: bool) -> pipeline.Loader:
@@ -299,7 +308,8 @@ def _train(run: Run, guard: interrupt.Guard) -> dict[str, Any]:
     print(f'flaxlora: mesh {dict(run.mesh.shape)} over {run.mesh.size} '
           f'{run.mesh.devices.flat[0].platform} devices', flush=True)
   step_fn = train_step_fn(run, tx, state_shardings)
-  eval_step = steps.jit_eval_step(run.task, run.method)
+  eval_step = steps.jit_eval_step(run.task, run.method,
+                                  activation_sharding(run))
   lr = optimizers.schedule(c.optimizer, run.total_steps)
   progress = progress_lib.Progress(run.total_steps)
   pending, last_eval, train_loss = [], None, float('nan')

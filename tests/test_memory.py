@@ -1,6 +1,7 @@
 """The memory features of docs/memory.md: remat, the stored base dtype,
 activation sharding, fused attention and seq2seq packing; each keeps what
 the model computes and changes what the compiler allocates."""
+import dataclasses
 import importlib.util
 import json
 import os
@@ -13,13 +14,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 import config_reads
 from flaxlora import optimizers
+from flaxlora import sharding
 from flaxlora import trainer
 from flaxlora.models import bert
 from flaxlora.models import decoding
+from flaxlora.models import gpt2
 from flaxlora.models import layers
+from flaxlora.models import llama
 from flaxlora.models import t5
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
@@ -38,6 +44,13 @@ TINY_BERT = bert.BertConfig(
 
 
 def _model(family, **kwargs):
+  if family in CAUSAL:
+    module, config = CAUSAL[family]
+    model = module.build(config, **kwargs)
+    apply = lambda p, ids, rng: model.apply(  # pylint: disable=g-long-lambda
+        {'params': p}, ids, ids > 0, deterministic=False,
+        rngs={'dropout': rng})
+    return model, module.init(model, jax.random.PRNGKey(0)), apply
   if family == 't5':
     model = t5.build(TINY_T5, **kwargs)
     apply = lambda p, ids, rng: model.apply(  # pylint: disable=g-long-lambda
@@ -51,6 +64,16 @@ def _model(family, **kwargs):
   return model, bert.init(model, jax.random.PRNGKey(0)), apply
 
 
+CAUSAL = {
+    'llama': (llama, llama.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8)),
+    'gpt2': (gpt2, gpt2.GPT2Config(vocab_size=64, n_positions=32, n_embd=32,
+                                   n_layer=2, n_head=4)),
+}
+
+
 def _grads(family, **kwargs):
   _, params, apply = _model(family, **kwargs)
   ids = jax.random.randint(jax.random.PRNGKey(1), (3, 10), 0, 64)
@@ -58,7 +81,7 @@ def _grads(family, **kwargs):
   return jax.jit(jax.grad(loss))(params)
 
 
-@pytest.mark.parametrize('family', ['t5', 'bert'])
+@pytest.mark.parametrize('family', ['t5', 'bert', 'llama', 'gpt2'])
 @pytest.mark.parametrize('policy', ['block', 'dots'])
 def test_remat_keeps_the_gradients(family, policy):
   plain, rematted = _grads(family), _grads(family, remat=policy)
@@ -199,3 +222,107 @@ def test_bf16_base_keeps_qloras_nf4_kernels():
 def test_unknown_base_dtype_is_refused():
   with pytest.raises(ValueError, match=r"model.base_dtype='float16'"):
     _setup('bert_sentiment_lora', **{'model.base_dtype': 'float16'})
+
+
+def test_constraints_apply_only_under_activation_sharding():
+  x = jnp.ones((8, 3))
+  assert layers.constrain(x, ('batch', None)) is x
+  mesh = sharding.make_mesh({'data': -1})
+  rows = NamedSharding(mesh, PartitionSpec('data'))
+  with layers.activation_sharding(mesh, sharding.RULES):
+    split = jax.jit(lambda x: layers.constrain(x, ('batch', None)))(x)
+    # 3 rows do not divide over 8 devices: left whole, not an error.
+    whole = jax.jit(lambda x: layers.constrain(x, ('batch', None)))(x[:3])
+  assert split.sharding.is_equivalent_to(rows, 2)
+  assert whole.sharding.is_fully_replicated
+  assert layers.constrain(x, ('batch', None)) is x  # the context has ended
+
+
+def _step_temp_bytes(num_devices, shard):
+  """Compiled temp bytes per device of t5_lora's runlocal train step,
+  batch 32 split over `num_devices` (fsdp)."""
+  config = config_reads.shorten(config_reads.get_config('t5_lora',
+                                                        'runlocal'))
+  config.train.batch_size = 32
+  config.mesh.update(data=1, fsdp=-1)
+  config.model.shard_activations = shard
+  run = trainer.setup(config, pathlib.Path(tempfile.mkdtemp()),
+                      devices=jax.devices()[:num_devices])
+  tx = optimizers.optimizer(config.optimizer, run.total_steps, run.method)
+  state, shardings = trainer.init_state(run, tx)
+  batch = trainer._device_batch(run, next(trainer.loader(run, train=True)))  # pylint: disable=protected-access
+  step = trainer.train_step_fn(run, tx, shardings)
+  compiled = step.lower(state, run.base, batch).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.slow
+def test_activation_sharding_splits_temp_bytes_over_devices():
+  temps = [_step_temp_bytes(n, True) for n in (1, 2, 4, 8)]
+  assert temps == sorted(temps, reverse=True), temps
+  assert temps[3] * 4 <= temps[0], temps
+  assert temps[3] < _step_temp_bytes(8, False), temps
+
+
+def _attention_outputs(family, implementation, mask, dtype=jnp.float32):
+  """T5 logits (relative position bias, padding and causal masks) or BERT
+  states (padding mask, no bias) with `implementation`."""
+  ids = jax.random.randint(jax.random.PRNGKey(1), (3, 10), 2, 64)
+  if family == 't5':
+    config = dataclasses.replace(TINY_T5, dropout_rate=0.0)
+    model = t5.build(config, dtype=dtype, attention=implementation)
+    params = t5.init(t5.build(config), jax.random.PRNGKey(0))
+    out = model.apply({'params': params}, ids, mask, ids[:, :7])
+  else:
+    model = bert.build(TINY_BERT, head=None, dtype=dtype,
+                       attention=implementation)
+    params = bert.init(bert.build(TINY_BERT, head=None),
+                       jax.random.PRNGKey(0))
+    out = model.apply({'params': params}, ids, mask)[0]
+  return np.asarray(out, np.float32)
+
+
+@pytest.mark.parametrize('family', ['t5', 'bert'])
+def test_xla_attention_matches_the_reference(family):
+  mask = np.ones((3, 10), np.int32)
+  mask[0, 6:] = 0
+  reference = _attention_outputs(family, 'reference', mask)
+  fused = _attention_outputs(family, 'xla', mask)
+  scale = np.abs(reference).max()
+  np.testing.assert_allclose(fused, reference, atol=1e-5 * scale)
+  # The padding mask reaches the fused kernel.
+  other = mask.copy()
+  other[1, 4:] = 0
+  changed = _attention_outputs(family, 'xla', other)
+  assert np.abs(changed[1] - fused[1]).max() > 1e-3 * scale
+  np.testing.assert_allclose(changed[2], fused[2], atol=1e-5 * scale)
+  # bf16 products: close to the reference's bf16 products.
+  reference16 = _attention_outputs(family, 'reference', mask, jnp.bfloat16)
+  fused16 = _attention_outputs(family, 'xla', mask, jnp.bfloat16)
+  np.testing.assert_allclose(fused16, reference16, atol=0.05 * scale)
+
+
+def test_xla_attention_decodes_like_the_reference():
+  config = dataclasses.replace(TINY_T5, dropout_rate=0.0)
+  params = t5.init(t5.build(config), jax.random.PRNGKey(0))
+  ids = jax.random.randint(jax.random.PRNGKey(3), (2, 7), 2, 64)
+  tokens = [decoding.generate(t5.build(config, attention=a), params, ids,
+                              jnp.ones_like(ids), max_new_tokens=5)
+            for a in ('reference', 'xla')]
+  np.testing.assert_array_equal(tokens[0], tokens[1])
+
+
+def test_fused_attention_refusals():
+  if jax.default_backend() != 'gpu':
+    with pytest.raises(ValueError, match="model.attention='cudnn' runs on"):
+      t5.build(TINY_T5, attention='cudnn')
+  with pytest.raises(ValueError, match="model.attention='flash'"):
+    bert.build(TINY_BERT, attention='flash')
+  with pytest.raises(ValueError, match="model.attention='xla': llama"):
+    llama.build(CAUSAL['llama'][1], attention='xla')
+  model = t5.build(TINY_T5, attention='xla')  # dropout_rate 0.1
+  params = t5.init(model, jax.random.PRNGKey(0))
+  ids = jnp.ones((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match='no dropout on attention'):
+    model.apply({'params': params}, ids, ids, ids, deterministic=False,
+                rngs={'dropout': jax.random.PRNGKey(0)})

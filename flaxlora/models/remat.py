@@ -46,3 +46,4 @@ def wrap(block: type[nn.Module], policy: str,
               jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
   return nn.remat(block, policy=saveable,
                   static_argnums=tuple(static_argnums))
+
