@@ -3,7 +3,7 @@ r"""BERT + QLoRA sentiment classification (GLUE SST-2).
   python -m experiments.run --config=configs/bert_sentiment_qlora.py:runlocal \
       --workdir=workdirs/bert_sentiment_qlora_runlocal
 
-The encoder's dense kernels are stored in NF4 (see flaxlora.peft.nf4) and
+The encoder's dense kernels are stored in NF4 (see flaxlora.peft.qlora.nf4) and
 LoRA goes on all of them; embeddings, layer norms, biases, the pooler and
 the classifier stay fp32, and the pooler and classifier are trained.
 

@@ -7,9 +7,11 @@ variants (`parse_arg`). Sections every config has:
   task       'seq2seq' | 'classification' | 'squad' | 'causal_lm'
   model      family, path (folder, hub id or 'pkg:<python package>') or a
              tiny `init` spec (random init, for runlocal), dtype, dropout;
-             BERT adds head and num_labels
+             the memory options remat, base_dtype, shard_activations,
+             attention (docs/memory.md); BERT adds head
+             and num_labels
   tokenizer  path (folder/hub id/'pkg:...') or 'bytes' (byte-level)
-  peft       method (a key of flaxlora.peft.METHODS) and its arguments
+  peft       method (a name in flaxlora.peft.registry) and its arguments
   peft_export  base_model_name_or_path written into the run's PEFT folder
              ('' derives it from model.path)
   data       source ('hub' | 'files' | 'generated') and lengths
@@ -126,8 +128,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = ''
   # dropout < 0 keeps the checkpoint's (or model.init's) dropout rates.
   # pooling (BERT classifiers): 'cls' or 'mean' (see flaxlora.models.bert).
+  # dtype: the products' dtype, 'float32', 'bfloat16' or 'auto' (bfloat16
+  # where the CPU has bf16 matmul instructions or on an accelerator).
+  # remat: 'none', 'block' or 'dots'; base_dtype: the frozen base's
+  # storage, 'float32' or 'bfloat16'; shard_activations: constrain
+  # activations by sharding_rules; attention: 'reference', 'xla' or
+  # 'cudnn' (docs/memory.md).
   c.model = dict(family='', path='', init={}, dtype='float32',
-                 dropout=-1.0, pooling='cls')
+                 dropout=-1.0, pooling='cls', remat='none',
+                 base_dtype='float32', shard_activations=True,
+                 attention='reference')
   c.tokenizer = ''
   c.peft = dict(method='lora', rank=8, alpha=16.0, targets='',
                 dropout=0.0, use_rslora=False, loraplus_ratio=1.0,

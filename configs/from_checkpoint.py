@@ -2,18 +2,27 @@
 --peft=FOLDER` runs): task and head from its config.json.
 
   python -m experiments.predict --peft=my_peft --text='...'
+
+The caller reads the checkpoint (`flaxlora.predict.read_checkpoint`), so
+this file, like every config, loads without JAX.
 """
+from typing import Any, Mapping
+
 import ml_collections
 
 from configs import common
 
 
-def get_config(model_path: str) -> ml_collections.ConfigDict:
+def get_config(model_path: str, spec: Mapping[str, Any],
+               folder: str) -> ml_collections.ConfigDict:
   """A run config for a base checkpoint: task and head from its config.json
-  (BERT classification / QA, or T5 text-to-text)."""
-  from flaxlora.models import hf_io  # pylint: disable=g-import-not-at-top
-  folder = hf_io.resolve(model_path)
-  spec = hf_io.read_config(folder)
+  (BERT classification / QA, or T5 text-to-text).
+
+  Args:
+    model_path: the checkpoint as the user named it (folder, hub id, pkg:).
+    spec: its config.json.
+    folder: the local folder it resolves to (the tokenizer's).
+  """
   if spec.get('model_type') in ('t5', 'mt5'):
     c = common.t5_config('summarization', str(model_path))
     c.data.update(source='files', hub_name='', source_prefix='')

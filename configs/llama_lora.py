@@ -78,3 +78,10 @@ def _runlocal(c: ml_collections.ConfigDict) -> None:
   c.train.update(epochs=0.0, steps=150, batch_size=16, eval_batch_size=16,
                  eval_every=75, log_every=25, checkpoint_every=75)
   c.eval.update(max_new_tokens=12, max_examples=16)
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+  """A 2x2 grid over learning rate and LoRA rank."""
+  del arg
+  return common.product(common.sweep('optimizer.lr', [3e-4, 1e-3]),
+                        common.sweep('peft.rank', [8, 16]))

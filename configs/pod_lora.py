@@ -8,13 +8,16 @@ compiles for the pod-scale table (docs/pod_scale.md).
 
 `model=` names a checkpoint (`MODELS`); a run downloads it, while
 `experiments.plan` builds its shapes from `flaxlora.models.presets` (no
-download). The base is sharded FSDP-style over every chip (mesh fsdp=-1),
-products in bf16, LoRA r=16 (alpha 32) on every attention and MLP kernel,
-AdamW. T5: XSum, inputs 512 / targets 128 tokens, global batch 128.
-BERT: SST-2 classification, 128 tokens, global batch 256.
+download). The base is sharded FSDP-style over every chip (mesh fsdp=-1)
+and stored in bf16, products in bf16, every block rematerialised
+(model.remat=block), LoRA r=16 (alpha 32) on every attention and MLP
+kernel, AdamW. T5: XSum, inputs 512 / targets 128 tokens, global batch 128.
+BERT: SST-2 classification, 128 tokens, global batch 256. Llama-shaped
+decoders: XSum as prompt -> summary, rows of 2048 tokens (1920 + 128,
+packed), global batch 32.
 
 Variants (after ':', comma-separated):
-  model=flan-t5-xxl|flan-t5-xl|t5-v1_1-xxl|bert-large
+  model=flan-t5-xxl|flan-t5-xl|t5-v1_1-xxl|bert-large|llama-3-8b|qwen2-7b
   method=lora|qlora   qlora: every dense kernel of the base in NF4
   batch=N      the global batch size (default: the model's)
   runlocal     a tiny random T5 (whatever model=), byte tokenizer, a
@@ -30,9 +33,12 @@ MODELS = {
     'flan-t5-xl': ('google/flan-t5-xl', 't5', 128),
     't5-v1_1-xxl': ('google/t5-v1_1-xxl', 't5', 128),
     'bert-large': ('google-bert/bert-large-uncased', 'bert', 256),
+    'llama-3-8b': ('meta-llama/Meta-Llama-3-8B', 'llama', 32),
+    'qwen2-7b': ('Qwen/Qwen2-7B', 'llama', 32),
 }
 TARGETS = {'t5': r'.*/(q|k|v|o|wi|wi_0|wi_1|wo)/kernel',
-           'bert': r'.*/(attention|mlp)/\w+/kernel'}
+           'bert': r'.*/(attention|mlp)/\w+/kernel',
+           'llama': common.LLAMA_PROJECTIONS}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -52,12 +58,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = common.t5_config('summarization', path)
     c.data.update(max_source_length=512, max_target_length=128)
     c.data.buckets = ()
+  elif family == 'llama':
+    c = common.causal_config('llama', path)
+    # Rows of 2048 tokens, several examples packed in each.
+    c.data.update(prompt='{source}', chat_template=False, pack=True,
+                  max_source_length=1920, max_target_length=128)
+    c.data.buckets = ()
   else:
     c = common.bert_config('classification', 'classification')
     c.model.path = path
     common.sst2_data(c)
     c.data.buckets = ()
-  c.model.dtype = 'bfloat16'
+  # bf16 products, the frozen base stored in bf16 (the adapter, its
+  # optimizer state and updates in fp32), every block rematerialised.
+  c.model.update(dtype='bfloat16', base_dtype='bfloat16', remat='block')
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.peft.update(method=arg.method, rank=16, alpha=32.0,
                 targets=TARGETS[family])

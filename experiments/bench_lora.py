@@ -54,6 +54,7 @@ import psutil
 from experiments import lora_contenders
 from experiments import peaks
 from flaxlora import host_memory
+from flaxlora import provenance
 
 # family -> config module under configs/.
 CONFIGS = {'t5': 'bench_t5_lora', 'bert': 'bench_bert_lora',
@@ -303,7 +304,9 @@ def main(argv=None) -> dict[str, Any]:
   peak = matmul_peak(size)
   print(f'fp32 matmul peak: jax {peak["jax_flops_per_s"] / 1e9:.1f} GFLOP/s,'
         f' torch {peak["torch_flops_per_s"] / 1e9:.1f} GFLOP/s; '
-        f'{os.cpu_count()} CPUs (shared machines make numbers noisy)')
+        f'{os.cpu_count()} CPUs of {provenance.cpu_model()} with '
+        f'{", ".join(provenance.cpu_features()) or "no listed ISA features"} '
+        '(shared machines make numbers noisy)')
   with tempfile.TemporaryDirectory(prefix='bench_lora_') as scratch:
     results, configs = run_rows(args, pathlib.Path(scratch))
   later = matmul_peak(size)  # the load may have changed meanwhile
@@ -312,6 +315,9 @@ def main(argv=None) -> dict[str, Any]:
   report = {'configs': configs, 'quick': args.quick, 'steps': args.steps,
             'cpus': os.cpu_count(), 'cpu_devices_of_dp_rows': args.cpu_devices,
             'host_memory_kept': host_memory.kept(),
+            'cpu_model': provenance.cpu_model(),
+            'cpu_features': list(provenance.cpu_features()),
+            'peak_rss_gb': provenance.peak_rss_gb(),
             'matmul_peak': peak, 'results': results, 'summary': summary}
   print(json.dumps(summary, indent=2))
   for name, numbers in results.items():  # GPU/TPU: experiments.peaks

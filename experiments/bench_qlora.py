@@ -26,8 +26,8 @@ import optax
 
 from flaxlora.models import t5
 from flaxlora.peft import lora
-from flaxlora.peft import nf4
 from flaxlora.peft import qlora
+from flaxlora.peft.qlora import nf4
 
 SHAPES = {
     't5-small': dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048,

@@ -44,7 +44,7 @@ class Mutant(NamedTuple):
 
 
 MUTANTS = (
-    Mutant('lora_dropped_in_bf16', 'flaxlora/peft/lora.py',
+    Mutant('lora_dropped_in_bf16', 'flaxlora/peft/lora/kernel.py',
            '    if self.magnitude is None:\n      return (y + lora_out)',
            '    if dtype == jnp.bfloat16:\n      lora_out = 0.0 * lora_out\n'
            '    if self.magnitude is None:\n      return (y + lora_out)',
@@ -97,7 +97,7 @@ MUTANTS = (
     Mutant('weight_decay_ignored', 'flaxlora/optimizers.py',
            'weight_decay=opt.weight_decay)', 'weight_decay=0.0)',
            (f'{EFFECTS}[optimizer.weight_decay]',)),
-    Mutant('rslora_scale_ignored', 'flaxlora/peft/lora.py',
+    Mutant('rslora_scale_ignored', 'flaxlora/peft/lora/kernel.py',
            'math.sqrt(rank) if self.use_rslora else rank', 'rank',
            (f'{EFFECTS}[peft.use_rslora]',)),
     Mutant('split_seed_ignored', 'flaxlora/data/task_data.py',

@@ -50,7 +50,9 @@ def _load():
     if not model:
       raise app.UsageError(f'{_PEFT.value} names no base model; pass '
                            '--model=PATH.')
-    config = evaluation.override(from_checkpoint.get_config(model), _OVERRIDES)
+    spec, folder = predict.read_checkpoint(model)
+    config = evaluation.override(
+        from_checkpoint.get_config(model, spec, folder), _OVERRIDES)
     return predict.from_peft(config, _PEFT.value)
   workdir = pathlib.Path(_WORKDIR.value)
   config = evaluation.override(runs.read_config(workdir), _OVERRIDES)

@@ -31,9 +31,10 @@ _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False, 'Discard a run of a different config in --workdir.')
 _RELEASE_FREED_MEMORY = flags.DEFINE_bool(
     'release_freed_memory', False,
-    'Let glibc return freed host memory to the system (its default). '
-    'Otherwise XLA:CPU steps reuse their temporary buffers\' pages instead '
-    'of page-faulting them in anew every step (flaxlora.host_memory).')
+    'Let glibc return freed host memory to the system. Otherwise XLA:CPU '
+    'steps reuse their temporary buffers\' pages instead of page-faulting '
+    'them in anew every step (flaxlora.host_memory). Default: keep on hosts '
+    'with more than 20 GB of memory, release on smaller ones.')
 _CPU_DEVICES = flags.DEFINE_integer(
     'cpu_devices', None,
     'XLA CPU devices of this process (JAX\'s default: 1). On CPU-only hosts '
@@ -55,15 +56,23 @@ def main(argv):
   # Imported here so that --help and flag errors do not wait for JAX.
   # pylint: disable=g-import-not-at-top
   from flaxlora import host_memory
-  note = host_memory.cpu_settings(  # before JAX starts its backend
-      not _RELEASE_FREED_MEMORY.value, _CPU_DEVICES.value)
+  keep = (not _RELEASE_FREED_MEMORY.value
+          if flags.FLAGS['release_freed_memory'].present
+          else host_memory.keep_by_default())
+  note = host_memory.cpu_settings(keep, _CPU_DEVICES.value)  # before JAX
   if note:
     print(note)
+  from flaxlora import build
   from flaxlora import distributed
   from flaxlora import trainer
   distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                      _PROCESS_ID.value)
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+  # The peft fields written for the file's method go when the command line
+  # switches peft.method; those the command line sets stay (and fail if the
+  # method does not take them).
+  config = build.settle_peft(_CONFIG.value, config_flags.get_override_values(
+      flags.FLAGS['config']))
+  trainer.train_and_evaluate(config, _WORKDIR.value,
                              overwrite=_OVERWRITE.value)
 
 

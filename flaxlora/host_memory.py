@@ -21,8 +21,12 @@ Call it first thing, before JAX starts its CPU backend (the first array,
 `jax.devices()`, ...): threads that already have an arena keep it.
 The heap grows for the first few steps (a freed buffer's memory gets split
 by small allocations until enough free chunks exist), then stays put.
-`experiments.run` and `experiments.benchmark` call it unless given
-`--release_freed_memory`. Both it and `--cpu_devices` are for CPU-only
+`experiments.benchmark` calls it unless given `--release_freed_memory`;
+`experiments.run` calls it when the machine has more than KEEP_MIN_GB of
+memory (`keep_by_default`) and `--release_freed_memory` is not given: a
+60-step MiniLM SQuAD run peaks at 9.3 GB resident with kept memory and 4.0
+GB without, so a 16 GB laptop releases and a larger host keeps
+(`--norelease_freed_memory` keeps anywhere). Both it and `--cpu_devices` are for CPU-only
 hosts: where JAX will run on a GPU or TPU (`cpu_only()` is False) they do
 nothing (`cpu_settings`).
 """
@@ -31,12 +35,16 @@ import ctypes.util
 import os
 import pkgutil
 
+from flaxlora import distributed
+
 # mallopt(3) parameter numbers, from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 _kept = False
+# Hosts with more memory than this keep freed memory by default.
+KEEP_MIN_GB = 20.0
 # Top-level modules of JAX's GPU plugins (CUDA, ROCm).
 GPU_PLUGIN_PREFIXES = ('jax_cuda', 'jax_rocm')
 
@@ -52,8 +60,22 @@ def cpu_only() -> bool:
   if any(m.name.startswith(GPU_PLUGIN_PREFIXES)
          for m in pkgutil.iter_modules()):
     return False
-  from flaxlora import distributed  # pylint: disable=g-import-not-at-top
   return not distributed.tpu_attached()
+
+
+def total_memory_gb() -> float | None:
+  """The host's physical memory in GB (None where the OS does not say)."""
+  try:
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def keep_by_default() -> bool:
+  """Whether `experiments.run` keeps freed memory when not told: on hosts
+  with more than KEEP_MIN_GB of memory."""
+  total = total_memory_gb()
+  return total is not None and total > KEEP_MIN_GB
 
 
 def cpu_settings(keep_freed: bool, cpu_devices: int | None) -> str | None:

@@ -47,7 +47,9 @@ def factory(opt: Any, total_steps: int) -> peft_base.TxFactory:
   """`make_tx(lr_multiplier)`: AdamW or Adafactor at a scaled schedule.
 
   Adafactor reads the optional `adafactor_decay_rate` (default 0.8) and
-  `adafactor_parameter_scale` (default True) fields.
+  `adafactor_parameter_scale` (default True) fields. `make_tx.schedule`
+  (updates done -> rate, at multiplier 1) and `make_tx.peak` (optimizer.lr)
+  let a method read the rate (ScaLoRA's L eta).
   """
   lr = schedule(opt, total_steps)
   if opt.name not in ('adamw', 'adafactor'):
@@ -67,6 +69,7 @@ def factory(opt: Any, total_steps: int) -> peft_base.TxFactory:
         multiply_by_parameter_scale=opt.get('adafactor_parameter_scale',
                                             True))
 
+  make_tx.schedule, make_tx.peak = lr, float(opt.lr)
   return make_tx
 
 

@@ -209,15 +209,21 @@ def without_weights(config: Any) -> ml_collections.ConfigDict:
   return config
 
 
-# The train batch of each task (flaxlora.data): name -> (length field of
-# config.data or None for one value per row, dtype). Every batch also has
-# 'index' (int32) and 'weight' (float32) per row.
+# The train batch of each task (flaxlora.data): name -> (its length: a
+# field of config.data, 'sequence' for a causal LM's prompt + response
+# (max_source_length + max_target_length; the prompt template's own tokens
+# left out), None for one value per row; dtype). Every batch also has
+# 'index' (int32) and 'weight' (float32) per row; packed causal rows
+# (data.pack) add 'segment_ids' and 'positions'.
 BATCHES = {
     'seq2seq': {'input_ids': ('max_source_length', jnp.int32),
                 'attention_mask': ('max_source_length', jnp.int32),
                 'decoder_input_ids': ('max_target_length', jnp.int32),
                 'decoder_attention_mask': ('max_target_length', jnp.int32),
                 'labels': ('max_target_length', jnp.int32)},
+    'causal_lm': {'input_ids': ('sequence', jnp.int32),
+                  'attention_mask': ('sequence', jnp.int32),
+                  'loss_mask': ('sequence', jnp.int32)},
     'classification': {'input_ids': ('max_length', jnp.int32),
                        'attention_mask': ('max_length', jnp.int32),
                        'token_type_ids': ('max_length', jnp.int32),
@@ -228,6 +234,16 @@ BATCHES = {
               'start_positions': (None, jnp.int32),
               'end_positions': (None, jnp.int32)},
 }
+PACKED = {'segment_ids': ('sequence', jnp.int32),
+          'positions': ('sequence', jnp.int32)}
+
+
+def sequence_length(config: Any) -> int:
+  """The longest row of the config's train batches (tokens)."""
+  d = config.data
+  if config.task == 'causal_lm':
+    return int(d.max_source_length) + int(d.max_target_length)
+  return int(d.get('max_length', 0) or d.max_source_length)
 
 
 def abstract_batch(config: Any, batch_size: int, mesh: Any,
@@ -239,10 +255,13 @@ def abstract_batch(config: Any, batch_size: int, mesh: Any,
                      f'{sorted(BATCHES)}.')
   layout = dict(BATCHES[config.task], index=(None, jnp.int32),
                 weight=(None, jnp.float32))
+  if config.task == 'causal_lm' and config.data.get('pack', False):
+    layout.update(PACKED)
   batch = {}
   for name, (length, dtype) in layout.items():
-    shape = (batch_size,) if length is None else (
-        batch_size, int(config.data[length]))
+    shape = ((batch_size,) if length is None else
+             (batch_size, sequence_length(config)) if length == 'sequence'
+             else (batch_size, int(config.data[length])))
     batch[name] = jax.ShapeDtypeStruct(
         shape, dtype, sharding=sharding.batch_sharding(mesh, rules,
                                                        len(shape)))
@@ -344,7 +363,9 @@ def compile_step(step: Step) -> tuple[Any, dict[str, float]]:
   except Exception as e:  # pylint: disable=broad-except
     if not is_out_of_memory(e):
       raise
-    compiled = str(e).strip().splitlines()[0][:400]
+    # The compiler's message: the total, then the largest allocations
+    # (shape, op, source line): what to shard or rematerialise.
+    compiled = '\n'.join(str(e).strip().splitlines()[:40])
   return compiled, {
       'compile_seconds': round(time.perf_counter() - tic, 1),
       'compile_cpu_seconds': round(time.process_time() - cpu, 1)}
@@ -364,8 +385,8 @@ def plan(config: Any, t: Target, device_list: Sequence[Any] | None = None
          ) -> dict[str, Any]:
   """Compiles the config's train step for target `t`; the per-chip figures
   (see the module docstring) as a JSON-ready dict. `fits` is False, with
-  the compiler's message in `error`, when the compiler refuses the step
-  for memory."""
+  the compiler's message in `error` (its largest allocations), when the
+  compiler refuses the step for memory."""
   device_list = devices(t) if device_list is None else device_list
   step = abstract_step(config, device_list)
   report = {
@@ -374,6 +395,10 @@ def plan(config: Any, t: Target, device_list: Sequence[Any] | None = None
       'model': config.model.path or 'model.init',
       'family': config.model.family, 'task': config.task,
       'peft': config.peft.method, 'batch_size': int(config.train.batch_size),
+      'sequence': (f'{config.data.max_source_length}+'
+                   f'{config.data.max_target_length}'
+                   if config.task == 'seq2seq' else
+                   str(sequence_length(config))),
       'grad_accum_steps': int(config.optimizer.grad_accum_steps),
       'model_dtype': config.model.dtype,
       'remat': config.model.get('remat', 'none'),
@@ -526,8 +551,7 @@ def markdown(reports: Sequence[dict[str, Any]]) -> str:
             else f"- ({r['hbm_bytes'] / GIB:.0f})")
     lines.append('| ' + ' | '.join([
         r['model'].split('/')[-1], r['peft'],
-        f"{r['batch_size']}" + (f" x {r['sequence']}" if 'sequence' in r
-                                else ''),
+        f"{r['batch_size']} x {r['sequence']}",
         r['remat'], r['base_dtype'], r['target'], used,
         f"{r['headroom']:.0%}" if 'headroom' in r else '-',
         'yes' if r['fits'] else 'no',

@@ -33,6 +33,7 @@ from flaxlora import tasks
 from flaxlora import trainer
 from flaxlora.data import sources
 from flaxlora.data import task_data
+from flaxlora.models import hf_io
 from flaxlora.peft import folders
 
 
@@ -103,6 +104,13 @@ def predict(run: trainer.Run, adapter: Any,
 def read_inputs(path: str | pathlib.Path) -> list[dict[str, Any]]:
   """Input rows of a .jsonl, .json (array), .tsv or .csv file."""
   return [dict(row, origin=origin) for origin, row in sources.read_rows(path)]
+
+
+def read_checkpoint(model_path: str) -> tuple[dict[str, Any], str]:
+  """(config.json, local folder) of a base checkpoint (folder, hub id or
+  'pkg:' path): what `configs/from_checkpoint.py` builds a config from."""
+  folder = hf_io.resolve(build.resolve_path(model_path))
+  return hf_io.read_config(folder), str(folder)
 
 
 def peft_base_path(peft_dir: str | pathlib.Path) -> str:

@@ -5,7 +5,9 @@
 `summary.json` carries this record, so every published number can name the
 machine it came from by what was measured on it, never by a nickname:
 
-  hardware  `cpu_model` and `cores` (from /proc/cpuinfo and the OS), the
+  hardware  `cpu_model`, its matmul ISA features (`cpu_features`: AVX2,
+            AVX-512, AVX512-BF16, AMX) and `cores` (from /proc/cpuinfo and
+            the OS), `peak_rss_gb` (this process's peak resident memory), the
             JAX `platform` and `devices` (device kinds and count), and
             `matmul_peak_gflops`: the fastest of a few [1024, 1024] fp32
             matmuls on the default device, measured once per process.
@@ -18,6 +20,7 @@ import functools
 import os
 import pathlib
 import platform
+import resource
 import subprocess
 import time
 from typing import Any
@@ -39,6 +42,39 @@ def cpu_model() -> str | None:
   except OSError:
     pass
   return platform.processor() or None
+
+
+# /proc/cpuinfo flags that decide how fast fp32 and bf16 matmuls can be.
+MATMUL_FEATURES = ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16',
+                   'amx_tile', 'amx_bf16', 'amx_int8')
+BF16_FEATURES = ('avx512_bf16', 'amx_bf16')
+
+
+@functools.cache
+def cpu_features() -> tuple[str, ...]:
+  """The MATMUL_FEATURES this CPU has (empty where /proc/cpuinfo is not)."""
+  try:
+    text = pathlib.Path('/proc/cpuinfo').read_text()
+  except OSError:
+    return ()
+  flags = set()
+  for line in text.splitlines():
+    if line.startswith('flags'):
+      flags.update(line.split(':', 1)[1].split())
+      break
+  return tuple(f for f in MATMUL_FEATURES if f in flags)
+
+
+def has_bf16_matmul() -> bool:
+  """Whether the CPU has bf16 matmul instructions (AVX512-BF16 or AMX)."""
+  return any(f in cpu_features() for f in BF16_FEATURES)
+
+
+def peak_rss_gb() -> float:
+  """This process's peak resident memory so far, in GB (Linux: ru_maxrss is
+  in KiB)."""
+  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+               / 1e9, 2)
 
 
 def cores() -> int:
@@ -69,6 +105,7 @@ def hardware() -> dict[str, Any]:
   devices = jax.local_devices()
   return {
       'cpu_model': cpu_model(),
+      'cpu_features': list(cpu_features()),
       'cores': cores(),
       'platform': devices[0].platform,
       'devices': f'{len(devices)} x {devices[0].device_kind}',
@@ -90,7 +127,7 @@ def commit() -> dict[str, Any]:
 
 def record() -> dict[str, Any]:
   """{'hardware', 'date', 'commit', 'dirty'} for a run's summary."""
-  return {'hardware': hardware(),
+  return {'hardware': {**hardware(), 'peak_rss_gb': peak_rss_gb()},
           'date': datetime.datetime.now(datetime.timezone.utc).isoformat(
               timespec='seconds'),
           **commit()}

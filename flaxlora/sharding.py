@@ -183,14 +183,16 @@ def _mesh_axes_of(logical: str | None, table: dict[str, Any],
 
 def logical_to_spec(axes: PartitionSpec | Sequence[str | None],
                     rules: Rules, *, shape: Sequence[int] | None = None,
-                    mesh: Mesh | None = None,
-                    where: str = 'array') -> PartitionSpec:
+                    mesh: Mesh | None = None, where: str = 'array',
+                    drop_indivisible: bool = False) -> PartitionSpec:
   """Maps logical names to a mesh PartitionSpec, checking divisibility.
 
   A mesh axis already taken by an earlier dimension of the same array leaves
   the later dimension replicated (an array cannot use a mesh axis twice).
   With `shape` and `mesh`, each sharded dimension must divide by the product
   of its mesh axes' sizes; the error names `where` (the parameter path).
+  With `drop_indivisible`, mesh axes that do not divide a dimension are
+  left out instead (activations: a batch of 3 rows stays whole).
   """
   table = dict(rules)
   used, spec = set(), []
@@ -199,6 +201,12 @@ def logical_to_spec(axes: PartitionSpec | Sequence[str | None],
                       if a not in used)
     if mesh is not None:
       mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1)
+    if drop_indivisible and shape is not None and mesh is not None:
+      kept = []
+      for a in mesh_axes:
+        if shape[dim] % math.prod(mesh.shape[b] for b in kept + [a]) == 0:
+          kept.append(a)
+      mesh_axes = tuple(kept)
     used.update(mesh_axes)
     if shape is not None and mesh is not None and mesh_axes:
       parts = math.prod(mesh.shape[a] for a in mesh_axes)

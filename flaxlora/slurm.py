@@ -149,8 +149,8 @@ def _run(argv: Sequence[str]) -> str:
 
 def submit(root: pathlib.Path, points: Sequence[sweeps.Point],
            text: str) -> str:
-  """Writes `text` to ROOT/slurm/<n>.sbatch, submits it, records the job
-  in ROOT/slurm/jobs.json; returns the job id."""
+  """Writes `text` to ROOT/slurm/submit_<n>.sbatch, submits it, records
+  the job in ROOT/slurm/jobs.json; returns the job id."""
   folder = root / SLURM_DIR
   records = jobs(root)
   path = folder / f'submit_{len(records)}.sbatch'

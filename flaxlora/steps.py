@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flaxlora.models import layers
+
 Params = Any
 # loss_fn(params, kwargs, batch, rng) -> (loss_sum, weight): the sum over
 # labelled positions and their count, so sharded and accumulated reductions
@@ -103,9 +105,9 @@ def train_step(state: TrainState, base: Params, batch: dict, *,
     clip_norm: clip the mean gradient to this global norm (0: no clipping).
 
   Returns:
-    (new state, {'loss', 'weight', 'grad_norm'}) where loss is the mean over
-    labelled positions of the whole batch and grad_norm the norm before
-    clipping.
+    (new state, {'loss', 'weight', 'grad_norm', and the method's metrics})
+    where loss is the mean over labelled positions of the whole batch and
+    grad_norm the norm before clipping.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   loss_sum, weight, grads = loss_and_grads(loss_fn, method, base,
@@ -117,7 +119,7 @@ def train_step(state: TrainState, base: Params, batch: dict, *,
   if clip_norm:
     grads, _ = optax.clip_by_global_norm(clip_norm).update(
         grads, optax.EmptyState())
-  adapter, opt_state, grads = method.before_update(
+  adapter, opt_state, grads, method_metrics = method.before_update(
       state.adapter, state.opt_state, grads, base, state.step)
   updates, opt_state = tx.update(grads, opt_state, adapter)
   adapter = optax.apply_updates(adapter, updates)
@@ -126,21 +128,48 @@ def train_step(state: TrainState, base: Params, batch: dict, *,
   new_state = TrainState(state.step + 1, adapter, opt_state, state.rng)
   metrics = {'loss': loss_sum / denominator, 'weight': weight,
              'grad_norm': grad_norm}
-  return new_state, metrics
+  if set(method_metrics) & set(metrics):
+    raise ValueError(f'the PEFT method reports metrics named '
+                     f'{sorted(set(method_metrics) & set(metrics))}, which '
+                     "the train step's own metrics use; rename them.")
+  return new_state, {**metrics, **method_metrics}
+
+
+def logged(metrics: dict) -> dict:
+  """What a run logs of a train step's metrics besides its loss: the
+  gradient norm and the method's own metrics (`before_update`'s)."""
+  return {k: v for k, v in metrics.items() if k not in ('loss', 'weight')}
+
+
+def _sharding_activations(fn: Callable, activation_sharding: Any) -> Callable:
+  """`fn` traced under `layers.activation_sharding(mesh, rules)` when
+  `activation_sharding` is (mesh, rules); `fn` itself for None."""
+  if activation_sharding is None:
+    return fn
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with layers.activation_sharding(*activation_sharding):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def jit_train_step(loss_fn: LossFn, method: Any,
                    tx: optax.GradientTransformation, accum: int = 1,
-                   state_shardings: Any = None, clip_norm: float = 0.0):
+                   state_shardings: Any = None, clip_norm: float = 0.0,
+                   activation_sharding: Any = None):
   """`train_step` jitted; the state is donated, the base is not.
 
   With `state_shardings`, the new state keeps the layout of the old one, so
-  a restored checkpoint and a fresh state run the same program.
+  a restored checkpoint and a fresh state run the same program. With
+  `activation_sharding` = (mesh, rules), the models' activations are
+  constrained by the rules (`layers.constrain`).
   """
   step = functools.partial(train_step, loss_fn=loss_fn, method=method, tx=tx,
                            accum=accum, clip_norm=clip_norm)
   out = None if state_shardings is None else (state_shardings, None)
-  return jax.jit(step, donate_argnums=(0,), out_shardings=out)
+  return jax.jit(_sharding_activations(step, activation_sharding),
+                 donate_argnums=(0,), out_shardings=out)
 
 
 def eval_step(adapter: Any, base: Params, batch: dict, *, task: Any,
@@ -153,9 +182,11 @@ def eval_step(adapter: Any, base: Params, batch: dict, *, task: Any,
   return out
 
 
-def jit_eval_step(task: Any, method: Any):
-  """`eval_step` jitted: `(adapter, base, batch) -> outputs`."""
-  return jax.jit(functools.partial(eval_step, task=task, method=method))
+def jit_eval_step(task: Any, method: Any, activation_sharding: Any = None):
+  """`eval_step` jitted: `(adapter, base, batch) -> outputs` (for
+  `activation_sharding` see `jit_train_step`)."""
+  step = functools.partial(eval_step, task=task, method=method)
+  return jax.jit(_sharding_activations(step, activation_sharding))
 
 
 def create(rng: jax.Array, adapter: Any,

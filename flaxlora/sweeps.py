@@ -228,9 +228,9 @@ def run_args(config_arg: str, workdir: pathlib.Path,
           [f'--config.{k}={v}' for k, v in merged.items()])
 
 
-def command(point: Point, python: str = 'python') -> str:
+def command(point: Point) -> str:
   """The shell command line that runs `point`."""
-  return shlex.join([python, '-m', 'experiments.run', *point.args])
+  return shlex.join(['python', '-m', 'experiments.run', *point.args])
 
 
 def run(todo: Sequence[Point], root: str | os.PathLike, *,
@@ -255,25 +255,23 @@ def run(todo: Sequence[Point], root: str | os.PathLike, *,
 
 
 def run_parallel(todo: Sequence[Point], root: str | os.PathLike,
-                 parallel: int, python: str = sys.executable,
-                 gpus: Sequence[str] | None = None) -> list[dict[str, Any]]:
+                 parallel: int) -> list[dict[str, Any]]:
   """Runs up to `parallel` points at once, each an `experiments.run`
-  subprocess logging to ROOT/logs/<name>.log; then writes the results.
+  subprocess (this interpreter) logging to ROOT/logs/<name>.log; then
+  writes the results. The host's GPUs (`nvidia-smi -L`) are split evenly
+  over the `parallel` slots through CUDA_VISIBLE_DEVICES; on a CPU host
+  the points share the cores.
 
   Args:
     todo: the points (`plan`).
     root: the sweep's folder.
     parallel: how many points run at once.
-    python: the interpreter of the subprocesses.
-    gpus: the host's GPU ids (default: `nvidia-smi -L`'s), split evenly
-      over the `parallel` slots through CUDA_VISIBLE_DEVICES; none on a
-      CPU host, where the points share the cores.
 
   Raises:
-    errors.UserError: a point failed (its log's last line is named).
+    errors.UserError: a point failed (its log's error line is named).
   """
   root = pathlib.Path(root)
-  gpus = visible_gpus() if gpus is None else list(gpus)
+  gpus = visible_gpus()
   if gpus and len(gpus) % parallel:
     raise errors.UserError(
         f'--parallel={parallel} does not divide the {len(gpus)} GPUs; pick '
@@ -298,7 +296,7 @@ def run_parallel(todo: Sequence[Point], root: str | os.PathLike,
       log = open(log_path(root, point.name), 'a')  # pylint: disable=R1732
       print(f'sweep: started {point.name}', flush=True)
       proc = subprocess.Popen(
-          [python, '-m', 'experiments.run', *point.args], env=env,
+          [sys.executable, '-m', 'experiments.run', *point.args], env=env,
           stdout=log, stderr=subprocess.STDOUT)
       running[proc] = (point, slot, log)
     time.sleep(0.2)

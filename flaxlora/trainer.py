@@ -29,6 +29,7 @@ import time
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 
 from flaxlora import build
 from flaxlora import checkpoint
@@ -49,6 +50,8 @@ from flaxlora import validate
 from flaxlora import workdir as workdir_lib
 from flaxlora.data import pipeline
 from flaxlora.data import task_data
+from flaxlora.models import causal_decoding
+from flaxlora.models import decoding
 from flaxlora.models import layers
 from flaxlora.peft import method_parts
 from flaxlora.peft import peft_names
@@ -158,7 +161,16 @@ def train_step_fn(run: Run, tx: Any, state_shardings: Any):
   o = run.config.optimizer
   return steps.jit_train_step(run.task.loss, run.method, tx,
                               o.grad_accum_steps, state_shardings,
-                              clip_norm=optimizers.clip_norm(o))
+                              clip_norm=optimizers.clip_norm(o),
+                              activation_sharding=activation_sharding(run))
+
+
+def activation_sharding(run: Run) -> tuple[Any, Any] | None:
+  """(mesh, rules) that the steps constrain activations by, or None
+  (`model.shard_activations`)."""
+  if not run.config.model.shard_activations:
+    return None
+  return run.mesh, run.rules
 
 
 def loader(run: Run, train: bool) -> pipeline.Loader:
@@ -209,16 +221,13 @@ def generate_texts(run: Run, adapter: Any) -> dict[int, str]:
   """{eval record index: generated text} (seq2seq and causal-LM eval), with
   the config's eval.num_beams, max_new_tokens and length_penalty; a causal
   LM continues the left-padded prompts and stops at the tokenizer's eos."""
-  # pylint: disable=g-import-not-at-top
   if run.config.task == 'causal_lm':
-    from flaxlora.models import causal_decoding as decoder
+    decoder = causal_decoding
     eos = run.tokenizer.eos_token_id
     pad = run.tokenizer.pad_token_id
     extra = {'eos_token_id': eos, 'pad_token_id': eos if pad is None else pad}
   else:
-    from flaxlora.models import decoding as decoder
-    extra = {}
-  # pylint: enable=g-import-not-at-top
+    decoder, extra = decoding, {}
   e = run.config.eval
   params, kwargs = run.method.apply(run.base, adapter)
   texts = {}
@@ -299,7 +308,8 @@ def _train(run: Run, guard: interrupt.Guard) -> dict[str, Any]:
     print(f'flaxlora: mesh {dict(run.mesh.shape)} over {run.mesh.size} '
           f'{run.mesh.devices.flat[0].platform} devices', flush=True)
   step_fn = train_step_fn(run, tx, state_shardings)
-  eval_step = steps.jit_eval_step(run.task, run.method)
+  eval_step = steps.jit_eval_step(run.task, run.method,
+                                  activation_sharding(run))
   lr = optimizers.schedule(c.optimizer, run.total_steps)
   progress = progress_lib.Progress(run.total_steps)
   pending, last_eval, train_loss = [], None, float('nan')
@@ -316,7 +326,7 @@ def _train(run: Run, guard: interrupt.Guard) -> dict[str, Any]:
     if do_log or do_save:
       train_loss = progress_lib.check_finite(pending, ckpt, c.optimizer.lr)
     if do_log:
-      record = {'loss': train_loss, 'grad_norm': metrics['grad_norm'],
+      record = {'loss': train_loss, **steps.logged(metrics),
                 'lr': lr(step - 1), **progress.update(step)}
       log.log(step, 'train', record)
       print(progress.line(step, train_loss), flush=True)
@@ -369,7 +379,8 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
   c = run.config
   # Collectives: every process gathers, only the main one writes.
   adapter = distributed.to_host(state.adapter)
-  host_base = (distributed.to_host(run.base)
+  # Exports are float32 from the stored base (a bfloat16 base upcast).
+  host_base = (build.stored(distributed.to_host(run.base), np.float32)
                if run.method.export.needs_base else None)
   summary = {'step': run.total_steps, **{f'eval_{k}': v for k, v in
                                          last_eval.items()}}

@@ -29,7 +29,7 @@ import ml_collections
 ConfigDict = ml_collections.ConfigDict
 CONFIGS = ('t5_lora', 't5_prompt_tuning', 't5_qlora', 'bert_sentiment_lora',
            'bert_sentiment_prompt', 'bert_sentiment_qlora', 'bert_squad_lora',
-           'bert_sentiment_compare')
+           'bert_sentiment_compare', 'llama_lora', 'gpt2_lora')
 
 
 def leaves(config: ConfigDict, prefix: str = '') -> set[str]:
@@ -145,7 +145,9 @@ def data_reads(config: ConfigDict, monkeypatch: Any) -> set[str]:
                  'read_seq2seq'):
     monkeypatch.setattr(sources, reader, fake)
   monkeypatch.setattr(task_data, '_check_file', lambda path, option: path)
-  config.tokenizer = 'bytes' if config.model.family == 't5' else 'words'
+  config.tokenizer = 'bytes' if config.model.family != 'bert' else 'words'
+  if 'chat_template' in config.data:  # the byte tokenizer has none
+    config.data.chat_template = False
   tokenizer = build.tokenizer(config)
   reads = set()
   for source in ('files', 'hub'):

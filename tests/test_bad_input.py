@@ -135,6 +135,11 @@ CASES = [
     ('peft_method', lambda p: [CONFIG, f'--workdir={p["new"]}',
                                '--config.peft.method=bogus'],
      "peft.method='bogus' is not known", 2),
+    ('peft_field_of_another_method', lambda p: [
+        CONFIG, f'--workdir={p["new"]}', '--config.peft.method=ia3',
+        '--config.peft.rank=16'],
+     "peft.rank=16 is not an argument of peft method 'ia3'; its arguments "
+     "are ['targets', 'feedforward']", 2),
     ('dtype', lambda p: [CONFIG, f'--workdir={p["new"]}',
                          '--config.model.dtype=float16'],
      "model.dtype='float16'", 2),

@@ -34,6 +34,7 @@ from flaxlora.data import task_data
 BERT, SQUAD, T5 = 'bert_sentiment_lora', 'bert_squad_lora', 't5_lora'
 PROMPT, QLORA = 'bert_sentiment_prompt', 'bert_sentiment_qlora'
 ADAFACTOR = 't5_prompt_tuning'
+LLAMA = 'llama_lora'
 CMP = 'bert_sentiment_compare:method='
 NO_WARMUP = {'optimizer.warmup_steps': 0}
 
@@ -213,6 +214,19 @@ def _run_observable(summary, workdir):
   return repr([logged, kept, summary, peft_config['base_model_name_or_path']])
 
 
+def probe_compiled(config):
+  """The trainer's train step, lowered and compiled: its program text and
+  the compiler's temp bytes (what the memory options change)."""
+  run = _setup(config)
+  tx = optimizers.optimizer(config.optimizer, run.total_steps, run.method)
+  state, shardings = trainer.init_state(run, tx)
+  batch = trainer._device_batch(run, next(trainer.loader(run, train=True)))  # pylint: disable=protected-access
+  lowered = trainer.train_step_fn(run, tx, shardings).lower(state, run.base,
+                                                            batch)
+  temp = lowered.compile().memory_analysis().temp_size_in_bytes
+  return _digest([lowered.as_text(), temp])
+
+
 def probe_model(config):
   """The base params' names and shapes."""
   return _digest(jax.tree.map(np.shape, jax.device_get(_setup(config).base)))
@@ -244,7 +258,7 @@ def probe_writers(config):
 
 PROBES = dict(data=probe_data, reader=probe_reader, train=probe_train,
               setup=probe_setup, eval=probe_eval, run=probe_run,
-              model=probe_model, raises=raises,
+              model=probe_model, compiled=probe_compiled, raises=raises,
               writers=probe_writers)
 
 FILES = {'data.source': 'files', 'data.train_file': '/d/train',
@@ -265,6 +279,11 @@ ROWS = [
      {'peft.trainable': ''}),
     ('model.num_labels', BERT, {'model.num_labels': 3}, 'model', {}),
     ('model.pooling', BERT, {'model.pooling': 'mean'}, 'train', {}),
+    ('model.remat', T5, {'model.remat': 'block'}, 'compiled', {}),
+    ('model.base_dtype', BERT, {'model.base_dtype': 'bfloat16'}, 'train', {}),
+    ('model.shard_activations', T5, {'model.shard_activations': False},
+     'compiled', {}),
+    ('model.attention', T5, {'model.attention': 'xla'}, 'compiled', {}),
     ('peft.method', BERT, {'peft.method': 'qlora'}, 'train', {}),
     ('peft.rank', BERT, {'peft.rank': 4}, 'train', {}),
     ('peft.alpha', BERT, {'peft.alpha': 32.0}, 'train', {}),
@@ -290,6 +309,13 @@ ROWS = [
     ('peft.norm', CMP + 'nblora', {'peft.norm': 'spectral'}, 'train', {}),
     ('peft.merge_every', CMP + 'scalora', {'peft.merge_every': 2}, 'train',
      {}),
+    ('peft.lipschitz', CMP + 'scalora', {'peft.lipschitz': 30.0}, 'train',
+     {}),
+    ('peft.lipschitz_rate', CMP + 'scalora', {'peft.lipschitz_rate': 'peak'},
+     'train', {'peft.lipschitz': 30.0}),
+    ('peft.restart_warmup', CMP + 'scalora', {'peft.restart_warmup': 1},
+     'train', {}),
+    ('peft.relative', CMP + 'nblora', {'peft.relative': True}, 'train', {}),
     ('peft.feedforward', CMP + 'ia3',
      {'peft.feedforward': r'.*/mlp/output/kernel'}, 'train', {}),
     ('peft.projection', CMP + 'prefix', {'peft.projection': False}, 'train',
@@ -331,6 +357,9 @@ ROWS = [
     ('data.label_names', T5_CLS, {'data.label_names': ('bad', 'good')},
      'data', {}),
     ('data.source_prefix', T5, {'data.source_prefix': 'copy: '}, 'data', {}),
+    ('data.prompt', LLAMA, {'data.prompt': 'copy {source} ='}, 'data', {}),
+    ('data.chat_template', LLAMA, {'data.chat_template': True}, 'raises', {}),
+    ('data.pack', LLAMA, {'data.pack': True}, 'data', {}),
     ('data.max_source_length', T5, {'data.max_source_length': 6}, 'data', {}),
     ('data.max_target_length', T5, {'data.max_target_length': 4}, 'data', {}),
     ('data.target_buckets', T5, {'data.target_buckets': (4, 16)}, 'data', {}),
@@ -391,6 +420,8 @@ ROWS = [
      {}),
     ('log.wandb_project', BERT, {'log.wandb_project': ''}, 'writers', {}),
     ('eval.max_examples', BERT, {'eval.max_examples': 4}, 'data', {}),
+    ('eval.half', CMP + 'lora', {'eval.half': 'report'}, 'data',
+     {'eval.half': 'select'}),
     ('eval.num_beams', T5, {'eval.num_beams': 4}, 'eval', {}),
     ('eval.max_new_tokens', T5, {'eval.max_new_tokens': 4}, 'eval', {}),
     ('eval.length_penalty', T5, {'eval.length_penalty': -2.0}, 'eval',
@@ -466,7 +497,7 @@ def _baseline(name, base, probe, monkeypatch):
 # Rows that train, run or decode take ~10-25 s each: `-m slow` runs them
 # (the default suite keeps the data, reader, setup, model and writer rows
 # and the check that every field has a row).
-HEAVY_PROBES = ('train', 'run', 'eval', 'raises')
+HEAVY_PROBES = ('train', 'run', 'eval', 'raises', 'compiled')
 
 
 @pytest.mark.parametrize('row', [

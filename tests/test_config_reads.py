@@ -53,3 +53,23 @@ def test_every_field_of_every_variant_is_read(name, monkeypatch):
       f'configs/{name}.py sets fields that no code reads (field: variants): '
       f'{unread}. Remove them from the config (configs/common.py or '
       f'configs/{name}.py), or make the code that should use them read them.')
+
+
+@pytest.mark.parametrize('name', config_reads.CONFIGS)
+def test_every_method_of_every_config_reads_the_peft_fields_it_keeps(name):
+  """`--config.peft.method=M` on any config: the fields written for the
+  config's own method are dropped (`settle_peft`), M builds, and it reads
+  every peft field that is left (none is ignored)."""
+  # pylint: disable=g-import-not-at-top
+  from flaxlora import build
+  from flaxlora.peft import registry
+  # pylint: enable=g-import-not-at-top
+  for method in registry.names():
+    config = config_reads.get_config(name, 'runlocal')
+    if method == 'trainable':  # needs peft.patterns, which no config sets
+      continue
+    config.peft.method = method
+    settled = build.settle_peft(config, {'peft.method'})
+    reads = config_reads.method_reads(settled)
+    kept = {f'peft.{k}' for k in settled.peft.keys()}
+    assert kept <= reads, (name, method, kept - reads)

@@ -120,23 +120,28 @@ def method_pages() -> list[pathlib.Path]:
           if FACTORY.search(p.read_text())]
 
 
+def _factory(page: pathlib.Path):
+  """The object a method page's "**Factory**: `module.name`" line names."""
+  module, _, attr = FACTORY.search(page.read_text()).group(1).rpartition('.')
+  return getattr(importlib.import_module(module), attr)
+
+
 def test_every_registered_method_has_a_page():
-  from flaxlora import peft  # pylint: disable=import-outside-toplevel
-  documented = {FACTORY.search(p.read_text()).group(1)
-                for p in method_pages()}
-  for name, factory in peft.METHODS.items():
+  from flaxlora.peft import registry  # pylint: disable=import-outside-toplevel
+  documented = {_factory(p) for p in method_pages()}
+  for name in registry.names():
     if name == 'trainable':  # documented with every method (modules to save)
       continue
-    assert f'{factory.__module__}.{factory.__name__}' in documented, (
+    factory = registry.get(name).factory
+    assert factory in documented, (
         f'peft method {name!r} has no docs/methods page naming its factory '
-        f'"**Factory**: `{factory.__module__}.{factory.__name__}`"')
+        '"**Factory**: `flaxlora.peft.<package>.<factory>`"')
 
 
 @pytest.mark.parametrize('page', method_pages(), ids=lambda p: p.stem)
 def test_method_page_names_the_factory_arguments(page):
   text = page.read_text()
-  module, _, attr = FACTORY.search(text).group(1).rpartition('.')
-  factory = getattr(importlib.import_module(module), attr)
+  factory = _factory(page)
   documented = ARGUMENT.findall(text)
   assert documented == list(inspect.signature(factory).parameters), (
       f'{page.name}: its arguments table ({documented}) must list '

@@ -20,7 +20,6 @@ from flaxlora import trainer
 from flaxlora import workdir as workdir_lib
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import ia3
-from flaxlora.peft import ia3_io
 from flaxlora.peft import trainable
 
 torch = pytest.importorskip('torch')
@@ -113,7 +112,7 @@ def test_ones_are_the_base_and_flaxlora_vectors_load_in_peft(
           {'target_modules': ['key', 'output.dense', 'value'],
            'feedforward_modules': ['output.dense']})
   assert {k: sorted(config[k]) for k in want} == want
-  method2, adapter2 = ia3_io.load_ia3(tmp_path / 'a', model, base)
+  method2, adapter2 = ia3.load(tmp_path / 'a', model, base)
   again = _ours(model, method2.apply(base, adapter2)[0], family)
   assert helpers.max_diff(again, ours) < 1e-5
 
@@ -131,7 +130,7 @@ def test_peft_made_vectors_load_into_flaxlora(family, folders, tmp_path):
   peft_model.save_pretrained(str(tmp_path / 'p'))
   theirs = _theirs(peft_model, family)
   model, base = _load(folders[family])
-  method, adapter = ia3_io.load_ia3(tmp_path / 'p', model, base)
+  method, adapter = ia3.load(tmp_path / 'p', model, base)
   ours = _ours(model, method.apply(base, adapter)[0], family)
   assert helpers.max_diff(ours, theirs) < 1e-4
   assert helpers.max_diff(ours, _ours(model, base, family)) > 1e-2
@@ -180,9 +179,10 @@ def test_vectors_follow_the_axis_they_scale(folders):
 
 def test_ia3_trains_from_a_config(tmp_path):
   config = bert_sentiment_lora.get_config('runlocal')
-  # The section's LoRA-only fields (rank, alpha, ...) are left out; '' is
-  # the family's preset targets.
+  # As --config.peft.method=ia3 --config.peft.targets='': the section's
+  # LoRA-only fields (rank, alpha, ...) go; '' is the family's preset.
   config.peft.update(method='ia3', targets='')
+  config = build.settle_peft(config, {'peft.method', 'peft.targets'})
   config.train.update(eval_every=0, checkpoint_every=0)
   config.optimizer.update(lr=3e-2, warmup_steps=0)
   trainer.train_and_evaluate(config, tmp_path)
@@ -192,7 +192,7 @@ def test_ia3_trains_from_a_config(tmp_path):
   built = build.model_and_method(config, sharding.make_mesh(),
                                  sharding.resolve_rules())
   model, base = built.model, jax.device_get(built.base)
-  _, adapter = ia3_io.load_ia3(tmp_path / workdir_lib.PEFT_DIR, model,
+  _, adapter = ia3.load(tmp_path / workdir_lib.PEFT_DIR, model,
                                     base)
   vectors = jax.tree.leaves(adapter[0])
   assert len(vectors) == 4 * 2  # key, value, 2 x output per layer

@@ -389,7 +389,7 @@ def test_analyze_and_summary_with_the_lora_method():
 
 
 def test_qlora_base_summary_bytes_and_dequantised_analysis():
-  from flaxlora.peft import nf4  # pylint: disable=g-import-not-at-top
+  from flaxlora.peft.qlora import nf4  # pylint: disable=g-import-not-at-top
   base, adapter = _base(), _adapter()
   quantized = nf4.quantize_params(base)
   s = summary.summary(quantized, adapter, 'lora')
@@ -406,7 +406,7 @@ def test_qlora_base_summary_bytes_and_dequantised_analysis():
 
 
 def test_summary_counts_an_nf4_kernel_as_one_in_by_out_param_row():
-  from flaxlora.peft import nf4  # pylint: disable=g-import-not-at-top
+  from flaxlora.peft.qlora import nf4  # pylint: disable=g-import-not-at-top
   base, adapter = _base(), _adapter()
   quantized = nf4.quantize_params(base)
   s = summary.summary(quantized, adapter, 'lora')

@@ -11,11 +11,11 @@ import pytest
 from flaxlora.models import layers
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import describe
-from flaxlora.peft import dora
 from flaxlora.peft import lora
-from flaxlora.peft import loraplus
 from flaxlora.peft import merge
 from flaxlora.peft import trainable
+from flaxlora.peft.lora import dora
+from flaxlora.peft.lora import loraplus
 
 H, F, C = 16, 24, 3  # toy widths: hidden, inner, classes
 

@@ -19,27 +19,31 @@ import pytest
 
 from configs import bert_sentiment_lora
 from configs import bert_squad_lora
+from flaxlora import export
 from flaxlora import optimizers
-from flaxlora import peft
 from flaxlora import steps
 from flaxlora import trainer
 from flaxlora.models import layers
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
+from flaxlora.peft import registry
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Modules a run reaches a method through: they may name no method.
 GENERIC = ('flaxlora/trainer.py', 'flaxlora/build.py', 'flaxlora/export.py',
            'flaxlora/steps.py', 'flaxlora/optimizers.py')
-# Every module of flaxlora/peft but the contract itself (base), the
-# method-agnostic views of a method (method_parts) and the names of PEFT
-# folders (peft_names); every *Config class there.
+# Every method package and module of flaxlora/peft but the contract itself
+# (base), the registry, the method-agnostic views of a method
+# (method_parts) and what every PEFT folder shares (peft_names, hf_folder);
+# every *Config class there.
 PEFT_DIR = REPO / 'flaxlora' / 'peft'
 METHOD_MODULES = tuple(sorted(
-    p.stem for p in PEFT_DIR.glob('*.py')
-    if p.stem not in ('__init__', 'base', 'method_parts', 'peft_names')))
+    p.stem for p in PEFT_DIR.iterdir()
+    if (p.suffix == '.py' or (p / '__init__.py').is_file()) and p.stem not in (
+        '__init__', 'base', 'registry', 'method_parts', 'peft_names',
+        'hf_folder')))
 METHOD_CONFIGS = tuple(sorted(
-    node.name for p in PEFT_DIR.glob('*.py')
+    node.name for p in PEFT_DIR.glob('**/*.py')
     for node in ast.walk(ast.parse(p.read_text()))
     if isinstance(node, ast.ClassDef) and node.name.endswith('Config')))
 
@@ -75,14 +79,18 @@ def test_generic_modules_name_no_method(module):
 
 def test_import_check_sees_a_method_import():
   """The check above can fail: it flags what trainer.py imported before."""
-  old = 'from flaxlora.peft import nf4\nx = peft_base.ChainConfig\n'
+  old = 'from flaxlora.peft.qlora import nf4\nx = peft_base.ChainConfig\n'
   tree = ast.parse(old)
-  assert 'flaxlora.peft.nf4' in _imports(tree)
+  assert 'flaxlora.peft.qlora.nf4' in _imports(tree)
   assert {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} & \
       set(METHOD_CONFIGS)
 
 
 # ------------------------------------ a method the library does not know ---
+# It follows docs/adding_a_method.md's checklist, step by step.
+
+# Checklist 1: one package; this test file stands in for
+# flaxlora/peft/scaled_bias/, and imports only flaxlora.peft.base.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,19 +105,26 @@ def scaled_bias(scale: float = 2.0, limit: float = 0.05,
   """Trains one delta per bias, added as `scale * delta`; every hook set.
 
   prepare_base adds 0.5 to every LayerNorm bias of the base (a visible
-  change, even on a base whose biases start at zero); the optimizer runs at `lr_multiplier` x the run's rate;
-  after_step clips every delta to [-limit, limit].
+  change, even on a base whose biases start at zero); the optimizer runs at
+  `lr_multiplier` x the run's rate; after_step clips every delta to
+  [-limit, limit].
   """
+  # Checklist 2: a factory returning a PeftMethod; its config a frozen
+  # dataclass of the arguments.
   config = ScaledBiasConfig(scale, limit, lr_multiplier)
 
   def paths(base):
     return [p for p in peft_base.flatten(base) if p.endswith('/bias')]
 
+  # Checklist 3: only the hooks it changes (prepare_base, optimizer,
+  # after_step); the others keep their defaults.
   def init(rng, base):
     del rng
     return peft_base.unflatten({p: jnp.zeros(peft_base.get(base, p).shape)
                                 for p in paths(base)})
 
+  # Checklist 4: biases are added, no kernel product changes, so no
+  # adapted-kernel node is needed (LoRA's is `lora.kernel.LoraKernel`).
   def apply(base, adapter):
     updates = {p: peft_base.get(base, p) + scale * d
                for p, d in peft_base.flatten(adapter).items()}
@@ -125,11 +140,21 @@ def scaled_bias(scale: float = 2.0, limit: float = 0.05,
     return jax.tree.map(lambda d: jnp.clip(d, -limit, limit),
                         adapter), opt_state
 
+  # Checklist 5: no PEFT folder form, so its export says why.
   return peft_base.PeftMethod(
       init, apply, config, prepare_base=prepare_base,
       optimizer=lambda make_tx: make_tx(lr_multiplier),
       after_step=after_step,
       export=peft_base.Export(reason='scaled biases have no PEFT form'))
+
+
+@pytest.fixture(name='registered')
+def _registered():
+  """`scaled_bias` registered as a method: the one step besides writing it."""
+  # Checklist 6: one registration.
+  registry.register('scaled_bias', scaled_bias)
+  yield
+  registry.unregister('scaled_bias')
 
 
 def _bias_config():
@@ -142,9 +167,13 @@ def _bias_config():
   return config
 
 
-def test_a_method_defined_here_trains_through_the_trainer(tmp_path,
-                                                          monkeypatch):
-  monkeypatch.setitem(peft.METHODS, 'scaled_bias', scaled_bias)
+# Checklist 7: it trains through train_and_evaluate from a config.
+# Checklist 8: a test method has no page; tests/test_docs.py checks that
+# every registered method has one.
+
+
+@pytest.mark.usefixtures('registered')
+def test_a_method_defined_here_trains_through_the_trainer(tmp_path):
   config = _bias_config()
   summary = trainer.train_and_evaluate(config, tmp_path / 'run')
   assert summary['peft_method'] == [{
@@ -160,7 +189,6 @@ def test_a_method_defined_here_trains_through_the_trainer(tmp_path,
   np.testing.assert_allclose(norm, plain.base['embeddings']['norm'][
       'bias'] + 0.5)
   # after_step clipped the trained deltas; they moved (the optimizer ran).
-  from flaxlora import export  # pylint: disable=g-import-not-at-top
   folder = tmp_path / 'run' / 'adapter'
   like = jax.eval_shape(run.method.init, run.adapter_rng, run.base)
   deltas = jax.tree.leaves(export.load_adapter(folder, like))
@@ -169,10 +197,10 @@ def test_a_method_defined_here_trains_through_the_trainer(tmp_path,
   assert any(float(np.abs(d).max()) == pytest.approx(0.05) for d in deltas)
 
 
-def test_the_optimizer_hook_sets_the_rate(monkeypatch):
+@pytest.mark.usefixtures('registered')
+def test_the_optimizer_hook_sets_the_rate():
   """lr_multiplier=3 moves the adapter 3x as far as 1 in one SGD-like
   step (Adam's first step moves every entry by lr * sign)."""
-  monkeypatch.setitem(peft.METHODS, 'scaled_bias', scaled_bias)
   opt = _bias_config().optimizer
   opt.update(weight_decay=0.0)
   adapter = {'x': {'bias': jnp.zeros(4)}}
@@ -266,7 +294,7 @@ def _python_files():
 
 
 def test_modules_and_functions_stay_small():
-  """STYLE.md: no module over 400 lines, no function over 60."""
+  """The house style: no module over 400 lines, no function over 60."""
   too_long = []
   for path in _python_files():
     source = path.read_text()

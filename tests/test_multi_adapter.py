@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import helpers
+from flaxlora import adapter_bank
 from flaxlora import export
 from flaxlora.models import bert
 from flaxlora.models import decoding
@@ -23,9 +24,8 @@ from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
 from flaxlora.peft import merge
 from flaxlora.peft import multi
-from flaxlora.peft import multi_io
-from flaxlora.peft import peft_io
 from flaxlora.peft import trainable
+from flaxlora.peft.lora import folder as lora_folder
 
 T5_CONFIG = t5.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48,
                         num_layers=2, num_heads=4,
@@ -195,12 +195,13 @@ def test_load_folders_peft_and_flaxlora(tmp_path, bert_case):
   model, base, pairs, inputs = bert_case
   if model.head != 'classification':
     pytest.skip('one head is enough for the folder round trip')
-  peft_io.save_peft(tmp_path / 'peft', model, base, pairs[0][1], pairs[0][0])
+  lora_folder.save_peft(tmp_path / 'peft', model, base, pairs[0][1],
+                        pairs[0][0])
   export.save_adapter(tmp_path / 'own', pairs[1][1], {
       'family': 'bert', 'peft': {
           'method': 'lora', 'rank': 2, 'alpha': 3.0,
           'targets': r'.*/attention/(key|output)/kernel', 'trainable': ''}})
-  names, bank = multi_io.load({'one': tmp_path / 'peft',
+  names, bank = adapter_bank.load({'one': tmp_path / 'peft',
                                'two': tmp_path / 'own'}, model, base)
   rows = multi.row_ids(['two', None, 'one', 'one', None, 'two'], names)
   got = model.apply({'params': multi.apply(base, bank, rows)[0]}, *inputs)
@@ -212,8 +213,8 @@ def test_load_folders_peft_and_flaxlora(tmp_path, bert_case):
       'family': 'bert', 'pooling': 'mean',
       'peft': export.read_spec(tmp_path / 'own')['peft']})
   with pytest.raises(ValueError, match="trained with model.pooling='mean'"):
-    multi_io.load({'mean': tmp_path / 'mean'}, model, base)
-  names, _ = multi_io.load({'mean': tmp_path / 'mean'},
+    adapter_bank.load({'mean': tmp_path / 'mean'}, model, base)
+  names, _ = adapter_bank.load({'mean': tmp_path / 'mean'},
                            model.clone(pooling='mean'), base)
   assert names == ('mean',)
 

@@ -128,7 +128,7 @@ def test_initialize_distributed_errors_name_the_missing_setting(monkeypatch):
 def test_slurm_step_of_several_tasks_is_detected(monkeypatch):
   # A batch script (no step yet) and a one-task step run one process; a
   # step of several tasks (srun) is a multi-process job JAX joins itself.
-  monkeypatch.setattr(distributed.glob, 'glob', lambda pattern: [])
+  monkeypatch.setattr(distributed, 'tpu_attached', lambda: False)
   monkeypatch.setenv('SLURM_JOB_ID', '12')
   monkeypatch.setenv('SLURM_NTASKS', '2')
   assert not distributed._auto_detectable()  # pylint: disable=protected-access

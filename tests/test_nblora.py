@@ -13,10 +13,10 @@ from flaxlora import export
 from flaxlora import models
 from flaxlora import trainer
 from flaxlora.peft import base as peft_base
+from flaxlora.peft import hf_folder
 from flaxlora.peft import lora
 from flaxlora.peft import merge
 from flaxlora.peft import nblora
-from flaxlora.peft import peft_io
 from flaxlora.peft import trainable
 
 NORM = {'spectral': lambda s: s.max(),
@@ -176,7 +176,7 @@ def test_factored_equals_merged_and_peft_export(bert, tmp_path):
   assert helpers.max_diff(ours, merged) < 1e-5
   assert helpers.max_diff(ours, _logits(model, base)) > 1e-2
   export.save_peft(tmp_path / 'a', model, base, adapter, method)
-  config = json.loads((tmp_path / 'a' / peft_io.CONFIG_FILE).read_text())
+  config = json.loads((tmp_path / 'a' / hf_folder.CONFIG_FILE).read_text())
   assert (config['peft_type'], config['r'], config['lora_alpha']) == (
       'LORA', 4, 4.0)
   hf = transformers.BertForSequenceClassification.from_pretrained(
@@ -210,6 +210,63 @@ def test_runlocal_through_the_trainer(tmp_path):
   config.eval.max_examples = 16
   summary = trainer.train_and_evaluate(config, tmp_path)
   assert summary['step'] == 3
-  peft_config = json.loads((tmp_path / 'peft' / peft_io.CONFIG_FILE)
+  peft_config = json.loads((tmp_path / 'peft' / hf_folder.CONFIG_FILE)
                            .read_text())
   assert (peft_config['peft_type'], peft_config['r']) == ('LORA', 4)
+
+
+@pytest.mark.parametrize('norm', nblora.NORMS)
+def test_the_starting_jacobian_is_the_derived_one(norm):
+  """The square block of the stacked Cayley map is x_out's first R rows
+  (the output side, the paper's A~ on top), so at the init (x_out = 0,
+  x_in orthonormal, v = 0: Z = I, p_out = 0, p_in = -x_in) the update moves
+  to first order by s0 x_in [dZ' | 2 dx_out[R:]'] with
+  dZ = dX - dX' + dx_in' x_in + x_in' dx_in, dX = dx_out[:R]:
+  the first R output columns by the square block's skew part and x_in's
+  symmetric part, the others by 2 dx_out, all in span(x_in); v not at all.
+  """
+  r = 4
+  method = nblora.nblora(rank=r, bound=1.5, norm=norm, targets='layer/kernel')
+  leaf = method.init(jax.random.PRNGKey(0), BASE)['layer']['kernel']
+  keys = jax.random.split(jax.random.PRNGKey(5), 3)
+  tangent = {k: jax.random.normal(key, leaf[k].shape)
+             for k, key in zip(('x_in', 'x_out', 'v'), keys)}
+  update = lambda node: _factored(method, {'layer': {'kernel': node}})
+  _, moved = jax.jvp(update, (leaf,), (tangent,))
+  s0 = 1.5 * r**-nblora.EXPONENT[norm]
+  x_in, d_in, d_out = (np.asarray(t, np.float64) for t in (
+      leaf['x_in'], tangent['x_in'], tangent['x_out']))
+  d_z = d_out[:r] - d_out[:r].T + d_in.T @ x_in + x_in.T @ d_in
+  want = s0 * x_in @ np.concatenate([d_z.T, 2 * d_out[r:].T], axis=1)
+  np.testing.assert_allclose(moved, want, atol=1e-5 * np.abs(want).max())
+  # v and x_in alone: only the square block's columns move, and v not.
+  only = lambda **t: jax.jvp(update, (leaf,), ({**jax.tree.map(  # pylint: disable=g-long-lambda
+      jnp.zeros_like, leaf), **t},))[1]
+  assert np.abs(only(v=tangent['v'])).max() < 1e-6
+  moved_in = np.asarray(only(x_in=tangent['x_in']))
+  assert np.abs(moved_in[:, r:]).max() < 1e-6 < np.abs(moved_in[:, :r]).max()
+
+
+@pytest.mark.parametrize('norm', nblora.NORMS)
+def test_a_relative_bound_scales_with_the_kernel(norm):
+  w = 3.0 * jax.random.normal(jax.random.PRNGKey(7), (24, 16))
+  base = {'layer': {'kernel': w}}
+  limit = 0.1 * float(jnp.linalg.norm(w))  # Frobenius, ~59 here
+  relative = nblora.nblora(rank=4, bound=0.1, norm=norm, relative=True,
+                           targets='layer/kernel')
+  plain = nblora.nblora(rank=4, bound=0.1, norm=norm, targets='layer/kernel')
+  r = 4
+  q = np.concatenate([np.eye(16)[:, :r], np.eye(24)[:, :r]]) / np.sqrt(2)
+  x = _uncayley(q)  # at the bound (test_the_parameterisation_reaches_...)
+  adapter = {'layer': {'kernel': {'x_out': x[:16], 'x_in': x[16:],
+                                  'v': jnp.asarray([30.0, 0, 0, 0])}}}
+  for method, bound in ((relative, limit), (plain, 0.1)):
+    node = nblora.kernels(method.config, base, adapter)['layer/kernel']
+    s = np.linalg.svd(np.asarray(node.a, np.float64) @ np.asarray(node.b),
+                      compute_uv=False)
+    assert 0.99 * bound <= NORM[norm](s) <= bound * (1 + 1e-5)
+  # The PEFT export writes the same (relative) update.
+  lora_method, factors = nblora.as_lora(relative.config, adapter, base)
+  merged = lora_method.apply(base, factors)[0]['layer']['kernel'].merged()
+  node = nblora.kernels(relative.config, base, adapter)['layer/kernel']
+  np.testing.assert_allclose(merged - w, node.a @ node.b, atol=1e-4)

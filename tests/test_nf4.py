@@ -7,7 +7,7 @@ import torch
 from jax.sharding import PartitionSpec
 from scipy import stats
 
-from flaxlora.peft import nf4
+from flaxlora.peft.qlora import nf4
 
 
 def reference_levels() -> np.ndarray:

@@ -15,8 +15,8 @@ import helpers
 from flaxlora import models
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
-from flaxlora.peft import peft_io
 from flaxlora.peft import trainable
+from flaxlora.peft.lora import folder as lora_folder
 
 torch = pytest.importorskip('torch')
 peft = pytest.importorskip('peft')
@@ -123,7 +123,7 @@ def test_flaxlora_adapter_loads_in_peft(case, t5_folder, bert_folder,
   adapter = _perturb(method.init(jax.random.PRNGKey(0), base))
   params, _ = method.apply(base, adapter)
   ours = _flax_logits(model, params, family)
-  peft_io.save_peft(tmp_path / 'adapter', model, base, adapter, method)
+  lora_folder.save_peft(tmp_path / 'adapter', model, base, adapter, method)
   peft_model = peft.PeftModel.from_pretrained(_hf(folder, family),
                                               str(tmp_path / 'adapter'))
   theirs = _torch_logits(peft_model.eval(), family)
@@ -131,7 +131,7 @@ def test_flaxlora_adapter_loads_in_peft(case, t5_folder, bert_folder,
   assert helpers.max_diff(ours, theirs) < 1e-4
   assert helpers.max_diff(base_logits, theirs) > 1e-2
   # ...and it reads back into the same method and adapter.
-  method2, adapter2 = peft_io.load_peft(tmp_path / 'adapter', model, base)
+  method2, adapter2 = lora.load(tmp_path / 'adapter', model, base)
   params2, _ = method2.apply(base, adapter2)
   assert helpers.max_diff(_flax_logits(model, params2, family), ours) < 1e-5
 
@@ -140,7 +140,7 @@ def test_t5_config_uses_peft_short_names(t5_folder, tmp_path):
   model, base, _ = _load(t5_folder)
   method = lora.lora(rank=2, targets='t5')
   adapter = method.init(jax.random.PRNGKey(0), base)
-  peft_io.save_peft(tmp_path / 'a', model, base, adapter, method,
+  lora_folder.save_peft(tmp_path / 'a', model, base, adapter, method,
                     base_model_name_or_path='tiny-t5')
   config = json.loads((tmp_path / 'a' / 'adapter_config.json').read_text())
   assert config['target_modules'] == ['q', 'v']
@@ -173,13 +173,13 @@ def test_peft_made_adapter_loads_in_flaxlora(family, kwargs, t5_folder,
   folder = t5_folder if family == 't5' else bert_folder
   theirs = _peft_made(folder, family, tmp_path / 'peft', **kwargs)
   model, base, _ = _load(folder)
-  method, adapter = peft_io.load_peft(tmp_path / 'peft', model, base)
+  method, adapter = lora.load(tmp_path / 'peft', model, base)
   params, _ = method.apply(base, adapter)
   ours = _flax_logits(model, params, family)
   assert helpers.max_diff(ours, theirs) < 1e-4
   assert helpers.max_diff(ours, _flax_logits(model, base, family)) > 1e-2
   # save_merged: a plain checkpoint transformers loads, same logits.
-  peft_io.save_merged(tmp_path / 'merged', model, base, adapter, method)
+  lora_folder.save_merged(tmp_path / 'merged', model, base, adapter, method)
   merged = _torch_logits(_hf(tmp_path / 'merged', family), family)
   assert helpers.max_diff(merged, theirs) < 1e-4
 
@@ -201,12 +201,12 @@ def test_load_errors_name_the_problem(bert_folder, tmp_path):
                         ({'r': 3}, 'rank 2')):
     (bad / 'adapter_config.json').write_text(json.dumps({**config, **change}))
     with pytest.raises(ValueError, match=match):
-      peft_io.load_peft(bad, model, base)
+      lora.load(bad, model, base)
   wider, _ = helpers.save_tiny_bert(tmp_path / 'wide', head='classification',
                                     hidden_size=48)
   wide_model, wide_base, _ = models.load(wider)
   with pytest.raises(ValueError, match=r'lora_A\.weight.*another base'):
-    peft_io.load_peft(tmp_path / 'ok', wide_model, wide_base)
+    lora.load(tmp_path / 'ok', wide_model, wide_base)
 
 
 def test_save_errors(bert_folder, tmp_path):
@@ -214,10 +214,10 @@ def test_save_errors(bert_folder, tmp_path):
   method = lora.lora(rank=2, targets='bert', init='pissa')
   adapter = method.init(jax.random.PRNGKey(0), base)
   with pytest.raises(ValueError, match='rank 2R over the original base'):
-    peft_io.save_peft(tmp_path / 'p', model, base, adapter, method)
+    lora_folder.save_peft(tmp_path / 'p', model, base, adapter, method)
   method = lora.lora(rank=2, targets=r'pooler/kernel|.*query/kernel')
   adapter = method.init(jax.random.PRNGKey(0), base)
-  peft_io.save_peft(tmp_path / 'q', model, base, adapter, method)
+  lora_folder.save_peft(tmp_path / 'q', model, base, adapter, method)
   config = json.loads((tmp_path / 'q' / 'adapter_config.json').read_text())
   # 'dense' would also select the encoder's dense layers.
   assert config['target_modules'] == ['pooler.dense', 'query']

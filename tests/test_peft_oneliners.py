@@ -19,13 +19,14 @@ import pytest
 import helpers
 from flaxlora import models
 from flaxlora.peft import base as peft_base
+from flaxlora.peft import hf_folder
 from flaxlora.peft import lora
 from flaxlora.peft import method_parts
-from flaxlora.peft import peft_io
 from flaxlora.peft import peft_names
 from flaxlora.peft import prompt
-from flaxlora.peft import prompt_io
 from flaxlora.peft import trainable
+from flaxlora.peft.lora import folder as lora_folder
+from flaxlora.peft.prompt import folder as prompt_folder
 
 torch = pytest.importorskip('torch')
 peft = pytest.importorskip('peft')
@@ -161,10 +162,10 @@ def test_lora_folder_loads_with_the_one_liner(case, tmp_path, monkeypatch):
   adapter = _perturb(method.init(jax.random.PRNGKey(0), base))
   params, _ = method.apply(base, adapter)
   ours = _flax_logits(model, params)
-  folder = peft_io.save_peft(tmp_path / 'adapter', model, base, adapter,
+  folder = lora_folder.save_peft(tmp_path / 'adapter', model, base, adapter,
                              method, base_model_name_or_path=(
                                  ref() if callable(ref) else ref))
-  config = json.loads((folder / peft_io.CONFIG_FILE).read_text())
+  config = json.loads((folder / hf_folder.CONFIG_FILE).read_text())
   assert config['base_model_name_or_path'] == str(base_folder.resolve())
   assert config['target_modules'] == c.targets
   assert config['modules_to_save'] == c.to_save
@@ -180,7 +181,7 @@ def test_lora_folder_loads_with_the_one_liner(case, tmp_path, monkeypatch):
   assert len(c.targets) < len(ours_modules)
 
   # The compact folder reads back into flaxlora with the same logits.
-  method2, adapter2 = peft_io.load_peft(folder, model, base)
+  method2, adapter2 = lora.load(folder, model, base)
   params2, _ = method2.apply(base, adapter2)
   assert helpers.max_diff(_flax_logits(model, params2), ours) < 1e-5
 
@@ -202,9 +203,9 @@ def test_t5_prompt_folder_loads_with_the_one_liner(tmp_path, monkeypatch):
   adapter = {'prompt': np.asarray(
       jax.random.normal(jax.random.PRNGKey(3), (P, 32)))}
   ours = _flax_logits(model, base, prompt=adapter['prompt'])
-  folder = prompt_io.save_prompt(tmp_path / 'prompt', model, adapter,
+  folder = prompt_folder.save_prompt(tmp_path / 'prompt', model, adapter,
                                  method, base_model_name_or_path=ref)
-  config = json.loads((folder / prompt_io.CONFIG_FILE).read_text())
+  config = json.loads((folder / prompt_folder.CONFIG_FILE).read_text())
   assert config['base_model_name_or_path'] == str(base_folder.resolve())
   assert config['task_type'] == 'SEQ_2_SEQ_LM'
   peft_model = peft.AutoPeftModelForSeq2SeqLM.from_pretrained(
@@ -221,10 +222,10 @@ def test_bert_prompt_folder_loads_with_the_one_liner(tmp_path):
   method = peft_base.chain(prompt.prompt_tuning(P),
                            trainable.trainable(r'(classifier|pooler)/.*'))
   adapter = _perturb(method.init(jax.random.PRNGKey(0), base))
-  folder = prompt_io.save_prompt(
+  folder = prompt_folder.save_prompt(
       tmp_path / 'prompt', model, adapter, method,
       base_model_name_or_path=str(tmp_path / 'base'))
-  config = json.loads((folder / prompt_io.CONFIG_FILE).read_text())
+  config = json.loads((folder / prompt_folder.CONFIG_FILE).read_text())
   assert config['modules_to_save'] == ['classifier', 'pooler']
   peft_model = peft.AutoPeftModelForSequenceClassification.from_pretrained(
       str(folder))

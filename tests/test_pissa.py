@@ -17,10 +17,10 @@ from flaxlora import optimizers
 from flaxlora import trainer
 from flaxlora.inspect import analysis
 from flaxlora.peft import base as peft_base
+from flaxlora.peft import hf_folder
 from flaxlora.peft import lora
-from flaxlora.peft import peft_io
-from flaxlora.peft import pissa
 from flaxlora.peft import trainable
+from flaxlora.peft.lora import pissa
 
 BATCH = helpers.batch(vocab=common.TINY_BERT['vocab_size'])
 QUERY = ('encoder', 'layer_0', 'attention', 'query', 'kernel')
@@ -121,7 +121,7 @@ def test_the_peft_folder_serves_the_run_over_the_original_base(runs,
   run, adapter, workdir = runs['pissa']
   original = runs['default'][0].base
   folder = pathlib.Path(workdir) / 'peft'
-  config = json.loads((folder / peft_io.CONFIG_FILE).read_text())
+  config = json.loads((folder / hf_folder.CONFIG_FILE).read_text())
   assert (config['r'], config['lora_alpha'], config['init_lora_weights']) \
       == (8, 16.0, True)
   models.save(tmp_path / 'base', run.model, jax.device_get(original))

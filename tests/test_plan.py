@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 from configs import bert_sentiment_lora
+from configs import llama_lora
 from configs import pod_lora
 from flaxlora import build
 from flaxlora import plan
 from flaxlora import sharding
 from flaxlora.data import pipeline
 from flaxlora.data import task_data
+from flaxlora.models import presets
 
 # One block each way: the compiles of these tests take seconds.
 TINY = 'runlocal'
@@ -73,9 +75,17 @@ def _real_batch(config):
       shuffle=True, drop_remainder=True)))
 
 
+def _packed_llama():
+  config = llama_lora.get_config('runlocal')
+  config.data.pack = True
+  return config
+
+
 @pytest.mark.parametrize('config', [
     pod_lora.get_config('runlocal'),
-    bert_sentiment_lora.get_config('runlocal')], ids=['seq2seq', 'bert'])
+    bert_sentiment_lora.get_config('runlocal'),
+    llama_lora.get_config('runlocal'), _packed_llama()],
+                         ids=['seq2seq', 'bert', 'causal', 'packed'])
 def test_abstract_batch_has_the_keys_and_dtypes_of_a_real_one(config):
   config.data.buckets = ()  # every batch padded to the longest length
   real = _real_batch(config)
@@ -84,8 +94,12 @@ def test_abstract_batch_has_the_keys_and_dtypes_of_a_real_one(config):
                                  sharding.resolve_rules())
   assert sorted(abstract) == sorted(real)
   for name, x in real.items():
-    assert (abstract[name].shape, abstract[name].dtype) == (
-        x.shape, x.dtype), name
+    assert abstract[name].dtype == x.dtype, name
+    assert abstract[name].shape[0] == x.shape[0], name
+    # A causal row also holds the prompt template's tokens, which plan
+    # leaves out (`plan.sequence_length`).
+    if config.task != 'causal_lm':
+      assert abstract[name].shape == x.shape, name
 
 
 def _plan(*args, patch=''):
@@ -118,6 +132,22 @@ def test_plan_on_the_host_devices_through_the_cli(tmp_path):
   assert 0.9 < report['useful_flops'] / report['flops'] < 1.1
   assert report['command'].startswith('python -m experiments.plan')
   assert report['host']['jax'] == jax.__version__
+  # The docs table is made from such JSON files.
+  assert plan_table.cli(['plan_table', str(path)]) == 0
+  rows = capsys.readouterr().out.strip().splitlines()
+  assert len(rows) == 3 and rows[0].startswith('| model |')
+  assert '| cpu |' in rows[2] and '| yes |' in rows[2]
+
+
+@pytest.mark.parametrize('variant', [
+    'model=flan-t5-xxl', 'model=flan-t5-xl,method=qlora', 'model=bert-large',
+    'model=llama-3-8b', 'model=qwen2-7b,method=qlora,batch=4'])
+def test_pod_configs_name_presets_and_valid_methods(variant):
+  config = pod_lora.get_config(variant)
+  assert presets.config_json(config.model.path)['model_type'] in (
+      't5', 'bert', 'llama', 'qwen2')
+  assert build.peft_method(config.peft, config.model.family).init
+  assert (config.mesh.fsdp, config.model.remat) == (-1, 'block')
 
 
 def test_missing_libtpu_is_one_line_with_the_install():

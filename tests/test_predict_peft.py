@@ -13,12 +13,12 @@ from flaxlora.data import synthetic
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import folders
 from flaxlora.peft import ia3
-from flaxlora.peft import ia3_io
 from flaxlora.peft import lora
-from flaxlora.peft import peft_io
 from flaxlora.peft import prefix
-from flaxlora.peft import prefix_io
 from flaxlora.peft import trainable
+from flaxlora.peft.ia3 import folder as ia3_folder
+from flaxlora.peft.lora import folder as lora_folder
+from flaxlora.peft.prefix import folder as prefix_folder
 
 torch = pytest.importorskip('torch')
 peft = pytest.importorskip('peft')
@@ -32,11 +32,11 @@ TEXTS = ['good nice great film', 'awful bad sad']
 # **kw)).
 KINDS = {
     'LORA': (lambda: lora.lora(rank=4, alpha=8, targets='bert'),
-             peft_io.save_peft),
-    'IA3': (ia3.ia3, ia3_io.save_ia3),
+             lora_folder.save_peft),
+    'IA3': (ia3.ia3, ia3_folder.save_ia3),
     'PREFIX_TUNING': (lambda: prefix.prefix_tuning(num_tokens=3),
                       lambda folder, model, base, *rest, **kw:
-                      prefix_io.save_prefix(folder, model, *rest, **kw)),
+                      prefix_folder.save_prefix(folder, model, *rest, **kw)),
 }
 
 
@@ -61,7 +61,9 @@ def test_predict_from_peft_folder_matches_peft(tmp_path, kind):
        base_model_name_or_path=str(base_dir))
   assert folders.peft_type(peft_dir) == kind
 
-  run_config = from_checkpoint.get_config(predict.peft_base_path(peft_dir))
+  base_path = predict.peft_base_path(peft_dir)
+  run_config = from_checkpoint.get_config(
+      base_path, *predict.read_checkpoint(base_path))
   assert run_config.task == 'classification'
   run, loaded = predict.from_peft(run_config, peft_dir)
   rows = predict.predict(run, loaded, [{'text': t} for t in TEXTS])

@@ -17,15 +17,15 @@ import pytest
 
 import helpers
 from configs import bert_sentiment_lora
+from flaxlora import build
 from flaxlora import models
 from flaxlora import trainer
 from flaxlora import workdir as workdir_lib
 from flaxlora.models import decoding
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import prefix
-from flaxlora.peft import prefix_io
-from flaxlora.peft import prompt_io
 from flaxlora.peft import trainable
+from flaxlora.peft.prompt import folder as prompt_folder
 
 torch = pytest.importorskip('torch')
 peft = pytest.importorskip('peft')
@@ -110,7 +110,7 @@ def test_flaxlora_prefix_loads_in_peft(case, folders, tmp_path):
   theirs = _theirs(peft_model, family)
   assert helpers.max_diff(ours, theirs) < 1e-4
   assert helpers.max_diff(theirs, _ours(model, params, family)) > 1e-2
-  method2, adapter2 = prefix_io.load_prefix(tmp_path / 'a', model)
+  method2, adapter2 = prefix.load(tmp_path / 'a', model)
   params2, kwargs2 = method2.apply(base, adapter2)
   assert helpers.max_diff(_ours(model, params2, family, kwargs2), ours) < 1e-5
 
@@ -127,7 +127,7 @@ def test_peft_made_prefix_loads_into_flaxlora(family, folders, tmp_path):
   peft_model.save_pretrained(str(tmp_path / 'p'))
   theirs = _theirs(peft_model, family)
   model, base = _load(folders[family])
-  method, adapter = prefix_io.load_prefix(tmp_path / 'p', model)
+  method, adapter = prefix.load(tmp_path / 'p', model)
   params, kwargs = method.apply(base, adapter)
   ours = _ours(model, params, family, kwargs)
   assert helpers.max_diff(ours, theirs) < 1e-4
@@ -177,7 +177,8 @@ def test_t5_generates_with_a_cached_prefix(folders):
 
 def test_prefix_trains_from_a_config(tmp_path):
   config = bert_sentiment_lora.get_config('runlocal')
-  config.peft.method = 'prefix_tuning'  # the LoRA fields are left out
+  config.peft.method = 'prefix_tuning'
+  config = build.settle_peft(config, {'peft.method'})  # LoRA's fields go
   config.train.update(eval_every=0, checkpoint_every=0)
   config.optimizer.update(lr=1e-2, warmup_steps=0)
   trainer.train_and_evaluate(config, tmp_path)
@@ -185,5 +186,5 @@ def test_prefix_trains_from_a_config(tmp_path):
           if r['split'] == 'train']
   assert loss[-1] < loss[0]
   peft_dir = tmp_path / workdir_lib.PEFT_DIR
-  table = prompt_io.read_folder(peft_dir)[1]['prompt_embeddings']
+  table = prompt_folder.read_folder(peft_dir)[1]['prompt_embeddings']
   assert table.shape == (20, 2 * 2 * 32)  # PEFT's default P, 2 x L x H

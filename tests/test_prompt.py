@@ -17,8 +17,8 @@ from flaxlora import trainer
 from flaxlora.models import decoding
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import prompt
-from flaxlora.peft import prompt_io
 from flaxlora.peft import trainable
+from flaxlora.peft.prompt import folder as prompt_folder
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -168,7 +168,7 @@ def test_t5_peft_round_trips(t5_setup, tmp_path):
   method = prompt.prompt_tuning(P)
   adapter = {'prompt': random_prompt(2)}
   ours = t5_logits(model, params, inputs, adapter['prompt'])
-  prompt_io.save_prompt(tmp_path / 'ours', model, adapter, method,
+  prompt_folder.save_prompt(tmp_path / 'ours', model, adapter, method,
                         base_model_name_or_path=str(folder))
   hf = transformers.T5ForConditionalGeneration.from_pretrained(folder).eval()
   peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / 'ours'))
@@ -189,7 +189,7 @@ def test_t5_peft_round_trips(t5_setup, tmp_path):
                   attention_mask=as_torch(mask, torch.long),
                   decoder_input_ids=as_torch(dec, torch.long)).logits.numpy()
   made.save_pretrained(str(tmp_path / 'peft'))
-  loaded_method, loaded = prompt_io.load_prompt(tmp_path / 'peft', model)
+  loaded_method, loaded = prompt.load(tmp_path / 'peft', model)
   p, kw = loaded_method.apply(params, loaded)
   assert kw['prompt'].shape == (P, 32)
   assert helpers.max_diff(t5_logits(model, p, inputs, kw['prompt']),
@@ -222,19 +222,19 @@ def test_t5_generation_with_prompt_equals_concatenated_embeddings(t5_setup):
 def test_load_prompt_errors(t5_setup, tmp_path):
   _, model, params, _ = t5_setup
   with pytest.raises(FileNotFoundError, match='adapter_config.json'):
-    prompt_io.load_prompt(tmp_path, model)
+    prompt.load(tmp_path, model)
   method = prompt.prompt_tuning(P)
-  prompt_io.save_prompt(tmp_path / 'a', model, {'prompt': random_prompt(4)},
+  prompt_folder.save_prompt(tmp_path / 'a', model, {'prompt': random_prompt(4)},
                         method)
-  config_file = tmp_path / 'a' / prompt_io.CONFIG_FILE
+  config_file = tmp_path / 'a' / prompt_folder.CONFIG_FILE
   text = config_file.read_text()
   config_file.write_text(text.replace('"num_virtual_tokens": 4',
                                       '"num_virtual_tokens": 5'))
   with pytest.raises(ValueError, match='prompt_embeddings.*shape'):
-    prompt_io.load_prompt(tmp_path / 'a', model)
+    prompt.load(tmp_path / 'a', model)
   config_file.write_text(text.replace('PROMPT_TUNING', 'LORA'))
   with pytest.raises(ValueError, match="'LORA' is not PROMPT_TUNING"):
-    prompt_io.load_prompt(tmp_path / 'a', model)
+    prompt.load(tmp_path / 'a', model)
 
 
 # -------------------------------------------------------------------- BERT ---
@@ -313,7 +313,7 @@ def test_bert_peft_folder_round_trips(tmp_path):
                            trainable.trainable(r'classifier/.*'))
   adapter = method.init(jax.random.PRNGKey(0), params)
   adapter = (adapter[0], jax.tree.map(lambda x: x + 0.5, adapter[1]))
-  prompt_io.save_prompt(tmp_path / 'ours', model, adapter, method)
+  prompt_folder.save_prompt(tmp_path / 'ours', model, adapter, method)
   peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / 'ours'))
   weight = peft_model.prompt_encoder['default'].embedding.weight
   np.testing.assert_allclose(weight.detach().numpy(),
@@ -325,7 +325,7 @@ def test_bert_peft_folder_round_trips(tmp_path):
 
   # PEFT-made -> flaxlora: same tensors, same method shape.
   peft_model.save_pretrained(str(tmp_path / 'peft'))
-  loaded_method, loaded = prompt_io.load_prompt(tmp_path / 'peft', model)
+  loaded_method, loaded = prompt.load(tmp_path / 'peft', model)
   np.testing.assert_array_equal(loaded[0]['prompt'], adapter[0]['prompt'])
   np.testing.assert_allclose(loaded[1]['classifier']['bias'],
                              adapter[1]['classifier']['bias'], atol=0)
@@ -350,6 +350,6 @@ def test_runlocal_through_the_trainer(tmp_path, name, kind, trainable):
   assert summary['step'] == 4
   assert summary['trainable_params'] == trainable  # prompt (+ head) only
   peft_config = json.loads(
-      (tmp_path / 'peft' / prompt_io.CONFIG_FILE).read_text())
+      (tmp_path / 'peft' / prompt_folder.CONFIG_FILE).read_text())
   assert (peft_config['peft_type'], peft_config['task_type']) == (
       'PROMPT_TUNING', kind)

@@ -19,8 +19,8 @@ from flaxlora.models import t5
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
 from flaxlora.peft import merge
-from flaxlora.peft import nf4
 from flaxlora.peft import qlora
+from flaxlora.peft.qlora import nf4
 
 TINY_T5 = dict(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=2,
                num_heads=4, relative_attention_num_buckets=8,

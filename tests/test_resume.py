@@ -65,6 +65,8 @@ def test_sigkill_and_resume_give_the_same_adapter_bytes(tmp_path):
                for w in (straight, killed)]
   assert summaries[0].pop('seconds') > 0 < summaries[1].pop('seconds')
   assert [s.pop('seconds_from') for s in summaries] == [0, stopped_at]
+  for s in summaries:  # when and where each invocation ran
+    assert s.pop('date') and s.pop('hardware')
   assert summaries[0] == summaries[1]  # all but the wall time
   # Logged metrics agree too (minus timing), with no duplicated steps.
   def metrics(workdir):

@@ -21,7 +21,7 @@ from flaxlora import export
 from flaxlora import trainer
 from flaxlora import workdir as workdir_lib
 from flaxlora.inspect import runs
-from flaxlora.peft import prompt_io
+from flaxlora.peft.prompt import folder as prompt_folder
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ def test_qlora_and_prompt_runlocal_on_a_sharded_mesh(tmp_path, name, metric,
   assert summary['base_params'] == BASE_PARAMS[config.model.family]
   assert 0 < summary['trainable_params'] < summary['base_params']
   peft_config = json.loads(
-      (tmp_path / 'peft' / prompt_io.CONFIG_FILE).read_text())
+      (tmp_path / 'peft' / prompt_folder.CONFIG_FILE).read_text())
   assert peft_config['peft_type'] == peft_type
   spec = json.loads((tmp_path / 'adapter' / 'method.json').read_text())
   assert spec['peft']['method'] == config.peft.method

@@ -15,14 +15,15 @@ import pytest
 
 from configs import bert_sentiment_lora
 from flaxlora import evaluation
+from flaxlora import optimizers
 from flaxlora import steps
 from flaxlora import trainer
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import describe
+from flaxlora.peft import hf_folder
 from flaxlora.peft import lora
 from flaxlora.peft import merge
 from flaxlora.peft import method_parts
-from flaxlora.peft import peft_io
 from flaxlora.peft import scalora
 from flaxlora.peft import trainable
 
@@ -122,7 +123,7 @@ def test_restart_matches_numpy_and_moments_are_transformed():
       (batch['x'] @ k - batch['y'])**2) / 16.0)(kernel), np.float64)
   leaf = _leaf(state.adapter)
   alpha, beta = _reference_restart(leaf, g_kernel)
-  adapter, opt_state, new_grads = method.before_update(
+  adapter, opt_state, new_grads, _ = method.before_update(
       state.adapter, state.opt_state, grads, base, jnp.int32(0))
   new = _leaf(adapter)
   np.testing.assert_allclose(new['a'], leaf['a'] * alpha, rtol=2e-4)
@@ -167,43 +168,212 @@ def test_accumulator_is_frozen_and_needs_adam():
                          state.adapter, base, jnp.int32(0))
 
 
-def _scales(a, b, g_kernel):
-  g_a, g_b = SCALE * g_kernel @ b.T, SCALE * a.T @ g_kernel
-  out = scalora.scaling(*(jnp.asarray(t, jnp.float32)
-                          for t in (a, b, g_a, g_b)), SCALE)
-  return [np.asarray(t) for t in out]
-
-
 def test_free_and_invalid_scalings():
   rng = np.random.RandomState(2569)
   a, b, g = rng.randn(12, RANK), rng.randn(RANK, 10), rng.randn(12, 10)
   # B = 0 (LoRA's init): the Y terms vanish, beta is free and stays 1,
   # alpha is the least-squares optimum over the X terms alone.
-  alpha, beta = _scales(a, 0 * b, g)
+  alpha, beta, kind = _scales_kind(a, 0 * b, g)
   np.testing.assert_array_equal(beta, 1.0)
   u = _reference_theta(a, 0 * b, g)[:RANK]
   np.testing.assert_allclose(alpha, np.sqrt(u), rtol=1e-4)
-  assert np.abs(alpha - 1).min() > 0.1
-  # This G's optimum has a negative coefficient: no valid scaling exists.
-  assert _reference_theta(a, b, g).min() < -0.3 * _reference_theta(
-      a, b, g).max()
-  for scales in _scales(a, b, g):
-    np.testing.assert_array_equal(scales, 1.0)
-  # ... so the kernel is not restarted: adapter and moments stay as they are.
+  assert np.abs(alpha - 1).min() > 0.1 and kind == 0
+  # Neither system has a positive solution: the kernel is not restarted,
+  # adapter, moments and gradients stay as they are.
+  a, b, g = _case('none')
   method = scalora.scalora(rank=RANK, alpha=4.0, targets=PATH)
-  adapter = {'layer': {'kernel': {
-      'a': jnp.asarray(a, jnp.float32), 'b': jnp.asarray(b, jnp.float32),
-      'acc': jnp.zeros((12, 10), jnp.float32)}}}
-  grads = {'layer': {'kernel': {
-      'a': jnp.asarray(SCALE * g @ b.T, jnp.float32),
-      'b': jnp.asarray(SCALE * a.T @ g, jnp.float32),
-      'acc': jnp.zeros((12, 10), jnp.float32)}}}
+  leaf, grad = _node(a, b, g)
+  adapter, grads = {'layer': {'kernel': leaf}}, {'layer': {'kernel': grad}}
   tx = method.optimizer(lambda m: optax.adamw(1e-2 * m))
   opt_state = tx.update(grads, tx.init(adapter), adapter)[1]
   out = method.before_update(adapter, opt_state, grads, None, jnp.int32(0))
-  for got, want in zip(jax.tree.leaves(out),
+  for got, want in zip(jax.tree.leaves(out[:3]),
                        jax.tree.leaves((adapter, opt_state, grads))):
     np.testing.assert_array_equal(got, want)
+  assert float(out[3]['restart_none']) == 1.0
+
+
+# ------------------------------------------- the scalar fallback, L, eta ---
+
+
+def _case(kind):
+  """(a [in, 2], b [2, out], G [in, out]) whose restart is `kind`: random
+  (column); a random draw whose column system has a negative entry
+  (scalar); correlated factors, X and Y nearly parallel (none)."""
+  if kind != 'none':
+    rng = np.random.RandomState({'column': 0, 'scalar': 2569}[kind])
+    return rng.randn(12, RANK), rng.randn(RANK, 10), rng.randn(12, 10)
+  rng, e = np.random.RandomState(209), np.eye(10)
+  a = np.stack([e[0], e[0] + 0.3 * e[2]], 1) + 0.05 * rng.randn(10, RANK)
+  b = np.stack([e[0], 0.5 * e[1]]) + 0.05 * rng.randn(RANK, 10)
+  return a, b, np.eye(10) + 0.05 * rng.randn(10, 10)
+
+
+def _reference(a, b, g, l_eta=1.0):
+  """(column theta [2R], scalar [u, v]): numpy least squares of G / (L eta)
+  over the dense terms X_i, Y_i (column) or X = sum X_i, Y = sum Y_i."""
+  x = [SCALE**2 * np.outer(a[:, i], a[:, i] @ g) for i in range(RANK)]
+  y = [SCALE**2 * np.outer(g @ b[i], b[i]) for i in range(RANK)]
+  fit = lambda terms: np.linalg.lstsq(  # pylint: disable=g-long-lambda
+      np.stack([t.ravel() for t in terms], 1), g.ravel() / l_eta,
+      rcond=None)[0]
+  return fit(x + y), fit([sum(x), sum(y)])
+
+
+def _kind(a, b, g, l_eta=1.0):
+  column, scalar = _reference(a, b, g, l_eta)
+  return 0 if column.min() > 0 else 1 if scalar.min() > 0 else 2
+
+
+def _scales_kind(a, b, g, l_eta=1.0):
+  g_a, g_b = SCALE * g @ b.T, SCALE * a.T @ g
+  out = scalora.scaling(*(jnp.asarray(t, jnp.float32)
+                                  for t in (a, b, g_a, g_b)), SCALE, l_eta)
+  return [np.asarray(t) for t in out]
+
+
+def _node(a, b, g):
+  """A kernel's adapter leaf and its gradients (acc zero)."""
+  cast = lambda t: jnp.asarray(t, jnp.float32)
+  zero = jnp.zeros((a.shape[0], b.shape[1]), jnp.float32)
+  return ({'a': cast(a), 'b': cast(b), 'acc': zero},
+          {'a': cast(SCALE * g @ b.T), 'b': cast(SCALE * a.T @ g),
+           'acc': zero})
+
+
+def test_scalar_optimum_matches_numpy_and_changes_the_step():
+  a, b, g = _case('scalar')
+  column, scalar = _reference(a, b, g, 3.0)
+  assert column.min() < 0 < scalar.min()  # no column scaling exists
+  alpha, beta, kind = _scales_kind(a, b, g, 3.0)
+  assert kind == 1
+  np.testing.assert_allclose(alpha, np.sqrt(scalar[0]), rtol=1e-4)
+  np.testing.assert_allclose(beta, np.sqrt(scalar[1]), rtol=1e-4)
+  # The closed form from inner products of the factors and gradients.
+  x, y = SCALE**2 * a @ a.T @ g, SCALE**2 * g @ b.T @ b
+  gram = np.array([[np.sum(x * x), np.sum(x * y)],
+                   [np.sum(x * y), np.sum(y * y)]])
+  h = [np.sum((SCALE * a.T @ g)**2), np.sum((SCALE * g @ b.T)**2)]
+  np.testing.assert_allclose(np.linalg.solve(gram, h) / 3.0, scalar,
+                             rtol=1e-6)
+  # The restarted step differs from the plain LoRA step (and the model
+  # before it is the same).
+  method = scalora.scalora(rank=RANK, alpha=4.0, targets=PATH)
+  leaf, grad = _node(a, b, g)
+  adapter, grads = {'layer': {'kernel': leaf}}, {'layer': {'kernel': grad}}
+  tx = method.optimizer(lambda m: optax.adamw(1e-2 * m))
+  opt_state = tx.update(grads, tx.init(adapter), adapter)[1]
+  base = {'layer': {'kernel': jnp.zeros((12, 10))}}
+  restarted = method.before_update(adapter, opt_state, grads, base,
+                                   jnp.int32(0))
+  assert float(restarted[3]['restart_scalar']) == 1.0
+  np.testing.assert_allclose(_effective(method, base, restarted[0]),
+                             _effective(method, base, adapter), atol=1e-5)
+  moved = []
+  for ad, state, gr in ((adapter, opt_state, grads), restarted[:3]):
+    updates, _ = tx.update(gr, state, ad)
+    moved.append(_effective(method, base, optax.apply_updates(ad, updates)))
+  assert np.abs(moved[0] - moved[1]).max() > 1e-3
+
+
+def test_fallback_exactly_when_the_column_system_is_invalid():
+  cases = [_case(k) for k in ('column', 'scalar', 'none')]
+  for seed in (*range(30), 187, 400, 1203):  # 187..1203: column invalid
+    rng = np.random.RandomState(seed)
+    cases.append((rng.randn(12, RANK), rng.randn(RANK, 10),
+                  rng.randn(12, 10)))
+  kinds = []
+  for a, b, g in cases:
+    for l_eta in (1.0, 0.2):
+      alpha, beta, kind = _scales_kind(a, b, g, l_eta)
+      assert kind == _kind(a, b, g, l_eta), (kind, l_eta)
+      kinds.append(int(kind))
+      if kind == 2:
+        np.testing.assert_array_equal(np.concatenate([alpha, beta]), 1.0)
+      elif kind == 1:
+        assert np.ptp(alpha) == 0 == np.ptp(beta)
+  assert set(kinds) == {0, 1, 2}
+
+
+def test_no_restart_changes_the_model_and_the_metrics_count_kinds():
+  kinds = ('column', 'scalar', 'none')
+  nodes = {k: _node(*_case(k)) for k in kinds}
+  base = {k: {'kernel': jax.random.normal(jax.random.PRNGKey(i),
+                                          nodes[k][0]['acc'].shape)}
+          for i, k in enumerate(kinds)}
+  method = scalora.scalora(rank=RANK, alpha=4.0,
+                           targets=[f'{k}/kernel' for k in kinds])
+  adapter = {k: {'kernel': n[0]} for k, n in nodes.items()}
+  grads = {k: {'kernel': n[1]} for k, n in nodes.items()}
+  tx = method.optimizer(lambda m: optax.adamw(1e-2 * m))
+  opt_state = tx.update(grads, tx.init(adapter), adapter)[1]
+  new, _, _, metrics = method.before_update(adapter, opt_state, grads, base,
+                                            jnp.int32(0))
+  assert {k: float(v) for k, v in metrics.items()} == pytest.approx(
+      {f'restart_{k}': 1 / 3 for k in kinds})
+  x = jax.random.normal(jax.random.PRNGKey(5), (4, 12))
+  before, _ = method.apply(base, adapter)
+  after, _ = method.apply(base, new)
+  for k in kinds:
+    w0, w1 = (np.asarray(p[k]['kernel'].merged()) for p in (before, after))
+    np.testing.assert_allclose(w1, w0, atol=1e-5)
+    if k != 'none':
+      inputs = x[:, :w0.shape[0]]
+      np.testing.assert_allclose(inputs @ w1, inputs @ w0, atol=1e-4)
+      assert np.abs(np.asarray(new[k]['kernel']['acc'])).max() > 1e-2
+  for name in ('a', 'b', 'acc'):  # 'none': nothing moved
+    np.testing.assert_array_equal(new['none']['kernel'][name],
+                                  adapter['none']['kernel'][name])
+
+
+def test_lipschitz_divides_the_squares_and_follows_the_rate():
+  a, b, g = _case('column')
+  alpha1, beta1, _ = _scales_kind(a, b, g, 1.0)
+  alpha4, beta4, _ = _scales_kind(a, b, g, 4.0)
+  np.testing.assert_allclose(alpha4**2 * 4, alpha1**2, rtol=1e-4)
+  np.testing.assert_allclose(beta4**2 * 4, beta1**2, rtol=1e-4)
+  config = bert_sentiment_lora.get_config('runlocal').optimizer
+  config.update(lr=0.1, warmup_steps=4, schedule='linear')
+  make_tx = optimizers.factory(config, 20)
+  leaf, grad = _node(a, b, g)
+  adapter, grads = {'layer': {'kernel': leaf}}, {'layer': {'kernel': grad}}
+  base = {'layer': {'kernel': jnp.zeros((12, 10))}}
+  for rate, eta in (('scheduled', make_tx.schedule), ('peak', lambda t: 0.1)):
+    method = scalora.scalora(rank=RANK, alpha=4.0, targets=PATH,
+                             lipschitz=30.0, lipschitz_rate=rate)
+    tx = method.optimizer(make_tx)
+    state = tx.init(adapter)
+    for step in range(3):
+      got = method.before_update(adapter, state, grads, base,
+                                 jnp.int32(step))[0]['layer']['kernel']
+      want = _scales_kind(a, b, g, 30.0 * float(eta(step)))[0]
+      if step or rate == 'peak':
+        np.testing.assert_allclose(got['a'], a * want, rtol=1e-4)
+      else:  # rate 0 at the schedule's first step: no valid scaling
+        np.testing.assert_array_equal(got['a'], leaf['a'])
+      state = tx.update(grads, state, adapter)[1]
+  method = scalora.scalora(rank=RANK, alpha=4.0, targets=PATH,
+                           lipschitz=1.0)
+  tx = method.optimizer(lambda m: optax.adamw(1e-3))  # no .schedule
+  with pytest.raises(ValueError, match='optimizers.factory'):
+    method.before_update(adapter, tx.init(adapter), grads, base,
+                         jnp.int32(0))
+
+
+def test_no_restart_before_the_warmup_ends():
+  a, b, g = _case('column')
+  leaf, grad = _node(a, b, g)
+  adapter, grads = {'layer': {'kernel': leaf}}, {'layer': {'kernel': grad}}
+  method = scalora.scalora(rank=RANK, alpha=4.0, targets=PATH,
+                           restart_warmup=2, merge_every=2)
+  tx = method.optimizer(lambda m: optax.adamw(1e-2 * m))
+  state = tx.init(adapter)
+  restarted = []
+  for step in range(5):
+    out = method.before_update(adapter, state, grads, None, jnp.int32(step))
+    restarted.append(float(out[3]['restart_column']))
+    assert float(out[3]['restart_none']) == 1.0 - restarted[-1]
+  assert restarted == [0, 0, 1, 0, 1]
 
 
 def test_best_rank_r_lora_export(capsys):
@@ -246,7 +416,7 @@ def test_trainer_run_exports_the_merged_checkpoint(tmp_path, capsys):
   trainer.train_and_evaluate(config, tmp_path)
   assert 'merged Hugging Face checkpoint' in capsys.readouterr().out
   folder = tmp_path / 'peft'
-  assert not (folder / peft_io.CONFIG_FILE).exists()  # not a PEFT folder
+  assert not (folder / hf_folder.CONFIG_FILE).exists()  # not a PEFT folder
   hf = transformers.AutoModelForSequenceClassification.from_pretrained(
       str(folder)).eval()
   loaded = evaluation.load(tmp_path, config)
@@ -269,17 +439,19 @@ def test_trainer_run_exports_on_request(tmp_path, capsys):
   record = summary['peft_method'][0]  # the nested LoRA config, as a record
   assert record['merge_every'] == 1 and record['lora']['rank'] == 8
   assert 'scalora: rank-8 PEFT approximation' in capsys.readouterr().out
-  peft_config = json.loads((tmp_path / 'peft' / peft_io.CONFIG_FILE)
+  peft_config = json.loads((tmp_path / 'peft' / hf_folder.CONFIG_FILE)
                            .read_text())
   assert peft_config['peft_type'] == 'LORA' and peft_config['r'] == 8
 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FLAGS = ['--config=configs/bert_sentiment_lora.py:runlocal',
-         '--config.peft.method=scalora', '--config.peft.dropout=0.2',
-         '--config.model.dropout=0.1', '--config.train.steps=8',
-         '--config.train.checkpoint_every=2', '--config.train.log_every=2',
-         '--config.train.eval_every=0']
+# L eta from the scheduled rate (warm-up 5 of the 8 steps), no restart at
+# the first update: the rate state and the restart metrics resume too.
+FLAGS = ['--config=configs/bert_sentiment_compare.py:method=scalora,runlocal',
+         '--config.peft.dropout=0.2', '--config.model.dropout=0.1',
+         '--config.train.steps=8', '--config.train.checkpoint_every=2',
+         '--config.train.log_every=2', '--config.train.eval_every=0',
+         '--config.peft.lipschitz=100.0', '--config.peft.restart_warmup=1']
 # The run, SIGKILLed by itself right after it has saved checkpoint KILL_AT.
 DRIVER = """
 import os, signal, sys
@@ -316,12 +488,20 @@ def test_sigkill_resume_is_bitwise(tmp_path):
                for w in (straight, killed)]
   assert summaries[0].pop('seconds') > 0 < summaries[1].pop('seconds')
   assert [s.pop('seconds_from') for s in summaries] == [0, 4]
+  for s in summaries:  # when and where each invocation ran
+    assert s.pop('date') and s.pop('hardware')
   assert summaries[0] == summaries[1]  # all but the wall time
   logs = [[json.loads(line) for line in (w / 'metrics.jsonl').read_text()
            .splitlines()] for w in (straight, killed)]
   for r in logs[0] + logs[1]:
     r.pop('steps_per_s', None)
   assert logs[0] == logs[1]
+  train = [r for r in logs[0] if r['split'] == 'train']
+  kinds = [[r[name] for name in scalora.METRICS] for r in train]
+  assert [r['step'] for r in train] == [1, 2, 4, 6, 8]
+  np.testing.assert_allclose(np.sum(kinds, 1), 1.0, rtol=1e-6)
+  assert kinds[0] == [0, 0, 1]  # restart_warmup=1: none at the first
+  assert max(k[0] for k in kinds[1:]) > 0  # column restarts after it
 
 
 def test_trained_params_leave_out_the_accumulated_update():

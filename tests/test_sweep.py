@@ -75,10 +75,12 @@ def _sweep(config_file, root, *more):
 
 
 def _results_but_wall_time(root):
+  """results.csv's rows without what depends on when the run ran."""
   with open(root / 'results.csv') as f:
     rows = list(csv.DictReader(f))
   for row in rows:
     assert float(row.pop('seconds')) > 0
+    row.pop('date', None)
   return rows
 
 
@@ -156,6 +158,11 @@ def _compare(flag, root, *more, ok=True):
   return result
 
 
+def _point_rows(root):
+  """The rows of compare.md's first table (one per point)."""
+  return (root / 'compare.md').read_text().split('\n\n')[0].splitlines()[2:]
+
+
 def test_arg_points_pick_variants_and_compare_tabulates(tmp_path):
   config_file = tmp_path / 'arg_config.py'
   config_file.write_text(ARG_CONFIG)
@@ -175,7 +182,7 @@ def test_arg_points_pick_variants_and_compare_tabulates(tmp_path):
   summary_file.write_text(json.dumps(dict(
       json.loads(summary_file.read_text()), seconds_from=2)))
   _compare(flag, root)
-  lines = (root / 'compare.md').read_text().splitlines()[2:]
+  lines = _point_rows(root)
   assert len(lines) == 3 and all(line.endswith('| done |') for line in lines)
   assert [line.count(' (from step 2) |') for line in lines] == [0, 1, 0]
   cells = [line.split(' | ') for line in lines]
@@ -190,7 +197,7 @@ def test_arg_points_pick_variants_and_compare_tabulates(tmp_path):
   earlier.write_text((root / 'compare.md').read_text())
   shutil.rmtree(points[1])
   _compare(flag, root, f'--previous={earlier}')
-  again = (root / 'compare.md').read_text().splitlines()[2:]
+  again = _point_rows(root)
   assert again[0] == lines[0] and again[2] == lines[2]
   assert again[1] == lines[1].replace('| done |', '| done (previous) |')
   _compare(flag, root)  # without it, the point is not run
@@ -344,3 +351,19 @@ def test_status_reads_each_point_from_its_workdir_and_log(tmp_path):
   table = sweep_status.table(rows)
   assert table.splitlines()[-1] == ('1 done, 1 running, 1 failed, '
                                     '1 requeued, 1 queued')
+
+
+def test_parallel_names_a_failed_point_and_its_error(tmp_path, config_file):
+  config_file.write_text(CONFIG.replace(
+      "  return common.product(",
+      "  return [{'train.batch_size': 0}]\n  common.product("))
+  result = subprocess.run(
+      [sys.executable, '-m', 'experiments.sweep', f'--config={config_file}',
+       f'--workdir={tmp_path / "root"}', '--parallel=2'], cwd=REPO,
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  name = sweeps.point_name({'train.batch_size': 0})
+  assert result.stderr.strip() == (
+      f'flaxlora: error: 1 point(s) failed: {name}: flaxlora: error: '
+      'train.batch_size=0 must be >= 1 (examples per step); set '
+      '--config.train.batch_size to a value >= 1.')

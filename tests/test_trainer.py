@@ -19,15 +19,15 @@ from flaxlora import build
 from flaxlora import checkpoint
 from flaxlora import claim
 from flaxlora import export
-from flaxlora import sharding
 from flaxlora import optimizers
 from flaxlora import progress
+from flaxlora import sharding
 from flaxlora import steps
 from flaxlora import trainer
 from flaxlora import workdir as workdir_lib
 from flaxlora.models import layers
 from flaxlora.peft import lora
-from flaxlora.peft import nf4
+from flaxlora.peft.qlora import nf4
 
 
 def _opt(**kw):

@@ -9,7 +9,7 @@
 Modules: `summary` (shapes, bytes, shardings, trainable/frozen, owners;
 treescope view), `analysis` (LoRA/DoRA updates from their factors),
 `prompts` (nearest tokens of soft prompts), `diff`, `plots`, `runs` (a
-finished run's base and adapter; used by `experiments/inspect.py`), `probe`
+finished run's base and adapter; used by `experiments/inspect_run.py`), `probe`
 (linear probes of a frozen BERT's sentence vectors), and the helpers
 `table` (text/HTML tables) and `tree` (path flattening).
 """

@@ -6,7 +6,7 @@
     summary.tree_view({'base': base, 'adapter': adapter})   # treescope
 
 `tree` holds the frozen base params; `adapter` the trainable ones (they live
-apart, see STYLE.md rule 2). With no adapter, every leaf of `tree` counts as
+apart: the optimizer sees the adapter only). With no adapter, every leaf of `tree` counts as
 trainable (full fine-tuning). An NF4-quantised kernel (QLoRA's base,
 `nf4.Nf4Kernel`) is one row of dtype 'nf4' with the kernel's [in, out] shape
 and in*out params, and the bytes of the arrays it stores.
@@ -26,7 +26,7 @@ from flaxlora.inspect import tree as tree_lib
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
 from flaxlora.peft import method_parts
-from flaxlora.peft import nf4
+from flaxlora.peft.qlora import nf4
 
 BASE_OWNER = 'base'
 LEAF_HEADERS = ('path', 'shape', 'dtype', 'params', 'bytes', 'bytes/device',

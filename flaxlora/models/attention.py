@@ -19,6 +19,12 @@ import jax.numpy as jnp
 from flaxlora.models import layers
 
 Array = jax.Array
+# `model.attention`: the models' own softmax(q k^T + bias) v ('reference',
+# the one with attention-probability dropout) or
+# `jax.nn.dot_product_attention` with XLA's or cuDNN's kernel.
+IMPLEMENTATIONS = ('reference', 'xla', 'cudnn')
+# Logical axes of [B, N, T, D] heads and [B, N, T, S] attention scores.
+BHTD = ('batch', 'heads', None, None)
 
 
 def heads(x: Array, num_heads: int) -> Array:
@@ -51,6 +57,53 @@ def prepend_kv(k: Array, v: Array, prefix: Array | None, num_heads: int
   return join(k, prefix[0]), join(v, prefix[1])
 
 
+def check_implementation(name: str) -> None:
+  """Refuses an unknown `model.attention`, and 'cudnn' off GPUs."""
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f'model.attention={name!r}: use one of '
+                     f'{IMPLEMENTATIONS}.')
+  if name == 'cudnn' and jax.default_backend() != 'gpu':
+    raise ValueError("model.attention='cudnn' runs on NVIDIA GPUs only, "
+                     f'not on {jax.default_backend()!r}; use \'xla\'.')
+
+
+def reference_only(name: str, family: str) -> None:
+  """Refuses a fused `model.attention` for a family that has none yet."""
+  if name != 'reference':
+    raise ValueError(f'model.attention={name!r}: {family} runs its own '
+                     "attention only; use model.attention='reference'.")
+
+
+def fused(q: Array, k: Array, v: Array, *, bias: Array | None,
+          mask: Array | None, scale: float, implementation: str,
+          dropout_rate: float, deterministic: bool) -> Array:
+  """softmax(scale q k^T + bias, masked) v by `jax.nn.dot_product_attention`.
+
+  Args:
+    q: [B, N, T, D] queries.
+    k: [B, N, S, D] keys; v likewise (the dtype of q).
+    bias: additive, broadcastable to [B, N, T, S], or None.
+    mask: bool (True = attend), broadcastable to [B, N, T, S], or None.
+    scale: multiplies q k^T.
+    implementation: 'xla' or 'cudnn'.
+    dropout_rate: the model's attention-probability dropout: refused when
+      training with it (the fused kernels have none).
+    deterministic: whether dropout is off.
+
+  Returns:
+    [B, N, T, D].
+  """
+  if dropout_rate > 0 and not deterministic:
+    raise ValueError(f'model.attention={implementation!r} has no dropout on '
+                     f'attention probabilities (rate {dropout_rate}); set '
+                     "model.dropout=0 or model.attention='reference'.")
+  swap = lambda x: jnp.swapaxes(x, 1, 2)  # [B, N, T, D] <-> [B, T, N, D]
+  out = jax.nn.dot_product_attention(
+      swap(q), swap(k.astype(q.dtype)), swap(v.astype(q.dtype)), bias=bias,
+      mask=mask, scale=scale, implementation=implementation)
+  return swap(out)
+
+
 def prefix_length(prefix: Array | None) -> int:
   """P of a prefix [L, 2, P, N*D] (0 for None)."""
   return 0 if prefix is None else prefix.shape[-2]
@@ -73,6 +126,7 @@ class T5Attention(nn.Module):
   """
   config: Any  # t5_hf.T5Config
   dtype: Any = jnp.float32
+  implementation: str = 'reference'  # one of IMPLEMENTATIONS
 
   def setup(self):
     c = self.config
@@ -95,14 +149,23 @@ class T5Attention(nn.Module):
   def _attend(self, x, k, v, bias, deterministic):
     """x [B, T, H] attends over keys and values k, v [B, N, S, D]."""
     q = heads(self.q(x, deterministic), self.config.num_heads)  # [B,N,T,D]
-    scores = layers.einsum('bntd,bnsd->bnts', q, k, dtype=self.dtype) + bias
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    probs = self.dropout(probs, deterministic=deterministic)
-    out = layers.einsum('bnts,bnsd->bntd', probs, v,
-                        dtype=self.dtype).astype(self.dtype)
+    q = layers.constrain(q, BHTD)
+    if self.implementation == 'reference':
+      scores = layers.einsum('bntd,bnsd->bnts', q, k, dtype=self.dtype) + bias
+      scores = layers.constrain(scores, BHTD)  # [B, N, T, S]
+      probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+      probs = self.dropout(probs, deterministic=deterministic)
+      out = layers.einsum('bnts,bnsd->bntd', probs, v,
+                          dtype=self.dtype).astype(self.dtype)
+    else:
+      out = fused(q.astype(self.dtype), k, v, bias=bias, mask=None,
+                  scale=1.0, implementation=self.implementation,
+                  dropout_rate=self.config.dropout_rate,
+                  deterministic=deterministic)
     out = jnp.swapaxes(out, 1, 2)
     out = out.reshape(*out.shape[:2], -1)  # [B, T, N*D]
-    return self.o(out, deterministic)
+    return self.o(layers.constrain(out, ('batch', None, 'heads')),
+                  deterministic)
 
   def __call__(self, x: Array, source: Array, bias: Array,
                deterministic: bool = True, prefix: Array | None = None

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flaxlora.models import attention
 from flaxlora.models import bert_hf
 from flaxlora.models import layers
+from flaxlora.models import remat as remat_lib
 
 Array = jax.Array
 
@@ -36,6 +37,7 @@ HEADS = bert_hf.HEADS
 # The 'auto' head of `build`: the one the checkpoint's config.json names.
 AUTO = 'auto'
 POOLINGS = ('cls', 'mean')
+BTH = ('batch', None, None)  # logical axes of [B, T, H] states
 # Keys: bert_hf.ACTIVATIONS, the names BertConfig accepts.
 _ACTIVATIONS = {
     'gelu': layers.gelu,
@@ -49,6 +51,7 @@ class SelfAttention(nn.Module):
   """Multi-head self-attention; params query/key/value/output."""
   config: BertConfig
   dtype: jnp.dtype
+  implementation: str = 'reference'  # attention.IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool,
@@ -68,17 +71,26 @@ class SelfAttention(nn.Module):
 
     q, k, v = project('query'), project('key'), project('value')
     k, v = attention.prepend_kv(k, v, prefix, n)
-    q = q * jnp.asarray(d**-0.5, q.dtype)  # fewer products than the scores
-    scores = layers.einsum('bntd,bnsd->bnts', q, k, dtype=self.dtype)
     keep = mask[:, None, None, :].astype(bool)  # [B, 1, 1, S]
-    scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    probs = layers.Dropout(cfg.attention_probs_dropout_prob)(
-        probs, deterministic=deterministic)
-    y = layers.einsum('bnts,bnsd->bntd', probs, v,
-                      dtype=self.dtype).astype(self.dtype)
+    if self.implementation == 'reference':
+      q = q * jnp.asarray(d**-0.5, q.dtype)  # fewer products than scores
+      scores = layers.einsum('bntd,bnsd->bnts', q, k, dtype=self.dtype)
+      scores = layers.constrain(scores, attention.BHTD)  # [B, N, T, S]
+      scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+      probs = layers.Dropout(cfg.attention_probs_dropout_prob)(
+          probs, deterministic=deterministic)
+      y = layers.einsum('bnts,bnsd->bntd', probs, v,
+                        dtype=self.dtype).astype(self.dtype)
+    else:
+      y = attention.fused(
+          q.astype(self.dtype), k, v, bias=None, mask=keep, scale=d**-0.5,
+          implementation=self.implementation,
+          dropout_rate=cfg.attention_probs_dropout_prob,
+          deterministic=deterministic)
     y = jnp.swapaxes(y, 1, 2)
     y = y.reshape(*y.shape[:2], n * d)  # [B, T, N*D]
+    y = layers.constrain(y, ('batch', None, 'heads'))
     return layers.Dense(cfg.hidden_size, ('heads', 'embed'), use_bias=True,
                         dtype=self.dtype, name='output')(y, deterministic)
 
@@ -93,7 +105,8 @@ class Mlp(nn.Module):
     cfg = self.config
     h = layers.Dense(cfg.intermediate_size, ('embed', 'mlp'), use_bias=True,
                      dtype=self.dtype, name='intermediate')(x, deterministic)
-    h = _ACTIVATIONS[cfg.hidden_act](h)
+    h = layers.constrain(_ACTIVATIONS[cfg.hidden_act](h),
+                         ('batch', None, 'mlp'))  # [B, T, F]
     return layers.Dense(cfg.hidden_size, ('mlp', 'embed'), use_bias=True,
                         dtype=self.dtype, name='output')(h, deterministic)
 
@@ -102,6 +115,7 @@ class Layer(nn.Module):
   """One post-LN transformer layer: x = norm(x + dropout(sublayer(x)))."""
   config: BertConfig
   dtype: jnp.dtype
+  attention_impl: str = 'reference'
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool,
@@ -110,12 +124,14 @@ class Layer(nn.Module):
     dropout = layers.Dropout(cfg.hidden_dropout_prob)
     norm = lambda name: layers.LayerNorm(cfg.layer_norm_eps, self.dtype,
                                          name=name)
-    y = SelfAttention(cfg, self.dtype, name='attention')(x, mask,
+    y = SelfAttention(cfg, self.dtype, self.attention_impl,
+                      name='attention')(x, mask,
                                                           deterministic,
                                                           prefix)
     x = norm('attention_norm')(x + dropout(y, deterministic=deterministic))
     y = Mlp(cfg, self.dtype, name='mlp')(x, deterministic)
-    return norm('mlp_norm')(x + dropout(y, deterministic=deterministic))
+    x = norm('mlp_norm')(x + dropout(y, deterministic=deterministic))
+    return layers.constrain(x, BTH)
 
 
 def splice(x: Array, inserted: Array) -> Array:
@@ -167,20 +183,26 @@ class Embeddings(nn.Module):
     x = x + embed(cfg.type_vocab_size, ('token_types', 'embed'),
                   'token_type')(token_type_ids)
     x = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name='norm')(x)
-    return layers.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+    x = layers.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+    return layers.constrain(x, BTH)
 
 
 class Encoder(nn.Module):
   config: BertConfig
   dtype: jnp.dtype
+  remat: str = 'none'
+  attention_impl: str = 'reference'
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool,
                prefix_kv: Array | None = None) -> Array:
     """x [B, T, H], key mask [B, P + T], prefix_kv [L, 2, P, H] -> [B, T, H]
     """
+    # `deterministic` (argument 3 of Layer.__call__) is a Python bool.
+    layer = remat_lib.wrap(Layer, self.remat, static_argnums=(3,))
     for i in range(self.config.num_hidden_layers):
-      x = Layer(self.config, self.dtype, name=f'layer_{i}')(
+      x = layer(self.config, self.dtype, self.attention_impl,
+                name=f'layer_{i}')(
           x, mask, deterministic, None if prefix_kv is None else prefix_kv[i])
     return x
 
@@ -201,12 +223,16 @@ class Bert(nn.Module):
       sentence-transformers checkpoints such as all-MiniLM-L6-v2 were
       trained to give (their [CLS] state never was). Hugging Face has no
       class for 'mean' (`models.save` refuses it).
+    remat: rematerialisation of every layer (`remat.POLICIES`).
+    attention_impl: one of `attention.IMPLEMENTATIONS`.
   """
   config: BertConfig
   head: str | None = None
   num_labels: int = 2
   dtype: jnp.dtype = jnp.float32
   pooling: str = 'cls'
+  remat: str = 'none'
+  attention_impl: str = 'reference'
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
@@ -248,7 +274,8 @@ class Bert(nn.Module):
     num_prefix = attention.prefix_length(prefix_kv)
     x = Embeddings(cfg, self.dtype, name='embeddings')(
         input_ids, token_type_ids, deterministic, prompt, num_prefix)
-    x = Encoder(cfg, self.dtype, name='encoder')(
+    x = Encoder(cfg, self.dtype, self.remat, self.attention_impl,
+                name='encoder')(
         x, attention.key_mask(attention_mask, num_prefix), deterministic,
         prefix_kv)
     dense = lambda n, axes, name: layers.Dense(
@@ -285,9 +312,13 @@ def masked_mean(tokens: Array, token_mask: Array) -> Array:
           jnp.maximum(weights.sum(1), 1.0))
 
 
+_check_attention = attention.check_implementation
+
+
 def build(config: BertConfig, *, dtype: jnp.dtype = jnp.float32,
           head: str | None = AUTO, num_labels: int | None = None,
-          pooling: str = 'cls') -> Bert:
+          pooling: str = 'cls', remat: str = 'none',
+          attention: str = 'reference') -> Bert:
   """A Bert module.
 
   Args:
@@ -297,6 +328,8 @@ def build(config: BertConfig, *, dtype: jnp.dtype = jnp.float32,
       the checkpoint was saved with (`config.head`).
     num_labels: classifier size; None takes `config.num_labels`.
     pooling: 'cls' or 'mean' (see `Bert`).
+    remat: one of `remat.POLICIES` (see `Bert`).
+    attention: one of `attention.IMPLEMENTATIONS`.
   """
   head = config.head if head == AUTO else head
   if head not in HEADS:
@@ -314,8 +347,10 @@ def build(config: BertConfig, *, dtype: jnp.dtype = jnp.float32,
   num_labels = config.num_labels if num_labels is None else num_labels
   if num_labels < 1:
     raise ValueError(f'num_labels must be >= 1, got {num_labels}.')
+  remat_lib.wrap(Layer, remat)  # checks the name
+  _check_attention(attention)
   return Bert(config, head=head, num_labels=num_labels, dtype=dtype,
-              pooling=pooling)
+              pooling=pooling, remat=remat, attention_impl=attention)
 
 
 def _boxed_init(model: Bert, rng: Array) -> Any:

@@ -19,9 +19,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxlora.models import attention as attention_lib
 from flaxlora.models import causal
 from flaxlora.models import hf_io
 from flaxlora.models import layers
+from flaxlora.models import remat as remat_lib
 
 Array = jax.Array
 _ACTIVATIONS = ('gelu_new', 'gelu_pytorch_tanh', 'gelu')
@@ -126,9 +128,11 @@ class Block(nn.Module):
 
 
 class GPT2(nn.Module):
-  """GPT-2 with its tied output layer; called like `llama.Llama`."""
+  """GPT-2 with its tied output layer; called like `llama.Llama`. `remat`:
+  one of `remat.POLICIES`, on every block."""
   config: GPT2Config
   dtype: Any = jnp.float32
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
@@ -165,23 +169,32 @@ class GPT2(nn.Module):
     x = x + embed(c.n_positions, ('positions', 'embed'), 'wpe')(positions)
     x = layers.Dropout(c.embd_pdrop)(x, deterministic=deterministic)
     new_layers = []
+    # `deterministic` (argument 3 of Block.__call__) is a Python bool.
+    block = remat_lib.wrap(Block, self.remat, static_argnums=(3,))
     for i in range(c.n_layer):
-      x, buffers = Block(c, self.dtype, name=f'h_{i}')(
+      x, buffers = block(c, self.dtype, name=f'h_{i}')(
           x, keep, deterministic,
           None if prefix_kv is None else prefix_kv[i],
           None if cache is None else cache['layers'][i],
           None if cache is None else cache['index'])
+      x = layers.constrain(x, ('batch', None, None))
       new_layers.append(buffers)
     x = layers.LayerNorm(c.layer_norm_epsilon, self.dtype, name='ln_f')(x)
-    logits = wte.attend(x[:, num_prompt:])
+    logits = layers.constrain(wte.attend(x[:, num_prompt:]),
+                              ('batch', None, 'vocab'))
     if cache is None:
       return logits
     return logits, {'index': cache['index'] + x.shape[1],
                     'mask': key_mask, 'layers': tuple(new_layers)}
 
 
-def build(config: GPT2Config, *, dtype: Any = jnp.float32) -> GPT2:
-  return GPT2(config, dtype)
+def build(config: GPT2Config, *, dtype: Any = jnp.float32,
+          remat: str = 'none', attention: str = 'reference') -> GPT2:
+  """A GPT2 module; `remat` is one of `remat.POLICIES`; `attention` must
+  be 'reference' (the fused kernels are T5's and BERT's so far)."""
+  remat_lib.wrap(Block, remat)  # checks the name
+  attention_lib.reference_only(attention, 'gpt2')
+  return GPT2(config, dtype, remat)
 
 
 def _boxed_init(model: GPT2, rng: Array) -> Any:

@@ -12,15 +12,21 @@ models stay PEFT-agnostic: they only call `dot`.
 Logical axis names used by the models (the one vocabulary `sharding` maps):
   vocab, embed, mlp, heads (the joined N*D dimension), relpos_buckets,
   relpos_heads, positions, token_types, classes. Adapters add lora_rank and
-  prompt.
+  prompt. Activations are constrained by the same table (`constrain`):
+  batch, and heads / mlp / vocab on their last dimensions.
 """
+import contextlib
+import contextvars
 import functools
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import runtime_checkable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flaxlora import sharding
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -88,6 +94,43 @@ def param(module: nn.Module, name: str, init: Initializer,
     return value
   return module.param(name, nn.with_logical_partitioning(init, tuple(axes)),
                       tuple(shape), jnp.float32)
+
+
+# (mesh, rules) while a step is traced under `activation_sharding`.
+_ACTIVATIONS = contextvars.ContextVar('flaxlora_activation_sharding',
+                                      default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: jax.sharding.Mesh,
+                        rules: sharding.Rules) -> Iterator[None]:
+  """Inside the block, `constrain` places activations over `mesh` by
+  `rules`: trace (jit) a step in it. Outside, `constrain` does nothing, so
+  a plain `model.apply` runs anywhere."""
+  token = _ACTIVATIONS.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _ACTIVATIONS.reset(token)
+
+
+def constrain(x: Array, axes: Sequence[str | None]) -> Array:
+  """`x` sharded by logical `axes` (one per dimension, None: whole), under
+  `activation_sharding`; `x` itself outside it.
+
+  Without a constraint XLA may follow a kernel's sharding (`embed` over
+  fsdp) into an activation and keep whole-batch copies on every device;
+  with it each device holds its own rows. Mesh axes that do not divide a
+  dimension are left out (a batch smaller than the mesh stays whole).
+  """
+  context = _ACTIVATIONS.get()
+  if context is None:
+    return x
+  mesh, rules = context
+  spec = sharding.logical_to_spec(axes, rules, shape=x.shape, mesh=mesh,
+                                  drop_indivisible=True)
+  return jax.lax.with_sharding_constraint(
+      x, jax.sharding.NamedSharding(mesh, spec))
 
 
 def _letters(n: int) -> str:

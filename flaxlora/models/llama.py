@@ -29,8 +29,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxlora.models import attention as attention_lib
 from flaxlora.models import causal
 from flaxlora.models import layers
+from flaxlora.models import remat as remat_lib
 from flaxlora.models import llama_hf
 
 Array = jax.Array
@@ -136,9 +138,11 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-  """The causal LM; see the module docstring and `causal`."""
+  """The causal LM; see the module docstring and `causal`. `remat`: one of
+  `remat.POLICIES`, on every block."""
   config: LlamaConfig
   dtype: Any = jnp.float32
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
@@ -187,12 +191,15 @@ class Llama(nn.Module):
                                       num_prefix, c.sliding_window)
     rope = rope_tables(c, positions)
     new_layers = []
+    # `deterministic` (argument 4 of Block.__call__) is a Python bool.
+    block = remat_lib.wrap(Block, self.remat, static_argnums=(4,))
     for i in range(c.num_hidden_layers):
-      x, buffers = Block(c, self.dtype, name=f'layers_{i}')(
+      x, buffers = block(c, self.dtype, name=f'layers_{i}')(
           x, rope, keep, deterministic,
           None if prefix_kv is None else prefix_kv[i],
           None if cache is None else cache['layers'][i],
           None if cache is None else cache['index'])
+      x = layers.constrain(x, ('batch', None, None))
       new_layers.append(buffers)
     x = layers.RMSNorm(c.rms_norm_eps, self.dtype, name='norm')(x)
     x = x[:, num_prompt:]
@@ -202,14 +209,20 @@ class Llama(nn.Module):
       logits = layers.Dense(c.vocab_size, ('embed', 'vocab'),
                             dtype=self.dtype, name='lm_head')(x,
                                                               deterministic)
+    logits = layers.constrain(logits, ('batch', None, 'vocab'))
     if cache is None:
       return logits
     return logits, {'index': cache['index'] + x.shape[1] + num_prompt,
                     'mask': key_mask, 'layers': tuple(new_layers)}
 
 
-def build(config: LlamaConfig, *, dtype: Any = jnp.float32) -> Llama:
-  return Llama(config, dtype)
+def build(config: LlamaConfig, *, dtype: Any = jnp.float32,
+          remat: str = 'none', attention: str = 'reference') -> Llama:
+  """A Llama module; `remat` is one of `remat.POLICIES`; `attention` must
+  be 'reference' (the fused kernels are T5's and BERT's so far)."""
+  remat_lib.wrap(Block, remat)  # checks the name
+  attention_lib.reference_only(attention, 'llama')
+  return Llama(config, dtype, remat)
 
 
 def _boxed_init(model: Llama, rng: Array) -> Any:

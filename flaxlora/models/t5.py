@@ -41,11 +41,13 @@ import numpy as np
 
 from flaxlora.models import attention
 from flaxlora.models import layers
+from flaxlora.models import remat as remat_lib
 from flaxlora.models import t5_hf
 
 Array = jax.Array
 T5Config = t5_hf.T5Config  # the architecture; fields follow HF's T5Config
 _NEG = float(np.finfo(np.float32).min)
+BTH = ('batch', None, None)  # logical axes of [B, T, H] states
 
 
 def relative_position_bucket(relative_position: Array, *, bidirectional: bool,
@@ -100,6 +102,7 @@ class Mlp(nn.Module):
            self.wi_1(x, deterministic))
     else:
       h = jax.nn.relu(self.wi(x, deterministic))
+    h = layers.constrain(h, ('batch', None, 'mlp'))  # [B, T, F]
     h = self.dropout(h, deterministic=deterministic)
     return self.wo(h, deterministic)
 
@@ -109,14 +112,16 @@ class Block(nn.Module):
   config: T5Config
   decoder: bool
   dtype: Any = jnp.float32
+  attention_impl: str = 'reference'  # attention.IMPLEMENTATIONS
 
   def setup(self):
     c = self.config
     norm = lambda: layers.RMSNorm(c.layer_norm_epsilon, dtype=self.dtype)
-    self.attention = attention.T5Attention(c, self.dtype)
+    self.attention = attention.T5Attention(c, self.dtype, self.attention_impl)
     self.attention_norm = norm()
     if self.decoder:
-      self.cross_attention = attention.T5Attention(c, self.dtype)
+      self.cross_attention = attention.T5Attention(c, self.dtype,
+                                                   self.attention_impl)
       self.cross_attention_norm = norm()
     self.mlp = Mlp(c, self.dtype)
     self.mlp_norm = norm()
@@ -145,7 +150,7 @@ class Block(nn.Module):
         h = self.cross_attention.cached(h, cross_bias, None, deterministic)
       x = self._residual(x, h, deterministic)
     h = self.mlp(self.mlp_norm(x), deterministic)
-    return self._residual(x, h, deterministic)
+    return layers.constrain(self._residual(x, h, deterministic), BTH)
 
 
 def _mask_bias(mask: Array) -> Array:
@@ -159,6 +164,8 @@ class Stack(nn.Module):
   decoder: bool
   embed: nn.Module
   dtype: Any = jnp.float32
+  remat: str = 'none'
+  attention_impl: str = 'reference'
 
   def setup(self):
     c = self.config
@@ -167,8 +174,11 @@ class Stack(nn.Module):
         axes=('relpos_buckets', 'relpos_heads'), dtype=jnp.float32,
         embedding_init=_init(c.d_model**-0.5))
     depth = c.num_decoder_layers if self.decoder else c.num_layers
+    # `deterministic` (argument 5 of Block.__call__) is a Python bool.
+    block = remat_lib.wrap(Block, self.remat, static_argnums=(5,))
     for i in range(depth):
-      setattr(self, f'block_{i}', Block(c, self.decoder, self.dtype))
+      setattr(self, f'block_{i}', block(c, self.decoder, self.dtype,
+                                        self.attention_impl))
     self.depth = depth
     self.final_norm = layers.RMSNorm(c.layer_norm_epsilon, dtype=self.dtype)
     self.dropout = layers.Dropout(c.dropout_rate)
@@ -198,7 +208,7 @@ class Stack(nn.Module):
     x = self.embed(ids)
     if prompt is not None:
       x = jnp.concatenate([prompt.astype(x.dtype), x], axis=1)
-    x = self.dropout(x, deterministic=deterministic)
+    x = layers.constrain(self.dropout(x, deterministic=deterministic), BTH)
     num_prefix = attention.prefix_length(prefix_kv)
     key_pos = jnp.arange(num_prefix + x.shape[1])
     pos = key_pos[num_prefix:]
@@ -210,8 +220,8 @@ class Stack(nn.Module):
     if self.decoder:
       cross_bias = _mask_bias(encoder_mask[:, None, None, :].astype(bool))
     for i, block in enumerate(self._blocks()):
-      x = block(x, self_bias, encoded, cross_bias, deterministic,
-                prefix=None if prefix_kv is None else prefix_kv[i])
+      x = block(x, self_bias, encoded, cross_bias, deterministic, None,
+                None if prefix_kv is None else prefix_kv[i])
     return self.dropout(self.final_norm(x), deterministic=deterministic)
 
   def init_cache(self, encoded: Array, max_length: int, prefix_kv=None):
@@ -236,21 +246,32 @@ class Stack(nn.Module):
                  _mask_bias(keep))
     cross_bias = _mask_bias(encoder_mask[:, None, None, :].astype(bool))
     for block in self._blocks():
-      x = block(x, self_bias, None, cross_bias, deterministic, index=index)
+      x = block(x, self_bias, None, cross_bias, deterministic, index)
     return self.dropout(self.final_norm(x), deterministic=deterministic)
 
 
 class T5(nn.Module):
-  """T5 encoder-decoder with an LM head. See the module docstring."""
+  """T5 encoder-decoder with an LM head. See the module docstring.
+
+  Attributes:
+    config: the architecture.
+    dtype: compute dtype.
+    remat: rematerialisation of every block (`remat.POLICIES`).
+    attention_impl: one of `attention.IMPLEMENTATIONS`.
+  """
   config: T5Config
   dtype: Any = jnp.float32
+  remat: str = 'none'
+  attention_impl: str = 'reference'
 
   def setup(self):
     c = self.config
     self.shared = layers.Embed(c.vocab_size, c.d_model, dtype=self.dtype,
                                embedding_init=_init(1.0))
-    self.encoder = Stack(c, False, self.shared, self.dtype)
-    self.decoder = Stack(c, True, self.shared, self.dtype)
+    self.encoder = Stack(c, False, self.shared, self.dtype, self.remat,
+                         self.attention_impl)
+    self.decoder = Stack(c, True, self.shared, self.dtype, self.remat,
+                         self.attention_impl)
     if not c.tie_word_embeddings:
       self.lm_head = layers.Dense(c.vocab_size, axes=('embed', 'vocab'),
                                   dtype=self.dtype, kernel_init=_init(1.0))
@@ -307,8 +328,10 @@ class T5(nn.Module):
       if self.has_variable('cache', 'output_table'):  # decoding
         table = self.get_variable('cache', 'output_table')
         return layers.dot(x, table, dtype=self.dtype)
-      return self.shared.attend(x)
-    return self.lm_head(x)
+      logits = self.shared.attend(x)
+    else:
+      logits = self.lm_head(x)
+    return layers.constrain(logits, ('batch', None, 'vocab'))
 
   def init_cache(self, encoded: Array, max_length: int, prefix_kv=None):
     """Fills the 'cache' collection (call with mutable=['cache']).
@@ -344,8 +367,16 @@ def source_mask(attention_mask: Array, prompt: Array | None) -> Array:
   return jnp.concatenate([ones, attention_mask], axis=1)
 
 
-def build(config: T5Config, *, dtype: Any = jnp.float32) -> T5:
-  return T5(config, dtype)
+_check_attention = attention.check_implementation
+
+
+def build(config: T5Config, *, dtype: Any = jnp.float32,
+          remat: str = 'none', attention: str = 'reference') -> T5:
+  """A T5 module; `remat` is one of `remat.POLICIES`, `attention` of
+  `attention.IMPLEMENTATIONS`."""
+  remat_lib.wrap(Block, remat)  # checks the name
+  _check_attention(attention)
+  return T5(config, dtype, remat, attention)
 
 
 def _dummy_inputs():

@@ -85,10 +85,11 @@ def no_after_step(adapter: Adapter, opt_state: Any, base: Params,
 
 def no_before_update(adapter: Adapter, opt_state: Any, grads: Any,
                      base: Params, step: jax.Array
-                     ) -> tuple[Adapter, Any, Any]:
-  """`before_update` default: the optimizer sees the state as it is."""
+                     ) -> tuple[Adapter, Any, Any, dict]:
+  """`before_update` default: the optimizer sees the state as it is; no
+  metrics."""
   del base, step
-  return adapter, opt_state, grads
+  return adapter, opt_state, grads, {}
 
 
 NO_EXPORT = Export()
@@ -124,10 +125,12 @@ class PeftMethod(NamedTuple):
       (`step` counts updates done). Base params are read-only: state a
       method accumulates lives in its adapter, frozen by its `optimizer`.
     before_update: `before_update(adapter, opt_state, grads, base, step) ->
-      (adapter, opt_state, grads)`, applied inside the jitted train step
-      between the (clipped, mean) gradient and the optimizer update, for a
-      method that re-parameterises its adapter from the current gradient
-      (ScaLoRA); `grads` must stay the gradient w.r.t. the returned adapter.
+      (adapter, opt_state, grads, metrics)`, applied inside the jitted train
+      step between the (clipped, mean) gradient and the optimizer update,
+      for a method that re-parameterises its adapter from the current
+      gradient (ScaLoRA); `grads` must stay the gradient w.r.t. the returned
+      adapter. `metrics` ({name: scalar}) join the step's metrics, which
+      the run logs with the loss.
     export: `Export`: how the adapter becomes a Hugging Face PEFT folder.
   """
   init: Callable[[PRNGKey, Params], Adapter]
@@ -352,7 +355,14 @@ def _chain_hooks(methods: Sequence[PeftMethod]) -> dict[str, Any]:
   def before_update(adapter, opt_state, grads, base, step):
     out = [m.before_update(a, s, g, base, step)
            for m, a, s, g in zip(methods, adapter, opt_state, grads)]
-    return tuple(tuple(o[i] for o in out) for i in range(3))
+    metrics = {}
+    for *_, part in out:
+      if set(part) & set(metrics):
+        raise ValueError(f'two chained methods both report metrics '
+                         f'{sorted(set(part) & set(metrics))}; chain at '
+                         'most one of them.')
+      metrics.update(part)
+    return (*(tuple(o[i] for o in out) for i in range(3)), metrics)
 
   return dict(hooks, optimizer=optimizer, after_step=after_step,
               before_update=before_update)

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import jax
 
 from flaxlora.peft import base as peft_base
-from flaxlora.peft import lora
+from flaxlora.peft.lora import kernel as lora_kernel
 from flaxlora.peft import method_parts
 
 
@@ -78,12 +78,12 @@ def _rows(base: Mapping[str, Any], adapter: Any) -> list[Row]:
     return [r for a in adapter for r in _rows(base, a)]
   rows = []
   for path, leaf in peft_base.flatten(adapter,
-                                      is_leaf=lora.is_lora_node).items():
+                                      is_leaf=lora_kernel.is_lora_node).items():
     try:
       shape = tuple(peft_base.get(base, path).shape)
     except (KeyError, TypeError):  # a new param (e.g. a prompt), not a copy
       shape = tuple(getattr(leaf, 'shape', ()))
-    if lora.is_lora_node(leaf):
+    if lora_kernel.is_lora_node(leaf):
       rank = int(leaf['a'].shape[1])
     else:
       rank = 'full'

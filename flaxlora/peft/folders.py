@@ -9,30 +9,16 @@ tuning folders, each with its modules to save.
 import json
 import os
 import pathlib
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from flaxlora.peft import base as peft_base
-from flaxlora.peft import ia3_io
-from flaxlora.peft import peft_io
-from flaxlora.peft import prefix_io
-from flaxlora.peft import prompt_io
-
-Loader = Callable[[pathlib.Path, Any, Mapping[str, Any]],
-                  tuple[peft_base.PeftMethod, Any]]
-# peft_type -> (folder, model, base) -> (method, adapter).
-LOADERS: dict[str, Loader] = {
-    'LORA': peft_io.load_peft,
-    'IA3': ia3_io.load_ia3,
-    'PROMPT_TUNING': lambda folder, model, base: prompt_io.load_prompt(
-        folder, model),
-    'PREFIX_TUNING': lambda folder, model, base: prefix_io.load_prefix(
-        folder, model),
-}
+from flaxlora.peft import hf_folder
+from flaxlora.peft import registry
 
 
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
   """The folder's adapter_config.json."""
-  path = pathlib.Path(folder) / peft_io.CONFIG_FILE
+  path = pathlib.Path(folder) / hf_folder.CONFIG_FILE
   if not path.is_file():
     raise FileNotFoundError(f'{path} does not exist; pass a PEFT folder '
                             '(a run writes WORKDIR/peft).')
@@ -50,10 +36,12 @@ def peft_type(folder: str | os.PathLike) -> str:
 
 def load(folder: str | os.PathLike, model: Any, base: Mapping[str, Any]
          ) -> tuple[peft_base.PeftMethod, Any]:
-  """(method, adapter) of the PEFT folder for `model` over `base`."""
+  """(method, adapter) of the PEFT folder for `model` over `base`, read by
+  the loader registered for its peft_type (`registry.loader`)."""
   kind = peft_type(folder)
-  if kind not in LOADERS:
-    raise ValueError(f'{pathlib.Path(folder) / peft_io.CONFIG_FILE}: '
-                     f'peft_type {kind!r} is not one flaxlora reads; it reads '
-                     f'{sorted(LOADERS)}.')
-  return LOADERS[kind](pathlib.Path(folder), model, base)
+  try:
+    read = registry.loader(kind)
+  except ValueError as e:
+    raise ValueError(f'{pathlib.Path(folder) / hf_folder.CONFIG_FILE}: '
+                     f'{e}') from None
+  return read(pathlib.Path(folder), model, base)

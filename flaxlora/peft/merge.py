@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 
 from flaxlora.peft import base as peft_base
-from flaxlora.peft import lora
+from flaxlora.peft.lora import kernel as lora_kernel
 from flaxlora.peft import method_parts
 
 
 def _is_kernel(node: Any) -> bool:
-  return isinstance(node, lora.LoraKernel)
+  return isinstance(node, lora_kernel.LoraKernel)
 
 
 def merge(base: Mapping[str, Any], adapter: Any,
@@ -64,12 +64,12 @@ def unmerge(merged: Mapping[str, Any], adapter: Any,
   """
   updates = {}
   for config, sub_adapter in method_parts.parts(method, adapter):
-    if not isinstance(config, lora.LoraConfig):
+    if not isinstance(config, lora_kernel.LoraConfig):
       continue
     if config.use_dora:
       raise ValueError('unmerge cannot invert a DoRA merge (the per-column '
                        'norm of W is lost); keep the base params instead.')
-    for path, node in lora.kernels(config, merged, sub_adapter).items():
+    for path, node in lora_kernel.kernels(config, merged, sub_adapter).items():
       delta = node.scale * jnp.matmul(
           jnp.asarray(node.a, jnp.float32), jnp.asarray(node.b, jnp.float32),
           precision=jax.lax.Precision.HIGHEST)

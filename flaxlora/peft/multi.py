@@ -52,7 +52,7 @@ import numpy as np
 
 from flaxlora.models import layers
 from flaxlora.peft import base as peft_base
-from flaxlora.peft import lora
+from flaxlora.peft.lora import kernel as lora_kernel
 from flaxlora.peft import method_parts
 from flaxlora.peft import trainable
 
@@ -187,13 +187,13 @@ def parts(method: peft_base.PeftMethod, adapter: Any
     if isinstance(config, trainable.TrainableConfig):
       copies.update(peft_base.flatten(sub))
       continue
-    if not isinstance(config, lora.LoraConfig):
+    if not isinstance(config, lora_kernel.LoraConfig):
       raise ValueError(f'multi: a bank holds LoRA adapters (with trainable '
                        f'copies); {type(config).__name__} has no slot form.')
     if config.use_dora:
       raise ValueError('multi: DoRA adapters are not banked (their norm is '
                        'per kernel); merge one with merge.merge instead.')
-    for path, leaf in peft_base.flatten(sub, is_leaf=lora.is_lora_node
+    for path, leaf in peft_base.flatten(sub, is_leaf=lora_kernel.is_lora_node
                                         ).items():
       factors[path] = (leaf['a'], leaf['b'], config.scale_for(path))
   return factors, copies

@@ -7,8 +7,10 @@ Chained after a method with a PEFT form, the copies are written as PEFT's
 `modules_to_save`.
 """
 import dataclasses
-from typing import Iterable
+import re
+from typing import Any, Iterable, Mapping
 
+import jax
 import jax.numpy as jnp
 
 from flaxlora.models import layers
@@ -54,3 +56,15 @@ def trainable(patterns: str | Iterable[str]) -> peft_base.PeftMethod:
       'lora or prompt_tuning')
   return peft_base.PeftMethod(init, apply, TrainableConfig(patterns),
                               export=no_export)
+
+
+def with_copies(method: peft_base.PeftMethod, adapter: Any,
+                copies: Mapping[str, Any]) -> tuple[peft_base.PeftMethod, Any]:
+  """(method, adapter), chained with `trainable` copies when there are any
+  (a PEFT folder's modules to save: {flax path: value})."""
+  if not copies:
+    return method, adapter
+  method = peft_base.chain(method, trainable(
+      [re.escape(path) for path in sorted(copies)]))
+  return method, (adapter, jax.tree.map(jnp.asarray,
+                                        peft_base.unflatten(copies)))

@@ -1,4 +1,4 @@
-"""Prompt tuning (Lester et al. 2021) as a pure functional transform.
+"""Prompt tuning's construction (Lester et al. 2021): insert, init, axes.
 
 The adapter is one soft prompt `{'prompt': [P, H]}`; the base params are
 untouched. `apply` hands the prompt to the model as its one optional argument:
@@ -22,7 +22,7 @@ operations as pure functions, the references the tests check them against):
     Outputs per token (hidden states, QA start/end logits) have the P prompt
     positions removed, so position t still means input token t and SQuAD
     answer offsets need no shift. PEFT instead prepends before [CLS] (its
-    pooler then reads a prompt vector); `prompt_io` reads and writes PEFT's
+    pooler then reads a prompt vector); `folder` reads and writes PEFT's
     files, but a BERT prompt trained by one framework is placed differently
     by the other.
 """
@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from flaxlora.peft import base as peft_base
 
 INITS = ('random_uniform', 'vocab_sample', 'text', 'class_labels')
 
@@ -99,7 +98,7 @@ def _repeat_to(ids: Sequence[int], n: int) -> np.ndarray:
   return np.asarray(list(ids) * reps, np.int32)[:n]
 
 
-def _init_prompt(rng, table, num_tokens, init, init_text, class_labels,
+def init_prompt(rng, table, num_tokens, init, init_text, class_labels,
                  tokenizer, init_range, vocab_range) -> jax.Array:
   """[P, H] initial prompt; see `prompt_tuning` for the `init` kinds."""
   v, h = table.shape
@@ -134,67 +133,8 @@ class PromptConfig:
   init_text: str | None = None
 
 
-def prompt_tuning(num_tokens: int = 100, init: str = 'random_uniform', *,
-                  init_text: str | None = None,
-                  class_labels: Sequence[str] | None = None,
-                  tokenizer: Any = None, init_range: float = 0.5,
-                  vocab_range: int | None = None) -> peft_base.PeftMethod:
-  """A soft prompt of `num_tokens` vectors, trained with the base frozen.
-
-  Args:
-    num_tokens: P, the prompt length (0 gives the base model exactly).
-    init: 'random_uniform' (U(-init_range, init_range)), 'vocab_sample'
-      (embeddings of ids drawn uniformly from the first `vocab_range` of the
-      vocabulary; Lester et al. use the 5000 most frequent, the first 5000
-      of T5's frequency-ordered SentencePiece vocabulary), 'text' (the
-      embeddings of `init_text`'s tokens, repeated or cut to P, as PEFT
-      does), or 'class_labels' (each label's mean token embedding first, the
-      rest vocab-sampled).
-    init_text: the text for init='text'.
-    class_labels: label words for init='class_labels'.
-    tokenizer: a transformers tokenizer for 'text' / 'class_labels' (special
-      tokens are not added).
-    init_range: half-width of the uniform init.
-    vocab_range: sample ids from [0, vocab_range) (None: the whole vocab).
-
-  Returns:
-    PeftMethod; adapter {'prompt': [P, H] fp32}; apply -> (base, {'prompt'}).
-  """
-  if init not in INITS:
-    raise ValueError(f'prompt_tuning init={init!r}; choose one of {INITS}.')
-  if not isinstance(num_tokens, int) or num_tokens < 0:
-    raise ValueError(f'prompt_tuning num_tokens={num_tokens!r}; it must be '
-                     'an int >= 0.')
-  if init == 'text' and not init_text:
-    raise ValueError("prompt_tuning init='text' needs init_text=.")
-
-  def init_fn(rng: jax.Array, base: Any) -> dict[str, jax.Array]:
-    table = embedding_table(base)
-    return {'prompt': _init_prompt(rng, table, num_tokens, init, init_text,
-                                   class_labels, tokenizer, init_range,
-                                   vocab_range)}
-
-  def apply_fn(base: Any, adapter: dict[str, jax.Array]
-               ) -> tuple[Any, dict[str, jax.Array]]:
-    return base, {'prompt': adapter['prompt']}
-
-  return peft_base.PeftMethod(init_fn, apply_fn,
-                              PromptConfig(num_tokens, init, init_text),
-                              logical_axes=adapter_logical_axes,
-                              export=EXPORT)
-
-
 def adapter_logical_axes(base_axes: Any, adapter: dict[str, Any]
                          ) -> dict[str, PartitionSpec]:
   """The prompt is small and read by every device: replicated."""
   del base_axes, adapter
   return {'prompt': PartitionSpec('prompt', None)}
-
-
-def _write_peft(folder, model, base, adapter, method, **kwargs):
-  del base  # a PROMPT_TUNING folder holds the prompt (and head copies) only
-  from flaxlora.peft import prompt_io  # pylint: disable=g-import-not-at-top
-  return prompt_io.save_prompt(folder, model, adapter, method, **kwargs)
-
-
-EXPORT = peft_base.Export(_write_peft, needs_base=False)

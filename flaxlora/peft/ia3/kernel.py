@@ -1,4 +1,4 @@
-"""IA3 (Liu et al. 2022, "(IA)^3") as a pure PEFT method.
+"""IA3's kernel node and construction (Liu et al. 2022, "(IA)^3").
 
     method = ia3.ia3()                    # the family's preset targets
     adapter = method.init(rng, base)      # {kernel path: l}, all ones
@@ -15,7 +15,7 @@ Hugging Face PEFT 0.21's `IA3` does (its names in parentheses):
     `output.dense`, which PEFT's suffix match also finds in each attention
     block's output projection, `attention.output.dense`).
 Vectors start at one (init_ia3_weights=True), so the model starts as the
-base. `ia3_io` reads and writes PEFT IA3 folders.
+base. `folder` reads and writes PEFT IA3 folders.
 """
 import dataclasses
 from typing import Any, Iterable, Mapping
@@ -148,39 +148,22 @@ def targeted(config: Ia3Config, base: Mapping[str, Any]
   return out
 
 
-def ia3(targets: str | Iterable[str] | None = None,
-        feedforward: str | Iterable[str] | None = None
-        ) -> peft_base.PeftMethod:
-  """IA3: learned vectors scaling keys, values and FFN inner activations.
+def make_config(targets: str | Iterable[str] | None = None,
+                feedforward: str | Iterable[str] | None = None) -> Ia3Config:
+  """Validates arguments into an `Ia3Config`; see `ia3.ia3`."""
+  return Ia3Config(_patterns(targets, 'targets'),
+                   _patterns(feedforward, 'feedforward'))
 
-  Args:
-    targets: regexes over kernel paths, a family name of `TARGETS` ('t5',
-      'bert'), or None / '' for the preset matching the params (PEFT's).
-    feedforward: regexes picking the targets whose input is scaled, a family
-      name of `FEEDFORWARD`, None / '' for the preset of the params' family,
-      or () for none.
 
-  Returns:
-    PeftMethod; adapter {kernel path: l fp32} (ones); apply swaps each
-    targeted kernel for an `Ia3Kernel` (and scales the bias of an
-    output-scaled layer).
-  """
-  config = Ia3Config(_patterns(targets, 'targets'),
-                     _patterns(feedforward, 'feedforward'))
-
-  def init(rng, base):
-    del rng  # ones: the model starts as the base
-    flat = peft_base.flatten(base)
-    return peft_base.unflatten({
-        path: jnp.ones((flat[path].shape[0 if ff else 1],), jnp.float32)
-        for path, ff in targeted(config, base).items()})
-
-  def apply(base, adapter):
-    return scaled_params(config, base, adapter), {}
-
-  return peft_base.PeftMethod(init, apply, config,
-                              logical_axes=adapter_logical_axes(config),
-                              export=EXPORT)
+def init(config: Ia3Config, rng: Array, base: Mapping[str, Any]
+         ) -> dict[str, Any]:
+  """The adapter: {kernel path: l fp32}, ones (the model starts as the
+  base)."""
+  del rng
+  flat = peft_base.flatten(base)
+  return peft_base.unflatten({
+      path: jnp.ones((flat[path].shape[0 if ff else 1],), jnp.float32)
+      for path, ff in targeted(config, base).items()})
 
 
 def scaled_params(config: Ia3Config, base: Mapping[str, Any],
@@ -217,12 +200,3 @@ def adapter_logical_axes(config: Ia3Config):
     return peft_base.unflatten(out)
 
   return logical_axes
-
-
-def _write_peft(folder, model, base, adapter, method, **kwargs):
-  from flaxlora.peft import ia3_io  # pylint: disable=g-import-not-at-top
-  return ia3_io.save_ia3(folder, model, base, adapter, method, **kwargs)
-
-
-# An IA3 folder; modules to save are written whole, so it reads the base.
-EXPORT = peft_base.Export(_write_peft, needs_base=True)

@@ -1,8 +1,9 @@
 """Hugging Face PEFT `IA3` folders for flaxlora's IA3, both ways.
 
-    ia3_io.save_ia3('out/', model, base, adapter, method)
+    folder.save_ia3('out/', model, base, adapter, method)
     # torch: peft.PeftModel.from_pretrained(hf_model, 'out/')
-    method, adapter = ia3_io.load_ia3('out/', model, base)
+    kwargs, adapter, copies = folder.read_ia3('out/', model, base)
+    method, adapter = ia3.load('out/', model, base)  # composed
 
 A folder holds `adapter_config.json` (PEFT's IA3Config: target_modules,
 feedforward_modules, modules_to_save) and `adapter_model.safetensors` with
@@ -23,14 +24,13 @@ import numpy as np
 from flaxlora import models
 from flaxlora.models import hf_io
 from flaxlora.peft import base as peft_base
-from flaxlora.peft import ia3 as ia3_lib
+from flaxlora.peft import hf_folder
 from flaxlora.peft import method_parts
-from flaxlora.peft import peft_io
 from flaxlora.peft import peft_names
-from flaxlora.peft import trainable
+from flaxlora.peft.ia3 import kernel
 
 SUFFIX = '.ia3_l'
-PREFIX = peft_io.PREFIX
+PREFIX = hf_folder.PREFIX
 # adapter_config.json fields flaxlora reads, and those it accepts only at
 # PEFT's default (anything else is refused).
 KNOWN = ('peft_type', 'peft_version', 'task_type', 'revision',
@@ -43,7 +43,7 @@ DEFAULTS = {'fan_in_fan_out': (False,)}
 def _split(method: peft_base.PeftMethod, adapter: Any):
   """(Ia3Config, ia3 adapter, {path: trained copy}) of a method."""
   return method_parts.one_with_copies(
-      method, adapter, ia3_lib.Ia3Config, 'save_ia3', 'ia3()')
+      method, adapter, kernel.Ia3Config, 'save_ia3', 'ia3()')
 
 
 def _module_names(modules: list[str], ff_modules: set[str],
@@ -80,11 +80,11 @@ def save_ia3(folder: str | os.PathLike, model: Any, base: Mapping[str, Any],
       `peft_names.base_model_reference`).
   """
   config, ia3_adapter, copies = _split(method, adapter)
-  rules = peft_io.linear_rules(model)
+  rules = hf_folder.linear_rules(model)
   _, feedforward = config.resolve(base)
   tensors, modules, ff_modules = {}, [], set()
   for path, scale in peft_base.flatten(ia3_adapter).items():
-    module = peft_io.linear_module(rules.get(path), path)
+    module = hf_folder.linear_module(rules.get(path), path)
     modules.append(module)
     vector = np.asarray(scale, np.float32)
     if peft_base.first_match(feedforward, path) is not None:
@@ -93,7 +93,7 @@ def save_ia3(folder: str | os.PathLike, model: Any, base: Mapping[str, Any],
     else:
       tensors[PREFIX + module + SUFFIX] = vector[:, None]   # [out, 1]
   owners = sorted({rules[p].key.rsplit('.', 1)[0] for p in copies})
-  tensors.update(peft_io.module_tensors(owners, rules, base, copies))
+  tensors.update(hf_folder.module_tensors(owners, rules, base, copies))
   keys = [r.key for r in rules.values()]
   to_save = peft_names.compact_modules_to_save(owners, keys)
   target_names, ff_names = _module_names(modules, ff_modules, keys,
@@ -101,7 +101,7 @@ def save_ia3(folder: str | os.PathLike, model: Any, base: Mapping[str, Any],
   family = models.family_of_model(model)
   peft_config = {
       'peft_type': 'IA3',
-      'task_type': peft_io.TASK_TYPES.get(
+      'task_type': hf_folder.TASK_TYPES.get(
           (family.MODEL_TYPES[0], getattr(model, 'head', None))),
       'base_model_name_or_path': peft_names.resolve_pkg(
           base_model_name_or_path),
@@ -110,11 +110,11 @@ def save_ia3(folder: str | os.PathLike, model: Any, base: Mapping[str, Any],
       'init_ia3_weights': True, 'inference_mode': True,
   }
   tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-  return peft_io.write_folder(pathlib.Path(folder), peft_config, tensors)
+  return hf_folder.write_folder(pathlib.Path(folder), peft_config, tensors)
 
 
 def _read_config(folder: pathlib.Path) -> dict[str, Any]:
-  file = folder / peft_io.CONFIG_FILE
+  file = folder / hf_folder.CONFIG_FILE
   if not file.is_file():
     raise FileNotFoundError(f'{file} is missing; is {folder} a PEFT adapter '
                             'folder (save_pretrained of a PeftModel)?')
@@ -125,8 +125,8 @@ def _read_config(folder: pathlib.Path) -> dict[str, Any]:
                      ) from e
   if config.get('peft_type') != 'IA3':
     raise ValueError(f'{file}: peft_type {config.get("peft_type")!r}; '
-                     'load_ia3 reads IA3 adapters only (LoRA: '
-                     'peft_io.load_peft).')
+                     'ia3.load reads IA3 adapters only (any kind: '
+                     'folders.load).')
   for key, value in config.items():
     if key in KNOWN:
       continue
@@ -167,19 +167,20 @@ def _vector(module: str, value: np.ndarray, w_shape, source: str
                    f'({w_shape[1]}, 1); was it made for another model?')
 
 
-def load_ia3(folder: str | os.PathLike, model: Any, base: Mapping[str, Any]
-             ) -> tuple[peft_base.PeftMethod, Any]:
-  """Reads a PEFT IA3 folder into (method, adapter) for `model`.
+def read_ia3(folder: str | os.PathLike, model: Any, base: Mapping[str, Any]
+             ) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+  """Reads a PEFT IA3 folder for `model`: (ia3 kwargs, adapter, copies).
 
   Which layers scale their input comes from each vector's shape and is
-  checked against feedforward_modules (PEFT's `endswith` test). Modules to
-  save become a chained `base.trainable` whose adapter holds their weights.
+  checked against feedforward_modules (PEFT's `endswith` test). `copies`
+  maps the flax paths of the modules to save to their weights ({} when
+  there are none); `ia3.load` chains them as a `trainable`.
   """
   folder = pathlib.Path(folder)
   config = _read_config(folder)
-  source = str(folder / peft_io.WEIGHTS_FILE)
+  source = str(folder / hf_folder.WEIGHTS_FILE)
   vectors, saved = _group(hf_io.read_safetensors(
-      folder / peft_io.WEIGHTS_FILE), source)
+      folder / hf_folder.WEIGHTS_FILE), source)
   if not vectors:
     raise ValueError(f'{source}: no {SUFFIX[1:]} tensors.')
   family = models.family_of_model(model)
@@ -201,17 +202,12 @@ def load_ia3(folder: str | os.PathLike, model: Any, base: Mapping[str, Any]
                        f'{"does not scale" if ff else "scales"} its input.')
     if ff:
       ff_paths.append(path)
-  method = ia3_lib.ia3(targets=[re.escape(p) for p in entries],
-                       feedforward=[re.escape(p) for p in ff_paths])
+  kwargs = dict(targets=[re.escape(p) for p in entries],
+                feedforward=[re.escape(p) for p in ff_paths])
   adapter = jax.tree.map(jnp.asarray, peft_base.unflatten(entries))
-  if not saved:
-    return method, adapter
-  copies = peft_io.saved_copies(saved, by_key, base, source,
-                                type(model).__name__)
-  method = peft_base.chain(method, trainable.trainable(
-      [re.escape(p) for p in sorted(copies)]))
-  return method, (adapter, jax.tree.map(jnp.asarray,
-                                        peft_base.unflatten(copies)))
+  copies = (hf_folder.saved_copies(saved, by_key, base, source,
+                                   type(model).__name__) if saved else {})
+  return kwargs, adapter, copies
 
 
 def _is_feedforward(names: Any, module: str) -> bool:

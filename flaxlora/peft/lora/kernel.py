@@ -1,4 +1,4 @@
-"""LoRA, rsLoRA, DoRA and PiSSA as a pure PEFT method over params pytrees.
+"""LoRA's kernel node and construction (rsLoRA, DoRA, PiSSA included).
 
     method = lora.lora(rank=8, alpha=16, targets='t5')
     adapter = method.init(rng, base)  # {path: {'a': [in, R], 'b': [R, out]}}
@@ -29,9 +29,8 @@ import numpy as np
 
 from flaxlora.models import layers
 from flaxlora.peft import base as peft_base
-from flaxlora.peft import dora
-from flaxlora.peft import loraplus
-from flaxlora.peft import pissa
+from flaxlora.peft.lora import dora
+from flaxlora.peft.lora import pissa
 
 Array = jax.Array
 
@@ -246,69 +245,23 @@ def is_lora_node(node: Any) -> bool:
   return isinstance(node, Mapping) and 'a' in node and 'b' in node
 
 
-def lora(rank: int = 8, alpha: float = 16.0,
-         targets: str | Iterable[str] | None = None, dropout: float = 0.0,
-         rank_pattern: Mapping[str, int] | None = None,
-         alpha_pattern: Mapping[str, float] | None = None,
-         use_rslora: bool = False, init: str = 'default',
-         use_dora: bool = False,
-         loraplus_ratio: float = 1.0) -> peft_base.PeftMethod:
-  """The LoRA family as a `PeftMethod`.
-
-  Args:
-    rank: R of every targeted kernel (unless rank_pattern says otherwise).
-    alpha: scale numerator; scale = alpha / R (alpha / sqrt(R) for rsLoRA).
-    targets: regexes over "/"-joined kernel paths (re.fullmatch), a key of
-      `TARGETS` ('t5', 'bert'), or None for the preset matching the params.
-    dropout: dropout on the input of A while training.
-    rank_pattern: {regex: R} overriding `rank` (first match wins).
-    alpha_pattern: {regex: alpha} overriding `alpha` (first match wins).
-    use_rslora: rank-stabilised scaling alpha / sqrt(R).
-    init: 'default' (A Kaiming-uniform, B = 0), 'gaussian' (A ~ N(0, 1/R),
-      B = 0) or 'pissa' (A, B from the top-R SVD of W; the method's
-      `prepare_base` makes the base the residual W - scale A B, so the
-      output equals the base's at init, and its export is a plain LoRA of
-      rank 2R over the original W; see `pissa`).
-    use_dora: DoRA; the adapter gains 'magnitude' [out].
-    loraplus_ratio: LoRA+: every B trains at this many times the learning
-      rate of the other adapter leaves (1.0: plain LoRA).
-
-  Returns:
-    A PeftMethod whose adapter maps each targeted kernel path to
-    {'a': [in, R], 'b': [R, out]} (+ 'magnitude' [out]).
-  """
-  config = make_config(rank, alpha, targets, dropout, rank_pattern,
-                       alpha_pattern, use_rslora, init, use_dora,
-                       loraplus_ratio)
-
-  def init_fn(rng, base):
-    paths = config.paths(base)
-    rngs = jax.random.split(rng, len(paths))
-    return peft_base.unflatten({
-        path: _init_leaf(r, peft_base.get(base, path), config.rank_for(path),
-                         config.scale_for(path), config.init, config.use_dora)
-        for path, r in zip(paths, rngs)})
-
-  def apply(base, adapter):
-    if config.init == 'pissa':  # W_res (computed here if not prepared)
-      base = pissa.residual_base(config, base)
-    return peft_base.replace(base, kernels(config, base, adapter)), {}
-
-  method = peft_base.PeftMethod(
-      init_fn, apply, config, logical_axes=adapter_logical_axes,
-      optimizer=loraplus.optimizer_hook(config.loraplus_ratio),
-      export=EXPORT)
-  return (method._replace(**pissa.hooks(config)) if config.init == 'pissa'
-          else method)
+def init(config: LoraConfig, rng: Array, base: Mapping[str, Any]
+         ) -> dict[str, Any]:
+  """The adapter of `config` over `base`: {path: {'a', 'b'(, 'magnitude')}}."""
+  paths = config.paths(base)
+  rngs = jax.random.split(rng, len(paths))
+  return peft_base.unflatten({
+      path: _init_leaf(r, peft_base.get(base, path), config.rank_for(path),
+                       config.scale_for(path), config.init, config.use_dora)
+      for path, r in zip(paths, rngs)})
 
 
-def _write_peft(folder, model, base, adapter, method, **kwargs):
-  from flaxlora.peft import peft_io  # pylint: disable=g-import-not-at-top
-  return peft_io.save_peft(folder, model, base, adapter, method, **kwargs)
-
-
-# A LORA folder; modules to save are written whole, so it reads the base.
-EXPORT = peft_base.Export(_write_peft, needs_base=True)
+def apply(config: LoraConfig, base: Mapping[str, Any], adapter: Any
+          ) -> dict[str, Any]:
+  """`base` with each adapted kernel replaced by its `LoraKernel`."""
+  if config.init == 'pissa':  # W_res (computed here if not prepared)
+    base = pissa.residual_base(config, base)
+  return peft_base.replace(base, kernels(config, base, adapter))
 
 
 def kernels(config: LoraConfig, base: Mapping[str, Any],

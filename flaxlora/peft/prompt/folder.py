@@ -1,7 +1,8 @@
 """Hugging Face PEFT `PROMPT_TUNING` folders for flaxlora's prompt tuning.
 
-    prompt_io.save_prompt('out/', model, adapter, method)
-    method, adapter = prompt_io.load_prompt('out/', model)
+    folder.save_prompt('out/', model, adapter, method)
+    kwargs, adapter, copies = folder.read_prompt('out/', model)
+    method, adapter = prompt.load('out/', model)  # composed
 
 A PEFT prompt tuning folder holds `adapter_config.json` and
 `adapter_model.safetensors` with the soft prompt under 'prompt_embeddings'
@@ -11,28 +12,28 @@ copies, flaxlora's `trainable`) as 'base_model.<transformers name>'.
 PEFT sets num_transformer_submodules = 2 for encoder-decoder models (T5), so
 its T5 files hold [2P, H]; only the first P rows are ever used (prepended to
 the encoder input). `save_prompt` writes the same layout with the unused
-second half zero; `load_prompt` takes the first P rows.
+second half zero; `read_prompt` takes the first P rows.
 
 Placement: for T5 both frameworks prepend the prompt to the encoder input, so
 a prompt gives the same outputs in either. For BERT flaxlora inserts it after
-[CLS] and PEFT before it (see `prompt`): the files round-trip exactly, but a
+[CLS] and PEFT before it (see `core`): the files round-trip exactly, but a
 BERT prompt trained in one framework is placed differently by the other.
 """
 import json
 import os
 import pathlib
-import re
 from typing import Any
 
 import numpy as np
 from safetensors import numpy as st_numpy
 
 from flaxlora import atomic
+from flaxlora import models
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import method_parts
 from flaxlora.peft import peft_names
-from flaxlora.peft import prompt as prompt_lib
 from flaxlora.peft import trainable
+from flaxlora.peft.prompt import core
 
 CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'
@@ -45,7 +46,6 @@ _BERT_TASKS = {None: 'FEATURE_EXTRACTION', 'classification': 'SEQ_CLS',
 
 
 def _family(model: Any) -> tuple[str, Any]:
-  from flaxlora import models  # pylint: disable=g-import-not-at-top
   family = models.family_of_model(model)
   names = [k for k, v in models.FAMILIES.items() if v is family]
   return names[0], family
@@ -70,7 +70,7 @@ def _split(method: peft_base.PeftMethod, adapter: Any
   """(prompt [P, H], {path: trained copy}) from a prompt (+ trainable)."""
   prompt, copies = None, {}
   for config, sub in method_parts.parts(method, adapter):
-    if isinstance(config, prompt_lib.PromptConfig):
+    if isinstance(config, core.PromptConfig):
       prompt = np.asarray(sub['prompt'], np.float32)
     elif isinstance(config, trainable.TrainableConfig):
       copies.update(peft_base.flatten(sub))
@@ -78,7 +78,7 @@ def _split(method: peft_base.PeftMethod, adapter: Any
       raise ValueError(
           f'save_prompt writes prompt tuning (+ trainable copies) only; the '
           f'method also has {type(config).__name__}. Save LoRA adapters with '
-          'peft_io.save_peft.')
+          'lora.folder.save_peft.')
   if prompt is None:
     raise ValueError('save_prompt: the method has no prompt_tuning part.')
   return prompt, copies
@@ -169,22 +169,22 @@ def read_folder(folder: pathlib.Path
   return config, st_numpy.load_file(str(weights_file))
 
 
-def load_prompt(folder: str | os.PathLike, model: Any
-                ) -> tuple[peft_base.PeftMethod, Any]:
+def read_prompt(folder: str | os.PathLike, model: Any
+                ) -> tuple[dict[str, Any], dict[str, np.ndarray],
+                           dict[str, np.ndarray]]:
   """Reads a PEFT PROMPT_TUNING folder (written by PEFT or `save_prompt`).
 
   Returns:
-    (method, adapter): prompt_tuning(P), chained with `trainable` when the
-    folder holds modules_to_save tensors; adapter {'prompt': [P, H]} (or the
-    chain's tuple).
+    (kwargs, adapter, copies): prompt_tuning's arguments {'num_tokens': P},
+    its adapter {'prompt': [P, H]}, and {flax path: weight} of the modules
+    to save ({} when there are none).
   """
   folder = pathlib.Path(folder)
   config, tensors = read_folder(folder)
   kind = config.get('peft_type')
   if kind != 'PROMPT_TUNING':
     raise ValueError(f'{folder / CONFIG_FILE}: peft_type {kind!r} is not '
-                     "PROMPT_TUNING; read LoRA folders with "
-                     'peft_io.load_peft.')
+                     "PROMPT_TUNING; read any kind with folders.load.")
   facts = model_facts(model)
   p = int(config['num_virtual_tokens'])
   subs = config.get('num_transformer_submodules') or facts[
@@ -199,8 +199,8 @@ def load_prompt(folder: str | os.PathLike, model: Any
         f'this model\'s hidden size {facts["token_dim"]} need '
         f'{(p * subs, facts["token_dim"])}; was it made for another model?')
   adapter = {'prompt': np.asarray(table[:p], np.float32)}
-  return with_copies(prompt_lib.prompt_tuning(p), adapter,
-                     copies_from(tensors, model, folder / WEIGHTS_FILE))
+  return ({'num_tokens': p}, adapter,
+          copies_from(tensors, model, folder / WEIGHTS_FILE))
 
 
 def copies_from(tensors: dict[str, Any], model: Any, source: Any
@@ -218,15 +218,3 @@ def copies_from(tensors: dict[str, Any], model: Any, source: Any
     value = np.asarray(value, np.float32)
     copies['/'.join(rule.path)] = value.T if rule.transpose else value
   return copies
-
-
-def with_copies(method: peft_base.PeftMethod, adapter: Any,
-                copies: dict[str, np.ndarray]
-                ) -> tuple[peft_base.PeftMethod, Any]:
-  """(method, adapter), chained with `trainable` copies when there are any.
-  """
-  if not copies:
-    return method, adapter
-  method = peft_base.chain(method, trainable.trainable(
-      [re.escape(path) for path in sorted(copies)]))
-  return method, (adapter, peft_base.unflatten(copies))

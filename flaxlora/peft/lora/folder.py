@@ -1,12 +1,13 @@
-"""Hugging Face PEFT adapter folders: write, read, and merged export.
+"""LoRA's Hugging Face PEFT folders: write, read, and merged export.
 
-    peft_io.save_peft('/tmp/adapter', model, base, adapter, method,
-                      base_model_name_or_path=peft_names.base_model_reference(
-                          'google-t5/t5-small'))
+    folder.save_peft('/tmp/adapter', model, base, adapter, method,
+                     base_model_name_or_path=peft_names.base_model_reference(
+                         'google-t5/t5-small'))
     # torch: peft.PeftModel.from_pretrained(hf_model, '/tmp/adapter'), or
     # peft.AutoPeftModelForSeq2SeqLM.from_pretrained('/tmp/adapter')
-    method, adapter = peft_io.load_peft('/tmp/adapter', model, base)
-    peft_io.save_merged('/tmp/merged', model, base, adapter, method)
+    kwargs, adapter, copies = folder.read_peft('/tmp/adapter', model, base)
+    method, adapter = lora.load('/tmp/adapter', model, base)  # composed
+    folder.save_merged('/tmp/merged', model, base, adapter, method)
 
 A folder holds `adapter_config.json` (PEFT's LoraConfig fields) and
 `adapter_model.safetensors` with PEFT's names, e.g.
@@ -28,21 +29,17 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import numpy as st_numpy
 
-from flaxlora import atomic
 from flaxlora import models
 from flaxlora.models import hf_io
 from flaxlora.peft import base as peft_base
-from flaxlora.peft import lora
+from flaxlora.peft import hf_folder
 from flaxlora.peft import merge
 from flaxlora.peft import method_parts
 from flaxlora.peft import peft_names
-from flaxlora.peft import trainable
+from flaxlora.peft.lora import kernel
 
-CONFIG_FILE = 'adapter_config.json'
-WEIGHTS_FILE = 'adapter_model.safetensors'
-PREFIX = 'base_model.model.'
+PREFIX = hf_folder.PREFIX
 _A, _B, _M = '.lora_A.weight', '.lora_B.weight', '.lora_magnitude_vector'
 
 # adapter_config.json fields: honoured, informational, and those flaxlora
@@ -54,7 +51,8 @@ INFORMATIONAL = ('peft_type', 'peft_version', 'task_type', 'revision',
                  'base_model_name_or_path', 'auto_mapping', 'inference_mode',
                  'megatron_core', 'qalora_group_size', 'exclude_modules')
 DEFAULTS = {
-    'bias': ('none',), 'fan_in_fan_out': (False,), 'lora_bias': (False,),
+    # PEFT sets fan_in_fan_out by the layer (True only on Conv1D) itself.
+    'bias': ('none',), 'fan_in_fan_out': (False, True), 'lora_bias': (False,),
     'layers_to_transform': (None,), 'layers_pattern': (None,),
     'layer_replication': (None,), 'megatron_config': (None,),
     'loftq_config': ({}, None), 'use_qalora': (False, None),
@@ -65,32 +63,11 @@ DEFAULTS = {
     'use_bdlora': (None, False), 'velora_config': (None,),
     'ensure_weight_tying': (False,),
 }
-TASK_TYPES = {('t5', None): 'SEQ_2_SEQ_LM', ('bert', 'classification'):
-              'SEQ_CLS', ('bert', 'qa'): 'QUESTION_ANS',
-              ('bert', None): 'FEATURE_EXTRACTION'}
-
-
-def linear_rules(model) -> dict[str, hf_io.Rule]:
-  """Flax path -> Rule for every parameter, from the family's hf_rules."""
-  family = models.family_of_model(model)
-  return {'/'.join(r.path): r for r in family.hf_rules(model)}
-
-
-def linear_module(rule: hf_io.Rule | None, path: str) -> str:
-  """The torch Linear module name of the kernel at `path` (LoRA, IA3)."""
-  if rule is None:
-    raise ValueError(f'{path} has no Hugging Face name in the model '
-                     "family's hf_rules; PEFT cannot name its adapter.")
-  if not (rule.transpose and rule.key.endswith('.weight')):
-    raise ValueError(f'{path} is stored as {rule.key!r}, not a torch Linear '
-                     'weight; PEFT adapts Linear layers only.')
-  return rule.key[:-len('.weight')]
-
 
 def _split(method: peft_base.PeftMethod, adapter: Any):
   """(LoraConfig, lora adapter, trainable adapter or {}) of a method."""
   return method_parts.one_with_copies(
-      method, adapter, lora.LoraConfig, 'save_peft', 'lora()')
+      method, adapter, kernel.LoraConfig, 'save_peft', 'lora()')
 
 
 def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
@@ -116,10 +93,10 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
                      'base, which HF checkpoints do not hold; write it with '
                      'its method\'s export (flaxlora.export.save_peft), a '
                      'LoRA of rank 2R over the original base.')
-  rules = linear_rules(model)
+  rules = hf_folder.linear_rules(model)
   tensors, modules, ranks, alphas = {}, [], {}, {}
-  for path, node in lora.kernels(config, base, lora_adapter).items():
-    module = linear_module(rules.get(path), path)
+  for path, node in kernel.kernels(config, base, lora_adapter).items():
+    module = hf_folder.linear_module(rules.get(path), path)
     modules.append(module)
     tensors[PREFIX + module + _A] = np.asarray(node.a, np.float32).T
     tensors[PREFIX + module + _B] = np.asarray(node.b, np.float32).T
@@ -130,14 +107,15 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
     if config.alpha_for(path) != config.alpha:
       alphas[module] = config.alpha_for(path)
   owners = sorted({rules[p].key.rsplit('.', 1)[0] for p in copies})
-  tensors.update(module_tensors(owners, rules, base, copies))
+  tensors.update(hf_folder.module_tensors(owners, rules, base, copies))
   keys = [r.key for r in rules.values()]
   to_save = peft_names.compact_modules_to_save(owners, keys)
   family = models.family_of_model(model)
   head = getattr(model, 'head', None)
   peft_config = {
       'peft_type': 'LORA',
-      'task_type': TASK_TYPES.get((family.MODEL_TYPES[0], head)),
+      'task_type': hf_folder.TASK_TYPES.get((family.MODEL_TYPES[0],
+                                              head)),
       'base_model_name_or_path': peft_names.resolve_pkg(
           base_model_name_or_path),
       'r': config.rank, 'lora_alpha': config.alpha,
@@ -147,33 +125,12 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
       'use_rslora': config.use_rslora, 'use_dora': config.use_dora,
       'lora_dropout': config.dropout, 'modules_to_save': to_save,
       'init_lora_weights': True if config.init == 'default' else config.init,
-      'bias': 'none', 'fan_in_fan_out': False, 'inference_mode': True,
+      'bias': 'none', 'inference_mode': True,
+      'fan_in_fan_out': any(hf_folder.is_conv1d(rules[p], p) for p in
+                            kernel.kernels(config, base, lora_adapter)),
   }
   tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-  return write_folder(pathlib.Path(folder), peft_config, tensors)
-
-
-def module_tensors(modules: list[str], rules: Mapping[str, hf_io.Rule],
-                    base: Mapping[str, Any], copies: Mapping[str, Any]
-                    ) -> dict[str, np.ndarray]:
-  """PEFT tensors of whole modules to save: trained copies, else base."""
-  tensors = {}
-  for path, rule in rules.items():
-    if rule.key.rsplit('.', 1)[0] in modules:
-      value = np.asarray(copies.get(path, peft_base.get(base, path)),
-                         np.float32)
-      tensors[PREFIX + rule.key] = value.T if rule.transpose else value
-  return tensors
-
-
-def write_folder(folder: pathlib.Path, config: dict[str, Any],
-           tensors: dict[str, np.ndarray]) -> pathlib.Path:
-  """Writes both files into a staging folder swapped in atomically."""
-  with atomic.folder(folder) as staging:
-    (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + '\n')
-    st_numpy.save_file(tensors, str(staging / WEIGHTS_FILE),
-                       metadata={'format': 'pt'})
-  return folder
+  return hf_folder.write_folder(pathlib.Path(folder), peft_config, tensors)
 
 
 def save_merged(folder: str | os.PathLike, model, base: Mapping[str, Any],
@@ -185,7 +142,7 @@ def save_merged(folder: str | os.PathLike, model, base: Mapping[str, Any],
 
 
 def _read_config(folder: pathlib.Path) -> dict[str, Any]:
-  file = folder / CONFIG_FILE
+  file = folder / hf_folder.CONFIG_FILE
   if not file.is_file():
     raise FileNotFoundError(f'{file} is missing; is {folder} a PEFT adapter '
                             'folder (save_pretrained of a PeftModel)?')
@@ -196,7 +153,7 @@ def _read_config(folder: pathlib.Path) -> dict[str, Any]:
                      ) from e
   if config.get('peft_type') != 'LORA':
     raise ValueError(f'{file}: peft_type {config.get("peft_type")!r}; '
-                     'load_peft reads LORA adapters only.')
+                     'lora.load reads LORA adapters only.')
   for key, value in config.items():
     if key in HONOURED or key in INFORMATIONAL:
       continue
@@ -265,19 +222,20 @@ def _lora_entry(module, parts, w_shape, source, use_dora):
   return entry
 
 
-def load_peft(folder: str | os.PathLike, model, base: Mapping[str, Any]
-              ) -> tuple[peft_base.PeftMethod, Any]:
-  """Reads a PEFT LoRA folder into (method, adapter) for `model`.
+def read_peft(folder: str | os.PathLike, model, base: Mapping[str, Any]
+              ) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+  """Reads a PEFT LoRA folder for `model`: (lora kwargs, adapter, copies).
 
   Ranks come from the tensors (checked against r / rank_pattern); alphas
-  follow lora_alpha / alpha_pattern with PEFT's matching rules. Modules to
-  save become a chained `base.trainable` whose adapter holds their weights.
+  follow lora_alpha / alpha_pattern with PEFT's matching rules. `copies`
+  maps the flax paths of the modules to save to their weights ({} when
+  there are none); `lora.load` chains them as a `trainable`.
   """
   folder = pathlib.Path(folder)
   config = _read_config(folder)
-  source = str(folder / WEIGHTS_FILE)
+  source = str(folder / hf_folder.WEIGHTS_FILE)
   lora_tensors, saved = _group(
-      hf_io.read_safetensors(folder / WEIGHTS_FILE), source)
+      hf_io.read_safetensors(folder / hf_folder.WEIGHTS_FILE), source)
   if not lora_tensors:
     raise ValueError(f'{source}: no lora_A/lora_B tensors.')
   family = models.family_of_model(model)
@@ -304,39 +262,13 @@ def load_peft(folder: str | os.PathLike, model, base: Mapping[str, Any]
                                   alpha)
     if module_alpha != alpha:
       alphas[re.escape(path)] = module_alpha
-  method = lora.lora(
+  kwargs = dict(
       rank=r, alpha=alpha, targets=[re.escape(p) for p in entries],
       dropout=float(config.get('lora_dropout') or 0.0), rank_pattern=ranks,
       alpha_pattern=alphas, use_rslora=bool(config.get('use_rslora')),
       init='gaussian' if config.get('init_lora_weights') == 'gaussian'
       else 'default', use_dora=bool(config.get('use_dora')))
   adapter = jax.tree.map(jnp.asarray, peft_base.unflatten(entries))
-  if not saved:
-    return method, adapter
-  copies = saved_copies(saved, by_key, base, source, type(model).__name__)
-  method = peft_base.chain(method, trainable.trainable(
-      [re.escape(p) for p in sorted(copies)]))
-  return method, (adapter, jax.tree.map(jnp.asarray,
-                                        peft_base.unflatten(copies)))
-
-
-def saved_copies(saved: Mapping[str, np.ndarray],
-                  by_key: Mapping[str, hf_io.Rule], base: Mapping[str, Any],
-                  source: str, model_name: str) -> dict[str, np.ndarray]:
-  """{flax path: fp32 value} of PEFT's modules-to-save tensors."""
-  copies = {}
-  for key, value in saved.items():
-    rule = by_key.get(key)
-    if rule is None:
-      raise ValueError(f'{source}: saved module tensor {key!r} is not a '
-                       f'parameter of this {model_name}.')
-    path = '/'.join(rule.path)
-    value = np.asarray(value, np.float32)
-    value = value.T if rule.transpose else value
-    want = tuple(peft_base.get(base, path).shape)
-    if value.shape != want:
-      raise ValueError(f'{source}: tensor {PREFIX + key!r} has shape '
-                       f'{np.shape(saved[key])}; the base needs {want} for '
-                       f'{path}.')
-    copies[path] = value
-  return copies
+  copies = (hf_folder.saved_copies(saved, by_key, base, source,
+                                   type(model).__name__) if saved else {})
+  return kwargs, adapter, copies

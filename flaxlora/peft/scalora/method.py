@@ -10,47 +10,46 @@ a = A [in, R], b = B' [R, out], with LoRA's factor s):
   W_pt,t <- W_pt,t + A B' - A~ B~' (the model is unchanged), so the summed
   update is a sum of different rank-r pieces and grows high-rank. Here the
   base is W + acc, acc' = acc + s (a b - a~ b~), every `merge_every` updates
-  (1, as in the paper: every update).
-* A~, B~ minimise the L-smooth upper bound of the next loss (the paper's
-  Assumption 1), i.e. || dW* - dW~ ||_F with dW* = -G / L the full
-  fine-tuning step (G the gradient w.r.t. the effective kernel) and dW~ the
-  first-order change of a gradient step on A~, B~; restricted to A~, B~ =
-  A, B with scaled columns (what keeps the optimizer running), the optimum
-  is analytic. With a~ = a diag(alpha), b~ = diag(beta) b, u = alpha^2,
-  v = beta^2: dW~ = -lr (sum_i u_i X_i + v_i Y_i), X_i = s^2 a_i a_i' G,
-  Y_i = s^2 G b_i' b_i, a linear least-squares problem in (u, v) whose
-  2R x 2R normal equations need only inner products of a, b and the LoRA
-  gradients g_a = s G b', g_b = s a' G: O((in + out) R^2), no dense G.
+  (the paper's I; 1: every update) once `restart_warmup` updates are done.
+* A~, B~ are A, B with scaled columns (what keeps the optimizer running),
+  the scales minimising the L-smooth bound of the next loss: a 2R x 2R
+  linear system of inner products (`scaling.scaling`, whose module docstring derives it),
+  or, when it has no positive solution, one scale per factor (the scalar
+  fallback, closed form from the same inner products), or, when neither
+  is positive, no restart for that kernel and update. L (`lipschitz`)
+  multiplies the rate of the step, eta: the scheduled rate of this update
+  or the peak rate (`lipschitz_rate`); lipschitz=0 sets L eta = 1 at every
+  update (L follows 1 / eta through the schedule).
 * The restart runs in `before_update` (after the gradient at W_t, before
   the optimizer update): the gradients of the restarted factors are exact
   without a second backward pass, g_a~ = g_a diag(beta), g_b~ = diag(alpha)
-  g_b, and AdamW's moments are carried over with the same column scaling,
+  g_b, and AdamW's moments are carried over with the same scaling (the
+  paper's moment transfer: Adam's step is equivariant under it),
   m_a~ = m_a diag(beta), v_a~ = v_a diag(beta^2), m_b~ = diag(alpha) m_b,
-  v_b~ = diag(alpha^2) v_b: no optimizer reset, no warm-up, the step count
-  kept. Other optimizers are refused.
+  v_b~ = diag(alpha^2) v_b: no optimizer reset, the step count kept. A
+  scalar restart is the column one with equal scales. Other optimizers are
+  refused.
+* The hook's metrics: the fraction of targeted kernels restarted by column
+  scaling, by scalar scaling and not at all (`restart_column`,
+  `restart_scalar`, `restart_none`; an update without a restart due counts
+  every kernel as not restarted). The run logs them with the loss.
 
 Choices the paper's text (as available here) leaves open; each is tested in
 tests/test_scalora.py:
-1. lr * L = 1: the restarted LoRA step is matched to the full fine-tuning
-   step at the same learning rate
-   (test_restart_matches_numpy_and_moments_are_transformed).
-2. A coordinate whose term vanishes (B = 0 at LoRA's init: Y_i = 0) does not
-   change the objective and keeps scale 1; if another coefficient of the
-   least-squares optimum is not positive (u, v are squares) or the system
-   is singular, no valid scaling exists and the kernel is not restarted
-   that update: scales 1, acc and moments unchanged, a plain LoRA step
-   (test_free_and_invalid_scalings).
-3. The gradient is the run's (clipped, mean, dropout) minibatch gradient;
-   the scales do not depend on its overall size.
+1. A coordinate whose term vanishes (B = 0 at LoRA's init) keeps scale 1.
+2. The gradient is the run's (clipped, mean, dropout) minibatch gradient.
+3. eta is the rate of A (LoRA+'s faster B rate is not used).
 
 State: acc is one fp32 [in, out] copy per targeted kernel (4 bytes per
 targeted base weight), kept in the adapter (checkpointed: a resumed run
 continues bitwise, test_sigkill_resume_is_bitwise) and frozen by the
 method's optimizer (`optax.set_to_zero`: no moments for it) and by
-`stop_gradient` in `apply`. A restart forms one dense [in, out] increment.
+`stop_gradient` in `apply`. With lipschitz > 0 the optimizer state also
+holds the rate of the next update (`RateState`). A restart forms one dense
+[in, out] increment.
 
 Export: the update is high-rank, so the method's export (a run's `peft/`
-folder) is the merged Hugging Face checkpoint (`peft_io.save_merged`,
+folder) is the merged Hugging Face checkpoint (`lora_folder.save_merged`,
 W + acc + s A B; config.json and safetensors that transformers loads alone).
 On request (`lora_export=True`) it writes instead the best rank-R
 approximation (truncated SVD) of acc + s A B as a plain PEFT LoRA folder and
@@ -58,7 +57,7 @@ prints its relative error.
 """
 import dataclasses
 import functools
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,33 +66,45 @@ import optax
 
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
-from flaxlora.peft import lora_form
+from flaxlora.peft.lora import folder as lora_folder
+from flaxlora.peft.lora import form as lora_form
+from flaxlora.peft.scalora import scaling as scaling_lib
 
 Array = jax.Array
 FROZEN = 'frozen'
-_HI = jax.lax.Precision.HIGHEST
-# A term whose squared norm is below this x the largest one is zero.
-_FREE = 1e-12
+RATES = ('scheduled', 'peak')
+# The hook's metrics: fractions of the targeted kernels per restart kind.
+METRICS = tuple(f'restart_{kind}' for kind in scaling_lib.KINDS)
+_NO_RESTART = dict(zip(METRICS, np.eye(len(METRICS), dtype=np.float32)[-1]))
 
 
 def _write_merged(folder, model, base, adapter, method, **kwargs):
   """The method's default export: the merged Hugging Face checkpoint."""
   del kwargs  # a merged checkpoint names no base
-  from flaxlora.peft import peft_io  # pylint: disable=g-import-not-at-top
   print('scalora: the update is high-rank; the export is the merged '
         'Hugging Face checkpoint (W + acc + s A B, transformers loads it '
         'alone); lora_export=True writes its best rank-R PEFT LoRA instead.')
-  return peft_io.save_merged(folder, model, base, adapter, method)
+  return lora_folder.save_merged(folder, model, base, adapter, method)
 
 
 @dataclasses.dataclass(frozen=True)
 class ScaLoraConfig:
-  """ScaLoRA hyperparameters: LoRA's (`lora`), the restart period, and
-  whether the run's PEFT folder holds the best rank-R LoRA (`lora_export`).
-  """
+  """ScaLoRA hyperparameters: LoRA's (`lora`), the restart period, whether
+  the run's PEFT folder holds the best rank-R LoRA (`lora_export`), L and
+  the rate it multiplies (0: L eta = 1), and the updates before the first
+  restart."""
   lora: lora.LoraConfig
   merge_every: int = 1
   lora_export: bool = False
+  lipschitz: float = 0.0
+  lipschitz_rate: str = 'scheduled'
+  restart_warmup: int = 0
+
+
+class RateState(NamedTuple):
+  """The optimizer's updates done and the rate eta of the next one."""
+  count: Array
+  rate: Array
 
 
 def _is_node(node: Any) -> bool:
@@ -101,58 +112,29 @@ def _is_node(node: Any) -> bool:
 
 
 def _mm(x, y):
-  return jnp.matmul(x, y, precision=_HI)
+  return jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)
 
 
-def scaling(a: Array, b: Array, g_a: Array, g_b: Array, scale: float
-            ) -> tuple[Array, Array]:
-  """The optimal column scales (alpha [R], beta [R]) of one kernel.
-
-  Solves the normal equations of min_{u, v} ||G - sum_i u_i X_i + v_i Y_i||_F
-  (module docstring) from inner products of the factors and their gradients.
-  A coordinate whose term vanishes (X_i or Y_i = 0) is free and keeps scale
-  1; if any other coordinate is not positive (or the system is singular) no
-  valid scaling exists and every scale is 1 (no restart).
-
-  Args:
-    a: [in, R]; b: [R, out]; g_a [in, R], g_b [R, out]: the loss gradients
-      of a and b at the current point.
-    scale: s of the product s A B.
-
-  Returns:
-    (alpha [R], beta [R]): a~ = a diag(alpha), b~ = diag(beta) b.
-  """
-  r = a.shape[1]
-  k_xx = _mm(a.T, a) * _mm(g_b, g_b.T)                    # [R, R]
-  k_yy = _mm(g_a.T, g_a) * _mm(b, b.T)
-  k_xy = _mm(a.T, g_a) * _mm(g_b, b.T)
-  gram = scale**2 * jnp.block([[k_xx, k_xy], [k_xy.T, k_yy]])  # [2R, 2R]
-  h = jnp.concatenate([jnp.sum(g_b * g_b, 1), jnp.sum(g_a * g_a, 0)])
-  diag = jnp.diagonal(gram)
-  free = diag <= _FREE * jnp.max(diag)
-  gram = jnp.where(free[:, None] | free[None, :], jnp.eye(2 * r), gram)
-  theta = jnp.linalg.solve(gram, jnp.where(free, 1.0, h))
-  valid = jnp.all(jnp.isfinite(theta) & (theta > 0))
-  col = jnp.sqrt(jnp.where(valid, theta, 1.0))
-  return col[:r], col[r:]
-
-
-def _restart(config: ScaLoraConfig, adapter, opt_state, grads):
-  """Folds, rescales, and carries gradients and Adam moments over."""
+def _restart(config: ScaLoraConfig, adapter, opt_state, grads, l_eta):
+  """Folds, rescales, carries gradients and Adam moments over; metrics."""
   flat = peft_base.flatten(adapter, is_leaf=_is_node)
   flat_g = peft_base.flatten(grads, is_leaf=_is_node)
-  new, new_g, cols = {}, {}, {}
+  new, new_g, cols, kinds = {}, {}, {}, []
   for path, leaf in flat.items():
     g = flat_g[path]
     s = config.lora.scale_for(path)
-    alpha, beta = scaling(leaf['a'], leaf['b'], g['a'], g['b'], s)
+    alpha, beta, kind = scaling_lib.scaling(leaf['a'], leaf['b'], g['a'],
+                                            g['b'], s, l_eta)
     a, b = leaf['a'] * alpha, beta[:, None] * leaf['b']
     acc = leaf['acc'] + s * _mm(leaf['a'] * (1.0 - alpha * beta), leaf['b'])
     new[path] = dict(leaf, a=a, b=b, acc=acc)
     new_g[path] = dict(g, a=g['a'] * beta, b=alpha[:, None] * g['b'])
     cols[path] = {'a': beta[None, :], 'b': alpha[:, None]}
+    kinds.append(kind)
+  counts = jnp.bincount(jnp.stack(kinds), length=len(METRICS))
+  metrics = dict(zip(METRICS, counts.astype(jnp.float32) / len(kinds)))
   return (peft_base.unflatten(new), _scale_moments(opt_state, cols),
-          peft_base.unflatten(new_g))
+          peft_base.unflatten(new_g), metrics)
 
 
 def _scale_moments(opt_state: Any, cols: Mapping[str, Any]) -> Any:
@@ -181,21 +163,62 @@ def _scale_moments(opt_state: Any, cols: Mapping[str, Any]) -> Any:
   return out
 
 
+def _l_eta(config: ScaLoraConfig, opt_state: Any) -> Array | float:
+  """L x eta of the coming update (1 when lipschitz is 0)."""
+  if not config.lipschitz:
+    return 1.0
+  is_rate = lambda n: isinstance(n, RateState)
+  rates = [n for n in jax.tree.leaves(opt_state, is_leaf=is_rate)
+           if is_rate(n)]
+  if len(rates) != 1:
+    raise ValueError(
+        f'scalora lipschitz={config.lipschitz} multiplies the run\'s rate, '
+        'but the optimizer keeps none: build its make_tx with '
+        'flaxlora.optimizers.factory (it has .schedule and .peak), or set '
+        'lipschitz=0 (L eta = 1).')
+  return config.lipschitz * rates[0].rate
+
+
+def _rate_tracker(rate: Callable[[Array], Array]
+                  ) -> optax.GradientTransformation:
+  """Passes updates through; its state is `RateState` (eta = rate(count))."""
+
+  def init(params):
+    del params
+    count = jnp.zeros([], jnp.int32)
+    return RateState(count, jnp.asarray(rate(count), jnp.float32))
+
+  def update(updates, state, params=None):
+    del params
+    count = state.count + 1
+    return updates, RateState(count, jnp.asarray(rate(count), jnp.float32))
+
+  return optax.GradientTransformation(init, update)
+
+
 def _labels(adapter: Any, ratio: float) -> Any:
   out = {}
-  for path, leaf in peft_base.flatten(adapter, is_leaf=_is_node).items():
+  for path in peft_base.flatten(adapter, is_leaf=_is_node):
     b = 'lora_b' if ratio != 1.0 else 'other'
     out[path] = {'a': 'other', 'b': b, 'acc': FROZEN}
   return peft_base.unflatten(out)
 
 
-def _optimizer(ratio: float, make_tx: peft_base.TxFactory
+def _optimizer(config: ScaLoraConfig, make_tx: peft_base.TxFactory
                ) -> optax.GradientTransformation:
-  """The run's optimizer for a and b (LoRA+: b at ratio x), none for acc."""
+  """The run's optimizer for a and b (LoRA+: b at ratio x), none for acc;
+  with lipschitz > 0, the rate it multiplies kept in the state."""
+  ratio = config.lora.loraplus_ratio
   txs = {'other': make_tx(1.0), FROZEN: optax.set_to_zero()}
   if ratio != 1.0:
     txs['lora_b'] = make_tx(ratio)
-  return optax.multi_transform(txs, lambda ad: _labels(ad, ratio))
+  tx = optax.multi_transform(txs, lambda ad: _labels(ad, ratio))
+  if not config.lipschitz or not hasattr(make_tx, 'schedule'):
+    return tx  # without a schedule, `before_update` says what is missing
+  peak = jnp.float32(make_tx.peak)
+  rate = (make_tx.schedule if config.lipschitz_rate == 'scheduled'
+          else lambda count: peak)
+  return optax.chain(tx, _rate_tracker(rate))
 
 
 def logical_axes(base_axes: Any, adapter: Any) -> Any:
@@ -217,10 +240,11 @@ def total_update(config: ScaLoraConfig, path: str, leaf: Mapping[str, Any]
   return acc + config.lora.scale_for(path) * a @ b
 
 
-def as_lora(config: ScaLoraConfig, adapter: Any
+def as_lora(config: ScaLoraConfig, adapter: Any, base: Any = None
             ) -> tuple[peft_base.PeftMethod, dict[str, Any]]:
   """The best rank-R LoRA (scale 1) of each total update; prints the error.
-  """
+  (`base` is not needed: acc holds the whole update.)"""
+  del base
   factors, errors = {}, []
   for path, leaf in peft_base.flatten(adapter, is_leaf=_is_node).items():
     total = total_update(config, path, leaf)
@@ -241,32 +265,60 @@ def as_lora(config: ScaLoraConfig, adapter: Any
   return method, peft_base.unflatten(factors)
 
 
+def make_config(rank: int = 8, alpha: float = 16.0,
+                targets: str | Iterable[str] | None = None,
+                dropout: float = 0.0, use_rslora: bool = False,
+                loraplus_ratio: float = 1.0, merge_every: int = 1,
+                lora_export: bool = False, lipschitz: float = 0.0,
+                lipschitz_rate: str = 'scheduled', restart_warmup: int = 0
+                ) -> ScaLoraConfig:
+  """Validates arguments into a `ScaLoraConfig`; see `scalora`."""
+  for name, value, least in (('merge_every', merge_every, 1),
+                             ('restart_warmup', restart_warmup, 0)):
+    if isinstance(value, bool) or int(value) != value or value < least:
+      raise ValueError(f'scalora {name} must be an int >= {least}, got '
+                       f'{value!r}.')
+  if not lipschitz >= 0:
+    raise ValueError(f'scalora lipschitz must be >= 0 (0: L eta = 1), got '
+                     f'{lipschitz!r}.')
+  if lipschitz_rate not in RATES:
+    raise ValueError(f'scalora lipschitz_rate must be one of {RATES}, got '
+                     f'{lipschitz_rate!r}.')
+  return ScaLoraConfig(
+      lora.make_config(rank, alpha, targets, dropout, use_rslora=use_rslora,
+                       loraplus_ratio=loraplus_ratio), int(merge_every),
+      bool(lora_export), float(lipschitz), lipschitz_rate,
+      int(restart_warmup))
+
+
 def scalora(rank: int = 8, alpha: float = 16.0,
             targets: str | Iterable[str] | None = None, dropout: float = 0.0,
             use_rslora: bool = False, loraplus_ratio: float = 1.0,
-            merge_every: int = 1, lora_export: bool = False
-            ) -> peft_base.PeftMethod:
+            merge_every: int = 1, lora_export: bool = False,
+            lipschitz: float = 0.0, lipschitz_rate: str = 'scheduled',
+            restart_warmup: int = 0) -> peft_base.PeftMethod:
   """ScaLoRA as a `PeftMethod` (see the module docstring).
 
   Args:
     rank, alpha, targets, dropout, use_rslora, loraplus_ratio: as `lora.lora`
       (A, B start as LoRA's: Kaiming-uniform A, B = 0).
-    merge_every: restart every this many updates (1: every update).
+    merge_every: restart every this many updates (the paper's I).
     lora_export: the method's export writes the best rank-R PEFT LoRA of the
       total update and prints its error; False: the merged Hugging Face
       checkpoint (exact).
+    lipschitz: L, which with eta divides the squared scales (theta =
+      K^-1 h / (L eta)); 0: L eta = 1 at every update.
+    lipschitz_rate: eta: 'scheduled' (the rate of the coming update) or
+      'peak' (optimizer.lr).
+    restart_warmup: no restart during the first this many updates.
 
   Returns:
     A PeftMethod whose adapter maps each targeted kernel path to
     {'a': [in, R], 'b': [R, out], 'acc': [in, out]}.
   """
-  config = ScaLoraConfig(
-      lora.make_config(rank, alpha, targets, dropout, use_rslora=use_rslora,
-                       loraplus_ratio=loraplus_ratio), int(merge_every),
-      bool(lora_export))
-  if isinstance(merge_every, bool) or not config.merge_every >= 1:
-    raise ValueError(f'scalora merge_every must be an int >= 1 (1: every '
-                     f'update), got {merge_every!r}.')
+  config = make_config(rank, alpha, targets, dropout, use_rslora,
+                       loraplus_ratio, merge_every, lora_export, lipschitz,
+                       lipschitz_rate, restart_warmup)
   inner = lora.lora(rank, alpha, targets, dropout, use_rslora=use_rslora)
 
   def init(rng, base):
@@ -287,13 +339,15 @@ def scalora(rank: int = 8, alpha: float = 16.0,
 
   def before_update(adapter, opt_state, grads, base, step):
     del base
-    return jax.lax.cond(step % config.merge_every == 0,
-                        lambda: _restart(config, adapter, opt_state, grads),
-                        lambda: (adapter, opt_state, grads))
+    due = (step >= config.restart_warmup) & (step % config.merge_every == 0)
+    l_eta = _l_eta(config, opt_state)
+    return jax.lax.cond(
+        due, lambda: _restart(config, adapter, opt_state, grads, l_eta),
+        lambda: (adapter, opt_state, grads, _NO_RESTART))
 
   return peft_base.PeftMethod(
       init, apply, config, logical_axes=logical_axes,
-      optimizer=functools.partial(_optimizer, config.lora.loraplus_ratio),
+      optimizer=functools.partial(_optimizer, config),
       before_update=before_update,
       export=(lora_form.export(ScaLoraConfig, as_lora) if lora_export
               else peft_base.Export(_write_merged, needs_base=True)))

@@ -1,14 +1,16 @@
 """Loads adapter folders into one `multi` bank for a base model.
 
-    names, bank = multi_io.load({'sst2': 'runs/sst2/adapter',   # flaxlora
-                                 'mnli': 'hub_copies/mnli_lora'},  # PEFT
-                                model, base, slots=16, rank=16)
+    names, bank = adapter_bank.load({'sst2': 'runs/sst2/adapter',  # flaxlora
+                                     'mnli': 'hub_copies/mnli_lora'},  # PEFT
+                                    model, base, slots=16, rank=16)
     ids = multi.row_ids(['sst2', None, 'mnli'], names)  # None: the base
 
 A folder is either Hugging Face PEFT's (`adapter_config.json`, read with
-`peft_io.load_peft`) or flaxlora's own (`method.json` + `adapter.safetensors`
+`peft.lora.load`) or flaxlora's own (`method.json` + `adapter.safetensors`
 from a finished run, see `flaxlora.export`). Each must be a LoRA adapter,
 optionally with modules to save of Dense layers (a classifier head).
+It lives in the run layer: a run's folder is rebuilt from its recorded
+config (`build.peft_method`).
 """
 import os
 import pathlib
@@ -20,19 +22,20 @@ import ml_collections
 from flaxlora import build
 from flaxlora import export
 from flaxlora.peft import base as peft_base
+from flaxlora.peft import hf_folder
+from flaxlora.peft import lora
 from flaxlora.peft import multi
-from flaxlora.peft import peft_io
 
 
 def read(folder: str | os.PathLike, model, base: Mapping[str, Any]
          ) -> tuple[peft_base.PeftMethod, Any]:
   """(method, adapter) of a PEFT or flaxlora adapter folder."""
   folder = pathlib.Path(folder)
-  if (folder / peft_io.CONFIG_FILE).is_file():
-    return peft_io.load_peft(folder, model, base)
+  if (folder / hf_folder.CONFIG_FILE).is_file():
+    return lora.load(folder, model, base)
   if not (folder / export.METHOD_FILE).is_file():
     raise FileNotFoundError(
-        f'{folder} has neither {peft_io.CONFIG_FILE} (a PEFT folder) nor '
+        f'{folder} has neither {hf_folder.CONFIG_FILE} (a PEFT folder) nor '
         f'{export.METHOD_FILE} (a flaxlora run\'s adapter folder); pass one '
         'of those.')
   spec = export.read_spec(folder)

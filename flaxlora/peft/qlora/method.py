@@ -27,9 +27,11 @@ from typing import Any, Iterable, Mapping
 import jax
 import jax.numpy as jnp
 
+from flaxlora import models
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
-from flaxlora.peft import nf4
+from flaxlora.peft.lora import folder as lora_folder
+from flaxlora.peft.qlora import nf4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +94,8 @@ def qlora(rank: int = 8, alpha: float = 16.0,
 
 
 def _write_peft(folder, model, base, adapter, method, **kwargs):
-  from flaxlora.peft import peft_io  # pylint: disable=g-import-not-at-top
-  return peft_io.save_peft(folder, model, nf4.dequantize_params(base),
-                           adapter, method, **kwargs)
+  return lora_folder.save_peft(folder, model, nf4.dequantize_params(base),
+                               adapter, method, **kwargs)
 
 
 # LoRA's folder, written against the dequantised base: PEFT loads it onto
@@ -150,5 +151,4 @@ def save_merged(folder: str | pathlib.Path, model: Any,
                 method: peft_base.PeftMethod, tokenizer: Any = None
                 ) -> pathlib.Path:
   """Writes the dequantised, merged model as a plain Hugging Face folder."""
-  from flaxlora import models  # pylint: disable=g-import-not-at-top
   return models.save(folder, model, merge(base, adapter, method), tokenizer)

@@ -1,4 +1,4 @@
-"""Prefix tuning (Li & Liang 2021) as a pure PEFT method, in PEFT's layout.
+"""Prefix tuning's construction (Li & Liang 2021), in PEFT's layout.
 
     method = prefix.prefix_tuning(num_tokens=20, projection=True)
     adapter = method.init(rng, base)
@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from flaxlora.peft import base as peft_base
 
 INITS = ('random', 'zero')
 
@@ -147,24 +146,9 @@ def _init(config: PrefixConfig, rng: jax.Array, lay: Layout
           'b2': _linear(keys[4], e, (flat,), zero)}
 
 
-def prefix_tuning(num_tokens: int = 20, projection: bool = False,
-                  hidden: int = 0, init: str = 'random'
-                  ) -> peft_base.PeftMethod:
-  """Trained key/value prefixes for every self-attention layer.
-
-  Args:
-    num_tokens: P, the prefix length.
-    projection: reparameterise through a two-layer tanh MLP while training
-      (PEFT's prefix_projection; Li & Liang's choice).
-    hidden: the MLP's hidden size (PEFT's encoder_hidden_size); 0 takes the
-      key width W.
-    init: 'random' or 'zero' (see `PrefixConfig`).
-
-  Returns:
-    PeftMethod; adapter {'prefix': [P, 2LW]} or, with projection,
-    {'embedding': [P, W], 'w1': [W, E], 'b1': [E], 'w2': [E, 2LW],
-    'b2': [2LW]}; apply -> (base, {'prefix_kv': ...}).
-  """
+def make_config(num_tokens: int = 20, projection: bool = False,
+                hidden: int = 0, init: str = 'random') -> PrefixConfig:
+  """Validates arguments into a `PrefixConfig`; see `prefix.prefix_tuning`."""
   if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or (
       num_tokens < 1):
     raise ValueError(f'prefix_tuning num_tokens={num_tokens!r}; it must be '
@@ -174,18 +158,19 @@ def prefix_tuning(num_tokens: int = 20, projection: bool = False,
   if not isinstance(hidden, int) or hidden < 0:
     raise ValueError(f'prefix_tuning hidden={hidden!r}; it must be an int '
                      '>= 0 (0: the key width).')
-  config = PrefixConfig(num_tokens, bool(projection), hidden, init)
+  return PrefixConfig(num_tokens, bool(projection), hidden, init)
 
-  def init_fn(rng, base):
-    return _init(config, rng, layout(base))
 
-  def apply_fn(base, adapter):
-    return base, {'prefix_kv': prefix_kv(table(config, adapter),
-                                         layout(base))}
+def init(config: PrefixConfig, rng: jax.Array, base: Any
+         ) -> dict[str, jax.Array]:
+  """The adapter of `config` for the model whose params are `base`."""
+  return _init(config, rng, layout(base))
 
-  return peft_base.PeftMethod(init_fn, apply_fn, config,
-                              logical_axes=adapter_logical_axes,
-                              export=EXPORT)
+
+def apply(config: PrefixConfig, base: Any, adapter: dict[str, Any]
+          ) -> dict[str, Any]:
+  """The model kwargs: {'prefix_kv': ...} for the layers of `base`."""
+  return {'prefix_kv': prefix_kv(table(config, adapter), layout(base))}
 
 
 def adapter_logical_axes(base_axes: Any, adapter: dict[str, Any]
@@ -197,12 +182,3 @@ def adapter_logical_axes(base_axes: Any, adapter: dict[str, Any]
     first = 'prompt' if name in ('prefix', 'embedding') else None
     out[name] = PartitionSpec(first, *(None,) * (value.ndim - 1))
   return out
-
-
-def _write_peft(folder, model, base, adapter, method, **kwargs):
-  del base  # a PREFIX_TUNING folder holds the table (and head copies) only
-  from flaxlora.peft import prefix_io  # pylint: disable=g-import-not-at-top
-  return prefix_io.save_prefix(folder, model, adapter, method, **kwargs)
-
-
-EXPORT = peft_base.Export(_write_peft, needs_base=False)

@@ -40,20 +40,31 @@ Here a kernel is w [in, out] acting as x w (in = n, out = m), so x_out
 
 Choices this module makes where the paper leaves them open (each checked in
 tests/test_nblora.py):
-  * init: the paper sets A~ = 0 so that W starts at 0; with the stacked
-    Cayley map that needs B~ B~' = I (then Z = I, A = 0 and B = -B~), so
-    x_out = 0 and x_in is a random orthonormal frame (QR of a Gaussian;
-    W = 0 up to the float32 rounding of its orthonormality, ~1e-8); v = 0
-    (every s_i = delta R^(-1/p)). A~ is taken on the output side (PyTorch's
-    weight is [out, in] = [m, n]), so, as in LoRA (b = 0), the output
-    factor b starts at 0 with a nonzero gradient
-    (test_cayley_is_semi_orthogonal_and_the_update_starts_at_zero);
+  * init: the paper's A~ = 0 (the update starts at 0). The square block X
+    of the stacked Cayley map is the top R x R block of [A~'; B~'], so it
+    comes from A~', the output side (W [m, n] acts as W x, A~ [r, m]);
+    here x_out's first R rows (PyTorch's weight is [out, in] = [m, n]).
+    With x_out = 0 the top block (I - Z)(I + Z)^-1 of p_out vanishes only
+    if Z = x_in' x_in = I: x_in is a random orthonormal frame (QR of a
+    Gaussian; the update is 0 up to the float32 rounding of its
+    orthonormality, ~1e-8), p_out = 0, p_in = -x_in; v = 0 (every
+    s_i = s0 = delta R^(-1/p)). Differentiating there gives the starting
+    Jacobian: the update moves by s0 x_in [dZ' | 2 dx_out[R:]'] with
+    dZ = dX - dX' + dx_in' x_in + x_in' dx_in, dX = dx_out[:R]: in
+    span(x_in), driven by the output factor as LoRA's by b = 0; the first
+    R output columns through the square block's skew part and x_in's
+    symmetric part, the others by 2 dx_out; v not at first order
+    (test_the_starting_jacobian_is_the_derived_one);
   * eta is the `temperature` argument, default 1.0; s is computed as
     delta * exp(log_softmax(v / eta) / p) so that its gradient stays finite
     when a softmax entry underflows (test_bounds_spend_the_whole_budget);
   * the bound is per kernel: each targeted kernel's update has norm <=
     `bound` (test_singular_values_respect_the_bound,
-    test_the_parameterisation_reaches_the_bound).
+    test_the_parameterisation_reaches_the_bound), or with `relative`
+    <= `bound` x the Frobenius norm of its base kernel (MiniLM's
+    targeted kernels have 17 to 55, so an absolute bound of 1 caps each
+    update at 2-6% of its kernel; test_a_relative_bound_scales_with_the_
+    kernel). Frobenius for every `norm`: a reduction, no SVD per step.
 
 Compute is factored: `apply` puts a `lora.LoraKernel(w, a, b, 1)` in place of
 each targeted kernel, so a layer computes x w + ((x a) b) and the dense
@@ -70,7 +81,7 @@ import jax.numpy as jnp
 
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
-from flaxlora.peft import lora_form
+from flaxlora.peft.lora import form as lora_form
 
 Array = jax.Array
 # 1 / p of each Schatten-p norm (p = infinity for 'spectral').
@@ -90,6 +101,8 @@ class NbLoraConfig:
     targets: regexes over "/"-joined kernel paths, or None for the preset.
     dropout: dropout on the layer input of the update branch.
     temperature: eta, the softmax temperature of the bounds s (> 0).
+    relative: delta is `bound` x the Frobenius norm of each base kernel
+      (so one bound suits kernels of any size); False: `bound` itself.
   """
   rank: int = 8
   bound: float = 1.0
@@ -97,6 +110,7 @@ class NbLoraConfig:
   targets: tuple[str, ...] | None = None
   dropout: float = 0.0
   temperature: float = 1.0
+  relative: bool = False
 
   def paths(self, base: Mapping[str, Any]) -> list[str]:
     """The validated kernel paths (LoRA's target rules and rank check)."""
@@ -121,15 +135,25 @@ def cayley(x: Array) -> Array:
   return inv_t.T
 
 
-def bounds(config: NbLoraConfig, v: Array) -> Array:
+def delta(config: NbLoraConfig, w: Array) -> Array:
+  """The bound of the update of kernel `w` [in, out] (a scalar)."""
+  if not config.relative:
+    return jnp.float32(config.bound)
+  w = jnp.asarray(w, jnp.float32)
+  return config.bound * jnp.sqrt(jnp.sum(w * w))
+
+
+def bounds(config: NbLoraConfig, v: Array, limit: Array | float | None = None
+           ) -> Array:
   """[R] -> [R] bounds s = delta softmax(v / eta)^(1/p), sum s^p = delta^p.
 
-  In log space, so the gradient stays finite when a softmax entry
-  underflows.
+  delta is `limit` (a kernel's `delta`), `config.bound` when None. In log
+  space, so the gradient stays finite when a softmax entry underflows.
   """
   log_share = jax.nn.log_softmax(
       jnp.asarray(v, jnp.float32) / config.temperature)
-  return config.bound * jnp.exp(EXPONENT[config.norm] * log_share)
+  limit = config.bound if limit is None else limit
+  return limit * jnp.exp(EXPONENT[config.norm] * log_share)
 
 
 def frames(leaf: Mapping[str, Array]) -> tuple[Array, Array]:
@@ -141,17 +165,18 @@ def frames(leaf: Mapping[str, Array]) -> tuple[Array, Array]:
   return p[n_out:], p[:n_out]
 
 
-def factors(config: NbLoraConfig, leaf: Mapping[str, Array]
-            ) -> tuple[Array, Array]:
-  """(a [in, R], b [R, out]): update = a @ b = 2 p_in diag(s) p_out'."""
+def factors(config: NbLoraConfig, leaf: Mapping[str, Array],
+            limit: Array | float | None = None) -> tuple[Array, Array]:
+  """(a [in, R], b [R, out]): update = a @ b = 2 p_in diag(s) p_out'
+  (s from `bounds`, with delta `limit`)."""
   p_in, p_out = frames(leaf)
-  return 2.0 * p_in * bounds(config, leaf['v']), p_out.T
+  return 2.0 * p_in * bounds(config, leaf['v'], limit), p_out.T
 
 
 def make_config(rank: int = 8, bound: float = 1.0, norm: str = 'frobenius',
                 targets: str | Iterable[str] | None = None,
-                dropout: float = 0.0, temperature: float = 1.0
-                ) -> NbLoraConfig:
+                dropout: float = 0.0, temperature: float = 1.0,
+                relative: bool = False) -> NbLoraConfig:
   """Validates arguments into an `NbLoraConfig`; see `nblora`."""
   checked = lora.make_config(rank, targets=targets, dropout=dropout)
   if norm not in NORMS:
@@ -162,7 +187,7 @@ def make_config(rank: int = 8, bound: float = 1.0, norm: str = 'frobenius',
   if not temperature > 0:
     raise ValueError(f'nblora temperature must be > 0, got {temperature!r}.')
   return NbLoraConfig(checked.rank, float(bound), norm, checked.targets,
-                      checked.dropout, float(temperature))
+                      checked.dropout, float(temperature), bool(relative))
 
 
 def _init_leaf(rng: Array, shape: tuple[int, int], rank: int
@@ -188,7 +213,7 @@ def kernels(config: NbLoraConfig, base: Mapping[str, Any],
       raise ValueError(f'nblora adapter {path} has shapes {shapes}, kernel '
                        f'{tuple(w.shape)} at rank {config.rank} needs '
                        f'{expected}; was it made with another config?')
-    a, b = factors(config, leaf)
+    a, b = factors(config, leaf, delta(config, w))
     out[path] = lora.LoraKernel(w, a, b, 1.0, config.dropout)
   return out
 
@@ -212,11 +237,12 @@ def logical_axes(base_axes: Any, adapter: Any) -> Any:
   return peft_base.unflatten(out)
 
 
-def as_lora(config: NbLoraConfig, adapter: Any
+def as_lora(config: NbLoraConfig, adapter: Any, base: Any
             ) -> tuple[peft_base.PeftMethod, dict[str, Any]]:
   """The same update as a plain LoRA method (scale 1) and its adapter."""
   flat = peft_base.flatten(adapter, is_leaf=_is_node)
-  factor = {p: dict(zip(('a', 'b'), factors(config, leaf)))
+  factor = {p: dict(zip(('a', 'b'), factors(
+      config, leaf, delta(config, peft_base.get(base, p)))))
             for p, leaf in flat.items()}
   method = lora.lora(rank=config.rank, alpha=float(config.rank),
                      targets=[_exact(p) for p in flat],
@@ -230,8 +256,8 @@ def _exact(path: str) -> str:
 
 def nblora(rank: int = 8, bound: float = 1.0, norm: str = 'frobenius',
            targets: str | Iterable[str] | None = None,
-           dropout: float = 0.0, temperature: float = 1.0
-           ) -> peft_base.PeftMethod:
+           dropout: float = 0.0, temperature: float = 1.0,
+           relative: bool = False) -> peft_base.PeftMethod:
   """NB-LoRA as a `PeftMethod` (see the module docstring).
 
   Args:
@@ -242,12 +268,16 @@ def nblora(rank: int = 8, bound: float = 1.0, norm: str = 'frobenius',
     targets: regexes over kernel paths, a key of `lora.TARGETS`, or None.
     dropout: dropout on the input of the update branch while training.
     temperature: eta in s = delta softmax(v / eta)^(1/p) (> 0).
+    relative: the bound of each kernel's update is `bound` x its base
+      kernel's Frobenius norm (MiniLM's targeted kernels: 17 to 55, so
+      bound=1.0 without it allows 2-6% of a kernel); False: `bound`.
 
   Returns:
     A PeftMethod whose adapter maps each targeted kernel path to
     {'x_in': [in, R], 'x_out': [out, R], 'v': [R]}.
   """
-  config = make_config(rank, bound, norm, targets, dropout, temperature)
+  config = make_config(rank, bound, norm, targets, dropout, temperature,
+                       relative)
 
   def init(rng, base):
     paths = config.paths(base)

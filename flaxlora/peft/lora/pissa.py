@@ -15,14 +15,13 @@ them) or the original one (it takes the same top-R SVD that `prepare_base`
 takes). `apply` prepares a raw kernel on the fly (an SVD per call; the
 trainer prepares the base once), so it computes the same on either base.
 
-The PEFT export (PEFT's own conversion, `path_initial_model_for_weight_
-conversion`) is a plain LoRA of rank 2R over the ORIGINAL weights:
+The PEFT export (`form.PISSA_EXPORT`; PEFT's own conversion,
+`path_initial_model_for_weight_conversion`) is a plain LoRA of rank 2R over
+the ORIGINAL weights:
 W + scale (A B - A0 B0) = W_res + scale A B, with A' = [A, A0] [in, 2R] and
 B' = [B; -B0] [2R, out]; r, rank_pattern double and alpha (alpha_pattern)
 doubles (x sqrt(2) for rsLoRA), so the scale is unchanged.
 """
-import dataclasses
-import math
 from typing import Any, Mapping
 
 from flax import struct
@@ -129,61 +128,3 @@ def prepared_axes(base_axes: Any, prepared: Any) -> Any:
 
 def _kernels(base: Mapping[str, Any]) -> dict[str, PissaKernel]:
   return {p: v for p, v in peft_base.flatten(base).items() if is_pissa(v)}
-
-
-def hooks(config: Any) -> dict[str, Any]:
-  """The PeftMethod fields a PiSSA LoRA sets besides LoRA's."""
-  return dict(prepare_base=lambda base: prepare(config, base),
-              prepared_axes=prepared_axes, export=EXPORT)
-
-
-def as_lora(base: Mapping[str, Any], adapter: Any,
-            method: peft_base.PeftMethod) -> tuple[Any, Any, Any]:
-  """(original base, adapter, method) of the plain LoRA that computes what
-  the PiSSA `method` does over `base` (prepared or not): each PiSSA part
-  becomes rank 2R with A' = [A, A0], B' = [B; -B0] over W; other chained
-  parts (`trainable` copies) are kept as they are."""
-  from flaxlora.peft import lora  # pylint: disable=g-import-not-at-top
-  prepared = method.prepare_base(base)
-
-  def convert(m, sub):
-    if isinstance(m.config, peft_base.ChainConfig):
-      pairs = [convert(p, a) for p, a in zip(m.config.methods, sub)]
-      return (m._replace(config=peft_base.ChainConfig(
-          tuple(p for p, _ in pairs))), tuple(a for _, a in pairs))
-    if not (isinstance(m.config, lora.LoraConfig) and
-            m.config.init == 'pissa'):
-      return m, sub
-    stacked = {}
-    for path, leaf in peft_base.flatten(sub, is_leaf=lora.is_lora_node
-                                        ).items():
-      node = peft_base.get(prepared, path)
-      stacked[path] = dict(leaf, a=jnp.concatenate([leaf['a'], node.a0], 1),
-                           b=jnp.concatenate([leaf['b'], -node.b0], 0))
-    return (m._replace(config=_doubled(m.config)),
-            peft_base.unflatten(stacked))
-
-  method, adapter = convert(method, adapter)
-  return jax.tree.map(original, prepared, is_leaf=is_pissa), adapter, method
-
-
-def _doubled(config: Any) -> Any:
-  """The LoraConfig of rank 2R with the same scale (PEFT: r, rank_pattern
-  and alpha, alpha_pattern x 2; alpha x sqrt(2) for rsLoRA)."""
-  factor = math.sqrt(2.0) if config.use_rslora else 2.0
-  return dataclasses.replace(
-      config, rank=2 * config.rank, alpha=factor * config.alpha,
-      rank_pattern=tuple((k, 2 * r) for k, r in config.rank_pattern),
-      alpha_pattern=tuple((k, factor * a) for k, a in config.alpha_pattern),
-      init='default')
-
-
-def _write_peft(folder, model, base, adapter, method, **kwargs):
-  from flaxlora.peft import peft_io  # pylint: disable=g-import-not-at-top
-  return peft_io.save_peft(folder, model, *as_lora(base, adapter, method),
-                           **kwargs)
-
-
-# A LORA folder over the ORIGINAL base (rank 2R): users load it on the
-# checkpoint they started from, not on the residual.
-EXPORT = peft_base.Export(_write_peft, needs_base=True)
