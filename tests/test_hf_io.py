@@ -50,9 +50,9 @@ def test_missing_config(good, tmp_path):
 
 def test_other_model_type(good, tmp_path):
   config = json.loads((good[0] / hf_io.CONFIG_FILE).read_text())
-  config['model_type'] = 'gpt2'
+  config['model_type'] = 'mamba'
   folder = _copy(good, tmp_path, config=json.dumps(config))
-  with pytest.raises(ValueError, match=r"config.json: model_type 'gpt2' is "
+  with pytest.raises(ValueError, match=r"config.json: model_type 'mamba' is "
                      'not supported'):
     models.load(folder)
 

@@ -83,6 +83,12 @@ def read_checkpoint(path_or_hub_id: str | os.PathLike
   return folder, hf_io.read_config(folder), hf_io.read_tensors(folder)
 
 
+def config_source(path: pathlib.Path) -> str:
+  """Where a checkpoint's config comes from, for errors: its config.json,
+  or the GGUF file."""
+  return str(path / hf_io.CONFIG_FILE if path.is_dir() else path)
+
+
 def load(path_or_hub_id: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32,
          rng: jax.Array | None = None, **head_kwargs):
   """Loads a Hugging Face checkpoint (folder or hub id) into flaxlora.
@@ -101,7 +107,7 @@ def load(path_or_hub_id: str | os.PathLike, *, dtype: jnp.dtype = jnp.float32,
     (model, params, config); params is a nested dict of fp32 jax arrays.
   """
   folder, config_dict, tensors = read_checkpoint(path_or_hub_id)
-  family = family_of(config_dict, str(folder))
+  family = family_of(config_dict, config_source(folder))
   config = family.config_from_hf(config_dict)
   model = family.build(config, dtype=dtype, **head_kwargs)
   rng = jax.random.PRNGKey(0) if rng is None else rng

@@ -94,7 +94,7 @@ def load(path_or_hub_id: Any, mesh: Mesh, rules: sharding.Rules, *,
     (model, params as sharded global arrays, config).
   """
   folder, config_dict, tensors = models.read_checkpoint(path_or_hub_id)
-  family = models.family_of(config_dict, str(folder))
+  family = models.family_of(config_dict, models.config_source(folder))
   config = family.config_from_hf(config_dict)
   model = family.build(config, dtype=dtype, **head_kwargs)
   rng = jax.random.PRNGKey(0) if rng is None else rng
