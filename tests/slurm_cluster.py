@@ -66,6 +66,11 @@ class Cluster:
       return
     subprocess.run(['scancel', '--user=root'], env=self.env, check=False,
                    capture_output=True)
+    deadline = time.time() + 90  # jobs end (their slurmstepd exits) first
+    while time.time() < deadline and subprocess.run(
+        ['squeue', '--noheader', '--states=PD,R,CG,S'], env=self.env,
+        capture_output=True, text=True, check=False).stdout.strip():
+      time.sleep(1)
     for name in ('slurmd.pid', 'slurmctld.pid', 'munge/munged.pid'):
       try:
         os.kill(int((self.folder / name).read_text()), signal.SIGTERM)

@@ -175,15 +175,24 @@ def test_compare_points_pick_each_method_and_rate():
     assert config.train.batch_size == 16  # the command line's override
     assert config.data.source == 'files'  # the sweep's own variant
   methods = bert_sentiment_compare.METHODS
-  assert len(configs) == len(methods) + 6 + len(bert_sentiment_compare.TUNED)
+  more = (bert_sentiment_compare.TUNED + bert_sentiment_compare.SELECT +
+          bert_sentiment_compare.SEEDS + bert_sentiment_compare.PREFIX)
+  assert len(configs) == len(methods) + 6 + len(more)
   recipes = {c.to_json(sort_keys=True) for c in configs}
   assert len(recipes) == len(configs)  # every point trains something else
   assert [c.optimizer.lr for c in configs].count(1e-1) == 2
   assert [c.model.pooling for c in configs].count('mean') == 1
-  assert [c.train.seed for c in configs].count(1) == 3
-  assert [c.train.seed for c in configs].count(2) == 2
+  assert [c.train.seed for c in configs].count(1) == 3 + 4  # + SEEDS
+  assert [c.train.seed for c in configs].count(2) == 2 + 4
   assert [c.data.max_train_examples for c in configs].count(40000) == 3
-  assert [c.data.max_train_examples for c in configs].count(48000) == 3
+  assert [c.data.max_train_examples for c in configs].count(48000) == 19
+  # SELECT on one half of dev, SEEDS (4 methods x 3 seeds) on the other.
+  halves = [c.eval.half for c in configs]
+  assert (halves.count('select'), halves.count('report')) == (4, 12)
+  chosen = [(c.peft.lipschitz, c.peft.merge_every) for c in configs
+            if c.eval.half == 'select']
+  assert chosen == [(1e3, 1), (1e3, 10), (4e3, 1), (4e3, 10)]
+  assert all(c.peft.rank == 4 for c in configs if c.eval.half)
 
 
 def test_parse_arg_and_sweep_helpers():

@@ -158,6 +158,11 @@ def _compare(flag, root, *more, ok=True):
   return result
 
 
+def _point_rows(root):
+  """The rows of compare.md's first table (one per point)."""
+  return (root / 'compare.md').read_text().split('\n\n')[0].splitlines()[2:]
+
+
 def test_arg_points_pick_variants_and_compare_tabulates(tmp_path):
   config_file = tmp_path / 'arg_config.py'
   config_file.write_text(ARG_CONFIG)
@@ -177,7 +182,7 @@ def test_arg_points_pick_variants_and_compare_tabulates(tmp_path):
   summary_file.write_text(json.dumps(dict(
       json.loads(summary_file.read_text()), seconds_from=2)))
   _compare(flag, root)
-  lines = (root / 'compare.md').read_text().splitlines()[2:]
+  lines = _point_rows(root)
   assert len(lines) == 3 and all(line.endswith('| done |') for line in lines)
   assert [line.count(' (from step 2) |') for line in lines] == [0, 1, 0]
   cells = [line.split(' | ') for line in lines]
@@ -192,7 +197,7 @@ def test_arg_points_pick_variants_and_compare_tabulates(tmp_path):
   earlier.write_text((root / 'compare.md').read_text())
   shutil.rmtree(points[1])
   _compare(flag, root, f'--previous={earlier}')
-  again = (root / 'compare.md').read_text().splitlines()[2:]
+  again = _point_rows(root)
   assert again[0] == lines[0] and again[2] == lines[2]
   assert again[1] == lines[1].replace('| done |', '| done (previous) |')
   _compare(flag, root)  # without it, the point is not run

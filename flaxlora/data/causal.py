@@ -157,25 +157,25 @@ def tokenize(records: Sequence[dict[str, Any]], tokenizer: Any,
   if pack:
     return pack_rows(prompts, targets, length, pad)
   ids = [np.concatenate([p, t]) for p, t in zip(prompts, targets)]
-  sequences_ = {
+  columns = {
       'input_ids': ids,
       'attention_mask': [np.ones_like(x) for x in ids],
       'loss_mask': [np.concatenate([np.zeros_like(p), np.ones_like(t)])
                     for p, t in zip(prompts, targets)],
   }
-  groups = dict.fromkeys(sequences_, 'tokens')
+  groups = dict.fromkeys(columns, 'tokens')
   bucket_lengths = {'tokens': buckets_lib.make_buckets(
       length, buckets, 'data.max_source_length + data.max_target_length')}
   left = ()
   if with_prompts:
-    sequences_['prompt_ids'] = prompts
-    sequences_['prompt_mask'] = [np.ones_like(p) for p in prompts]
+    columns['prompt_ids'] = prompts
+    columns['prompt_mask'] = [np.ones_like(p) for p in prompts]
     groups.update(prompt_ids='prompt', prompt_mask='prompt')
     bucket_lengths['prompt'] = buckets_lib.make_buckets(
         len(prompt) + max_source_length, buckets, 'data.max_source_length')
     left = ('prompt_ids', 'prompt_mask')
   return buckets_lib.Tokenized(
-      sequences=sequences_, scalars={}, groups=groups,
+      sequences=columns, scalars={}, groups=groups,
       buckets=bucket_lengths,
       pad={'input_ids': pad, 'prompt_ids': pad}, left=left)
 

@@ -21,7 +21,8 @@ WEIGHTS_FILE = 'adapter_model.safetensors'
 PREFIX = 'base_model.model.'
 TASK_TYPES = {('t5', None): 'SEQ_2_SEQ_LM', ('bert', 'classification'):
               'SEQ_CLS', ('bert', 'qa'): 'QUESTION_ANS',
-              ('bert', None): 'FEATURE_EXTRACTION'}
+              ('bert', None): 'FEATURE_EXTRACTION',
+              ('llama', None): 'CAUSAL_LM', ('gpt2', None): 'CAUSAL_LM'}
 
 
 def linear_rules(model) -> dict[str, hf_io.Rule]:
@@ -35,10 +36,18 @@ def linear_module(rule: hf_io.Rule | None, path: str) -> str:
   if rule is None:
     raise ValueError(f'{path} has no Hugging Face name in the model '
                      "family's hf_rules; PEFT cannot name its adapter.")
-  if not (rule.transpose and rule.key.endswith('.weight')):
+  if not (rule.key.endswith('.weight') and (rule.transpose or
+                                             is_conv1d(rule, path))):
     raise ValueError(f'{path} is stored as {rule.key!r}, not a torch Linear '
                      'weight; PEFT adapts Linear layers only.')
   return rule.key[:-len('.weight')]
+
+
+def is_conv1d(rule: hf_io.Rule, path: str) -> bool:
+  """Whether the kernel at `path` is a transformers Conv1D weight (GPT-2:
+  stored [in, out] like flax, so not transposed); PEFT adapts it as a
+  Linear with fan_in_fan_out, with the same lora_A / lora_B tensors."""
+  return path.endswith('/kernel') and not rule.transpose
 
 
 def module_tensors(modules: list[str], rules: Mapping[str, hf_io.Rule],

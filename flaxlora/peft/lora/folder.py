@@ -51,7 +51,8 @@ INFORMATIONAL = ('peft_type', 'peft_version', 'task_type', 'revision',
                  'base_model_name_or_path', 'auto_mapping', 'inference_mode',
                  'megatron_core', 'qalora_group_size', 'exclude_modules')
 DEFAULTS = {
-    'bias': ('none',), 'fan_in_fan_out': (False,), 'lora_bias': (False,),
+    # PEFT sets fan_in_fan_out by the layer (True only on Conv1D) itself.
+    'bias': ('none',), 'fan_in_fan_out': (False, True), 'lora_bias': (False,),
     'layers_to_transform': (None,), 'layers_pattern': (None,),
     'layer_replication': (None,), 'megatron_config': (None,),
     'loftq_config': ({}, None), 'use_qalora': (False, None),
@@ -124,7 +125,9 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
       'use_rslora': config.use_rslora, 'use_dora': config.use_dora,
       'lora_dropout': config.dropout, 'modules_to_save': to_save,
       'init_lora_weights': True if config.init == 'default' else config.init,
-      'bias': 'none', 'fan_in_fan_out': False, 'inference_mode': True,
+      'bias': 'none', 'inference_mode': True,
+      'fan_in_fan_out': any(hf_folder.is_conv1d(rules[p], p) for p in
+                            kernel.kernels(config, base, lora_adapter)),
   }
   tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
   return hf_folder.write_folder(pathlib.Path(folder), peft_config, tensors)

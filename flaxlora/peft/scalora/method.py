@@ -34,9 +34,9 @@ a = A [in, R], b = B' [R, out], with LoRA's factor s):
   `restart_scalar`, `restart_none`; an update without a restart due counts
   every kernel as not restarted). The run logs them with the loss.
 
-Choices the paper's text (as available here) leaves open; each is tested in
-tests/test_scalora.py:
-1. A coordinate whose term vanishes (B = 0 at LoRA's init) keeps scale 1.
+Choices the paper's text (as available here) leaves open:
+1. A coordinate whose term vanishes (B = 0 at LoRA's init) keeps scale 1
+   (tests/test_scalora.py::test_free_and_invalid_scalings).
 2. The gradient is the run's (clipped, mean, dropout) minibatch gradient.
 3. eta is the rate of A (LoRA+'s faster B rate is not used).
 
