@@ -26,6 +26,7 @@ from flaxlora.models import decoding
 from flaxlora.models import gpt2
 from flaxlora.models import layers
 from flaxlora.models import llama
+from flaxlora.models import seq2seq_packing
 from flaxlora.models import t5
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
@@ -326,3 +327,41 @@ def test_fused_attention_refusals():
   with pytest.raises(ValueError, match='no dropout on attention'):
     model.apply({'params': params}, ids, ids, ids, deterministic=False,
                 rngs={'dropout': jax.random.PRNGKey(0)})
+
+
+def _seq2seq_loss(model, params, rows):
+  """Summed cross-entropy over the label tokens of `rows` (`pack` output)."""
+  packing = rows if 'encoder_segment_ids' in rows else None
+  logits = model.apply({'params': params}, rows['input_ids'],
+                       rows['attention_mask'], rows['decoder_input_ids'],
+                       rows['decoder_attention_mask'], packing=packing)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(logp, rows['labels'][..., None], -1)[..., 0]
+  return -jnp.sum(picked * rows['decoder_attention_mask'])
+
+
+def test_packed_seq2seq_loss_equals_the_unpacked_loss():
+  config = dataclasses.replace(TINY_T5, dropout_rate=0.0)
+  model = t5.build(config)
+  params = t5.init(model, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  examples = [(rng.integers(2, 64, rng.integers(2, 7)).tolist(),
+               rng.integers(2, 64, rng.integers(1, 5)).tolist())
+              for _ in range(7)]
+  packed = seq2seq_packing.pack(examples, source_length=16, target_length=8)
+  assert len(packed['input_ids']) < len(examples)  # rows really hold several
+  assert packed['encoder_segment_ids'].max() > 1
+  singles = [seq2seq_packing.pack([e], source_length=16, target_length=8)
+             for e in examples]
+  unpacked = {k: np.concatenate([s[k] for s in singles])
+              for k in seq2seq_packing.KEYS}
+  plain = {k: unpacked[k] for k in ('input_ids', 'attention_mask',
+                                    'decoder_input_ids',
+                                    'decoder_attention_mask', 'labels')}
+  reference = _seq2seq_loss(model, params, plain)
+  np.testing.assert_allclose(_seq2seq_loss(model, params, packed),
+                             reference, rtol=1e-5)
+  # Without the segments the packed rows attend across examples.
+  packed_plain = {k: packed[k] for k in plain}
+  assert abs(float(_seq2seq_loss(model, params, packed_plain)) -
+             float(reference)) > 1e-3 * abs(float(reference))

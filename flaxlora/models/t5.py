@@ -187,30 +187,51 @@ class Stack(nn.Module):
     return [getattr(self, f'block_{i}') for i in range(self.depth)]
 
   def position_bias(self, query_pos: Array, key_pos: Array) -> Array:
-    """[Tq], [Tk] positions -> [1, N, Tq, Tk] fp32 bias."""
+    """[Tq], [Tk] positions -> [1, N, Tq, Tk] fp32 bias; [B, Tq], [B, Tk]
+    (packed rows) -> [B, N, Tq, Tk]."""
     c = self.config
     buckets = relative_position_bucket(
-        key_pos[None, :] - query_pos[:, None], bidirectional=not self.decoder,
+        key_pos[..., None, :] - query_pos[..., :, None],
+        bidirectional=not self.decoder,
         num_buckets=c.relative_attention_num_buckets,
         max_distance=c.relative_attention_max_distance)
-    return jnp.transpose(self.relpos_bias(buckets), (2, 0, 1))[None]
+    bias = jnp.moveaxis(self.relpos_bias(buckets), -1, -3)
+    return bias if bias.ndim == 4 else bias[None]
 
   def __call__(self, ids, mask, encoded=None, encoder_mask=None,
-               deterministic=True, prompt=None, prefix_kv=None):
+               deterministic=True, prompt=None, prefix_kv=None,
+               segments=None):
     """ids [B, T], mask [B, T] (1 = token) -> [B, T, H].
 
     The decoder also takes encoded [B, S, H] and encoder_mask [B, S].
     `prompt` [B, P, H] is prepended to the embedded ids (prompt tuning); the
     mask must then cover P + T positions. `prefix_kv` [depth, 2, P', N*D]:
     per block, self-attention keys/values of P' positions before the input
-    (see `attention`): the input's positions start at P'.
+    (see `attention`): the input's positions start at P'. `segments`
+    (packed rows, see `packing`): (segment ids [B, T], positions [B, T],
+    the encoder's segment ids [B, S] for the decoder, else None).
     """
     x = self.embed(ids)
     if prompt is not None:
       x = jnp.concatenate([prompt.astype(x.dtype), x], axis=1)
     x = layers.constrain(self.dropout(x, deterministic=deterministic), BTH)
-    num_prefix = attention.prefix_length(prefix_kv)
-    key_pos = jnp.arange(num_prefix + x.shape[1])
+    if segments is not None:
+      if prompt is not None or prefix_kv is not None:
+        raise ValueError('packed rows (segment ids) with a soft prompt or '
+                         'prefix: those read one example per row.')
+      self_bias, cross_bias = self._packed_biases(mask, encoder_mask,
+                                                  *segments)
+    else:
+      self_bias, cross_bias = self._biases(mask, encoder_mask, x.shape[1],
+                                           attention.prefix_length(prefix_kv))
+    for i, block in enumerate(self._blocks()):
+      x = block(x, self_bias, encoded, cross_bias, deterministic, None,
+                None if prefix_kv is None else prefix_kv[i])
+    return self.dropout(self.final_norm(x), deterministic=deterministic)
+
+  def _biases(self, mask, encoder_mask, length, num_prefix):
+    """Self- and cross-attention biases of unpacked rows."""
+    key_pos = jnp.arange(num_prefix + length)
     pos = key_pos[num_prefix:]
     keep = attention.key_mask(mask, num_prefix)[:, None, None, :].astype(bool)
     if self.decoder:
@@ -219,10 +240,25 @@ class Stack(nn.Module):
     cross_bias = None
     if self.decoder:
       cross_bias = _mask_bias(encoder_mask[:, None, None, :].astype(bool))
-    for i, block in enumerate(self._blocks()):
-      x = block(x, self_bias, encoded, cross_bias, deterministic, None,
-                None if prefix_kv is None else prefix_kv[i])
-    return self.dropout(self.final_norm(x), deterministic=deterministic)
+    return self_bias, cross_bias
+
+  def _packed_biases(self, mask, encoder_mask, segment_ids, positions,
+                     encoder_segment_ids):
+    """Biases of packed rows: attention within a segment only, relative
+    positions from each segment's own `positions` [B, T]."""
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, T]
+    keep = same & mask[:, None, :].astype(bool)
+    if self.decoder:
+      t = segment_ids.shape[1]
+      keep = keep & (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])
+    self_bias = (self.position_bias(positions, positions) +
+                 _mask_bias(keep[:, None]))
+    cross_bias = None
+    if self.decoder:
+      cross = ((segment_ids[:, :, None] == encoder_segment_ids[:, None, :]) &
+               encoder_mask[:, None, :].astype(bool))  # [B, T, S]
+      cross_bias = _mask_bias(cross[:, None])
+    return self_bias, cross_bias
 
   def init_cache(self, encoded: Array, max_length: int, prefix_kv=None):
     """Decoder caches; `prefix_kv` [depth, 2, P, N*D] fills positions 0..P-1
@@ -278,22 +314,34 @@ class T5(nn.Module):
 
   def __call__(self, input_ids, attention_mask, decoder_input_ids,
                decoder_attention_mask=None, deterministic=True, prompt=None,
-               prefix_kv=None):
+               prefix_kv=None, packing=None):
     """-> logits [B, T, V] for source ids [B, S] and decoder ids [B, T].
 
     prompt: a soft prompt for the encoder (see `encode`).
     prefix_kv: {'encoder': [L, 2, P, N*D], 'decoder': [L', 2, P', N*D]},
       either optional: per block, self-attention keys/values of P earlier
       positions (prefix tuning; see `flaxlora.models.attention`).
+    packing: packed rows (`flaxlora.models.seq2seq_packing.pack`):
+      {'encoder_segment_ids', 'encoder_positions' [B, S],
+      'decoder_segment_ids', 'decoder_positions' [B, T]}; no attention
+      crosses a segment and relative positions restart in each.
     """
+    enc_seg = dec_seg = None
+    if packing is not None:
+      enc_seg = (packing['encoder_segment_ids'],
+                 packing['encoder_positions'], None)
+      dec_seg = (packing['decoder_segment_ids'],
+                 packing['decoder_positions'],
+                 packing['encoder_segment_ids'])
     encoded = self.encode(input_ids, attention_mask, deterministic, prompt,
-                          prefix_kv)
+                          prefix_kv, enc_seg)
     return self.decode(decoder_input_ids, encoded,
                        source_mask(attention_mask, prompt),
-                       decoder_attention_mask, deterministic, prefix_kv)
+                       decoder_attention_mask, deterministic, prefix_kv,
+                       dec_seg)
 
   def encode(self, input_ids, attention_mask, deterministic=True,
-             prompt=None, prefix_kv=None):
+             prompt=None, prefix_kv=None, segments=None):
     """[B, S] ids and mask -> [B, S, H] (or [B, P + S, H] with a prompt).
 
     prompt: optional soft prompt [P, H] or [B, P, H] prepended to the
@@ -305,19 +353,23 @@ class T5(nn.Module):
                                 prompt.shape[-2:])
     return self.encoder(input_ids, source_mask(attention_mask, prompt),
                         deterministic=deterministic, prompt=prompt,
-                        prefix_kv=(prefix_kv or {}).get('encoder'))
+                        prefix_kv=(prefix_kv or {}).get('encoder'),
+                        segments=segments)
 
   def decode(self, decoder_input_ids, encoded, attention_mask,
-             decoder_attention_mask=None, deterministic=True, prefix_kv=None):
+             decoder_attention_mask=None, deterministic=True, prefix_kv=None,
+             segments=None):
     """ids [B, T], encoded [B, S, H], source mask [B, S] -> [B, T, V].
 
     prefix_kv: reads its 'decoder' entry, if any (see `__call__`).
+    segments: packed rows (see `Stack.__call__`).
     """
     if decoder_attention_mask is None:
       decoder_attention_mask = jnp.ones_like(decoder_input_ids)
     x = self.decoder(decoder_input_ids, decoder_attention_mask, encoded,
                      attention_mask, deterministic,
-                     prefix_kv=(prefix_kv or {}).get('decoder'))
+                     prefix_kv=(prefix_kv or {}).get('decoder'),
+                     segments=segments)
     return self.logits(x)
 
   def logits(self, x: Array) -> Array:
