@@ -3,7 +3,7 @@
     report = plan.plan(config, chips.target('v5e-16'))
     print(plan_tables.table([report]))
 
-The real train step (`trainer.train_step_fn`: the task's loss, the PEFT
+The real train step (`run_setup.train_step_fn`: the task's loss, the PEFT
 method, the optimizer, accumulation and clipping, the config's mesh and
 sharding rules) is lowered on abstract params (`jax.eval_shape` of the same
 `build.model_and_method` a run calls: no weight read, nothing allocated) and
@@ -38,9 +38,10 @@ import numpy as np
 from flaxlora import build
 from flaxlora import chips
 from flaxlora import optimizers
+from flaxlora import run_setup
 from flaxlora import sharding
+from flaxlora import steps
 from flaxlora import tasks
-from flaxlora import trainer
 from flaxlora.models import hf_io
 from flaxlora.models import presets
 from flaxlora.peft import base as peft_base
@@ -143,7 +144,7 @@ class Step:
 
 
 def abstract_step(config: Any, device_list: Sequence[Any]) -> Step:
-  """The run's train step (`trainer.train_step_fn`) on shapes only."""
+  """The run's train step (`run_setup.train_step_fn`) on shapes only."""
   config = without_weights(config)
   mesh = sharding.make_mesh(config.mesh, device_list)
   rules = sharding.resolve_rules(config.get('sharding_rules', None))
@@ -161,17 +162,17 @@ def abstract_step(config: Any, device_list: Sequence[Any]) -> Step:
   base = sharding.abstract_sharded(
       base, sharding.named_shardings(base, axes, mesh, rules))
   total_steps = max(int(config.train.steps), 1)
-  run = trainer.Run(config, None, b.model, b.family, None, None,
+  run = run_setup.Run(config, None, b.model, b.family, None, None,
                     tasks.make(config, b.model), b.method, mesh, rules, base,
                     b.base_axes, adapter_rng, state_rng, total_steps, True)
   tx = optimizers.optimizer(config.optimizer, total_steps, b.method)
-  shardings = trainer.state_shardings(run, tx)
+  shardings = run_setup.state_shardings(run, tx)
   state = jax.eval_shape(
-      lambda r, s, base: trainer.steps.create(s, b.method.init(r, base), tx),
+      lambda r, s, base: steps.create(s, b.method.init(r, base), tx),
       adapter_rng, state_rng, base)
   state = sharding.abstract_sharded(state, shardings)
   batch = abstract_batch(config, int(config.train.batch_size), mesh, rules)
-  return Step(trainer.train_step_fn(run, tx, shardings), state, base, batch,
+  return Step(run_setup.train_step_fn(run, tx, shardings), state, base, batch,
               mesh, b.model)
 
 

@@ -19,8 +19,8 @@ from jax.sharding import PartitionSpec
 
 import config_reads
 from flaxlora import optimizers
+from flaxlora import run_setup
 from flaxlora import sharding
-from flaxlora import trainer
 from flaxlora.models import bert
 from flaxlora.models import decoding
 from flaxlora.models import gpt2
@@ -141,7 +141,7 @@ def _setup(name, **changes):
   for key, value in changes.items():
     section, field = key.split('.')
     config[section][field] = value
-  return config, trainer.setup(config, pathlib.Path(tempfile.mkdtemp()))
+  return config, run_setup.setup(config, pathlib.Path(tempfile.mkdtemp()))
 
 
 def _float_bytes(tree):
@@ -151,13 +151,13 @@ def _float_bytes(tree):
 
 def _train(config, run, num_steps=2):
   tx = optimizers.optimizer(config.optimizer, run.total_steps, run.method)
-  state, shardings = trainer.init_state(run, tx)
-  step = trainer.train_step_fn(run, tx, shardings)
-  batches = trainer.loader(run, train=True)
+  state, shardings = run_setup.init_state(run, tx)
+  step = run_setup.train_step_fn(run, tx, shardings)
+  batches = run_setup.loader(run, train=True)
   losses = []
   for _ in range(num_steps):
     state, metrics = step(state, run.base,
-                          trainer._device_batch(run, next(batches)))  # pylint: disable=protected-access
+                          run_setup.device_batch(run, next(batches)))
     losses.append(float(metrics['loss']))
   return state, losses
 
@@ -247,12 +247,12 @@ def _step_temp_bytes(num_devices, shard):
   config.train.batch_size = 32
   config.mesh.update(data=1, fsdp=-1)
   config.model.shard_activations = shard
-  run = trainer.setup(config, pathlib.Path(tempfile.mkdtemp()),
+  run = run_setup.setup(config, pathlib.Path(tempfile.mkdtemp()),
                       devices=jax.devices()[:num_devices])
   tx = optimizers.optimizer(config.optimizer, run.total_steps, run.method)
-  state, shardings = trainer.init_state(run, tx)
-  batch = trainer._device_batch(run, next(trainer.loader(run, train=True)))  # pylint: disable=protected-access
-  step = trainer.train_step_fn(run, tx, shardings)
+  state, shardings = run_setup.init_state(run, tx)
+  batch = run_setup.device_batch(run, next(run_setup.loader(run, train=True)))
+  step = run_setup.train_step_fn(run, tx, shardings)
   compiled = step.lower(state, run.base, batch).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
