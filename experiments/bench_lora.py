@@ -20,7 +20,7 @@ One process times the train step of two configs, each runnable with
     all seven projections), flaxlora fp32 and mixed vs PEFT fp32 and bf16
     autocast (`--only llama`).
 The flaxlora rows time exactly the step `experiments.run` compiles for the
-config (`trainer.train_step_fn`); the PEFT rows start from the same model
+config (`run_setup.train_step_fn`); the PEFT rows start from the same model
 and adapter and do the same work per step (see
 `experiments.lora_contenders`). `--quick` uses the configs' `:quick`
 variants.

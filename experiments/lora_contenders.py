@@ -5,9 +5,9 @@
     step = lora_contenders.TorchStep(config, scratch=folder, autocast=False)
     step()                      # the same update in PyTorch + PEFT
 
-`FlaxStep` is the trainer's: `trainer.setup` (data, mesh, model, base,
-method, task), `optimizers.optimizer`, `trainer.init_state` and
-`trainer.train_step_fn` (the task's `(sum, weight)` loss, the method's
+`FlaxStep` is the trainer's: `run_setup.setup` (data, mesh, model, base,
+method, task), `optimizers.optimizer`, `run_setup.init_state` and
+`run_setup.train_step_fn` (the task's `(sum, weight)` loss, the method's
 apply and after_step, the config's clipping and accumulation, dropout rngs
 folded from the step), on the first batch of the trainer's own loader. Per
 step: forward with dropout, backward w.r.t. the adapter, the exact mean
@@ -37,7 +37,7 @@ from flaxlora import distributed
 from flaxlora import export
 from flaxlora import models
 from flaxlora import optimizers
-from flaxlora import trainer
+from flaxlora import run_setup
 
 # config.optimizer.schedule -> transformers' schedule of the same shape.
 TORCH_SCHEDULES = {
@@ -57,21 +57,21 @@ class FlaxStep:
   """The trainer's train step of `config`, on a fixed batch.
 
   Attributes:
-    run: the trainer's `Run` (mesh over the first `devices` devices).
+    run: the trainer's `run_setup.Run` (mesh over the first `devices` devices).
     state: the current `steps.TrainState` (donated to each step).
     batch: the global batch every step trains on (the loader's first).
     flops: XLA's flop count of one step (all devices).
   """
 
   def __init__(self, config: Any, devices: int, scratch: str | os.PathLike):
-    self.run = trainer.setup(config, scratch,
+    self.run = run_setup.setup(config, scratch,
                              devices=jax.devices()[:devices])
     tx = optimizers.optimizer(config.optimizer, self.run.total_steps,
                               self.run.method)
-    self.state, shardings = trainer.init_state(self.run, tx)
-    host = next(trainer.loader(self.run, train=True))
+    self.state, shardings = run_setup.init_state(self.run, tx)
+    host = next(run_setup.loader(self.run, train=True))
     self.batch = distributed.global_batch(host, self.run.mesh, self.run.rules)
-    step_fn = trainer.train_step_fn(self.run, tx, shardings)
+    step_fn = run_setup.train_step_fn(self.run, tx, shardings)
     self._compiled = step_fn.lower(self.state, self.run.base,
                                    self.batch).compile()
     self.flops = _flops(self._compiled) * devices  # cost analysis: per device
@@ -141,7 +141,7 @@ class TorchStep:
       raise ValueError(f'optimizer.name={o.name!r}: the PyTorch side of the '
                        "benchmark runs 'adamw'.")
     folder = pathlib.Path(scratch)
-    run = trainer.setup(config, folder, devices=jax.devices()[:1])
+    run = run_setup.setup(config, folder, devices=jax.devices()[:1])
     self.model = torch_model(run, folder)
     self.model.train()
     self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -156,7 +156,7 @@ class TorchStep:
     self.accum = o.grad_accum_steps
     self.autocast = autocast
     self.inputs, self.labels, self.weights = torch_inputs(
-        config.task, next(trainer.loader(run, train=True)))
+        config.task, next(run_setup.loader(run, train=True)))
 
   def _micro(self, i: int):
     """Micro-batch i: rows i, i + accum, ... (the trainer's split)."""

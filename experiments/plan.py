@@ -9,7 +9,8 @@ compiler (TPU slices: libtpu's, on any CPU machine; `pip install
 base, adapter, optimizer state and temporaries vs HBM, the FLOPs, the
 roofline step time and its MFU (`flaxlora.plan`). --target takes a slice
 (v5e-16, v5e-256, v5p-128, v4-32, v5e-1), a topology (v5e:4x4) or cpu (this
-host's devices; --cpu_devices splits it), several comma-separated.
+host's devices; --cpu_devices splits it), several comma-separated
+(`flaxlora.chips`).
 --max_batch also bisects the largest global batch that fits (one compile per
 try). --json writes the reports (a list, with the host and versions).
 Config fields are overridable as for experiments.run, e.g.
@@ -69,9 +70,11 @@ def main(argv):
   jax.config.update('jax_platforms', 'cpu')
   if flags.FLAGS.cpu_devices:
     jax.config.update('jax_num_cpu_devices', flags.FLAGS.cpu_devices)
+  from flaxlora import chips
   from flaxlora import plan
+  from flaxlora import plan_tables
   config = flags.FLAGS.config
-  targets = [plan.target(name) for name in flags.FLAGS.target]
+  targets = [chips.target(name) for name in flags.FLAGS.target]
   reports, host = [], _host()
   for t in targets:
     report = plan.plan(config, t)
@@ -79,8 +82,8 @@ def main(argv):
       report.update(plan.search_batch(config, t, flags.FLAGS.batch_limit))
     report.update(command=errors.command(), host=host)
     reports.append(report)
-    print(plan.table([report]).splitlines()[-1] if len(reports) > 1 else
-          plan.table([report]), flush=True)
+    text = plan_tables.table([report])
+    print(text.splitlines()[-1] if len(reports) > 1 else text, flush=True)
   if flags.FLAGS.json:
     path = pathlib.Path(flags.FLAGS.json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,11 +18,11 @@ from flaxlora import errors
 def main(argv):
   if len(argv) < 2:
     raise app.UsageError('give the JSON files of experiments.plan --json.')
-  from flaxlora import plan  # pylint: disable=g-import-not-at-top
+  from flaxlora import plan_tables  # pylint: disable=g-import-not-at-top
   reports = []
   for name in argv[1:]:
     reports.extend(json.loads(pathlib.Path(name).read_text()))
-  print(plan.markdown(reports))
+  print(plan_tables.markdown(reports))
 
 
 def cli(argv=None) -> int:

@@ -77,6 +77,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # pylint: disable=g-import-not-at-top
+  from flaxlora import local_launch
+  from flaxlora import sweep_results
   from flaxlora import sweeps
   config_arg = config_flags.get_config_filename(flags.FLAGS['config'])
   overrides = config_flags.get_override_values(flags.FLAGS['config'])
@@ -90,7 +92,7 @@ def main(argv):
     from flaxlora import sweep_status
     tasks = slurm.task_states(slurm.jobs(root))
     print(sweep_status.table(sweep_status.rows(points, root, tasks)), end='')
-    sweeps.collect(points, root)  # results.md of the points done so far
+    sweep_results.collect(points, root)  # results.md of the points done so far
   elif launch == 'slurm':
     slurm.submit_sweep(points, root, _settings(config_arg, 'slurm'),
                        dry_run=_DRY_RUN.value)
@@ -100,7 +102,7 @@ def main(argv):
       print(tpu_launch.show(plan), end='')
       return
     failed = tpu_launch.execute(plan, root)
-    sweeps.collect(points, root)
+    sweep_results.collect(points, root)
     if failed:
       raise errors.UserError(f'--launch=tpu: {", ".join(failed)} failed; '
                              f'see {root}/logs/, then launch again to resume.')
@@ -108,10 +110,10 @@ def main(argv):
     for point in points:
       print(sweeps.command(point))
   elif _PARALLEL.value > 1:
-    sweeps.run_parallel(points, root, _PARALLEL.value)
+    local_launch.run_parallel(points, root, _PARALLEL.value)
   else:
     from flaxlora import trainer
-    sweeps.run(points, root, train_fn=trainer.train_and_evaluate)
+    local_launch.run(points, root, train_fn=trainer.train_and_evaluate)
 
 
 def cli(argv=None) -> int:

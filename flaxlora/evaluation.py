@@ -28,6 +28,7 @@ from flaxlora import checkpoint
 from flaxlora import distributed
 from flaxlora import export
 from flaxlora import optimizers
+from flaxlora import run_setup
 from flaxlora import sharding
 from flaxlora import steps
 from flaxlora import tasks
@@ -86,7 +87,7 @@ def override(config: ml_collections.ConfigDict,
 @dataclasses.dataclass
 class Loaded:
   """A run rebuilt for evaluation: `run.data` holds the eval data only."""
-  run: trainer.Run
+  run: run_setup.Run
   adapter: Any
   which: str  # 'final', 'best' or 'step'
   step: int
@@ -101,7 +102,7 @@ def _mesh(config: Any) -> Any:
     return sharding.make_mesh({'data': -1})
 
 
-def rebuild(workdir: pathlib.Path, config: Any) -> trainer.Run:
+def rebuild(workdir: pathlib.Path, config: Any) -> run_setup.Run:
   """The run's model, base, method, tokenizer and eval data on this host's
   devices."""
   tokenizer = build.tokenizer(config)
@@ -116,14 +117,14 @@ def rebuild(workdir: pathlib.Path, config: Any) -> trainer.Run:
                      '--config.train.eval_batch_size=N.') from None
   b = build.model_and_method(config, mesh, rules, tokenizer)
   summary = workdir_lib.read_summary(workdir) or {}
-  return trainer.Run(config, workdir, b.model, b.family, tokenizer, data,
-                     tasks.make(config, b.model), b.method, mesh, rules,
-                     b.base, b.base_axes, b.adapter_rng, b.state_rng,
-                     int(summary.get('step', 1)),
-                     distributed.is_main_process())
+  return run_setup.Run(config, workdir, b.model, b.family, tokenizer, data,
+                       tasks.make(config, b.model), b.method, mesh, rules,
+                       b.base, b.base_axes, b.adapter_rng, b.state_rng,
+                       int(summary.get('step', 1)),
+                       distributed.is_main_process())
 
 
-def _final_adapter(run: trainer.Run) -> Any:
+def _final_adapter(run: run_setup.Run) -> Any:
   folder = run.workdir / workdir_lib.ADAPTER_DIR
   if not (folder / export.ADAPTER_FILE).is_file():
     raise FileNotFoundError(
@@ -136,7 +137,7 @@ def _final_adapter(run: trainer.Run) -> Any:
   return jax.device_put(export.load_adapter(folder, like), shardings)
 
 
-def _checkpoint_adapter(run: trainer.Run, step: int | str) -> tuple[Any, int]:
+def _checkpoint_adapter(run: run_setup.Run, step: int | str) -> tuple[Any, int]:
   directory = run.workdir / workdir_lib.CHECKPOINT_DIR
   if not directory.is_dir():
     raise FileNotFoundError(f'{directory} does not exist; use the final '
@@ -158,7 +159,7 @@ def _checkpoint_adapter(run: trainer.Run, step: int | str) -> tuple[Any, int]:
       raise ValueError(f'--step={step}: {directory} holds steps {kept}.')
     tx = optimizers.optimizer(run.config.optimizer, run.total_steps,
                               run.method)
-    like, _ = trainer.init_state(run, tx)
+    like, _ = run_setup.init_state(run, tx)
     state, _ = ckpt.restore(step, like)
   finally:
     ckpt.close()

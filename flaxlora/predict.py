@@ -27,6 +27,7 @@ import numpy as np
 
 from flaxlora import build
 from flaxlora import distributed
+from flaxlora import run_setup
 from flaxlora import sharding
 from flaxlora import steps
 from flaxlora import tasks
@@ -82,7 +83,7 @@ def records(config: Any, rows: Sequence[dict[str, Any]]) -> list[dict]:
   return out
 
 
-def predict(run: trainer.Run, adapter: Any,
+def predict(run: run_setup.Run, adapter: Any,
             inputs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   """One output row per input (see the module docstring)."""
   if not inputs:
@@ -124,7 +125,7 @@ def _replicated(tree: Any, mesh: Any) -> Any:
 
 
 def from_peft(config: Any, peft_dir: str | pathlib.Path
-              ) -> tuple[trainer.Run, Any]:
+              ) -> tuple[run_setup.Run, Any]:
   """(run, adapter) of a PEFT folder on the base `config.model.path`.
 
   `config` is a full run config (task, model family/head/labels, data
@@ -137,7 +138,7 @@ def from_peft(config: Any, peft_dir: str | pathlib.Path
       config, jax.random.PRNGKey(0), mesh, rules)
   method, adapter = folders.load(peft_dir, model, base)
   tokenizer = build.tokenizer(config)
-  run = trainer.Run(config, peft_dir, model, family, tokenizer, None,
-                    tasks.make(config, model), method, mesh, rules, base,
-                    base_axes, None, None, 0, distributed.is_main_process())
+  run = run_setup.Run(config, peft_dir, model, family, tokenizer, None,
+                      tasks.make(config, model), method, mesh, rules, base,
+                      base_axes, None, None, 0, distributed.is_main_process())
   return run, _replicated(adapter, mesh)

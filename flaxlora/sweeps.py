@@ -14,37 +14,24 @@ Each point runs in its own sub-workdir `ROOT/<name>`, named from the point
 itself (`point_name`: a readable slug and a hash of its overrides), so that
 adding or reordering points keeps every other point's folder. A finished
 point (summary.json) is skipped, a stopped one resumes. At the end ROOT holds
-`results.csv`, `results.md` (a Markdown table of final metrics and
-hyper-parameters) and `results.png` (the points compared). Where the points
-run (this process, N subprocesses, a Slurm array, TPU slices) is the
-launcher's business (`experiments.sweep --launch`); a launched point writes
-its output to `ROOT/logs/<name>.log`.
+the results (`sweep_results`: results.csv, .md, .png). Where the points run
+is the launcher's business (`experiments.sweep --launch`): this process or
+N subprocesses (`local_launch`), a Slurm array (`slurm`), TPU slices
+(`tpu_launch`); a launched point writes its output to `ROOT/logs/<name>.log`.
 """
 import ast
-import csv
 import dataclasses
 import hashlib
 import importlib.util
-import io
 import json
 import os
 import pathlib
 import re
 import shlex
-import subprocess
 import sys
-import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping
 
-from flaxlora import atomic
 from flaxlora import claim
-from flaxlora import errors
-from flaxlora import figures
-from flaxlora import workdir as workdir_lib
-
-RESULTS_CSV = 'results.csv'
-RESULTS_MD = 'results.md'
-RESULTS_PNG = 'results.png'
 # The point key selecting the config's variant string.
 ARG = 'arg'
 LOG_DIR = 'logs'  # ROOT/logs/<point name>.log: a launched point's output
@@ -233,101 +220,6 @@ def command(point: Point) -> str:
   return shlex.join(['python', '-m', 'experiments.run', *point.args])
 
 
-def run(todo: Sequence[Point], root: str | os.PathLike, *,
-        train_fn: Callable[[Any, pathlib.Path], dict]
-        ) -> list[dict[str, Any]]:
-  """Runs the points one after the other in this process, then writes the
-  results (see `collect`).
-
-  Args:
-    todo: the points (`plan`).
-    root: the sweep's folder.
-    train_fn: (config, workdir) -> summary, e.g. trainer.train_and_evaluate.
-  """
-  for i, point in enumerate(todo):
-    if workdir_lib.read_summary(point.workdir) is not None:
-      print(f'sweep: point {point.name} is done; skipped.')
-    else:
-      print(f'sweep: point {i + 1}/{len(todo)}: {point.overrides}',
-            flush=True)
-    train_fn(point.config, point.workdir)
-  return collect(todo, root)
-
-
-def run_parallel(todo: Sequence[Point], root: str | os.PathLike,
-                 parallel: int) -> list[dict[str, Any]]:
-  """Runs up to `parallel` points at once, each an `experiments.run`
-  subprocess (this interpreter) logging to ROOT/logs/<name>.log; then
-  writes the results. The host's GPUs (`nvidia-smi -L`) are split evenly
-  over the `parallel` slots through CUDA_VISIBLE_DEVICES; on a CPU host
-  the points share the cores.
-
-  Args:
-    todo: the points (`plan`).
-    root: the sweep's folder.
-    parallel: how many points run at once.
-
-  Raises:
-    errors.UserError: a point failed (its log's error line is named).
-  """
-  root = pathlib.Path(root)
-  gpus = visible_gpus()
-  if gpus and len(gpus) % parallel:
-    raise errors.UserError(
-        f'--parallel={parallel} does not divide the {len(gpus)} GPUs; pick '
-        'a divisor so that every point gets the same devices.')
-  share = len(gpus) // parallel
-  slots = [gpus[i * share:(i + 1) * share] for i in range(parallel)]
-  (root / LOG_DIR).mkdir(parents=True, exist_ok=True)
-  queue = []
-  for point in todo:
-    if workdir_lib.read_summary(point.workdir) is None:
-      queue.append(point)
-    else:
-      print(f'sweep: point {point.name} is done; skipped.')
-  running, failed = {}, []
-  while queue or running:
-    while queue and len(running) < parallel:
-      point, slot = queue.pop(0), slots.pop(0)
-      env = dict(os.environ)
-      if slot:
-        env['CUDA_VISIBLE_DEVICES'] = ','.join(slot)
-      # Closed when the point ends (below).
-      log = open(log_path(root, point.name), 'a')  # pylint: disable=R1732
-      print(f'sweep: started {point.name}', flush=True)
-      proc = subprocess.Popen(
-          [sys.executable, '-m', 'experiments.run', *point.args], env=env,
-          stdout=log, stderr=subprocess.STDOUT)
-      running[proc] = (point, slot, log)
-    time.sleep(0.2)
-    for proc in [p for p in running if p.poll() is not None]:
-      point, slot, log = running.pop(proc)
-      log.close()
-      slots.append(slot)
-      ok = proc.returncode == 0
-      print(f'sweep: {"finished" if ok else "FAILED"} {point.name}',
-            flush=True)
-      if not ok:
-        failed.append(point.name)
-  rows = collect(todo, root)
-  if failed:
-    raise errors.UserError(
-        f'{len(failed)} point(s) failed: ' + '; '.join(
-            f'{n}: {last_error(log_path(root, n))}' for n in failed))
-  return rows
-
-
-def visible_gpus() -> list[str]:
-  """The GPU indices `nvidia-smi -L` lists ([] without NVIDIA GPUs)."""
-  try:
-    listing = subprocess.run(['nvidia-smi', '-L'], capture_output=True,
-                             text=True, check=True, timeout=30).stdout
-  except (OSError, subprocess.SubprocessError):
-    return []
-  return [str(i) for i, line in enumerate(listing.splitlines())
-          if line.startswith('GPU ')]
-
-
 def log_path(root: pathlib.Path, name: str) -> pathlib.Path:
   """Where a launched point's output goes."""
   return pathlib.Path(root) / LOG_DIR / f'{name}.log'
@@ -351,62 +243,3 @@ def last_error(log: pathlib.Path) -> str:
   after = [line for line in lines[traceback_at:]
            if re.match(r'[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b', line)]
   return after[-1] if after else lines[-1]
-
-
-def collect(todo: Sequence[Point], root: str | os.PathLike
-            ) -> list[dict[str, Any]]:
-  """One row per finished point ({'point', **overrides, **summary
-  scalars}), also written to results.csv/.md/.png under `root`."""
-  rows = []
-  for point in todo:
-    summary = workdir_lib.read_summary(point.workdir)
-    if summary is None:
-      continue
-    scalars = {k: v for k, v in summary.items()
-               if isinstance(v, (int, float, str, bool))}
-    rows.append({'point': point.name, **point.overrides, **scalars})
-  if rows:
-    write_results(pathlib.Path(root), rows,
-                  list(dict.fromkeys(k for p in todo for k in p.overrides)))
-  return rows
-
-
-def write_results(root: pathlib.Path, rows: Sequence[Mapping[str, Any]],
-                  hyper: Sequence[str]) -> None:
-  """results.csv, results.md and results.png under `root`."""
-  columns = ['point'] + list(hyper)
-  columns += sorted({k for row in rows for k in row} - set(columns))
-  buffer = io.StringIO()
-  writer = csv.DictWriter(buffer, columns, lineterminator='\n')
-  writer.writeheader()
-  writer.writerows(rows)
-  atomic.write_file(root / RESULTS_CSV, buffer.getvalue())
-  metrics = ([c for c in columns if c.startswith('eval_')] +
-             [c for c in columns if c.startswith('best_') and
-              c != 'best_step'] +
-             [c for c in columns if c == 'train_loss'])
-  shown = ['point'] + list(hyper) + metrics
-  lines = ['| ' + ' | '.join(shown) + ' |',
-           '|' + '---|' * len(shown)]
-  for row in rows:
-    lines.append('| ' + ' | '.join(_cell(row.get(c, '')) for c in shown) +
-                 ' |')
-  atomic.write_file(root / RESULTS_MD, '\n'.join(lines) + '\n')
-  _plot(root, rows, metrics)
-
-
-def _cell(value: Any) -> str:
-  return f'{value:.4g}' if isinstance(value, float) else str(value)
-
-
-def _plot(root: pathlib.Path, rows, metrics: Sequence[str]) -> None:
-  metrics = [m for m in metrics if m.startswith('eval_')] or list(metrics)
-  if not metrics or not rows:
-    return
-  fig, axes = figures.grid(len(metrics), width=4, height=3.5)
-  for ax, metric in zip(axes, metrics):
-    ax.bar(range(len(rows)), [float(r.get(metric, 'nan')) for r in rows])
-    ax.set_xticks(range(len(rows)), [str(i) for i in range(len(rows))])
-    ax.set_title(metric)
-    ax.set_xlabel('point (row of results.md)')
-  figures.save(fig, root / RESULTS_PNG)

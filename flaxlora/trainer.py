@@ -3,8 +3,8 @@
     summary = trainer.train_and_evaluate(config, 'workdirs/x')
 
 Builds the model, data, PEFT method and optimizer from the config
-(`flaxlora.build`, `flaxlora.data.task_data`, `flaxlora.tasks`,
-`flaxlora.optimizers`), trains the adapter with the steps of
+(`flaxlora.run_setup`, over `flaxlora.build`, `flaxlora.data.task_data`,
+`flaxlora.tasks`, `flaxlora.optimizers`), trains the adapter with the steps of
 `flaxlora.steps`, with periodic eval and checkpoints, and leaves in the
 workdir
 `config.json`, `metrics.jsonl`, `summary.json`, loss/eval plots, orbax
@@ -22,11 +22,9 @@ while the run trains (`flaxlora.lock`), and SIGINT/SIGTERM stop it after a
 checkpoint at the current step (`flaxlora.interrupt`).
 """
 import contextlib
-import dataclasses
-import math
 import pathlib
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -43,13 +41,11 @@ from flaxlora import optimizers
 from flaxlora import predictions_io
 from flaxlora import provenance
 from flaxlora import progress as progress_lib
-from flaxlora import sharding
+from flaxlora import run_setup
 from flaxlora import steps
-from flaxlora import tasks
 from flaxlora import validate
 from flaxlora import workdir as workdir_lib
 from flaxlora.data import pipeline
-from flaxlora.data import task_data
 from flaxlora.models import causal_decoding
 from flaxlora.models import decoding
 from flaxlora.models import layers
@@ -57,149 +53,17 @@ from flaxlora.peft import method_parts
 from flaxlora.peft import peft_names
 
 
-@dataclasses.dataclass
-class Run:
-  """Everything a run builds once (see `setup`)."""
-  config: Any
-  workdir: pathlib.Path
-  model: Any
-  family: Any
-  tokenizer: Any
-  data: task_data.Data
-  task: Any
-  method: Any
-  mesh: Any
-  rules: Any
-  base: Any
-  base_axes: Any
-  adapter_rng: Any
-  state_rng: Any
-  total_steps: int
-  is_main: bool
-  started: float = dataclasses.field(default_factory=time.time)
-
-
-def _total_steps(config: Any, steps_per_epoch: int) -> int:
-  t = config.train
-  if (t.steps > 0) == (t.epochs > 0):
-    raise ValueError(f'train.steps={t.steps}, train.epochs={t.epochs}: set '
-                     'exactly one of them to a positive value (the other '
-                     'to 0).')
-  if t.steps > 0:
-    return int(t.steps)
-  return max(1, math.ceil(t.epochs * steps_per_epoch))
-
-
-def _check_batch(config: Any, mesh: Any, rules: Any) -> None:
-  for name in ('batch_size', 'eval_batch_size'):
-    size = config.train[name]
-    try:
-      distributed.process_rows(mesh, rules, size)
-    except ValueError as e:
-      raise ValueError(f'train.{name}={size}: {e}') from None
-
-
-def setup(config: Any, workdir: pathlib.Path,
-          devices: Sequence[jax.Device] | None = None) -> Run:
-  """Builds data (first: input errors surface before any compile), then the
-  mesh (over `devices`, default all), model, base params (NF4-quantised once
-  for QLoRA), task and method (`build.model_and_method`)."""
-  tokenizer = build.tokenizer(config)
-  data = task_data.load(config, tokenizer)
-  steps_per_epoch = len(data.train) // config.train.batch_size
-  if not steps_per_epoch:
-    raise ValueError(
-        f'the train data has {len(data.train)} examples, fewer than '
-        f'train.batch_size={config.train.batch_size}; lower the batch size.')
-  total_steps = _total_steps(config, steps_per_epoch)
-  # The method first: a bad peft section, rank or regex fails before the
-  # model is built (traced over abstract params).
-  validate.shapes(config, build.peft_method(config.peft, config.model.family,
-                                            tokenizer), total_steps)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.resolve_rules(config.get('sharding_rules', None))
-  _check_batch(config, mesh, rules)
-  b = build.model_and_method(config, mesh, rules, tokenizer)
-  return Run(config, pathlib.Path(workdir), b.model, b.family, tokenizer,
-             data, tasks.make(config, b.model), b.method, mesh, rules, b.base,
-             b.base_axes, b.adapter_rng, b.state_rng, total_steps,
-             distributed.is_main_process())
-
-
-def state_shardings(run: Run, tx: Any) -> steps.TrainState:
-  """The train state's shardings: the adapter by its logical axes, the
-  optimizer state like the adapter, step and rng replicated (`run.base`
-  may be abstract: shapes only)."""
-  abstract = jax.eval_shape(run.method.init, run.adapter_rng, run.base)
-  axes = run.method.logical_axes(run.base_axes, abstract)
-  adapter_shardings = sharding.named_shardings(abstract, axes, run.mesh,
-                                               run.rules)
-  replicated = jax.sharding.NamedSharding(run.mesh,
-                                          jax.sharding.PartitionSpec())
-  return steps.TrainState(
-      replicated, adapter_shardings,
-      sharding.optimizer_shardings(tx, abstract, adapter_shardings, run.mesh),
-      replicated)
-
-
-def init_state(run: Run, tx: Any) -> tuple[steps.TrainState, Any]:
-  """A fresh train state and its shardings (shape first: eval_shape, then a
-  jit that writes each shard in place)."""
-  shardings = state_shardings(run, tx)
-
-  def init(rng, base):
-    return steps.create(run.state_rng, run.method.init(rng, base), tx)
-
-  state = jax.jit(init, out_shardings=shardings)(run.adapter_rng, run.base)
-  return state, shardings
-
-
-def train_step_fn(run: Run, tx: Any, state_shardings: Any):
-  """The jitted train step of `run` (the one `experiments.benchmark lora`
-  times): the task's loss, the method, the config's accumulation and
-  clipping; `(state, base, batch) -> (state, metrics)`."""
-  o = run.config.optimizer
-  return steps.jit_train_step(run.task.loss, run.method, tx,
-                              o.grad_accum_steps, state_shardings,
-                              clip_norm=optimizers.clip_norm(o),
-                              activation_sharding=activation_sharding(run))
-
-
-def activation_sharding(run: Run) -> tuple[Any, Any] | None:
-  """(mesh, rules) that the steps constrain activations by, or None
-  (`model.shard_activations`)."""
-  if not run.config.model.shard_activations:
-    return None
-  return run.mesh, run.rules
-
-
-def loader(run: Run, train: bool) -> pipeline.Loader:
-  t = run.config.train
-  if train:
-    return pipeline.Loader(
-        run.data.train, global_batch_size=t.batch_size, seed=t.seed,
-        shuffle=True, drop_remainder=True,
-        process_index=jax.process_index(), process_count=jax.process_count())
-  return pipeline.Loader(
-      run.data.eval, global_batch_size=t.eval_batch_size, shuffle=False,
-      drop_remainder=False, num_epochs=1,
-      process_index=jax.process_index(), process_count=jax.process_count())
-
-
-def _device_batch(run: Run, batch: dict) -> dict:
-  return distributed.global_batch(batch, run.mesh, run.rules)
-
-
-def eval_outputs(run: Run, eval_step: Any, adapter: Any) -> list[dict]:
+def eval_outputs(run: run_setup.Run, eval_step: Any,
+                 adapter: Any) -> list[dict]:
   """The host eval outputs of every eval batch (see `flaxlora.tasks`)."""
   outputs = []
-  for batch in loader(run, train=False):
-    out = eval_step(adapter, run.base, _device_batch(run, batch))
+  for batch in run_setup.loader(run, train=False):
+    out = eval_step(adapter, run.base, run_setup.device_batch(run, batch))
     outputs.append(distributed.to_host(out))
   return outputs
 
 
-def evaluate(run: Run, eval_step: Any, adapter: Any,
+def evaluate(run: run_setup.Run, eval_step: Any, adapter: Any,
              predictions_dir: pathlib.Path | None = None
              ) -> dict[str, float]:
   """Eval metrics of `adapter` on the whole eval set.
@@ -217,7 +81,7 @@ def evaluate(run: Run, eval_step: Any, adapter: Any,
   return run.task.score(run.data, outputs, predictions)
 
 
-def generate_texts(run: Run, adapter: Any) -> dict[int, str]:
+def generate_texts(run: run_setup.Run, adapter: Any) -> dict[int, str]:
   """{eval record index: generated text} (seq2seq and causal-LM eval), with
   the config's eval.num_beams, max_new_tokens and length_penalty; a causal
   LM continues the left-padded prompts and stops at the tokenizer's eos."""
@@ -232,8 +96,8 @@ def generate_texts(run: Run, adapter: Any) -> dict[int, str]:
   params, kwargs = run.method.apply(run.base, adapter)
   texts = {}
   ids, mask = run.task.GENERATE_FROM
-  for batch in loader(run, train=False):
-    device = _device_batch(run, batch)
+  for batch in run_setup.loader(run, train=False):
+    device = run_setup.device_batch(run, batch)
     tokens = decoder.generate(
         run.model, params, device[ids], device[mask],
         max_new_tokens=e.max_new_tokens, num_beams=e.num_beams,
@@ -270,7 +134,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *,
   started = time.time()
   held = lock.Lock(workdir)
   held.check_free()
-  run = setup(config, workdir)
+  run = run_setup.setup(config, workdir)
   run.started = started
   if not run.is_main:  # multi-host runs lock once, on the main process
     held = contextlib.nullcontext()
@@ -283,7 +147,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path, *,
     return _train(run, guard)
 
 
-def _check_resumable(run: Run) -> int | None:
+def _check_resumable(run: run_setup.Run) -> int | None:
   """Before the workdir is claimed: the step of the newest intact
   checkpoint, which `_train` restores (errors.UserError: none reads)."""
   tx = optimizers.optimizer(run.config.optimizer, run.total_steps,
@@ -294,12 +158,12 @@ def _check_resumable(run: Run) -> int | None:
           run.adapter_rng, run.base))
 
 
-def _train(run: Run, guard: interrupt.Guard) -> dict[str, Any]:
+def _train(run: run_setup.Run, guard: interrupt.Guard) -> dict[str, Any]:
   """The train loop with eval, checkpoints, logging and the final export;
   a SIGINT/SIGTERM caught by `guard` stops it after a checkpoint."""
   c = run.config
   tx = optimizers.optimizer(c.optimizer, run.total_steps, run.method)
-  state, state_shardings = init_state(run, tx)
+  state, state_shardings = run_setup.init_state(run, tx)
   ckpt, train_loader, start, state = _restore(run, state)
   log = workdir_lib.MetricsLog(
       run.workdir, start, write=run.is_main,
@@ -307,14 +171,14 @@ def _train(run: Run, guard: interrupt.Guard) -> dict[str, Any]:
   if run.is_main:
     print(f'flaxlora: mesh {dict(run.mesh.shape)} over {run.mesh.size} '
           f'{run.mesh.devices.flat[0].platform} devices', flush=True)
-  step_fn = train_step_fn(run, tx, state_shardings)
+  step_fn = run_setup.train_step_fn(run, tx, state_shardings)
   eval_step = steps.jit_eval_step(run.task, run.method,
-                                  activation_sharding(run))
+                                  run_setup.activation_sharding(run))
   lr = optimizers.schedule(c.optimizer, run.total_steps)
   progress = progress_lib.Progress(run.total_steps)
   pending, last_eval, train_loss = [], None, float('nan')
   for step in range(start + 1, run.total_steps + 1):
-    batch = _device_batch(run, next(train_loader))
+    batch = run_setup.device_batch(run, next(train_loader))
     state, metrics = step_fn(state, run.base, batch)
     pending.append((step, metrics['loss']))
     final = step == run.total_steps
@@ -354,7 +218,7 @@ def _train(run: Run, guard: interrupt.Guard) -> dict[str, Any]:
   return _finish(run, state, ckpt, log, last_eval)
 
 
-def _restore(run: Run, state: steps.TrainState
+def _restore(run: run_setup.Run, state: steps.TrainState
              ) -> tuple[checkpoint.Checkpointer, pipeline.Loader, int,
                         steps.TrainState]:
   """(checkpointer, train loader, start step, state): restored from the
@@ -363,7 +227,7 @@ def _restore(run: Run, state: steps.TrainState
   ckpt = checkpoint.Checkpointer(
       run.workdir / workdir_lib.CHECKPOINT_DIR, keep=c.checkpoint.keep,
       best_metric=c.checkpoint.best_metric, best_mode=c.checkpoint.best_mode)
-  train_loader = loader(run, train=True)
+  train_loader = run_setup.loader(run, train=True)
   restored = ckpt.restore_latest(state)
   if restored is None:
     return ckpt, train_loader, 0, state
@@ -373,7 +237,7 @@ def _restore(run: Run, state: steps.TrainState
   return ckpt, train_loader, start, state
 
 
-def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
+def _finish(run: run_setup.Run, state: Any, ckpt: checkpoint.Checkpointer,
             log: workdir_lib.MetricsLog, last_eval: dict) -> dict[str, Any]:
   """Exports the adapter, writes summary.json and plots (main process)."""
   c = run.config
@@ -420,7 +284,7 @@ def _finish(run: Run, state: Any, ckpt: checkpoint.Checkpointer,
   return summary
 
 
-def _save_peft(run: Run, host_base: Any, adapter: Any) -> None:
+def _save_peft(run: run_setup.Run, host_base: Any, adapter: Any) -> None:
   """The adapter as a Hugging Face PEFT folder, when it has one."""
   if missing := export.peft_missing(run.model, run.method):
     print(f'flaxlora: no PEFT folder: {missing}.')

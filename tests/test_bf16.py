@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import config_reads
-from flaxlora import trainer
+from flaxlora import run_setup
 
 # (config, changes, noise): every method on each family that has it, and
 # an adapter noise (see `_perturbed`) that moves the logits by 5-100%.
@@ -43,7 +43,7 @@ def _run(name, changes, dtype, short=True):
       config[section][field] = value
     else:
       config[section] = value
-  return trainer.setup(config, pathlib.Path(tempfile.mkdtemp()))
+  return run_setup.setup(config, pathlib.Path(tempfile.mkdtemp()))
 
 
 def _logits(run, adapter, batch):
@@ -71,10 +71,10 @@ def _perturbed(adapter, noise, seed=0):
 def test_bf16_adapter_effect_matches_fp32(case):
   name, changes, noise = CASES[case]
   fp32, bf16 = (_run(name, changes, d) for d in ('float32', 'bfloat16'))
-  adapter = jax.device_get(trainer.init_state(fp32, optax.sgd(0.0))[0]
+  adapter = jax.device_get(run_setup.init_state(fp32, optax.sgd(0.0))[0]
                            .adapter)
   moved = _perturbed(adapter, noise)
-  batch = trainer._device_batch(fp32, next(trainer.loader(fp32, True)))  # pylint: disable=protected-access
+  batch = run_setup.device_batch(fp32, next(run_setup.loader(fp32, True)))
   effect = _logits(fp32, moved, batch) - _logits(fp32, adapter, batch)
   effect_bf16 = _logits(bf16, moved, batch) - _logits(bf16, adapter, batch)
   size = np.linalg.norm(effect)
@@ -110,13 +110,13 @@ def test_bf16_greedy_tokens_agree_with_fp32_where_margins_are_real():
   fp32, bf16 = (_run('t5_lora', {}, d, short=False)
                 for d in ('float32', 'bfloat16'))
   tx = optimizers.optimizer(fp32.config.optimizer, 200, fp32.method)
-  state, shardings = trainer.init_state(fp32, tx)
+  state, shardings = run_setup.init_state(fp32, tx)
   step = steps.jit_train_step(fp32.task.loss, fp32.method, tx, 1, shardings)
-  loader = trainer.loader(fp32, train=True)
+  loader = run_setup.loader(fp32, train=True)
   for _ in range(200):  # the copy task: a model with real margins
     state, _ = step(state, fp32.base,
-                    trainer._device_batch(fp32, next(loader)))  # pylint: disable=protected-access
-  batch = trainer._device_batch(fp32, next(trainer.loader(fp32, False)))  # pylint: disable=protected-access
+                    run_setup.device_batch(fp32, next(loader)))
+  batch = run_setup.device_batch(fp32, next(run_setup.loader(fp32, False)))
   tokens = {}
   for name, run in (('fp32', fp32), ('bf16', bf16)):
     params, kwargs = run.method.apply(run.base, state.adapter)

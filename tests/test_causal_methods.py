@@ -14,6 +14,7 @@ import pytest
 
 import config_reads
 from flaxlora import optimizers
+from flaxlora import run_setup
 from flaxlora import steps
 from flaxlora import trainer
 
@@ -56,14 +57,14 @@ def _config(name, peft, lr):
 def _train(config, num_steps=6):
   """(first and last loss on one fixed batch, adapter before and after,
   run, trained adapter)."""
-  run = trainer.setup(config, pathlib.Path(tempfile.mkdtemp()))
+  run = run_setup.setup(config, pathlib.Path(tempfile.mkdtemp()))
   tx = optimizers.optimizer(config.optimizer, num_steps, run.method)
-  state, shardings = trainer.init_state(run, tx)
+  state, shardings = run_setup.init_state(run, tx)
   before = jax.device_get(state.adapter)
   step = steps.jit_train_step(run.task.loss, run.method, tx, 1, shardings,
                               clip_norm=1.0)
-  batch = trainer._device_batch(  # pylint: disable=protected-access
-      run, next(trainer.loader(run, train=True)))
+  batch = run_setup.device_batch(  # pylint: disable=protected-access
+      run, next(run_setup.loader(run, train=True)))
   losses = []
   for _ in range(num_steps):  # the same batch: its loss must fall
     state, metrics = step(state, run.base, batch)

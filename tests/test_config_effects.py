@@ -25,6 +25,7 @@ from flaxlora import build
 from flaxlora import errors
 from flaxlora import metric_writers
 from flaxlora import optimizers
+from flaxlora import run_setup
 from flaxlora import steps
 from flaxlora import trainer
 from flaxlora import validate
@@ -81,7 +82,7 @@ def _config(name: str, changes: dict):
 
 
 def _setup(config):
-  return trainer.setup(config, pathlib.Path(tempfile.mkdtemp()))
+  return run_setup.setup(config, pathlib.Path(tempfile.mkdtemp()))
 
 
 # Probes: config -> an observable value (compared with ==).
@@ -124,15 +125,15 @@ def probe_train(config, num_steps=2):
     return run.task.loss(params, kwargs, batch, rng)
 
   tx = optimizers.optimizer(config.optimizer, run.total_steps, run.method)
-  state, shardings = trainer.init_state(run, tx)
+  state, shardings = run_setup.init_state(run, tx)
   step = steps.jit_train_step(
       loss, run.method, tx, config.optimizer.grad_accum_steps, shardings,
       clip_norm=optimizers.clip_norm(config.optimizer))
-  batches = trainer.loader(run, train=True)
+  batches = run_setup.loader(run, train=True)
   losses = []
   for _ in range(num_steps):
     state, metrics = step(state, run.base,
-                          trainer._device_batch(run, next(batches)))  # pylint: disable=protected-access
+                          run_setup.device_batch(run, next(batches)))
     losses.append(float(metrics['loss']))
   adapter = jax.device_get(state.adapter)
   return _digest([adapter, losses, shapes])
@@ -142,9 +143,9 @@ def probe_setup(config):
   """Total steps, mesh, base/adapter/batch shardings and base shapes."""
   run = _setup(config)
   tx = optimizers.optimizer(config.optimizer, run.total_steps, run.method)
-  _, shardings = trainer.init_state(run, tx)
-  batch = trainer._device_batch(run, next(trainer.loader(run, train=True)))  # pylint: disable=protected-access
-  eval_batch = next(trainer.loader(run, train=False))
+  _, shardings = run_setup.init_state(run, tx)
+  batch = run_setup.device_batch(run, next(run_setup.loader(run, train=True)))
+  eval_batch = next(run_setup.loader(run, train=False))
   specs = lambda tree: [str(getattr(x, 'sharding', x)) for x in  # pylint: disable=g-long-lambda
                         jax.tree.leaves(tree)]
   return _digest([run.total_steps, dict(run.mesh.shape), specs(run.base),
@@ -157,12 +158,12 @@ def _trained(config, num_steps=40):
   """A run and a state trained `num_steps` steps (margins for decoding)."""
   run = _setup(config)
   tx = optimizers.optimizer(config.optimizer, num_steps, run.method)
-  state, shardings = trainer.init_state(run, tx)
+  state, shardings = run_setup.init_state(run, tx)
   step = steps.jit_train_step(run.task.loss, run.method, tx, 1, shardings)
-  batches = trainer.loader(run, train=True)
+  batches = run_setup.loader(run, train=True)
   for _ in range(num_steps):
     state, _ = step(state, run.base,
-                    trainer._device_batch(run, next(batches)))  # pylint: disable=protected-access
+                    run_setup.device_batch(run, next(batches)))
   return run, state
 
 
@@ -186,8 +187,8 @@ def probe_eval(config):
                             task=type(run.task)(config, run.model))
   eval_step = steps.jit_eval_step(run.task, run.method)
   outputs = [jax.device_get(eval_step(state.adapter, run.base,
-                                      trainer._device_batch(run, b)))  # pylint: disable=protected-access
-             for b in trainer.loader(run, train=False)]
+                                      run_setup.device_batch(run, b)))
+             for b in run_setup.loader(run, train=False)]
   if config.model.family == 't5':
     texts = trainer.generate_texts(run, state.adapter)
     return _digest([texts, sorted(run.task.metrics(run.data, outputs,
@@ -219,9 +220,9 @@ def probe_compiled(config):
   the compiler's temp bytes (what the memory options change)."""
   run = _setup(config)
   tx = optimizers.optimizer(config.optimizer, run.total_steps, run.method)
-  state, shardings = trainer.init_state(run, tx)
-  batch = trainer._device_batch(run, next(trainer.loader(run, train=True)))  # pylint: disable=protected-access
-  lowered = trainer.train_step_fn(run, tx, shardings).lower(state, run.base,
+  state, shardings = run_setup.init_state(run, tx)
+  batch = run_setup.device_batch(run, next(run_setup.loader(run, train=True)))
+  lowered = run_setup.train_step_fn(run, tx, shardings).lower(state, run.base,
                                                             batch)
   temp = lowered.compile().memory_analysis().temp_size_in_bytes
   return _digest([lowered.as_text(), temp])

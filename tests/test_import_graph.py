@@ -20,7 +20,7 @@ PACKAGES = ('flaxlora', 'configs', 'experiments')
 RUN_LAYER = ('flaxlora.build', 'flaxlora.trainer', 'flaxlora.export',
              'flaxlora.steps', 'flaxlora.evaluation', 'flaxlora.predict',
              'flaxlora.adapter_bank', 'flaxlora.resolve', 'flaxlora.sweeps',
-             'experiments')
+             'flaxlora.local_launch', 'flaxlora.sweep_results', 'experiments')
 CONFIG_IMPORTS = ('ml_collections', 'configs')
 
 

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flaxlora.models import dropout as dropout_lib
 from flaxlora.models import layers
 
 SPECS = [('bntd,bnsd->bnts', (2, 3, 4, 5), (2, 3, 6, 5)),
@@ -71,12 +72,12 @@ def test_bf16_backward_multiplies_only_bf16_operands():
 
 def test_hash_dropout_rate_and_independence():
   x = jnp.ones((200, 500))
-  m1 = np.asarray(layers.dropout(x, 0.1, jax.random.PRNGKey(0))) == 0
-  m2 = np.asarray(layers.dropout(x, 0.1, jax.random.PRNGKey(1))) == 0
+  m1 = np.asarray(dropout_lib.dropout(x, 0.1, jax.random.PRNGKey(0))) == 0
+  m2 = np.asarray(dropout_lib.dropout(x, 0.1, jax.random.PRNGKey(1))) == 0
   assert abs(m1.mean() - 0.1) < 0.005 and abs(m2.mean() - 0.1) < 0.005
   assert abs(np.corrcoef(m1.ravel(), m2.ravel())[0, 1]) < 0.02
   assert abs(np.corrcoef(m1[:, :-1].ravel(), m1[:, 1:].ravel())[0, 1]) < 0.02
-  kept = np.asarray(layers.dropout(x, 0.1, jax.random.PRNGKey(0)))[~m1]
+  kept = np.asarray(dropout_lib.dropout(x, 0.1, jax.random.PRNGKey(0)))[~m1]
   np.testing.assert_allclose(kept, 1 / (1 - 6554 / 65536))   # unbiased
 
 

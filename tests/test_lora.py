@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from flaxlora.models import dropout as dropout_lib
 from flaxlora.models import layers
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import describe
@@ -184,7 +185,7 @@ def test_dropout_path_matches_peft_formula(toy, use_dora):
                          leaf.get('magnitude'))
   assert node.needs_rng
   out = node.dot(x, dtype=jnp.float32, dropout_rng=rng)
-  xd = np.asarray(layers.dropout(x, 0.25, rng), np.float64)  # same mask
+  xd = np.asarray(dropout_lib.dropout(x, 0.25, rng), np.float64)  # same mask
   assert 0.1 < np.mean(xd == 0) < 0.45
   w64, x64 = np.asarray(w, np.float64), np.asarray(x, np.float64)
   a, b = (np.asarray(leaf[k], np.float64) for k in 'ab')

@@ -19,13 +19,14 @@ from jax.sharding import PartitionSpec
 
 import config_reads
 from flaxlora import optimizers
+from flaxlora import run_setup
 from flaxlora import sharding
-from flaxlora import trainer
 from flaxlora.models import bert
 from flaxlora.models import decoding
 from flaxlora.models import gpt2
 from flaxlora.models import layers
 from flaxlora.models import llama
+from flaxlora.models import seq2seq_packing
 from flaxlora.models import t5
 from flaxlora.peft import base as peft_base
 from flaxlora.peft import lora
@@ -140,7 +141,7 @@ def _setup(name, **changes):
   for key, value in changes.items():
     section, field = key.split('.')
     config[section][field] = value
-  return config, trainer.setup(config, pathlib.Path(tempfile.mkdtemp()))
+  return config, run_setup.setup(config, pathlib.Path(tempfile.mkdtemp()))
 
 
 def _float_bytes(tree):
@@ -150,13 +151,13 @@ def _float_bytes(tree):
 
 def _train(config, run, num_steps=2):
   tx = optimizers.optimizer(config.optimizer, run.total_steps, run.method)
-  state, shardings = trainer.init_state(run, tx)
-  step = trainer.train_step_fn(run, tx, shardings)
-  batches = trainer.loader(run, train=True)
+  state, shardings = run_setup.init_state(run, tx)
+  step = run_setup.train_step_fn(run, tx, shardings)
+  batches = run_setup.loader(run, train=True)
   losses = []
   for _ in range(num_steps):
     state, metrics = step(state, run.base,
-                          trainer._device_batch(run, next(batches)))  # pylint: disable=protected-access
+                          run_setup.device_batch(run, next(batches)))
     losses.append(float(metrics['loss']))
   return state, losses
 
@@ -246,12 +247,12 @@ def _step_temp_bytes(num_devices, shard):
   config.train.batch_size = 32
   config.mesh.update(data=1, fsdp=-1)
   config.model.shard_activations = shard
-  run = trainer.setup(config, pathlib.Path(tempfile.mkdtemp()),
+  run = run_setup.setup(config, pathlib.Path(tempfile.mkdtemp()),
                       devices=jax.devices()[:num_devices])
   tx = optimizers.optimizer(config.optimizer, run.total_steps, run.method)
-  state, shardings = trainer.init_state(run, tx)
-  batch = trainer._device_batch(run, next(trainer.loader(run, train=True)))  # pylint: disable=protected-access
-  step = trainer.train_step_fn(run, tx, shardings)
+  state, shardings = run_setup.init_state(run, tx)
+  batch = run_setup.device_batch(run, next(run_setup.loader(run, train=True)))
+  step = run_setup.train_step_fn(run, tx, shardings)
   compiled = step.lower(state, run.base, batch).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
@@ -326,3 +327,41 @@ def test_fused_attention_refusals():
   with pytest.raises(ValueError, match='no dropout on attention'):
     model.apply({'params': params}, ids, ids, ids, deterministic=False,
                 rngs={'dropout': jax.random.PRNGKey(0)})
+
+
+def _seq2seq_loss(model, params, rows):
+  """Summed cross-entropy over the label tokens of `rows` (`pack` output)."""
+  packing = rows if 'encoder_segment_ids' in rows else None
+  logits = model.apply({'params': params}, rows['input_ids'],
+                       rows['attention_mask'], rows['decoder_input_ids'],
+                       rows['decoder_attention_mask'], packing=packing)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(logp, rows['labels'][..., None], -1)[..., 0]
+  return -jnp.sum(picked * rows['decoder_attention_mask'])
+
+
+def test_packed_seq2seq_loss_equals_the_unpacked_loss():
+  config = dataclasses.replace(TINY_T5, dropout_rate=0.0)
+  model = t5.build(config)
+  params = t5.init(model, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  examples = [(rng.integers(2, 64, rng.integers(2, 7)).tolist(),
+               rng.integers(2, 64, rng.integers(1, 5)).tolist())
+              for _ in range(7)]
+  packed = seq2seq_packing.pack(examples, source_length=16, target_length=8)
+  assert len(packed['input_ids']) < len(examples)  # rows really hold several
+  assert packed['encoder_segment_ids'].max() > 1
+  singles = [seq2seq_packing.pack([e], source_length=16, target_length=8)
+             for e in examples]
+  unpacked = {k: np.concatenate([s[k] for s in singles])
+              for k in seq2seq_packing.KEYS}
+  plain = {k: unpacked[k] for k in ('input_ids', 'attention_mask',
+                                    'decoder_input_ids',
+                                    'decoder_attention_mask', 'labels')}
+  reference = _seq2seq_loss(model, params, plain)
+  np.testing.assert_allclose(_seq2seq_loss(model, params, packed),
+                             reference, rtol=1e-5)
+  # Without the segments the packed rows attend across examples.
+  packed_plain = {k: packed[k] for k in plain}
+  assert abs(float(_seq2seq_loss(model, params, packed_plain)) -
+             float(reference)) > 1e-3 * abs(float(reference))

@@ -21,6 +21,7 @@ from configs import bert_sentiment_lora
 from configs import bert_squad_lora
 from flaxlora import export
 from flaxlora import optimizers
+from flaxlora import run_setup
 from flaxlora import steps
 from flaxlora import trainer
 from flaxlora.models import layers
@@ -30,8 +31,8 @@ from flaxlora.peft import registry
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Modules a run reaches a method through: they may name no method.
-GENERIC = ('flaxlora/trainer.py', 'flaxlora/build.py', 'flaxlora/export.py',
-           'flaxlora/steps.py', 'flaxlora/optimizers.py')
+GENERIC = ('flaxlora/trainer.py', 'flaxlora/run_setup.py', 'flaxlora/build.py',
+           'flaxlora/export.py', 'flaxlora/steps.py', 'flaxlora/optimizers.py')
 # Every method package and module of flaxlora/peft but the contract itself
 # (base), the registry, the method-agnostic views of a method
 # (method_parts) and what every PEFT folder shares (peft_names, hf_folder);
@@ -180,12 +181,12 @@ def test_a_method_defined_here_trains_through_the_trainer(tmp_path):
       'type': 'ScaledBiasConfig', 'scale': 2.0, 'limit': 0.05,
       'lr_multiplier': 3.0}]
   assert not (tmp_path / 'run' / 'peft').exists()  # no PEFT form
-  run = trainer.setup(config, tmp_path / 'again')
+  run = run_setup.setup(config, tmp_path / 'again')
   # prepare_base ran on the trainer's base: norm biases shifted by 0.5.
   norm = run.base['embeddings']['norm']['bias']
   config.peft.method = 'lora'
   config.peft = bert_sentiment_lora.get_config('runlocal').peft
-  plain = trainer.setup(config, tmp_path / 'plain')
+  plain = run_setup.setup(config, tmp_path / 'plain')
   np.testing.assert_allclose(norm, plain.base['embeddings']['norm'][
       'bias'] + 0.5)
   # after_step clipped the trained deltas; they moved (the optimizer ran).

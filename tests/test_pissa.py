@@ -14,6 +14,7 @@ from configs import common
 from flaxlora import export
 from flaxlora import models
 from flaxlora import optimizers
+from flaxlora import run_setup
 from flaxlora import trainer
 from flaxlora.inspect import analysis
 from flaxlora.peft import base as peft_base
@@ -57,7 +58,7 @@ def runs(tmp_path_factory):
   for init in ('pissa', 'default'):
     workdir = tmp_path_factory.mktemp(init)
     trainer.train_and_evaluate(_config(init), workdir / 'run')
-    run = trainer.setup(_config(init), workdir / 'again')
+    run = run_setup.setup(_config(init), workdir / 'again')
     like = jax.eval_shape(run.method.init, run.adapter_rng, run.base)
     out[init] = (run, export.load_adapter(workdir / 'run' / 'adapter', like),
                  workdir / 'run')
@@ -69,7 +70,7 @@ def test_at_step_zero_the_run_computes_the_base_model(runs):
   original = runs['default'][0].base  # the same seed, no prepare_base
   tx = optimizers.optimizer(run.config.optimizer, run.total_steps,
                             run.method)
-  state, _ = trainer.init_state(run, tx)
+  state, _ = run_setup.init_state(run, tx)
   w = np.asarray(_at(original), np.float64)
   node = _at(run.base)
   assert pissa.is_pissa(node)  # the trainer applied prepare_base

@@ -1,5 +1,5 @@
-"""experiments.plan / flaxlora.plan: targets, the batch bisection, abstract
-batches, the CLI on the host's devices, a TPU v5e:2x2 compile, and the
+"""experiments.plan / flaxlora.plan and chips: targets, the batch bisection,
+abstract batches, the CLI on the host's devices, a TPU v5e:2x2 compile, and the
 one-line error without libtpu."""
 import json
 import subprocess
@@ -13,6 +13,7 @@ from configs import bert_sentiment_lora
 from configs import llama_lora
 from configs import pod_lora
 from flaxlora import build
+from flaxlora import chips
 from flaxlora import plan
 from flaxlora import sharding
 from flaxlora.data import pipeline
@@ -31,23 +32,23 @@ def _tiny_config():
   return config
 
 
-@pytest.mark.parametrize('name, topology, chips', [
+@pytest.mark.parametrize('name, topology, count', [
     ('v5e-1', 'v5e:1x1', 1), ('v5e-8', 'v5e:2x4', 8),
     ('v5e-16', 'v5e:4x4', 16), ('v5e-256', 'v5e:16x16', 256),
     ('v5p-128', 'v5p:4x4x4', 64), ('v5p-256', 'v5p:4x4x8', 128),
     ('v4-32', 'v4:2x2x4', 16), ('v4-8', 'v4:2x2x1', 4),
     ('v5e:2x2', 'v5e:2x2', 4)])
-def test_targets_are_google_slice_shapes(name, topology, chips):
-  t = plan.target(name)
-  assert (t.topology, t.chips) == (topology, chips)
-  assert t.chip is plan.CHIPS[name[:3].rstrip('-:')]
+def test_targets_are_google_slice_shapes(name, topology, count):
+  t = chips.target(name)
+  assert (t.topology, t.chips) == (topology, count)
+  assert t.chip is chips.CHIPS[name[:3].rstrip('-:')]
 
 
 @pytest.mark.parametrize('name', ['v6x-8', 'v5e-12', 'v4-7', 'v5e:2x2x1',
                                   'tpu'])
 def test_bad_targets_name_the_accepted_forms(name):
   with pytest.raises(ValueError, match='--target='):
-    plan.target(name)
+    chips.target(name)
 
 
 @pytest.mark.parametrize('largest, unit, start, limit, expected', [
@@ -156,20 +157,20 @@ def test_pod_configs_name_presets_and_valid_methods(variant):
 
 def test_missing_libtpu_is_one_line_with_the_install():
   done = _plan(f'--config={pod_lora.__file__}:{TINY}', '--target=v5e-16',
-               patch='from flaxlora import plan\n'
-               'plan.libtpu_installed = lambda: False')
+               patch='from flaxlora import chips\n'
+               'chips.libtpu_installed = lambda: False')
   err = done.stderr.strip()
   assert done.returncode == 2, err
   assert len(err.splitlines()) == 1, err
   assert "pip install 'flaxlora[tpu]'" in err and 'v5e-16' in err
 
 
-@pytest.mark.skipif(not plan.libtpu_installed(),
+@pytest.mark.skipif(not chips.libtpu_installed(),
                     reason="libtpu is not installed: pip install "
                     "'flaxlora[tpu]' (.ci/run installs it)")
 def test_tiny_t5_lora_step_compiles_for_a_v5e_2x2_slice():
-  t = plan.target('v5e:2x2')
-  devices = plan.devices(t)
+  t = chips.target('v5e:2x2')
+  devices = chips.devices(t)
   assert [d.platform for d in devices] == ['tpu'] * 4
   assert devices[0].device_kind == 'TPU v5 lite'
   report = plan.plan(_tiny_config(), t, devices)

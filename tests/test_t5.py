@@ -13,6 +13,7 @@ import helpers
 
 from flaxlora import models
 from flaxlora.models import t5
+from flaxlora.models import t5_stack
 
 V, H = 96, 32
 VARIANTS = {
@@ -139,7 +140,7 @@ def test_relative_position_bucket_matches_transformers():
   for bidirectional in (True, False):
     for buckets, distance in ((32, 128), (16, 20)):
       ref = hf_bucket(relative, bidirectional, buckets, distance).numpy()
-      ours = t5.relative_position_bucket(
+      ours = t5_stack.relative_position_bucket(
           jnp.asarray(relative.numpy()), bidirectional=bidirectional,
           num_buckets=buckets, max_distance=distance)
       np.testing.assert_array_equal(ours, ref)

@@ -13,6 +13,7 @@ import pytest
 
 import config_reads
 from flaxlora import optimizers
+from flaxlora import run_setup
 from flaxlora import steps
 from flaxlora import trainer
 
@@ -22,21 +23,21 @@ def _run(name, **changes):
   for key, value in changes.items():
     section, field = key.split('.')
     config[section][field] = value
-  return trainer.setup(config, pathlib.Path(tempfile.mkdtemp()))
+  return run_setup.setup(config, pathlib.Path(tempfile.mkdtemp()))
 
 
 def _batch(run, loader):
-  return trainer._device_batch(run, next(loader))  # pylint: disable=protected-access
+  return run_setup.device_batch(run, next(loader))
 
 
 def _steps(run, tx, num_steps, accum=1, clip_norm=0.0, adapter=None):
   """(adapter after `num_steps` trainer steps, the losses)."""
-  state, shardings = trainer.init_state(run, tx)
+  state, shardings = run_setup.init_state(run, tx)
   if adapter is not None:
     state = state._replace(adapter=adapter, opt_state=tx.init(adapter))
   step = steps.jit_train_step(run.task.loss, run.method, tx, accum,
                               shardings, clip_norm=clip_norm)
-  loader = trainer.loader(run, train=True)
+  loader = run_setup.loader(run, train=True)
   losses = []
   for _ in range(num_steps):
     state, metrics = step(state, run.base, _batch(run, loader))
@@ -64,7 +65,7 @@ def _moved(a, b):
 def test_clipping_bounds_the_update():
   run = _run('bert_sentiment_lora', **{'peft.dropout': 0.0})
   sgd = optax.sgd(1.0)
-  start = jax.device_get(trainer.init_state(run, sgd)[0].adapter)
+  start = jax.device_get(run_setup.init_state(run, sgd)[0].adapter)
   free, _ = _steps(run, sgd, 1, adapter=start)
   clipped, _ = _steps(run, sgd, 1, adapter=start, clip_norm=1e-3)
   grad_norm = _moved(free, start)  # sgd(1): the update is the gradient
@@ -79,7 +80,7 @@ def test_clipping_bounds_the_update():
 def test_accumulation_of_k_micro_batches_equals_one_batch_of_k_times():
   run = _run('bert_sentiment_lora', **{'peft.dropout': 0.0})
   sgd = optax.sgd(1.0)
-  start = jax.device_get(trainer.init_state(run, sgd)[0].adapter)
+  start = jax.device_get(run_setup.init_state(run, sgd)[0].adapter)
   one, loss_one = _steps(run, sgd, 1, adapter=start)
   moved = _moved(one, start)
   assert moved > 1e-3
@@ -94,8 +95,8 @@ def test_dropout_changes_the_loss_with_the_rng_and_only_with_it():
   run = _run('bert_sentiment_lora', **{'model.dropout': 0.3,
                                        'peft.dropout': 0.0})
   tx = optax.sgd(0.0)
-  state, _ = trainer.init_state(run, tx)
-  batch = _batch(run, trainer.loader(run, train=True))
+  state, _ = run_setup.init_state(run, tx)
+  batch = _batch(run, run_setup.loader(run, train=True))
   params, kwargs = run.method.apply(run.base, state.adapter)
   loss = jax.jit(lambda rng: run.task.loss(params, kwargs, batch, rng)[0])
   a, b = (float(loss(jax.random.PRNGKey(s))) for s in (1, 2))

@@ -52,6 +52,40 @@ def default_positions(mask: Array, offset: Array | int = 0) -> Array:
   return jnp.where(mask > 0, pos, 0).astype(jnp.int32)
 
 
+def token_positions(mask: Array, positions: Array | None,
+                    segment_ids: Array | None, cache: Cache | None,
+                    num_prompt: int, num_prefix: int) -> Array:
+  """The positions [B, P + T] of a soft prompt's P slots and the tokens.
+
+  Args:
+    mask: [B, P + T] (`prepend_prompt`'s).
+    positions: [B, T] the caller's, or None: after the cache's real slots
+      or a prefix's `num_prefix`, counting only real tokens
+      (`default_positions`).
+    segment_ids: [B, T] packed rows, or None.
+    cache: the decoding cache, or None.
+    num_prompt: P, the soft prompt's length (0 without one): its slots take
+      positions 0..P-1 ahead of the caller's.
+    num_prefix: the prefix's length (0 without one).
+
+  Raises:
+    ValueError: packed rows with a soft prompt.
+  """
+  if segment_ids is not None and num_prompt:
+    raise ValueError('segment_ids (packed rows) with a soft prompt: '
+                     'prompt tuning reads one example per row.')
+  if positions is None:
+    offset = (num_prefix if cache is None else
+              jnp.sum(cache['mask'], axis=1))
+    return default_positions(mask, offset)
+  if not num_prompt:
+    return positions
+  batch = mask.shape[0]
+  return jnp.concatenate(
+      [jnp.broadcast_to(jnp.arange(num_prompt), (batch, num_prompt)),
+       positions + num_prompt], axis=1)
+
+
 def empty_cache(batch: int, max_length: int, *, num_layers: int,
                 kv_heads: int, head_dim: int, dtype: Any = jnp.float32,
                 prefix_kv: Array | None = None) -> Cache:

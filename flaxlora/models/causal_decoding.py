@@ -154,13 +154,7 @@ def generate(model, params, input_ids: Array, attention_mask: Array, *,
   Returns:
     [B, L] int32 generated ids.
   """
-  config = model.config
-  eos = config.eos_ids if eos_token_id is None else tuple(
-      np.atleast_1d(eos_token_id).tolist())
-  if not eos:
-    raise ValueError('no EOS id: pass eos_token_id (the config has none).')
-  pad = config.pad_token_id if pad_token_id is None else pad_token_id
-  pad = eos[0] if pad is None else pad
+  eos, pad = _special_ids(model.config, eos_token_id, pad_token_id)
   if max_new_tokens < 1 or num_beams < 1:
     raise ValueError(f'max_new_tokens={max_new_tokens} and '
                      f'num_beams={num_beams} must both be >= 1.')
@@ -185,6 +179,22 @@ def generate(model, params, input_ids: Array, attention_mask: Array, *,
       ids=(pad, tuple(int(e) for e in eos), int(pad)),
       length_penalty=float(length_penalty), early_stopping=early_stopping,
       min_new_tokens=min_new_tokens, sampling=sampling)
+
+
+def _special_ids(config: Any, eos_token_id: int | Sequence[int] | None,
+                 pad_token_id: int | None) -> tuple[tuple[int, ...], int]:
+  """(EOS ids, pad id): the given ones, else the model config's; the pad
+  falls back to the first EOS id.
+
+  Raises:
+    ValueError: no EOS id, given or in the config.
+  """
+  eos = config.eos_ids if eos_token_id is None else tuple(
+      np.atleast_1d(eos_token_id).tolist())
+  if not eos:
+    raise ValueError('no EOS id: pass eos_token_id (the config has none).')
+  pad = config.pad_token_id if pad_token_id is None else pad_token_id
+  return eos, eos[0] if pad is None else pad
 
 
 def chat_prompts(tokenizer, conversations: Sequence[Sequence[dict[str, str]]],

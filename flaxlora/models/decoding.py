@@ -223,12 +223,22 @@ def beam(init, step, batch, length, ids, settings, reorder=_reorder_cache):
     return (index + 1, run_seq, run_scores, seqs, scores, finished, unsat,
             hits, cache)
 
+  state = _beam_start(batch, beams, length, pad, init())
+  return jax.lax.while_loop(cond, body, state)[3][:, 0]
+
+
+def _beam_start(batch: int, beams: int, length: int, pad: int, cache):
+  """The state `beam`'s loop starts from: (index, running sequences
+  [B, beams, L] all `pad`, their scores [B, beams] (only beam 0 alive),
+  finished sequences, their scores [B, beams] and flags, whether each item
+  may still improve [B, 1], the last step's EOS hits [B, 2 * beams], the
+  cache)."""
   run_seq = jnp.full((batch, beams, length), pad, jnp.int32)
   run_scores = jnp.zeros((batch, beams)).at[:, 1:].set(_NEG)
-  state = (jnp.int32(0), run_seq, run_scores, run_seq,
-           jnp.full((batch, beams), _NEG), jnp.zeros((batch, beams), bool),
-           jnp.ones((batch, 1), bool), jnp.zeros((batch, k), bool), init())
-  return jax.lax.while_loop(cond, body, state)[3][:, 0]
+  return (jnp.int32(0), run_seq, run_scores, run_seq,
+          jnp.full((batch, beams), _NEG), jnp.zeros((batch, beams), bool),
+          jnp.ones((batch, 1), bool), jnp.zeros((batch, 2 * beams), bool),
+          cache)
 
 
 def kernels_in(params, dtype):

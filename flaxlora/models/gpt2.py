@@ -153,17 +153,8 @@ class GPT2(nn.Module):
     x, mask = causal.prepend_prompt(wte(input_ids), mask, prompt)
     num_prompt = x.shape[1] - input_ids.shape[1]
     num_prefix = 0 if prefix_kv is None else prefix_kv.shape[-2]
-    if positions is None:
-      offset = (num_prefix if cache is None else
-                jnp.sum(cache['mask'], axis=1))
-      positions = causal.default_positions(mask, offset)
-    elif num_prompt:
-      positions = jnp.concatenate(
-          [jnp.broadcast_to(jnp.arange(num_prompt), (x.shape[0], num_prompt)),
-           positions + num_prompt], axis=1)
-    if segment_ids is not None and num_prompt:
-      raise ValueError('segment_ids (packed rows) with a soft prompt: '
-                       'prompt tuning reads one example per row.')
+    positions = causal.token_positions(mask, positions, segment_ids, cache,
+                                       num_prompt, num_prefix)
     keep, key_mask = causal.keep_mask(mask, positions, segment_ids, cache,
                                       num_prefix)
     x = x + embed(c.n_positions, ('positions', 'embed'), 'wpe')(positions)

@@ -7,9 +7,8 @@
 
 Variants: v1.0 (ReLU FFN, output layer tied to `shared`, decoder output
 scaled by d_model**-0.5) and v1.1 / Flan (gated-GELU FFN, untied `lm_head`, no
-scaling). As in the reference, attention scores are not scaled by 1/sqrt(D)
-and the relative position bias is computed once per stack (its table lives in
-`relpos_bias`) and shared by all blocks.
+scaling). The encoder and decoder stacks, their blocks and relative position
+bias are `t5_stack`'s.
 
 Incremental decoding uses the flax 'cache' collection:
 
@@ -37,217 +36,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flaxlora.models import attention
 from flaxlora.models import layers
 from flaxlora.models import remat as remat_lib
 from flaxlora.models import t5_hf
+from flaxlora.models import t5_stack
 
 Array = jax.Array
 T5Config = t5_hf.T5Config  # the architecture; fields follow HF's T5Config
-_NEG = float(np.finfo(np.float32).min)
-BTH = ('batch', None, None)  # logical axes of [B, T, H] states
-
-
-def relative_position_bucket(relative_position: Array, *, bidirectional: bool,
-                             num_buckets: int, max_distance: int) -> Array:
-  """T5's bucket of `key_position - query_position` (int array, any shape).
-
-  Half the buckets hold exact small distances, the rest log-spaced distances
-  up to `max_distance`; bidirectional buckets split by sign first.
-  """
-  buckets = jnp.zeros_like(relative_position)
-  if bidirectional:
-    num_buckets //= 2
-    buckets += (relative_position > 0).astype(buckets.dtype) * num_buckets
-    distance = jnp.abs(relative_position)
-  else:
-    distance = -jnp.minimum(relative_position, 0)
-  max_exact = num_buckets // 2
-  # The float32 log, then truncation, reproduces the reference's buckets.
-  safe = jnp.maximum(distance, 1).astype(jnp.float32)
-  large = max_exact + (jnp.log(safe / max_exact) /
-                       np.log(max_distance / max_exact) *
-                       (num_buckets - max_exact)).astype(buckets.dtype)
-  large = jnp.minimum(large, num_buckets - 1)
-  return buckets + jnp.where(distance < max_exact, distance, large)
-
-
-def _init(std: float) -> layers.Initializer:
-  return nn.initializers.normal(std)
-
-
-class Mlp(nn.Module):
-  """T5's feed-forward: ReLU (v1.0) or gated tanh-GELU (v1.1)."""
-  config: T5Config
-  dtype: Any = jnp.float32
-
-  def setup(self):
-    c = self.config
-    dense = lambda n, axes, std: layers.Dense(  # pylint: disable=g-long-lambda
-        n, axes=axes, dtype=self.dtype, kernel_init=_init(std))
-    if c.feed_forward_proj == 'gated-gelu':
-      self.wi_0 = dense(c.d_ff, ('embed', 'mlp'), c.d_model**-0.5)
-      self.wi_1 = dense(c.d_ff, ('embed', 'mlp'), c.d_model**-0.5)
-    else:
-      self.wi = dense(c.d_ff, ('embed', 'mlp'), c.d_model**-0.5)
-    self.wo = dense(c.d_model, ('mlp', 'embed'), c.d_ff**-0.5)
-    self.dropout = layers.Dropout(c.dropout_rate)
-
-  def __call__(self, x: Array, deterministic: bool = True) -> Array:
-    """[B, T, H] -> [B, T, H]."""
-    if self.config.feed_forward_proj == 'gated-gelu':
-      h = (layers.gelu(self.wi_0(x, deterministic), approximate=True) *
-           self.wi_1(x, deterministic))
-    else:
-      h = jax.nn.relu(self.wi(x, deterministic))
-    h = layers.constrain(h, ('batch', None, 'mlp'))  # [B, T, F]
-    h = self.dropout(h, deterministic=deterministic)
-    return self.wo(h, deterministic)
-
-
-class Block(nn.Module):
-  """Pre-norm residual block: self-attention, [cross-attention], MLP."""
-  config: T5Config
-  decoder: bool
-  dtype: Any = jnp.float32
-  attention_impl: str = 'reference'  # attention.IMPLEMENTATIONS
-
-  def setup(self):
-    c = self.config
-    norm = lambda: layers.RMSNorm(c.layer_norm_epsilon, dtype=self.dtype)
-    self.attention = attention.T5Attention(c, self.dtype, self.attention_impl)
-    self.attention_norm = norm()
-    if self.decoder:
-      self.cross_attention = attention.T5Attention(c, self.dtype,
-                                                   self.attention_impl)
-      self.cross_attention_norm = norm()
-    self.mlp = Mlp(c, self.dtype)
-    self.mlp_norm = norm()
-    self.dropout = layers.Dropout(c.dropout_rate)
-
-  def _residual(self, x, y, deterministic):
-    return x + self.dropout(y, deterministic=deterministic)
-
-  def __call__(self, x, self_bias, encoded=None, cross_bias=None,
-               deterministic=True, index=None, prefix=None):
-    """x [B, T, H] -> [B, T, H]; with `index`, one cached step (T = 1).
-
-    `prefix` [2, P, N*D]: self-attention keys/values before x's own.
-    """
-    h = self.attention_norm(x)
-    if index is None:
-      h = self.attention(h, h, self_bias, deterministic, prefix)
-    else:
-      h = self.attention.cached(h, self_bias, index, deterministic)
-    x = self._residual(x, h, deterministic)
-    if self.decoder:
-      h = self.cross_attention_norm(x)
-      if index is None:
-        h = self.cross_attention(h, encoded, cross_bias, deterministic)
-      else:
-        h = self.cross_attention.cached(h, cross_bias, None, deterministic)
-      x = self._residual(x, h, deterministic)
-    h = self.mlp(self.mlp_norm(x), deterministic)
-    return layers.constrain(self._residual(x, h, deterministic), BTH)
-
-
-def _mask_bias(mask: Array) -> Array:
-  """Boolean mask (True = attend) -> additive fp32 bias."""
-  return jnp.where(mask, 0.0, _NEG).astype(jnp.float32)
-
-
-class Stack(nn.Module):
-  """The encoder (`decoder=False`) or decoder stack, sharing `embed`."""
-  config: T5Config
-  decoder: bool
-  embed: nn.Module
-  dtype: Any = jnp.float32
-  remat: str = 'none'
-  attention_impl: str = 'reference'
-
-  def setup(self):
-    c = self.config
-    self.relpos_bias = layers.Embed(
-        c.relative_attention_num_buckets, c.num_heads,
-        axes=('relpos_buckets', 'relpos_heads'), dtype=jnp.float32,
-        embedding_init=_init(c.d_model**-0.5))
-    depth = c.num_decoder_layers if self.decoder else c.num_layers
-    # `deterministic` (argument 5 of Block.__call__) is a Python bool.
-    block = remat_lib.wrap(Block, self.remat, static_argnums=(5,))
-    for i in range(depth):
-      setattr(self, f'block_{i}', block(c, self.decoder, self.dtype,
-                                        self.attention_impl))
-    self.depth = depth
-    self.final_norm = layers.RMSNorm(c.layer_norm_epsilon, dtype=self.dtype)
-    self.dropout = layers.Dropout(c.dropout_rate)
-
-  def _blocks(self):
-    return [getattr(self, f'block_{i}') for i in range(self.depth)]
-
-  def position_bias(self, query_pos: Array, key_pos: Array) -> Array:
-    """[Tq], [Tk] positions -> [1, N, Tq, Tk] fp32 bias."""
-    c = self.config
-    buckets = relative_position_bucket(
-        key_pos[None, :] - query_pos[:, None], bidirectional=not self.decoder,
-        num_buckets=c.relative_attention_num_buckets,
-        max_distance=c.relative_attention_max_distance)
-    return jnp.transpose(self.relpos_bias(buckets), (2, 0, 1))[None]
-
-  def __call__(self, ids, mask, encoded=None, encoder_mask=None,
-               deterministic=True, prompt=None, prefix_kv=None):
-    """ids [B, T], mask [B, T] (1 = token) -> [B, T, H].
-
-    The decoder also takes encoded [B, S, H] and encoder_mask [B, S].
-    `prompt` [B, P, H] is prepended to the embedded ids (prompt tuning); the
-    mask must then cover P + T positions. `prefix_kv` [depth, 2, P', N*D]:
-    per block, self-attention keys/values of P' positions before the input
-    (see `attention`): the input's positions start at P'.
-    """
-    x = self.embed(ids)
-    if prompt is not None:
-      x = jnp.concatenate([prompt.astype(x.dtype), x], axis=1)
-    x = layers.constrain(self.dropout(x, deterministic=deterministic), BTH)
-    num_prefix = attention.prefix_length(prefix_kv)
-    key_pos = jnp.arange(num_prefix + x.shape[1])
-    pos = key_pos[num_prefix:]
-    keep = attention.key_mask(mask, num_prefix)[:, None, None, :].astype(bool)
-    if self.decoder:
-      keep = keep & (key_pos[None, :] <= pos[:, None])[None, None]
-    self_bias = self.position_bias(pos, key_pos) + _mask_bias(keep)
-    cross_bias = None
-    if self.decoder:
-      cross_bias = _mask_bias(encoder_mask[:, None, None, :].astype(bool))
-    for i, block in enumerate(self._blocks()):
-      x = block(x, self_bias, encoded, cross_bias, deterministic, None,
-                None if prefix_kv is None else prefix_kv[i])
-    return self.dropout(self.final_norm(x), deterministic=deterministic)
-
-  def init_cache(self, encoded: Array, max_length: int, prefix_kv=None):
-    """Decoder caches; `prefix_kv` [depth, 2, P, N*D] fills positions 0..P-1
-    of the self-attention buffers, and decoding continues at P."""
-    for i, block in enumerate(self._blocks()):
-      block.attention.init_cache(
-          None, encoded.shape[0], max_length,
-          None if prefix_kv is None else prefix_kv[i])
-      block.cross_attention.init_cache(encoded, 0, 0)
-    self.put_variable('cache', 'prefix_length',
-                      jnp.int32(attention.prefix_length(prefix_kv)))
-
-  def step(self, ids, index, encoder_mask, deterministic=True):
-    """One decoder position: ids [B, 1] at `index` -> [B, 1, H]."""
-    x = self.dropout(self.embed(ids), deterministic=deterministic)
-    length = self.block_0.attention.get_variable('cache', 'key').shape[2]
-    index = index + self.get_variable('cache', 'prefix_length')
-    key_pos = jnp.arange(length)
-    keep = (key_pos <= index)[None, None, None, :]
-    self_bias = (self.position_bias(jnp.reshape(index, (1,)), key_pos) +
-                 _mask_bias(keep))
-    cross_bias = _mask_bias(encoder_mask[:, None, None, :].astype(bool))
-    for block in self._blocks():
-      x = block(x, self_bias, None, cross_bias, deterministic, index)
-    return self.dropout(self.final_norm(x), deterministic=deterministic)
 
 
 class T5(nn.Module):
@@ -267,33 +64,46 @@ class T5(nn.Module):
   def setup(self):
     c = self.config
     self.shared = layers.Embed(c.vocab_size, c.d_model, dtype=self.dtype,
-                               embedding_init=_init(1.0))
-    self.encoder = Stack(c, False, self.shared, self.dtype, self.remat,
-                         self.attention_impl)
-    self.decoder = Stack(c, True, self.shared, self.dtype, self.remat,
-                         self.attention_impl)
+                               embedding_init=nn.initializers.normal(1.0))
+    self.encoder = t5_stack.Stack(c, False, self.shared, self.dtype,
+                                  self.remat, self.attention_impl)
+    self.decoder = t5_stack.Stack(c, True, self.shared, self.dtype,
+                                  self.remat, self.attention_impl)
     if not c.tie_word_embeddings:
-      self.lm_head = layers.Dense(c.vocab_size, axes=('embed', 'vocab'),
-                                  dtype=self.dtype, kernel_init=_init(1.0))
+      self.lm_head = layers.Dense(
+          c.vocab_size, axes=('embed', 'vocab'), dtype=self.dtype,
+          kernel_init=nn.initializers.normal(1.0))
 
   def __call__(self, input_ids, attention_mask, decoder_input_ids,
                decoder_attention_mask=None, deterministic=True, prompt=None,
-               prefix_kv=None):
+               prefix_kv=None, packing=None):
     """-> logits [B, T, V] for source ids [B, S] and decoder ids [B, T].
 
     prompt: a soft prompt for the encoder (see `encode`).
     prefix_kv: {'encoder': [L, 2, P, N*D], 'decoder': [L', 2, P', N*D]},
       either optional: per block, self-attention keys/values of P earlier
       positions (prefix tuning; see `flaxlora.models.attention`).
+    packing: packed rows (`flaxlora.models.seq2seq_packing.pack`):
+      {'encoder_segment_ids', 'encoder_positions' [B, S],
+      'decoder_segment_ids', 'decoder_positions' [B, T]}; no attention
+      crosses a segment and relative positions restart in each.
     """
+    enc_seg = dec_seg = None
+    if packing is not None:
+      enc_seg = (packing['encoder_segment_ids'],
+                 packing['encoder_positions'], None)
+      dec_seg = (packing['decoder_segment_ids'],
+                 packing['decoder_positions'],
+                 packing['encoder_segment_ids'])
     encoded = self.encode(input_ids, attention_mask, deterministic, prompt,
-                          prefix_kv)
+                          prefix_kv, enc_seg)
     return self.decode(decoder_input_ids, encoded,
                        source_mask(attention_mask, prompt),
-                       decoder_attention_mask, deterministic, prefix_kv)
+                       decoder_attention_mask, deterministic, prefix_kv,
+                       dec_seg)
 
   def encode(self, input_ids, attention_mask, deterministic=True,
-             prompt=None, prefix_kv=None):
+             prompt=None, prefix_kv=None, segments=None):
     """[B, S] ids and mask -> [B, S, H] (or [B, P + S, H] with a prompt).
 
     prompt: optional soft prompt [P, H] or [B, P, H] prepended to the
@@ -305,19 +115,23 @@ class T5(nn.Module):
                                 prompt.shape[-2:])
     return self.encoder(input_ids, source_mask(attention_mask, prompt),
                         deterministic=deterministic, prompt=prompt,
-                        prefix_kv=(prefix_kv or {}).get('encoder'))
+                        prefix_kv=(prefix_kv or {}).get('encoder'),
+                        segments=segments)
 
   def decode(self, decoder_input_ids, encoded, attention_mask,
-             decoder_attention_mask=None, deterministic=True, prefix_kv=None):
+             decoder_attention_mask=None, deterministic=True, prefix_kv=None,
+             segments=None):
     """ids [B, T], encoded [B, S, H], source mask [B, S] -> [B, T, V].
 
     prefix_kv: reads its 'decoder' entry, if any (see `__call__`).
+    segments: packed rows (see `t5_stack.Stack.__call__`).
     """
     if decoder_attention_mask is None:
       decoder_attention_mask = jnp.ones_like(decoder_input_ids)
     x = self.decoder(decoder_input_ids, decoder_attention_mask, encoded,
                      attention_mask, deterministic,
-                     prefix_kv=(prefix_kv or {}).get('decoder'))
+                     prefix_kv=(prefix_kv or {}).get('decoder'),
+                     segments=segments)
     return self.logits(x)
 
   def logits(self, x: Array) -> Array:
@@ -337,7 +151,7 @@ class T5(nn.Module):
     """Fills the 'cache' collection (call with mutable=['cache']).
 
     prefix_kv: its 'decoder' entry, if any, is put in front of the
-    self-attention buffers (see `Stack.init_cache`).
+    self-attention buffers (see `t5_stack.Stack.init_cache`).
 
     A tied output layer also gets its table transposed once, [H, V] in the
     compute dtype at 'output_table': each decode step multiplies a few rows
@@ -374,7 +188,7 @@ def build(config: T5Config, *, dtype: Any = jnp.float32,
           remat: str = 'none', attention: str = 'reference') -> T5:
   """A T5 module; `remat` is one of `remat.POLICIES`, `attention` of
   `attention.IMPLEMENTATIONS`."""
-  remat_lib.wrap(Block, remat)  # checks the name
+  remat_lib.wrap(t5_stack.Block, remat)  # checks the name
   _check_attention(attention)
   return T5(config, dtype, remat, attention)
 

@@ -94,18 +94,8 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
                      'its method\'s export (flaxlora.export.save_peft), a '
                      'LoRA of rank 2R over the original base.')
   rules = hf_folder.linear_rules(model)
-  tensors, modules, ranks, alphas = {}, [], {}, {}
-  for path, node in kernel.kernels(config, base, lora_adapter).items():
-    module = hf_folder.linear_module(rules.get(path), path)
-    modules.append(module)
-    tensors[PREFIX + module + _A] = np.asarray(node.a, np.float32).T
-    tensors[PREFIX + module + _B] = np.asarray(node.b, np.float32).T
-    if node.magnitude is not None:
-      tensors[PREFIX + module + _M] = np.asarray(node.magnitude, np.float32)
-    if config.rank_for(path) != config.rank:
-      ranks[module] = config.rank_for(path)
-    if config.alpha_for(path) != config.alpha:
-      alphas[module] = config.alpha_for(path)
+  nodes = kernel.kernels(config, base, lora_adapter)
+  tensors, modules, ranks, alphas = _lora_tensors(config, nodes, rules)
   owners = sorted({rules[p].key.rsplit('.', 1)[0] for p in copies})
   tensors.update(hf_folder.module_tensors(owners, rules, base, copies))
   keys = [r.key for r in rules.values()]
@@ -126,11 +116,34 @@ def save_peft(folder: str | os.PathLike, model, base: Mapping[str, Any],
       'lora_dropout': config.dropout, 'modules_to_save': to_save,
       'init_lora_weights': True if config.init == 'default' else config.init,
       'bias': 'none', 'inference_mode': True,
-      'fan_in_fan_out': any(hf_folder.is_conv1d(rules[p], p) for p in
-                            kernel.kernels(config, base, lora_adapter)),
+      'fan_in_fan_out': any(hf_folder.is_conv1d(rules[p], p) for p in nodes),
   }
   tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
   return hf_folder.write_folder(pathlib.Path(folder), peft_config, tensors)
+
+
+def _lora_tensors(config: kernel.LoraConfig,
+                  nodes: Mapping[str, kernel.LoraKernel],
+                  rules: Mapping[str, Any]
+                  ) -> tuple[dict[str, np.ndarray], list[str], dict[str, int],
+                             dict[str, float]]:
+  """PEFT's tensors of the LoRA kernels `nodes` ({param path: kernel node}):
+  (tensors {name: [R, in] A, [out, R] B, magnitude}, their module names,
+  rank_pattern, alpha_pattern: the modules whose rank or alpha differs from
+  the config's own)."""
+  tensors, modules, ranks, alphas = {}, [], {}, {}
+  for path, node in nodes.items():
+    module = hf_folder.linear_module(rules.get(path), path)
+    modules.append(module)
+    tensors[PREFIX + module + _A] = np.asarray(node.a, np.float32).T
+    tensors[PREFIX + module + _B] = np.asarray(node.b, np.float32).T
+    if node.magnitude is not None:
+      tensors[PREFIX + module + _M] = np.asarray(node.magnitude, np.float32)
+    if config.rank_for(path) != config.rank:
+      ranks[module] = config.rank_for(path)
+    if config.alpha_for(path) != config.alpha:
+      alphas[module] = config.alpha_for(path)
+  return tensors, modules, ranks, alphas
 
 
 def save_merged(folder: str | os.PathLike, model, base: Mapping[str, Any],

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlora.models import dropout as dropout_lib
 from flaxlora.models import layers
 from flaxlora.peft import base as peft_base
 from flaxlora.peft.lora import dora
@@ -76,7 +77,8 @@ class LoraKernel(layers.WrapsKernel):
 
     y = mm(x, self.w)
     dropped = dropout_rng is not None and self.dropout_rate > 0.0
-    xd = layers.dropout(x, self.dropout_rate, dropout_rng) if dropped else x
+    xd = (dropout_lib.dropout(x, self.dropout_rate, dropout_rng) if dropped
+          else x)
     # The scale multiplies the narrow [..., R] product, not the wide output:
     # the backward pass then scales R columns, not `out` of them.
     lora_out = mm(self.scale * mm(xd, self.a), self.b)
