@@ -25,6 +25,7 @@ key/value prefix (prefix tuning) fills slots 0..P-1 when the cache is made.
 """
 from typing import Any
 
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -231,3 +232,19 @@ def prepend_prompt(x: Array, mask: Array, prompt: Array | None
   ones = jnp.ones(prompt.shape[:2], mask.dtype)
   return (jnp.concatenate([prompt.astype(x.dtype), x], axis=1),
           jnp.concatenate([ones, mask], axis=1))
+
+
+def _boxed_init(model: Any, rng: jax.Array) -> Any:
+  return model.init(rng, jnp.ones((1, 1), jnp.int32))['params']
+
+
+def init_params(model: Any, rng: jax.Array) -> dict[str, Any]:
+  """Fresh fp32 params (plain arrays) of a causal LM module."""
+  return nn.unbox(jax.jit(lambda r: _boxed_init(model, r))(rng))
+
+
+def param_axes(model: Any) -> Any:
+  """The params tree with a PartitionSpec of logical names per leaf."""
+  return nn.get_partition_spec(
+      jax.eval_shape(lambda r: _boxed_init(model, r),
+                     jax.random.PRNGKey(0)))

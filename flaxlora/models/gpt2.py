@@ -188,20 +188,9 @@ def build(config: GPT2Config, *, dtype: Any = jnp.float32,
   return GPT2(config, dtype, remat)
 
 
-def _boxed_init(model: GPT2, rng: Array) -> Any:
-  return model.init(rng, jnp.ones((1, 1), jnp.int32))['params']
-
-
-def init(model: GPT2, rng: Array) -> dict[str, Any]:
-  """Fresh fp32 params (plain arrays)."""
-  return nn.unbox(jax.jit(lambda r: _boxed_init(model, r))(rng))
-
-
-def logical_axes(model: GPT2) -> Any:
-  """The params tree with a PartitionSpec of logical names per leaf."""
-  return nn.get_partition_spec(
-      jax.eval_shape(lambda r: _boxed_init(model, r),
-                     jax.random.PRNGKey(0)))
+# Fresh fp32 params, and their logical axes: shared by the causal families.
+init = causal.init_params
+logical_axes = causal.param_axes
 
 
 def init_cache(model: GPT2, batch: int, max_length: int,
