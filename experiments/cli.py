@@ -39,11 +39,12 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def run_with_overrides(main: Callable[[list[str]], Any], store: list[str],
-                       argv: list[str] | None = None) -> int:
+                       argv: list[str] | None = None,
+                       required: tuple[str, ...] = ()) -> int:
   """Runs an absl `main` on `argv` (default sys.argv) with its
   `--config.*` overrides set aside in `store` (for a saved run config);
   returns the exit code of `errors.cli`: 0, 2 for bad input (one line on
   stderr), 1 for a bug (a traceback)."""
   rest, overrides = split_overrides(list(sys.argv if argv is None else argv))
   store[:] = overrides
-  return errors.cli(main, rest)
+  return errors.cli(main, rest, required)

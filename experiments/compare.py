@@ -284,7 +284,7 @@ def main(argv):
 
 def cli(argv=None) -> int:
   """Runs main with `argv` (default sys.argv); the exit code (errors.cli)."""
-  return errors.cli(main, argv)
+  return errors.cli(main, argv, required=('config', 'workdir'))
 
 
 def define_flags():
@@ -303,7 +303,6 @@ def define_flags():
   flags.DEFINE_integer(
       'baseline', 0, 'The sweep point (its index) whose recipe the best '
       'recipe is compared with.')
-  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 if __name__ == '__main__':

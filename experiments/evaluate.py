@@ -27,7 +27,6 @@ _STEP = flags.DEFINE_string(
     'step', 'final', "Adapter: 'final' (adapter/), 'best' (the best "
     'checkpoint by checkpoint.best_metric) or a checkpoint step.')
 _NAME = flags.DEFINE_string('name', None, 'Output folder under WORKDIR/eval.')
-flags.mark_flags_as_required(['workdir'])
 _OVERRIDES = []
 
 
@@ -60,7 +59,7 @@ def main(argv):
 
 def cli(argv=None) -> int:
   """`main` on `argv` (default sys.argv); see `cli_lib.run_with_overrides`."""
-  return cli_lib.run_with_overrides(main, _OVERRIDES, argv)
+  return cli_lib.run_with_overrides(main, _OVERRIDES, argv, ('workdir',))
 
 
 if __name__ == '__main__':

@@ -16,7 +16,6 @@ from flaxlora import errors
 
 _GGUF = flags.DEFINE_string('gguf', None, 'A .gguf file or a "pkg:" path.')
 _OUT = flags.DEFINE_string('out', None, 'The folder to write (replaced).')
-flags.mark_flags_as_required(['gguf', 'out'])
 
 
 def main(argv):
@@ -42,7 +41,7 @@ def main(argv):
 def cli(argv=None) -> int:
   """Runs main with `argv` (default sys.argv); returns the exit code:
   0, 2 for bad input (one line on stderr), 1 for a bug (a traceback)."""
-  return errors.cli(main, argv)
+  return errors.cli(main, argv, required=('gguf', 'out'))
 
 
 if __name__ == '__main__':

@@ -25,7 +25,6 @@ _TOP_K = flags.DEFINE_integer('top_k', None, 'Directions of each update to '
 _MAX_DENSE = flags.DEFINE_integer(
     'max_dense_elements', 1 << 22, 'Largest in*out for which a dense '
     '[in, out] matrix (base SVD, DoRA update) is formed.')
-flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
@@ -42,7 +41,7 @@ def main(argv):
 def cli(argv=None) -> int:
   """Runs main with `argv` (default sys.argv); returns the exit code:
   0, 2 for bad input (one line on stderr), 1 for a bug (a traceback)."""
-  return errors.cli(main, argv)
+  return errors.cli(main, argv, required=('workdir',))
 
 
 if __name__ == '__main__':

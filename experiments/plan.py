@@ -94,7 +94,7 @@ def main(argv):
 def cli(argv=None) -> int:
   """Runs main with `argv` (default sys.argv); returns the exit code:
   0, 2 for bad input (one line on stderr), 1 for a bug (a traceback)."""
-  return errors.cli(main, argv)
+  return errors.cli(main, argv, required=('config',))
 
 
 def define_flags():
@@ -113,7 +113,6 @@ def define_flags():
       'batch_limit', 4096, 'The largest global batch --max_batch tries.')
   flags.DEFINE_integer(
       'cpu_devices', None, 'XLA CPU devices of this host for --target=cpu.')
-  flags.mark_flags_as_required(['config'])
 
 
 if __name__ == '__main__':

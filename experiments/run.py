@@ -46,7 +46,6 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     'num_processes', None, 'Multi-process: how many processes.')
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'Multi-process: this process, in [0, num_processes).')
-flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
@@ -79,7 +78,7 @@ def main(argv):
 def cli(argv=None) -> int:
   """Runs main with `argv` (default sys.argv); returns the exit code:
   0, 2 for bad input (one line on stderr), 1 for a bug (a traceback)."""
-  return errors.cli(main, argv)
+  return errors.cli(main, argv, required=('config', 'workdir'))
 
 
 if __name__ == '__main__':

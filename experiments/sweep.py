@@ -39,7 +39,6 @@ _STATUS = flags.DEFINE_bool('status', False,
 _DRY_RUN = flags.DEFINE_bool(
     'dry_run', False, 'Print the commands (local) or the sbatch script '
     '(slurm); run nothing.')
-flags.mark_flags_as_required(['config', 'workdir'])
 # The launch sections and their defaults; --slurm.<field>=v and
 # --tpu.<field>=v on the command line override them (set aside by `cli`).
 _SECTIONS = {'slurm': slurm.defaults, 'tpu': tpu_launch.defaults}
@@ -124,7 +123,7 @@ def cli(argv=None) -> int:
     argv = _split_launch_flags(argv)
   except errors.UserError as e:
     return errors.report(e)
-  return errors.cli(main, argv)
+  return errors.cli(main, argv, required=('config', 'workdir'))
 
 
 if __name__ == '__main__':

@@ -128,12 +128,16 @@ def _parse(module: str, argv: Sequence[str]) -> list[str]:
 
 
 def cli(main: Callable[[list[str]], Any],
-        argv: Sequence[str] | None = None) -> int:
+        argv: Sequence[str] | None = None,
+        required: Sequence[str] = ()) -> int:
   """Parses flags and runs `main`; returns the exit code (see module doc).
 
   Args:
     main: an absl-style main taking the positional arguments.
     argv: the command line including the program name (default sys.argv).
+    required: the flags this entry point needs. Checked here, not with
+      absl's `mark_flags_as_required`, whose validators are global: every
+      entry point imported into one process would then need every other's.
   """
   argv = list(sys.argv if argv is None else argv)
   module = main.__module__
@@ -142,7 +146,17 @@ def cli(main: Callable[[list[str]], Any],
     module = f'experiments.{module}'
   show = wants_traceback(argv)
   argv = [a for a in argv if a != '--traceback']
-  return guarded(lambda: main(_parse(module, argv)), show)
+  return guarded(lambda: main(_checked(_parse(module, argv), required)),
+                 show)
+
+
+def _checked(positional: list[str], required: Sequence[str]) -> list[str]:
+  missing = [f'--{name}' for name in required
+             if flags.FLAGS[name].value is None]
+  if missing:
+    raise UserError(f'{", ".join(missing)} must be given; run with --help '
+                    'for the flags.')
+  return positional
 
 
 def guarded(fn: Callable[[], Any], show_traceback: bool = False) -> int:

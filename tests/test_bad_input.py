@@ -330,3 +330,15 @@ def test_overwrite_deletes_a_run_and_only_a_run(tmp_path, finished):
   (workdir / 'mine.txt').unlink()
   claim.prepare(workdir, {'a': 1}, overwrite=True)
   assert sorted(p.name for p in workdir.iterdir()) == ['config.json']
+
+
+def test_entry_points_in_one_process_need_only_their_own_flags(capsys):
+  # Tests import several entry points into one process; none may demand
+  # another's flags (absl's required-flag validators are global).
+  from experiments import gguf_to_hf  # pylint: disable=g-import-not-at-top
+  assert gguf_to_hf.cli(['x', '--gguf=/nonexistent.gguf', '--out=o']) == 2
+  assert 'is not a .gguf file' in capsys.readouterr().err
+  assert cli(CONFIG) == 2
+  assert capsys.readouterr().err.strip() == (
+      'flaxlora: error: --workdir must be given; run with --help for the '
+      'flags.')

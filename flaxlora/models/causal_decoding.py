@@ -114,12 +114,11 @@ def _generate(params, input_ids, attention_mask, model_kwargs, rng, *, model,
     settings = (num_beams, length_penalty, early_stopping, min_new_tokens)
     return decoding.beam(init, step, batch, max_new_tokens, ids, settings,
                          reorder=_reorder)
-  pick = decoding.argmax
-  if sampling is not None:
-    def pick(logits, index):
-      logits = warp(logits, *sampling)
-      key = jax.random.fold_in(rng, index)
-      return jax.random.categorical(key, logits, -1).astype(jnp.int32)
+  def sample(logits, index):
+    logits = warp(logits, *sampling)
+    key = jax.random.fold_in(rng, index)
+    return jax.random.categorical(key, logits, -1).astype(jnp.int32)
+  pick = decoding.argmax if sampling is None else sample
   return decoding.greedy(init, step, batch, max_new_tokens, ids,
                          min_new_tokens, pick)
 
