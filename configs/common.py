@@ -1,8 +1,9 @@
 """Pieces shared by the config files; imports nothing but ml_collections.
 
 A config file is data: `get_config(arg=None)` returns an `ml_collections.
-ConfigDict` and the string after `:` in `--config=configs/x.py:a=1,b` selects
-variants (`parse_arg`). Sections every config has:
+ConfigDict` and the string after `:` in
+`--config=configs/t5_lora.py:a=1,b` selects variants (`parse_arg`).
+Sections every config has:
 
   task       'seq2seq' | 'classification' | 'squad' | 'causal_lm'
   model      family, path (folder, hub id or 'pkg:<python package>') or a

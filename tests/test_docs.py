@@ -164,3 +164,24 @@ if __name__ == '__main__':
   _page = pathlib.Path(sys.argv[1])
   print(run_blocks(str(_page.relative_to(ROOT)), _page.read_text(),
                    json.loads(sys.argv[2])), 'blocks ran')
+
+
+# A repository path as code, docs and tests cite it: "flaxlora/build.py".
+CITED = re.compile(r'(?<![\w/.-])((?:flaxlora|experiments|configs|tests|docs)'
+                   r'/[\w/.-]+\.(?:py|md|json|yml))')
+# Files that plant made-up paths on purpose, and records a run writes.
+PLANTING = {'tests/test_import_graph.py', 'tests/test_docs.py'}
+WRITTEN_BY_RUNS = {'experiments/results/summarize_xsum.json'}
+
+
+def test_cited_files_exist():
+  sources = [p for d in ('flaxlora', 'experiments', 'configs', 'tests', 'docs')
+             for p in (ROOT / d).rglob('*') if p.suffix in ('.py', '.md')]
+  sources.append(ROOT / 'README.md')
+  missing = sorted(
+      f'{source.relative_to(ROOT)}: {cited}'
+      for source in sources if str(source.relative_to(ROOT)) not in PLANTING
+      for cited in CITED.findall(source.read_text())
+      if not (ROOT / cited.rstrip('.')).exists()
+      and cited not in WRITTEN_BY_RUNS)
+  assert not missing, missing
