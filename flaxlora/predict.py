@@ -110,7 +110,7 @@ def read_inputs(path: str | pathlib.Path) -> list[dict[str, Any]]:
 def read_checkpoint(model_path: str) -> tuple[dict[str, Any], str]:
   """(config.json, local folder) of a base checkpoint (folder, hub id or
   'pkg:' path): what `configs/from_checkpoint.py` builds a config from."""
-  _, folder, spec = resolved.checkpoint(model_path, 'model')
+  _, folder, spec = resolved.checkpoint(model_path, '--model')
   return spec, str(folder)
 
 

@@ -86,19 +86,18 @@ class Resolved:
     return out
 
 
-def checkpoint(path: str, field: str = 'model.path'
+def checkpoint(path: str, flag: str = '--config.model.path'
                ) -> tuple[str, pathlib.Path, dict[str, Any]]:
   """(source, local folder or GGUF file, config.json dict) of the
   checkpoint `path` (see SOURCES); a failure is one errors.UserError
-  naming `config.<field>` and the fix."""
+  line naming `flag` (where the path came from) and the fix."""
   try:
     local, spec = models.locate(path)
   except (OSError, ValueError) as e:
     why = ' '.join(str(e).split())
     raise errors.UserError(
-        f'config.{field}={path!r}: {why} Set --config.{field} to a checkpoint '
-        "folder, a 'pkg:' path, a .gguf file or a hub id (or '' with "
-        'model.init).') from None
+        f'{flag}={path!r}: {why} Set {flag} to a checkpoint folder, a '
+        "'pkg:' path, a .gguf file or a hub id.") from None
   if path.startswith('pkg:'):
     source = 'package'
   elif gguf.is_gguf(local):

@@ -1,9 +1,11 @@
 """A config is resolved once (`flaxlora.resolved`): the model path located
-and its config.json read once per run, the resolved facts recorded in
-summary.json, and a bad path a one-line error naming the field."""
+and its config.json read once per run (a folder, or a hub id found in a
+planted hub cache), the resolved facts recorded in summary.json, and a bad
+path a one-line error naming the field."""
 import json
 import pathlib
 
+from huggingface_hub import constants
 import jax
 import pytest
 
@@ -100,7 +102,26 @@ def test_a_bad_model_path_is_one_line_naming_the_field(tmp_path, path,
     resolved.resolve(config)
   message = str(caught.value)
   assert '\n' not in message and names in message
-  assert message.startswith(f'config.model.path={config.model.path!r}: ')
+  assert message.startswith(
+      f'--config.model.path={config.model.path!r}: ')
   assert message.endswith("Set --config.model.path to a checkpoint folder, "
-                          "a 'pkg:' path, a .gguf file or a hub id (or '' "
-                          'with model.init).')
+                          "a 'pkg:' path, a .gguf file or a hub id.")
+
+
+def test_a_hub_id_is_found_in_the_cache_once_and_its_revision_recorded(
+    tmp_path, monkeypatch):
+  repo, commit = tmp_path / 'hub' / 'models--someone--tiny-bert', 'c0ffee' * 6
+  config = _checkpoint_config(repo / 'snapshots' / commit)
+  (repo / 'refs').mkdir()
+  (repo / 'refs' / 'main').write_text(commit)
+  monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
+  config.model.path = 'someone/tiny-bert'
+  r = resolved.resolve(config)
+  assert r.record()['source'] == 'hub'
+  assert r.record()['revision'] == commit
+  assert r.record()['model_path'] == 'someone/tiny-bert'
+  located = []
+  monkeypatch.setattr(hf_io, 'resolve', located.append)  # no second look
+  model, params, _, _ = build.model_and_params(r, jax.random.PRNGKey(1))
+  assert not located and model.config.hidden_size == 32
+  assert jax.tree.leaves(params)
