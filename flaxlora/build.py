@@ -19,7 +19,7 @@ here take the `flaxlora.resolved.Resolved` of the config, where that path
 was resolved and its config.json read, once per run.
 """
 import dataclasses
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +90,7 @@ def peft_arguments(p: Any, family: str) -> dict[str, Any]:
   return kwargs
 
 
-def make_method(name: str, arguments: dict[str, Any],
+def make_method(name: str, arguments: Mapping[str, Any],
                 tokenizer: Any = None) -> peft_base.PeftMethod:
   """Method `name` of the registry from `peft_arguments`; a `trainable`
   argument chains the trained-in-full params after it."""

@@ -17,6 +17,7 @@ found, the family, method, dtypes, mesh and data.
 """
 import dataclasses
 import pathlib
+import types
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -34,7 +35,8 @@ SOURCES = ('init', 'folder', 'package', 'gguf', 'hub')
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Resolved:
-  """A run's config with its paths, family, method and mesh resolved.
+  """A run's config with its paths, family, method and mesh resolved
+  (its mappings read-only).
 
   Attributes:
     config: the ml-collections config it was resolved from.
@@ -161,13 +163,14 @@ def resolve(config: Any, *, devices: Sequence[jax.Device] | None = None,
           f'not model.family={m.family!r}; fix model.family.')
   else:
     source, local, spec = 'init', None, _init_spec(m, family)
+  frozen = types.MappingProxyType
   return Resolved(
       config=config, model_path=m.path, source=source, local=local,
-      spec=spec, family=m.family, tokenizer=_tokenizer(config, local),
-      method=config.peft.method,
-      peft=build.peft_arguments(config.peft, m.family),
+      spec=frozen(spec), family=m.family,
+      tokenizer=_tokenizer(config, local), method=config.peft.method,
+      peft=frozen(build.peft_arguments(config.peft, m.family)),
       dtype=build.compute_dtype(m.dtype), base_dtype=build.base_dtype(config),
       mesh=mesh if mesh is not None else sharding.make_mesh(config.mesh,
                                                             devices),
       rules=sharding.resolve_rules(config.get('sharding_rules', None)),
-      data=_data(config.data))
+      data=frozen(_data(config.data)))
