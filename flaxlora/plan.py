@@ -38,11 +38,11 @@ import numpy as np
 from flaxlora import build
 from flaxlora import chips
 from flaxlora import optimizers
+from flaxlora import resolved
 from flaxlora import run_setup
 from flaxlora import sharding
 from flaxlora import steps
 from flaxlora import tasks
-from flaxlora.models import hf_io
 from flaxlora.models import presets
 from flaxlora.peft import base as peft_base
 
@@ -56,8 +56,7 @@ def without_weights(config: Any) -> ml_collections.ConfigDict:
   if path:
     spec = presets.config_json(path)
     if spec is None:
-      folder = hf_io.resolve(build.resolve_path(path))
-      spec = hf_io.read_config(folder)
+      spec = resolved.checkpoint(path)[2]
     config.model.init = spec
     config.model.path = ''
   return config
@@ -146,12 +145,12 @@ class Step:
 def abstract_step(config: Any, device_list: Sequence[Any]) -> Step:
   """The run's train step (`run_setup.train_step_fn`) on shapes only."""
   config = without_weights(config)
-  mesh = sharding.make_mesh(config.mesh, device_list)
-  rules = sharding.resolve_rules(config.get('sharding_rules', None))
+  r = resolved.resolve(config, devices=device_list)
+  mesh, rules = r.mesh, r.rules
   kept = {}
 
   def built_arrays():
-    built = build.model_and_method(config, mesh, rules)
+    built = build.model_and_method(r)
     kept['built'] = built
     return built.base, built.adapter_rng, built.state_rng
 

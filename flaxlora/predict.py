@@ -27,6 +27,7 @@ import numpy as np
 
 from flaxlora import build
 from flaxlora import distributed
+from flaxlora import resolved
 from flaxlora import run_setup
 from flaxlora import sharding
 from flaxlora import steps
@@ -34,7 +35,6 @@ from flaxlora import tasks
 from flaxlora import trainer
 from flaxlora.data import sources
 from flaxlora.data import task_data
-from flaxlora.models import hf_io
 from flaxlora.peft import folders
 
 
@@ -110,8 +110,8 @@ def read_inputs(path: str | pathlib.Path) -> list[dict[str, Any]]:
 def read_checkpoint(model_path: str) -> tuple[dict[str, Any], str]:
   """(config.json, local folder) of a base checkpoint (folder, hub id or
   'pkg:' path): what `configs/from_checkpoint.py` builds a config from."""
-  folder = hf_io.resolve(build.resolve_path(model_path))
-  return hf_io.read_config(folder), str(folder)
+  _, folder, spec = resolved.checkpoint(model_path, '--model')
+  return spec, str(folder)
 
 
 def peft_base_path(peft_dir: str | pathlib.Path) -> str:
@@ -132,13 +132,13 @@ def from_peft(config: Any, peft_dir: str | pathlib.Path
   lengths, eval settings); its peft section is unused: the method comes
   from the folder (`peft.folders.load`: LoRA, IA3, prompt or prefix).
   """
-  mesh = sharding.make_mesh({'data': -1})
-  rules = sharding.resolve_rules(config.get('sharding_rules', None))
+  r = resolved.resolve(config, mesh=sharding.make_mesh({'data': -1}))
   model, base, base_axes, family = build.model_and_params(
-      config, jax.random.PRNGKey(0), mesh, rules)
+      r, jax.random.PRNGKey(0))
   method, adapter = folders.load(peft_dir, model, base)
-  tokenizer = build.tokenizer(config)
+  tokenizer = build.tokenizer(r)
   run = run_setup.Run(config, peft_dir, model, family, tokenizer, None,
-                      tasks.make(config, model), method, mesh, rules, base,
-                      base_axes, None, None, 0, distributed.is_main_process())
-  return run, _replicated(adapter, mesh)
+                      tasks.make(config, model), method, r.mesh, r.rules,
+                      base, base_axes, None, None, 0,
+                      distributed.is_main_process(), resolved=r)
+  return run, _replicated(adapter, r.mesh)

@@ -4,7 +4,8 @@
     state, shardings = run_setup.init_state(run, tx)
     step_fn = run_setup.train_step_fn(run, tx, shardings)
 
-The `Run` holds the data, mesh, model, base params, task and PEFT method
+The `Run` holds the resolved config (`flaxlora.resolved`: paths, family,
+method, mesh, once), the data, model, base params, task and PEFT method
 (`setup`: data first, so input errors surface before any compile); from it
 come the train state and its shardings, the jitted train step and the data
 loaders, for `trainer.train_and_evaluate` and for the tools that rebuild a
@@ -21,6 +22,7 @@ import jax
 from flaxlora import build
 from flaxlora import distributed
 from flaxlora import optimizers
+from flaxlora import resolved
 from flaxlora import sharding
 from flaxlora import steps
 from flaxlora import tasks
@@ -49,6 +51,7 @@ class Run:
   total_steps: int
   is_main: bool
   started: float = dataclasses.field(default_factory=time.time)
+  resolved: Any = None  # the `resolved.Resolved` it was built from
 
 
 def _total_steps(config: Any, steps_per_epoch: int) -> int:
@@ -73,10 +76,13 @@ def _check_batch(config: Any, mesh: Any, rules: Any) -> None:
 
 def setup(config: Any, workdir: pathlib.Path,
           devices: Sequence[jax.Device] | None = None) -> Run:
-  """Builds data (first: input errors surface before any compile), then the
-  mesh (over `devices`, default all), model, base params (NF4-quantised once
-  for QLoRA), task and method (`build.model_and_method`)."""
-  tokenizer = build.tokenizer(config)
+  """Resolves the config once (`resolved.resolve`: model path, family,
+  method, mesh over `devices`, default all), builds data (first: input
+  errors surface before any compile), then the model, base params
+  (NF4-quantised once for QLoRA), task and method
+  (`build.model_and_method`)."""
+  r = resolved.resolve(config, devices=devices)
+  tokenizer = build.tokenizer(r)
   data = task_data.load(config, tokenizer)
   steps_per_epoch = len(data.train) // config.train.batch_size
   if not steps_per_epoch:
@@ -86,16 +92,14 @@ def setup(config: Any, workdir: pathlib.Path,
   total_steps = _total_steps(config, steps_per_epoch)
   # The method first: a bad peft section, rank or regex fails before the
   # model is built (traced over abstract params).
-  validate.shapes(config, build.peft_method(config.peft, config.model.family,
-                                            tokenizer), total_steps)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.resolve_rules(config.get('sharding_rules', None))
-  _check_batch(config, mesh, rules)
-  b = build.model_and_method(config, mesh, rules, tokenizer)
+  validate.shapes(r, build.make_method(r.method, r.peft, tokenizer),
+                  total_steps)
+  _check_batch(config, r.mesh, r.rules)
+  b = build.model_and_method(r, tokenizer)
   return Run(config, pathlib.Path(workdir), b.model, b.family, tokenizer,
-             data, tasks.make(config, b.model), b.method, mesh, rules, b.base,
-             b.base_axes, b.adapter_rng, b.state_rng, total_steps,
-             distributed.is_main_process())
+             data, tasks.make(config, b.model), b.method, r.mesh, r.rules,
+             b.base, b.base_axes, b.adapter_rng, b.state_rng, total_steps,
+             distributed.is_main_process(), resolved=r)
 
 
 def state_shardings(run: Run, tx: Any) -> steps.TrainState:

@@ -260,8 +260,10 @@ def _finish(run: run_setup.Run, state: Any, ckpt: checkpoint.Checkpointer,
   summary['trainable_params'] = method_parts.trained_params(
       run.method, adapter)
   summary['base_params'] = layers.num_params(run.base)
-  # What really trained: the method's resolved hyperparameters.
+  # What really trained: the method's resolved hyperparameters, and the
+  # model, dtypes, mesh and data the run resolved once (`flaxlora.resolved`).
   summary['peft_method'] = method_parts.config_dicts(run.method)
+  summary['resolved'] = run.resolved.record()
   # Wall seconds of this invocation, from step `seconds_from` (a resume's).
   summary.update(seconds=round(time.time() - run.started, 1),
                  seconds_from=log.resume_step)

@@ -1,9 +1,10 @@
 """Checks of a run's config before anything is built or written.
 
     validate.config_values(config)          # sizes, periods, names
-    validate.shapes(config, method, total_steps)   # ranks, regexes, tx
+    validate.shapes(r, method, total_steps)    # ranks, regexes, tx
 
-`config_values` needs nothing but the config. `shapes` traces the PEFT
+`config_values` needs nothing but the config. `shapes` (of the resolved
+config, `flaxlora.resolved`) traces the PEFT
 method's `prepare_base` and `init` and the optimizer's `init` with
 `jax.eval_shape` over the model's abstract params (`build.abstract_params`:
 no weight is read and nothing is compiled), so a rank larger than a kernel,
@@ -75,15 +76,16 @@ def config_values(config: Any) -> None:
                            "project, e.g. --config.log.wandb_project=flaxlora.")
 
 
-def shapes(config: Any, method: peft_base.PeftMethod,
-           total_steps: int) -> None:
-  """Traces the method and optimizer over abstract params (no compile).
+def shapes(r: Any, method: peft_base.PeftMethod, total_steps: int) -> None:
+  """Traces the method and optimizer over the abstract params of `r` (a
+  `resolved.Resolved`; no compile).
 
   Raises:
     ValueError: what `method.prepare_base`/`init` or the optimizer raise
       for this model (a rank too large, a regex matching nothing, ...).
   """
-  _, abstract = build.abstract_params(config)
+  _, abstract = build.abstract_params(r)
+  config = r.config
   rng = jax.random.PRNGKey(0)
   prepared = jax.eval_shape(method.prepare_base, abstract)
   adapter = jax.eval_shape(method.init, rng, prepared)

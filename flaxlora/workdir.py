@@ -4,7 +4,10 @@
                   another config is refused, a compatible change continues
                   the run and is recorded under 'changes')
   metrics.jsonl   one JSON object per logged step ({'step', 'split', ...})
-  summary.json    the final metrics, written last (a finished run has it)
+  summary.json    the final metrics, written last (a finished run has it),
+                  with what the run resolved ('resolved': model path as
+                  given, family, method, dtypes, mesh, data;
+                  `flaxlora.resolved`) and where it ran (`provenance`)
   loss.png, eval.png  curves drawn from metrics.jsonl (matplotlib Agg)
   checkpoints/    orbax checkpoints (`flaxlora.checkpoint`)
   adapter/        the final adapter in flaxlora's format (`flaxlora.export`)

@@ -134,8 +134,9 @@ def data_reads(config: ConfigDict, monkeypatch: Any) -> set[str]:
   the hub and file readers returning generated records of the right kind:
   nothing is downloaded or opened."""
   # pylint: disable=g-import-not-at-top
-  from flaxlora import build
+  from flaxlora.data import byte_tokenizer
   from flaxlora.data import sources
+  from flaxlora.data import synthetic
   from flaxlora.data import task_data
   # pylint: enable=g-import-not-at-top
   kind = task_data.record_kind(config)
@@ -148,7 +149,8 @@ def data_reads(config: ConfigDict, monkeypatch: Any) -> set[str]:
   config.tokenizer = 'bytes' if config.model.family != 'bert' else 'words'
   if 'chat_template' in config.data:  # the byte tokenizer has none
     config.data.chat_template = False
-  tokenizer = build.tokenizer(config)
+  tokenizer = (byte_tokenizer.ByteTokenizer() if config.tokenizer == 'bytes'
+               else synthetic.words_tokenizer())
   reads = set()
   for source in ('files', 'hub'):
     config.data.source = source

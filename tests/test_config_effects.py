@@ -25,6 +25,7 @@ from flaxlora import build
 from flaxlora import errors
 from flaxlora import metric_writers
 from flaxlora import optimizers
+from flaxlora import resolved
 from flaxlora import run_setup
 from flaxlora import steps
 from flaxlora import trainer
@@ -90,7 +91,7 @@ def _setup(config):
 
 def probe_data(config):
   """The tokenized train and eval features and the eval records."""
-  data = task_data.load(config, build.tokenizer(config))
+  data = task_data.load(config, build.tokenizer(resolved.resolve(config)))
   return _digest([data.train, data.eval, data.eval_records])
 
 

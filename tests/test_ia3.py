@@ -15,7 +15,7 @@ import helpers
 from configs import bert_sentiment_lora
 from flaxlora import build
 from flaxlora import models
-from flaxlora import sharding
+from flaxlora import resolved
 from flaxlora import trainer
 from flaxlora import workdir as workdir_lib
 from flaxlora.peft import base as peft_base
@@ -189,8 +189,7 @@ def test_ia3_trains_from_a_config(tmp_path):
   loss = [r['loss'] for r in workdir_lib.read_metrics(tmp_path)
           if r['split'] == 'train']
   assert loss[-1] < loss[0]
-  built = build.model_and_method(config, sharding.make_mesh(),
-                                 sharding.resolve_rules())
+  built = build.model_and_method(resolved.resolve(config))
   model, base = built.model, jax.device_get(built.base)
   _, adapter = ia3.load(tmp_path / workdir_lib.PEFT_DIR, model,
                                     base)

@@ -15,6 +15,7 @@ from configs import pod_lora
 from flaxlora import build
 from flaxlora import chips
 from flaxlora import plan
+from flaxlora import resolved
 from flaxlora import sharding
 from flaxlora.data import pipeline
 from flaxlora.data import task_data
@@ -70,7 +71,7 @@ def test_largest_batch_bisects_over_multiples_of_the_unit(
 
 
 def _real_batch(config):
-  data = task_data.load(config, build.tokenizer(config))
+  data = task_data.load(config, build.tokenizer(resolved.resolve(config)))
   return next(iter(pipeline.Loader(
       data.train, global_batch_size=config.train.batch_size, seed=0,
       shuffle=True, drop_remainder=True)))
@@ -126,7 +127,8 @@ def test_plan_on_the_host_devices_through_the_cli(tmp_path):
   b = report['bytes']
   assert b['total'] >= b['base'] + b['adapter'] + b['opt_state'] + b['temp']
   # The base is split over the devices (FSDP): a chip holds about 1/8.
-  model, params = build.abstract_params(plan.without_weights(_tiny_config()))
+  model, params = build.abstract_params(
+      resolved.resolve(plan.without_weights(_tiny_config())))
   whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   assert whole / devices <= b['base'] < whole / 2
   # Block remat recomputes each block's forward pass, which is not useful
@@ -190,6 +192,6 @@ def test_tiny_t5_lora_step_compiles_for_a_v5e_2x2_slice():
     ('llama-3-8b', 8.03), ('qwen2-7b', 7.62)])
 def test_presets_have_the_published_parameter_counts(model, billions):
   config = plan.without_weights(pod_lora.get_config(f'model={model}'))
-  _, params = build.abstract_params(config)
+  _, params = build.abstract_params(resolved.resolve(config))
   count = sum(x.size for x in jax.tree.leaves(params))
   assert count == pytest.approx(billions * 1e9, rel=0.01)

@@ -21,6 +21,7 @@ from flaxlora import claim
 from flaxlora import export
 from flaxlora import optimizers
 from flaxlora import progress
+from flaxlora import resolved
 from flaxlora import sharding
 from flaxlora import steps
 from flaxlora import trainer
@@ -344,28 +345,32 @@ def test_adafactor_options_and_its_state_on_a_sharded_mesh():
   assert np.abs(np.asarray(ours['w']) - np.asarray(default['w'])).max() > 1e-3
 
 
+def _resolved(config, mesh):
+  config.sharding_rules.vocab = None  # replicated: 2 does not divide it
+  return resolved.resolve(config, mesh=mesh)
+
+
 def test_model_and_method_prepares_the_base_and_gives_adapter_axes():
   mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
   rules = sharding.resolve_rules({'vocab': None})
   # Prompt tuning + trained head copies: the prompt is replicated, the
   # copies follow their base params.
-  b = build.model_and_method(bert_sentiment_prompt.get_config('runlocal'),
-                             mesh, rules)
+  prompt = _resolved(bert_sentiment_prompt.get_config('runlocal'), mesh)
+  assert prompt.rules == rules
+  b = build.model_and_method(prompt)
   adapter = jax.eval_shape(b.method.init, b.adapter_rng, b.base)
   axes = b.method.logical_axes(b.base_axes, adapter)
   assert axes[0] == {'prompt': P('prompt', None)}
   assert axes[1]['pooler'] == b.base_axes['pooler']
   # The base is the seed's (train.seed 0), untouched by the method.
   _, again, _, _ = build.model_and_params(
-      bert_sentiment_prompt.get_config('runlocal'),
-      jax.random.fold_in(jax.random.PRNGKey(0), build.BASE_FOLD), mesh,
-      rules)
+      prompt, jax.random.fold_in(jax.random.PRNGKey(0), build.BASE_FOLD))
   for x, y in zip(jax.tree.leaves(b.base), jax.tree.leaves(again)):
     np.testing.assert_array_equal(x, y)
   # QLoRA: kernels quantised once and sharded like the kernels; the heads
   # kept; LoRA axes from the unquantised kernels.
-  q = build.model_and_method(bert_sentiment_qlora.get_config('runlocal'),
-                             mesh, rules)
+  q = build.model_and_method(
+      _resolved(bert_sentiment_qlora.get_config('runlocal'), mesh))
   query = q.base['encoder']['layer_0']['attention']['query']['kernel']
   assert nf4.is_nf4(query)
   assert query.codes.sharding.spec == P('fsdp', 'tensor')

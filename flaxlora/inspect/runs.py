@@ -20,6 +20,7 @@ import ml_collections
 
 from flaxlora import build
 from flaxlora import export
+from flaxlora import resolved
 from flaxlora import sharding
 from flaxlora import workdir as workdir_lib
 from flaxlora.inspect import analysis
@@ -72,14 +73,13 @@ def load_run(workdir: str | pathlib.Path) -> LoadedRun:
         f'{adapter_dir / export.ADAPTER_FILE} does not exist; the run in '
         f'{workdir} has not finished (it is written with summary.json).')
   config = read_config(workdir)
-  mesh = _mesh(config)
-  rules = sharding.resolve_rules(config.get('sharding_rules', None))
-  tokenizer = build.tokenizer(config)
-  b = build.model_and_method(config, mesh, rules, tokenizer)
+  r = resolved.resolve(config, mesh=_mesh(config))
+  tokenizer = build.tokenizer(r)
+  b = build.model_and_method(r, tokenizer)
   init_adapter = b.method.init(b.adapter_rng, b.base)
   like = jax.eval_shape(lambda: init_adapter)
   shardings = sharding.named_shardings(
-      like, b.method.logical_axes(b.base_axes, like), mesh, rules)
+      like, b.method.logical_axes(b.base_axes, like), r.mesh, r.rules)
   adapter = jax.device_put(export.load_adapter(adapter_dir, like), shardings)
   return LoadedRun(workdir, config, b.model, b.family, tokenizer, b.method,
                    b.base, adapter, init_adapter)

@@ -63,18 +63,38 @@ def _local(path_or_hub_id: str | os.PathLike) -> str | os.PathLike:
   return hf_io.package_folder(text) if text.startswith('pkg:') else text
 
 
-def read_config(path_or_hub_id: str | os.PathLike) -> dict[str, Any]:
-  """The config.json dict of a checkpoint folder, hub id or GGUF file."""
+def locate(path_or_hub_id: str | os.PathLike
+           ) -> tuple[pathlib.Path, dict[str, Any]]:
+  """(local folder or GGUF file, config.json dict) of a checkpoint folder,
+  hub id, GGUF file or 'pkg:' path: a hub id is fetched (or found in the
+  cache) here, and no weight is read."""
   path = _local(path_or_hub_id)
   if gguf.is_gguf(path):
-    return gguf.read_config(path)
-  return hf_io.read_config(hf_io.resolve(path))
+    return pathlib.Path(path), gguf.read_config(path)
+  folder = hf_io.resolve(path)
+  return folder, hf_io.read_config(folder)
 
 
-def read_checkpoint(path_or_hub_id: str | os.PathLike
+def read_config(path_or_hub_id: str | os.PathLike) -> dict[str, Any]:
+  """The config.json dict of a checkpoint folder, hub id or GGUF file."""
+  return locate(path_or_hub_id)[1]
+
+
+def read_checkpoint(path_or_hub_id: str | os.PathLike,
+                    config_dict: dict[str, Any] | None = None
                     ) -> tuple[pathlib.Path, dict[str, Any], dict[str, Any]]:
   """(local folder or file, config.json dict, tensors by HF name) of a
-  checkpoint folder, hub id, GGUF file or 'pkg:' path."""
+  checkpoint folder, hub id, GGUF file or 'pkg:' path.
+
+  With `config_dict` (what `locate` read), `path_or_hub_id` is the local
+  folder or GGUF file `locate` gave: it is neither resolved nor its
+  config.json read again.
+  """
+  if config_dict is not None:
+    path = pathlib.Path(path_or_hub_id)
+    tensors = (gguf.read(path)[1] if gguf.is_gguf(path) else
+               hf_io.read_tensors(path))
+    return path, config_dict, tensors
   path = _local(path_or_hub_id)
   if gguf.is_gguf(path):
     config_dict, tensors = gguf.read(path)

@@ -81,6 +81,7 @@ class _Slicer:
 
 def load(path_or_hub_id: Any, mesh: Mesh, rules: sharding.Rules, *,
                  dtype: Any = np.float32, rng: jax.Array | None = None,
+                 config_dict: dict[str, Any] | None = None,
                  **head_kwargs) -> tuple[Any, Tree, Any]:
   """Like `models.load`, but each device reads only its slice of each tensor.
 
@@ -88,12 +89,15 @@ def load(path_or_hub_id: Any, mesh: Mesh, rules: sharding.Rules, *,
   asks for each addressable device's index, so no array is ever whole on
   one device (and, on several hosts, each host reads only its own slices).
   Parameters the checkpoint lacks (a new task head) are initialised
-  sharded.
+  sharded. `config_dict`: the checkpoint's config.json as `models.locate`
+  read it, with `path_or_hub_id` the local folder or GGUF file it gave
+  (`flaxlora.resolved`: neither is resolved or read again).
 
   Returns:
     (model, params as sharded global arrays, config).
   """
-  folder, config_dict, tensors = models.read_checkpoint(path_or_hub_id)
+  folder, config_dict, tensors = models.read_checkpoint(path_or_hub_id,
+                                                         config_dict)
   family = models.family_of(config_dict, models.config_source(folder))
   config = family.config_from_hf(config_dict)
   model = family.build(config, dtype=dtype, **head_kwargs)
