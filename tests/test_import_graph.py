@@ -19,7 +19,7 @@ PACKAGES = ('flaxlora', 'configs', 'experiments')
 # methods and models below it never import it.
 RUN_LAYER = ('flaxlora.build', 'flaxlora.trainer', 'flaxlora.export',
              'flaxlora.steps', 'flaxlora.evaluation', 'flaxlora.predict',
-             'flaxlora.adapter_bank', 'flaxlora.resolve', 'flaxlora.resolved',
+             'flaxlora.adapter_bank', 'flaxlora.resolved',
              'flaxlora.sweeps', 'flaxlora.local_launch',
              'flaxlora.sweep_results', 'experiments')
 CONFIG_IMPORTS = ('ml_collections', 'configs')
