@@ -32,9 +32,7 @@ METHODS = {
     'nblora': (dict(method='nblora', rank=4, bound=1.0, norm='frobenius',
                     targets=PROJECTIONS), 1e-2),
     'scalora': (dict(_LORA, method='scalora', merge_every=1), 1e-2),
-    'ia3': (dict(method='ia3', targets=r'.*/self_attn/(k|v)_proj/kernel|'
-                 r'.*/mlp/down_proj/kernel',
-                 feedforward=r'.*/mlp/down_proj/kernel'), 3e-2),
+    'ia3': (dict(method='ia3'), 3e-2),  # the family's preset (PEFT's)
     'prompt': (dict(method='prompt_tuning', num_tokens=4,
                     init='vocab_sample'), 3e-2),
     'prefix': (dict(method='prefix_tuning', num_tokens=4, projection=False),
