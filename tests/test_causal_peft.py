@@ -4,7 +4,8 @@ A tiny random transformers Llama and GPT-2 are saved, loaded by flaxlora,
 given a LoRA adapter with non-zero B; the exported folder must load with
 `peft.AutoPeftModelForCausalLM.from_pretrained(folder)` alone and give
 flaxlora's logits, and the merged export must load in transformers with
-the same logits (and differ from the base: the adapter counts).
+the same logits (and differ from the base: the adapter counts). The
+families' LoRA and IA3 presets pick the modules PEFT picks by default.
 """
 import json
 
@@ -15,6 +16,10 @@ import torch
 import transformers
 
 from flaxlora import models
+from flaxlora.peft import base as peft_base
+from flaxlora.peft import hf_folder
+from flaxlora.peft.ia3 import kernel as ia3_kernel
+from flaxlora.peft.ia3 import method as ia3_method
 from flaxlora.peft.lora import folder as lora_folder
 from flaxlora.peft.lora import method as lora_method
 
@@ -73,3 +78,31 @@ def test_lora_folder_loads_with_auto_peft_causal_lm(family, tmp_path):
                              ours[real], atol=1e-4)
   base_logits = np.asarray(model.apply({'params': base}, ids, mask))
   assert np.abs(base_logits - ours)[real].max() > 1e-3
+
+
+@pytest.mark.parametrize('family', sorted(HF))
+def test_presets_pick_peft_default_modules(family, tmp_path):
+  """targets=None (the family's preset) adapts exactly the modules PEFT's
+  CAUSAL_LM defaults adapt in the same transformers model, and the IA3
+  preset scales the inputs of PEFT's feed-forward modules."""
+  cls, config = HF[family]
+  cls(config).save_pretrained(str(tmp_path))
+  model, base, _ = models.load(tmp_path)
+  rules = hf_folder.linear_rules(model)
+  name = lambda path: hf_folder.linear_module(rules[path], path)
+  rng = jax.random.PRNGKey(0)
+  adapter = lora_method.lora(rank=2).init(rng, base)
+  ours = {name(p.rsplit('/', 1)[0]) for p in peft_base.flatten(adapter)}
+  lora = peft.get_peft_model(cls(config), peft.LoraConfig(
+      task_type='CAUSAL_LM', r=2))
+  theirs = {n[len('base_model.model.'):] for n, m in lora.named_modules()
+            if hasattr(m, 'lora_A') and m.lora_A}
+  assert ours == theirs and len(ours) >= config.num_hidden_layers
+  scaled = ia3_kernel.targeted(ia3_method.ia3().config, base)
+  ours = {name(p): ff for p, ff in scaled.items()}
+  ia3 = peft.get_peft_model(cls(config), peft.IA3Config(
+      task_type='CAUSAL_LM'))
+  theirs = {n[len('base_model.model.'):]: m.is_feedforward
+            for n, m in ia3.named_modules() if hasattr(m, 'ia3_l')}
+  assert ours == theirs
+  assert sum(ours.values()) == config.num_hidden_layers  # one per layer

@@ -3,6 +3,7 @@ command, and (slow) the real SmolLM2-135M-Instruct weights vs transformers.
 """
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -185,10 +186,10 @@ def test_smollm2_matches_transformers_on_the_same_gguf():
                   padding_side='left')
   ids, mask = enc['input_ids'], enc['attention_mask']
   ref = causal_tests.hf_logits(ref_model, ids, mask)
-  logits = model.apply({'params': params}, ids, mask)
-  # Measured 1.9e-4 on logits up to ~30 (fp32 summation order over 30
-  # layers, XLA vs PyTorch); the issue asks 1e-4.
-  assert causal_tests.masked_diff(logits, ref, mask) <= 3e-4
+  logits = jax.jit(lambda p: model.apply({'params': p}, ids, mask))(params)
+  # Measured 1.6e-4 on logits up to ~36; the issue asks 1e-4, which XLA's
+  # fp32 matmuls do not reach (see the test below).
+  assert causal_tests.masked_diff(logits, ref, mask) <= 2e-4
   from flaxlora.models import causal_decoding  # pylint: disable=g-import-not-at-top
   tokens = causal_decoding.generate(model, params, ids, mask,
                                     max_new_tokens=16)
@@ -199,6 +200,53 @@ def test_smollm2_matches_transformers_on_the_same_gguf():
                             pad_token_id=tokenizer.pad_token_id)
   hf = hf[:, ids.shape[1]:].numpy()
   np.testing.assert_array_equal(np.asarray(tokens)[:, :hf.shape[1]], hf)
+
+
+def _mlp64(x, mlp):
+  """SwiGLU in float64 numpy: x [B, T, H] -> [B, T, H]."""
+  x, k = np.float64(x), {n: np.float64(v['kernel']) for n, v in mlp.items()}
+  g = x @ k['gate_proj']
+  return (g / (1 + np.exp(-g)) * (x @ k['up_proj'])) @ k['down_proj']
+
+
+@pytest.mark.slow
+def test_smollm2_gap_is_xla_fp32_matmul_accumulation():
+  """Why the logits differ from transformers' by 1.6e-4, not <= 1e-4: both
+  are fp32 approximations of the same float64 model, flaxlora's about twice
+  as far from it, and the excess is XLA CPU's fp32 matmul. The same SwiGLU
+  on the same fp32 input (layer 0's) is about 3x further from float64 with
+  XLA's matmuls than with torch's. Weights are identical (dequantized by
+  the same gguf code). When this fails, XLA's matmul has caught up: the
+  test above can be tightened toward 1e-4."""
+  file = models.hf_io.package_folder(SMOLLM2)
+  model, params, _ = models.load(SMOLLM2)
+  enc = flax_gguf.tokenizer(file)(PROMPTS, return_tensors='np', padding=True,
+                                  padding_side='left')
+  ids, mask = enc['input_ids'], enc['attention_mask']
+  hf = hf_from_gguf(file)
+  ref32 = causal_tests.hf_logits(hf, ids, mask)
+  ref64 = causal_tests.hf_logits(hf.double(), ids, mask)
+  ours, state = jax.jit(lambda p: model.apply(
+      {'params': p}, ids, mask, capture_intermediates=True))(params)
+  theirs_err = causal_tests.masked_diff(ref32, ref64, mask)  # 8.1e-5
+  ours_err = causal_tests.masked_diff(ours, ref64, mask)  # 1.6e-4
+  assert theirs_err < 1e-4 < ours_err < 2e-4, (theirs_err, ours_err)
+  mlp = params['layers_0']['mlp']
+  x = np.asarray(state['intermediates']['layers_0'][
+      'post_attention_layernorm']['__call__'][0])
+  k = {n: v['kernel'] for n, v in mlp.items()}
+  xla = jax.jit(lambda x: (jax.nn.silu(x @ k['gate_proj']) * (
+      x @ k['up_proj'])) @ k['down_proj'])(x)
+  t = {n: torch.tensor(np.asarray(v)) for n, v in k.items()}
+  tx = torch.tensor(x)
+  with torch.no_grad():
+    pt = (torch.nn.functional.silu(tx @ t['gate_proj']) * (
+        tx @ t['up_proj'])) @ t['down_proj']
+  exact = _mlp64(x, mlp)
+  real = mask[..., None] == 1
+  xla_err = np.abs(np.where(real, xla - exact, 0)).max()  # 2.5e-5
+  torch_err = np.abs(np.where(real, pt.numpy() - exact, 0)).max()  # 8.7e-6
+  assert xla_err > 2 * torch_err, (xla_err, torch_err)
 
 
 def test_package_file_resolves():

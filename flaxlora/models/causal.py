@@ -1,6 +1,8 @@
 """Pieces shared by the causal (decoder-only) language models, `llama` and
 `gpt2`: positions, the attention mask, the key/value cache and attention over
-grouped key/value heads.
+grouped key/value heads; what a call does around its blocks (`inputs`: the
+soft prompt, positions and mask; `layer_args`: each layer's prefix or cache;
+`next_cache`) and `build`, so that a family writes only its blocks.
 
 A causal LM is called as
 
@@ -23,14 +25,16 @@ A call with a cache writes its T tokens at slots index..index+T-1 and
 attends over every real slot up to its own; the next call continues. A
 key/value prefix (prefix tuning) fills slots 0..P-1 when the cache is made.
 """
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlora.models import attention as attention_lib
 from flaxlora.models import layers
+from flaxlora.models import remat as remat_lib
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -193,6 +197,34 @@ def write_cache(buffers: dict[str, Array], index: Array, k: Array,
                                             start)}
 
 
+def keys_values(k: Array, v: Array, prefix: Array | None,
+                buffers: dict[str, Array] | None, index: Array | None
+                ) -> tuple[Array, Array, dict[str, Array] | None]:
+  """The keys and values a layer attends over, and its new cache buffers.
+
+  Args:
+    k, v: [B, K, T, D] this call's keys (positions applied) and values.
+    prefix: [2, P, K*D] this layer's prefix keys/values (no cache), or None.
+    buffers: this layer's cache (then `prefix` is in it), or None.
+    index: the cache slot of the first of the T tokens.
+
+  Returns:
+    (keys, values [B, K, S, D], new buffers or None): the cache's S slots,
+    else the prefix's P and the T tokens.
+  """
+  if buffers is not None:
+    buffers = write_cache(buffers, index, k, v)
+    return buffers['key'], buffers['value'], buffers
+  if prefix is not None:
+    b, heads, _, d = v.shape
+    widen = lambda y: jnp.broadcast_to(  # [P, K*D] -> [B, K, P, D]
+        split_heads(y[None].astype(v.dtype), heads),
+        (b, heads, y.shape[0], d))
+    k = jnp.concatenate([widen(prefix[0]), k], axis=2)
+    v = jnp.concatenate([widen(prefix[1]), v], axis=2)
+  return k, v, None
+
+
 def attend(q: Array, k: Array, v: Array, keep: Array, *, dtype: Any,
            dropout: Any, deterministic: bool) -> Array:
   """Scaled dot-product attention with K key/value heads for N query heads.
@@ -232,6 +264,72 @@ def prepend_prompt(x: Array, mask: Array, prompt: Array | None
   ones = jnp.ones(prompt.shape[:2], mask.dtype)
   return (jnp.concatenate([prompt.astype(x.dtype), x], axis=1),
           jnp.concatenate([ones, mask], axis=1))
+
+
+class Inputs(NamedTuple):
+  """What every layer of a causal LM call reads (see `inputs`).
+
+  Attributes:
+    x: [B, P + T, H] token embeddings after a soft prompt's P.
+    num_prompt: P (0 without a soft prompt).
+    positions: [B, P + T].
+    keep: [B, 1, P + T, S] which keys each query may attend to.
+    key_mask: [B, S] the cache's new mask (S: its slots, or the prefix's
+      and the tokens').
+  """
+  x: Array
+  num_prompt: int
+  positions: Array
+  keep: Array
+  key_mask: Array
+
+
+def inputs(embeddings: Array, input_ids: Array, attention_mask: Array | None,
+           positions: Array | None, segment_ids: Array | None,
+           cache: Cache | None, prompt: Array | None,
+           prefix_kv: Array | None, sliding_window: int | None = None
+           ) -> Inputs:
+  """A causal LM call's embeddings [B, T, H] and arguments (see
+  `llama.Llama.__call__`) -> `Inputs`: the soft prompt in front, the
+  positions and the attention mask."""
+  if prefix_kv is not None and cache is not None:
+    raise ValueError('prefix_kv with a cache: pass it to init_cache.')
+  mask = default_mask(input_ids, attention_mask)
+  x, mask = prepend_prompt(embeddings, mask, prompt)
+  num_prompt = x.shape[1] - input_ids.shape[1]
+  num_prefix = 0 if prefix_kv is None else prefix_kv.shape[-2]
+  positions = token_positions(mask, positions, segment_ids, cache,
+                              num_prompt, num_prefix)
+  keep, key_mask = keep_mask(mask, positions, segment_ids, cache, num_prefix,
+                             sliding_window)
+  return Inputs(x, num_prompt, positions, keep, key_mask)
+
+
+def layer_args(i: int, cache: Cache | None, prefix_kv: Array | None
+               ) -> tuple[Array | None, dict[str, Array] | None,
+                          Array | None]:
+  """Layer i's (prefix [2, P, K*D], cache buffers, cache index), each None
+  when absent."""
+  if cache is None:
+    return None if prefix_kv is None else prefix_kv[i], None, None
+  return None, cache['layers'][i], cache['index']
+
+
+def next_cache(cache: Cache, inp: Inputs,
+               new_layers: Sequence[dict[str, Array]]) -> Cache:
+  """The cache after a call that wrote `inp.x`'s P + T positions."""
+  return {'index': cache['index'] + inp.x.shape[1], 'mask': inp.key_mask,
+          'layers': tuple(new_layers)}
+
+
+def build(module: type[nn.Module], block: type[nn.Module], family: str,
+          config: Any, dtype: Any, remat: str, attention: str) -> nn.Module:
+  """`module(config, dtype, remat)` once `remat` (one of `remat.POLICIES`,
+  on every `block`) and `attention` ('reference' only: the fused kernels
+  are T5's and BERT's so far) are checked."""
+  remat_lib.wrap(block, remat)  # checks the name
+  attention_lib.reference_only(attention, family)
+  return module(config, dtype, remat)
 
 
 def _boxed_init(model: Any, rng: jax.Array) -> Any:

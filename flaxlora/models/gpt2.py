@@ -19,7 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxlora.models import attention as attention_lib
 from flaxlora.models import causal
 from flaxlora.models import hf_io
 from flaxlora.models import layers
@@ -76,15 +75,7 @@ class Attention(nn.Module):
     qkv = layers.Dense(3 * h, ('embed', 'heads'), use_bias=True,
                        dtype=self.dtype, name='c_attn')(x, deterministic)
     q, k, v = (causal.split_heads(y, n) for y in jnp.split(qkv, 3, axis=-1))
-    if buffers is not None:
-      buffers = causal.write_cache(buffers, index, k, v)
-      k, v = buffers['key'], buffers['value']
-    elif prefix is not None:
-      p = lambda y: jnp.broadcast_to(  # pylint: disable=g-long-lambda
-          causal.split_heads(y[None].astype(v.dtype), n),
-          (v.shape[0], n, y.shape[0], h // n))
-      k = jnp.concatenate([p(prefix[0]), k], axis=2)
-      v = jnp.concatenate([p(prefix[1]), v], axis=2)
+    k, v, buffers = causal.keys_values(k, v, prefix, buffers, index)
     out = causal.attend(q, k, v, keep, dtype=self.dtype,
                         dropout=layers.Dropout(c.attn_pdrop),
                         deterministic=deterministic)
@@ -143,49 +134,35 @@ class GPT2(nn.Module):
     """Logits [B, T, V]; with a cache (logits, new cache). Arguments as in
     `llama.Llama.__call__` (prefix_kv [L, 2, P, H])."""
     c = self.config
-    if prefix_kv is not None and cache is not None:
-      raise ValueError('prefix_kv with a cache: pass it to init_cache.')
     embed = lambda n, axes, name: layers.Embed(  # pylint: disable=g-long-lambda
         n, c.n_embd, axes, self.dtype, nn.initializers.normal(0.02),
         name=name)
     wte = embed(c.vocab_size, ('vocab', 'embed'), 'wte')
-    mask = causal.default_mask(input_ids, attention_mask)
-    x, mask = causal.prepend_prompt(wte(input_ids), mask, prompt)
-    num_prompt = x.shape[1] - input_ids.shape[1]
-    num_prefix = 0 if prefix_kv is None else prefix_kv.shape[-2]
-    positions = causal.token_positions(mask, positions, segment_ids, cache,
-                                       num_prompt, num_prefix)
-    keep, key_mask = causal.keep_mask(mask, positions, segment_ids, cache,
-                                      num_prefix)
-    x = x + embed(c.n_positions, ('positions', 'embed'), 'wpe')(positions)
+    inp = causal.inputs(wte(input_ids), input_ids, attention_mask, positions,
+                        segment_ids, cache, prompt, prefix_kv)
+    x = inp.x + embed(c.n_positions, ('positions', 'embed'), 'wpe')(
+        inp.positions)
     x = layers.Dropout(c.embd_pdrop)(x, deterministic=deterministic)
     new_layers = []
     # `deterministic` (argument 3 of Block.__call__) is a Python bool.
     block = remat_lib.wrap(Block, self.remat, static_argnums=(3,))
     for i in range(c.n_layer):
       x, buffers = block(c, self.dtype, name=f'h_{i}')(
-          x, keep, deterministic,
-          None if prefix_kv is None else prefix_kv[i],
-          None if cache is None else cache['layers'][i],
-          None if cache is None else cache['index'])
+          x, inp.keep, deterministic, *causal.layer_args(i, cache, prefix_kv))
       x = layers.constrain(x, ('batch', None, None))
       new_layers.append(buffers)
     x = layers.LayerNorm(c.layer_norm_epsilon, self.dtype, name='ln_f')(x)
-    logits = layers.constrain(wte.attend(x[:, num_prompt:]),
+    logits = layers.constrain(wte.attend(x[:, inp.num_prompt:]),
                               ('batch', None, 'vocab'))
     if cache is None:
       return logits
-    return logits, {'index': cache['index'] + x.shape[1],
-                    'mask': key_mask, 'layers': tuple(new_layers)}
+    return logits, causal.next_cache(cache, inp, new_layers)
 
 
 def build(config: GPT2Config, *, dtype: Any = jnp.float32,
           remat: str = 'none', attention: str = 'reference') -> GPT2:
-  """A GPT2 module; `remat` is one of `remat.POLICIES`; `attention` must
-  be 'reference' (the fused kernels are T5's and BERT's so far)."""
-  remat_lib.wrap(Block, remat)  # checks the name
-  attention_lib.reference_only(attention, 'gpt2')
-  return GPT2(config, dtype, remat)
+  """A GPT2 module; see `causal.build`."""
+  return causal.build(GPT2, Block, 'gpt2', config, dtype, remat, attention)
 
 
 # Fresh fp32 params, and their logical axes: shared by the causal families.

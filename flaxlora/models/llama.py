@@ -29,7 +29,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxlora.models import attention as attention_lib
 from flaxlora.models import causal
 from flaxlora.models import layers
 from flaxlora.models import remat as remat_lib
@@ -82,16 +81,8 @@ class Attention(nn.Module):
         x, deterministic)
     q = apply_rope(causal.split_heads(q, n), *rope)  # [B, N, T, D]
     kx = apply_rope(causal.split_heads(kx, k), *rope)  # [B, K, T, D]
-    v = causal.split_heads(v, k)
-    if buffers is not None:
-      buffers = causal.write_cache(buffers, index, kx, v)
-      kx, v = buffers['key'], buffers['value']
-    elif prefix is not None:
-      p = lambda y: jnp.broadcast_to(  # pylint: disable=g-long-lambda
-          causal.split_heads(y[None].astype(v.dtype), k),
-          (v.shape[0], k, y.shape[0], d))
-      kx = jnp.concatenate([p(prefix[0]), kx], axis=2)
-      v = jnp.concatenate([p(prefix[1]), v], axis=2)
+    kx, v, buffers = causal.keys_values(kx, causal.split_heads(v, k), prefix,
+                                        buffers, index)
     out = causal.attend(q, kx, v, keep, dtype=self.dtype,
                         dropout=layers.Dropout(c.attention_dropout),
                         deterministic=deterministic)
@@ -167,33 +158,24 @@ class Llama(nn.Module):
         (`init_cache`).
     """
     c = self.config
-    if prefix_kv is not None and cache is not None:
-      raise ValueError('prefix_kv with a cache: pass it to init_cache.')
     embed = layers.Embed(c.vocab_size, c.hidden_size, ('vocab', 'embed'),
                          self.dtype, nn.initializers.normal(0.02),
                          name='embed_tokens')
-    mask = causal.default_mask(input_ids, attention_mask)
-    x, mask = causal.prepend_prompt(embed(input_ids), mask, prompt)
-    num_prompt = x.shape[1] - input_ids.shape[1]
-    num_prefix = 0 if prefix_kv is None else prefix_kv.shape[-2]
-    positions = causal.token_positions(mask, positions, segment_ids, cache,
-                                       num_prompt, num_prefix)
-    keep, key_mask = causal.keep_mask(mask, positions, segment_ids, cache,
-                                      num_prefix, c.sliding_window)
-    rope = rope_tables(c, positions)
-    new_layers = []
+    inp = causal.inputs(embed(input_ids), input_ids, attention_mask,
+                        positions, segment_ids, cache, prompt, prefix_kv,
+                        c.sliding_window)
+    rope = rope_tables(c, inp.positions)
+    x, new_layers = inp.x, []
     # `deterministic` (argument 4 of Block.__call__) is a Python bool.
     block = remat_lib.wrap(Block, self.remat, static_argnums=(4,))
     for i in range(c.num_hidden_layers):
       x, buffers = block(c, self.dtype, name=f'layers_{i}')(
-          x, rope, keep, deterministic,
-          None if prefix_kv is None else prefix_kv[i],
-          None if cache is None else cache['layers'][i],
-          None if cache is None else cache['index'])
+          x, rope, inp.keep, deterministic,
+          *causal.layer_args(i, cache, prefix_kv))
       x = layers.constrain(x, ('batch', None, None))
       new_layers.append(buffers)
     x = layers.RMSNorm(c.rms_norm_eps, self.dtype, name='norm')(x)
-    x = x[:, num_prompt:]
+    x = x[:, inp.num_prompt:]
     if c.tie_word_embeddings:
       logits = embed.attend(x)
     else:
@@ -203,17 +185,13 @@ class Llama(nn.Module):
     logits = layers.constrain(logits, ('batch', None, 'vocab'))
     if cache is None:
       return logits
-    return logits, {'index': cache['index'] + x.shape[1] + num_prompt,
-                    'mask': key_mask, 'layers': tuple(new_layers)}
+    return logits, causal.next_cache(cache, inp, new_layers)
 
 
 def build(config: LlamaConfig, *, dtype: Any = jnp.float32,
           remat: str = 'none', attention: str = 'reference') -> Llama:
-  """A Llama module; `remat` is one of `remat.POLICIES`; `attention` must
-  be 'reference' (the fused kernels are T5's and BERT's so far)."""
-  remat_lib.wrap(Block, remat)  # checks the name
-  attention_lib.reference_only(attention, 'llama')
-  return Llama(config, dtype, remat)
+  """A Llama module; see `causal.build`."""
+  return causal.build(Llama, Block, 'llama', config, dtype, remat, attention)
 
 
 # Fresh fp32 params, and their logical axes: shared by the causal families.

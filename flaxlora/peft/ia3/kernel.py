@@ -31,14 +31,21 @@ from flaxlora.peft import base as peft_base
 Array = jax.Array
 
 # PEFT 0.21's TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING
-# ('k', 'v', 'wo' / 'key', 'value', 'output.dense') over flaxlora's paths.
+# over flaxlora's paths: T5 'k', 'v', 'wo'; BERT 'key', 'value',
+# 'output.dense'; Llama and Mistral 'k_proj', 'v_proj', 'down_proj' (PEFT's
+# Qwen2 entry has 'q_proj' for 'k_proj': pass targets= for it); GPT-2
+# 'c_attn', 'mlp.c_proj'. The feedforward ones scale their input.
 TARGETS = {
     't5': r'.*/(k|v|mlp/wo)/kernel',
     'bert': r'.*/(attention/(key|value|output)|mlp/output)/kernel',
+    'llama': r'.*/(self_attn/(k|v)_proj|mlp/down_proj)/kernel',
+    'gpt2': r'.*/(attn/c_attn|mlp/c_proj)/kernel',
 }
 FEEDFORWARD = {
     't5': r'.*/mlp/wo/kernel',
     'bert': r'.*/(attention|mlp)/output/kernel',
+    'llama': r'.*/mlp/down_proj/kernel',
+    'gpt2': r'.*/mlp/c_proj/kernel',
 }
 
 

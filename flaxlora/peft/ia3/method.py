@@ -22,8 +22,8 @@ def ia3(targets: str | Iterable[str] | None = None,
 
   Args:
     targets: regexes over kernel paths, a family name of `kernel.TARGETS`
-      ('t5', 'bert'), or None / '' for the preset matching the params
-      (PEFT's).
+      ('t5', 'bert', 'llama', 'gpt2'), or None / '' for the preset matching
+      the params (PEFT's).
     feedforward: regexes picking the targets whose input is scaled, a family
       name of `kernel.FEEDFORWARD`, None / '' for the preset of the params'
       family, or () for none.

@@ -35,10 +35,15 @@ from flaxlora.peft.lora import pissa
 
 Array = jax.Array
 
-# Per-family default targets (PEFT's defaults: T5 q, v; BERT query, value).
+# Per-family default targets: PEFT 0.21's
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING over flaxlora's paths
+# (T5 q, v; BERT query, value; Llama, Mistral, Qwen2 q_proj, v_proj; GPT-2
+# the fused c_attn).
 TARGETS = {
     't5': r'.*/(q|v)/kernel',
     'bert': r'.*/attention/(query|value)/kernel',
+    'llama': r'.*/self_attn/(q|v)_proj/kernel',
+    'gpt2': r'.*/attn/c_attn/kernel',
 }
 INITS = ('default', 'gaussian', 'pissa')
 

@@ -36,8 +36,8 @@ def lora(rank: int = 8, alpha: float = 16.0,
     rank: R of every targeted kernel (unless rank_pattern says otherwise).
     alpha: scale numerator; scale = alpha / R (alpha / sqrt(R) for rsLoRA).
     targets: regexes over "/"-joined kernel paths (re.fullmatch), a key of
-      `kernel.TARGETS` ('t5', 'bert'), or None for the preset matching the
-      params.
+      `kernel.TARGETS` ('t5', 'bert', 'llama', 'gpt2': PEFT's defaults), or
+      None for the preset matching the params.
     dropout: dropout on the input of A while training.
     rank_pattern: {regex: R} overriding `rank` (first match wins).
     alpha_pattern: {regex: alpha} overriding `alpha` (first match wins).

@@ -25,6 +25,13 @@ Where the layers go, as PEFT passes them as `past_key_values`:
     0 and 1). flaxlora follows this exactly, so adapters move both ways;
     table entries no block reads get no gradient. Generation works with the
     key/value cache: the prefix fills its first P positions.
+  * Llama-shaped and GPT-2 causal LMs: layer i reads keys 2i and values
+    2i + 1, as BERT. With grouped-query attention the keys are K key/value
+    heads wide (W = K * D, PEFT's token_dim for these models, with
+    num_attention_heads = K): one prefix per key/value head, read by its
+    group of query heads. The prefix keys carry no rotary position (they
+    stand in the cache as they are), the tokens take positions P.. after
+    them, and decoding puts them in the cache's first P slots.
 """
 import dataclasses
 import math
@@ -43,10 +50,11 @@ class Layout(NamedTuple):
   """What a prefix needs to know of a model, read off its params.
 
   Attributes:
-    family: 't5' or 'bert'.
+    family: 't5', 'bert' or 'causal' (Llama-shaped, GPT-2).
     num_layers: L, PEFT's num_layers (T5: encoder blocks, which must equal
       the decoder's).
-    width: W = N * D, the joined width of one layer's keys.
+    width: W = K * D, the joined width of one layer's keys (K key/value
+      heads: N but for grouped-query attention).
   """
   family: str
   num_layers: int
@@ -58,7 +66,8 @@ def _count(node: Any, name: str) -> int:
 
 
 def layout(base: Any) -> Layout:
-  """The `Layout` of T5 or BERT params (arrays or abstract)."""
+  """The `Layout` of T5, BERT, Llama or GPT-2 params (arrays or
+  abstract)."""
   if 'decoder' in base and 'encoder' in base and 'block_0' in base['encoder']:
     layers_, decoder = _count(base['encoder'], 'block'), _count(
         base['decoder'], 'block')
@@ -73,20 +82,27 @@ def layout(base: Any) -> Layout:
     kernel = base['encoder']['layer_0']['attention']['key']['kernel']
     return Layout('bert', _count(base['encoder'], 'layer'),
                   int(kernel.shape[1]))
-  raise ValueError('prefix_tuning needs T5 or BERT params (encoder/block_i '
-                   f'or encoder/layer_i); got top-level keys {sorted(base)}.')
+  if 'layers_0' in base:  # Llama-shaped: keys [H, K*D]
+    kernel = base['layers_0']['self_attn']['k_proj']['kernel']
+    return Layout('causal', _count(base, 'layers'), int(kernel.shape[1]))
+  if 'h_0' in base:  # GPT-2: fused q | k | v [H, 3H]
+    kernel = base['h_0']['attn']['c_attn']['kernel']
+    return Layout('causal', _count(base, 'h'), int(kernel.shape[1]) // 3)
+  raise ValueError('prefix_tuning needs T5, BERT, Llama or GPT-2 params '
+                   '(encoder/block_i, encoder/layer_i, layers_i or h_i); got '
+                   f'top-level keys {sorted(base)[:8]}.')
 
 
 def prefix_kv(table: jax.Array, lay: Layout) -> Any:
   """PEFT's table [P, 2 * L * W] -> the model argument `prefix_kv`.
 
   Returns:
-    BERT: [L, 2, P, W]; T5: {'decoder': [L, 2, P, W]} (see the module
-    docstring for which entries each T5 decoder block reads).
+    BERT, causal LMs: [L, 2, P, W]; T5: {'decoder': [L, 2, P, W]} (see the
+    module docstring for which entries each T5 decoder block reads).
   """
   p, l, w = table.shape[0], lay.num_layers, lay.width
   kv = jnp.swapaxes(table.reshape(p, 2 * l, w), 0, 1)  # [2L, P, W]
-  if lay.family == 'bert':
+  if lay.family in ('bert', 'causal'):
     return kv.reshape(l, 2, p, w)
   rows = np.array([[(4 * i) % (2 * l), (4 * i + 1) % (2 * l)]
                    for i in range(l)])

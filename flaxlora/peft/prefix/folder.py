@@ -37,9 +37,15 @@ def _split(method: peft_base.PeftMethod, adapter: Any):
 
 def _facts(model: Any) -> dict[str, Any]:
   """PEFT's sizes for `model`; refuses models whose keys are not W = H wide
-  (PEFT views each key as token_dim // num_attention_heads per head)."""
+  (PEFT views each key as token_dim // num_attention_heads per head), but
+  for Llama-shaped models, where PEFT (for grouped-query attention) sizes
+  the prefix by the key/value heads: token_dim = K * D, num_attention_heads
+  = K."""
   facts = prompt_folder.model_facts(model)
   c = model.config
+  if hasattr(c, 'num_key_value_heads'):
+    return dict(facts, token_dim=c.num_key_value_heads * c.head_dim,
+                num_attention_heads=c.num_key_value_heads)
   width = (c.num_heads * c.d_kv if hasattr(c, 'd_kv') else
            facts['token_dim'])
   if width != facts['token_dim']:

@@ -25,6 +25,14 @@ operations as pure functions, the references the tests check them against):
     pooler then reads a prompt vector); `folder` reads and writes PEFT's
     files, but a BERT prompt trained by one framework is placed differently
     by the other.
+  * Llama-shaped and GPT-2 causal LMs: prepended to the token embeddings
+    (index 0) with the mask extended by ones, as PEFT does; the prompt takes
+    positions 0..P-1 and the tokens count on from P (a left-padded row's
+    first real token is at P, so padding does not move the prompt), and the
+    logits leave out the P prompt positions. Decoding with a key/value cache
+    writes the prompt's P positions into the cache ahead of the tokens, in
+    the first call (`causal_decoding`). PEFT numbers positions 0..P+T-1 whatever the
+    padding, so rows without padding give the same logits in both.
 """
 import dataclasses
 from typing import Any, Sequence
@@ -37,8 +45,10 @@ from jax.sharding import PartitionSpec
 
 INITS = ('random_uniform', 'vocab_sample', 'text', 'class_labels')
 
-# The word embedding table of each model family ([V, H]).
-EMBEDDING_PATHS = (('shared', 'embedding'), ('embeddings', 'word', 'embedding'))
+# The word embedding table of each model family ([V, H]): T5, BERT, Llama,
+# GPT-2.
+EMBEDDING_PATHS = (('shared', 'embedding'), ('embeddings', 'word', 'embedding'),
+                   ('embed_tokens', 'embedding'), ('wte', 'embedding'))
 
 
 def insert_prompt(x: jax.Array, prompt: jax.Array, index: int = 0
@@ -67,7 +77,7 @@ def remove_prompt(y: jax.Array, num_tokens: int, index: int = 0
 
 
 def embedding_table(base: Any) -> Any:
-  """The word embedding table [V, H] of T5 or BERT params."""
+  """The word embedding table [V, H] of a model's params."""
   for path in EMBEDDING_PATHS:
     node = base
     for name in path:

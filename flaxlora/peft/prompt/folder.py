@@ -14,8 +14,10 @@ its T5 files hold [2P, H]; only the first P rows are ever used (prepended to
 the encoder input). `save_prompt` writes the same layout with the unused
 second half zero; `read_prompt` takes the first P rows.
 
-Placement: for T5 both frameworks prepend the prompt to the encoder input, so
-a prompt gives the same outputs in either. For BERT flaxlora inserts it after
+Placement: for T5 both frameworks prepend the prompt to the encoder input,
+and for the causal LMs (task_type CAUSAL_LM, [P, H]) to the token
+embeddings, so a prompt gives the same outputs in either (see `core` for
+left-padded rows). For BERT flaxlora inserts it after
 [CLS] and PEFT before it (see `core`): the files round-trip exactly, but a
 BERT prompt trained in one framework is placed differently by the other.
 """
@@ -59,6 +61,15 @@ def model_facts(model: Any) -> dict[str, Any]:
     return dict(task_type='SEQ_2_SEQ_LM', token_dim=c.d_model,
                 num_layers=c.num_layers, num_attention_heads=c.num_heads,
                 num_transformer_submodules=2)
+  if name == 'gpt2':
+    return dict(task_type='CAUSAL_LM', token_dim=c.n_embd,
+                num_layers=c.n_layer, num_attention_heads=c.n_head,
+                num_transformer_submodules=1)
+  if name == 'llama':
+    return dict(task_type='CAUSAL_LM', token_dim=c.hidden_size,
+                num_layers=c.num_hidden_layers,
+                num_attention_heads=c.num_attention_heads,
+                num_transformer_submodules=1)
   return dict(task_type=_BERT_TASKS[model.head], token_dim=c.hidden_size,
               num_layers=c.num_hidden_layers,
               num_attention_heads=c.num_attention_heads,
