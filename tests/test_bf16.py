@@ -116,6 +116,9 @@ def test_bf16_greedy_tokens_agree_with_fp32_where_margins_are_real():
   for _ in range(200):  # the copy task: a model with real margins
     state, _ = step(state, fp32.base,
                     run_setup.device_batch(fp32, next(loader)))
+    # Synced as the trainer syncs (trainer.STEPS_IN_FLIGHT): XLA:CPU's
+    # collectives abort with hundreds of steps queued over 8 host devices.
+    jax.block_until_ready(state)
   batch = run_setup.device_batch(fp32, next(run_setup.loader(fp32, False)))
   tokens = {}
   for name, run in (('fp32', fp32), ('bf16', bf16)):

@@ -3,6 +3,7 @@ checkpoint at the signal (resumed to the uninterrupted adapter bytes), a
 NaN stop whose message is the command that continues it, compatible changes
 that extend a finished run, and a fall-back past a broken checkpoint."""
 import json
+import os
 import pathlib
 import re
 import shlex
@@ -11,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from experiments import run as run_cli
 from flaxlora import workdir as workdir_lib
@@ -117,3 +120,21 @@ def test_a_finished_run_continues_with_more_steps(tmp_path, capsys):
            if r['split'] == 'train']
   assert steps == [1, 2, 3, 4, 5, 6]
   shutil.rmtree(tmp_path / 'checkpoints')  # keep the tmp folder small
+
+
+@pytest.mark.slow
+def test_many_steps_between_logs_on_eight_host_devices(tmp_path):
+  # XLA:CPU collectives abort the process when ~100 steps over 8 host
+  # devices are queued unsynced (trainer.STEPS_IN_FLIGHT bounds the queue).
+  env = {**os.environ,
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  result = subprocess.run(
+      [sys.executable, '-m', 'experiments.run',
+       f'--config={REPO}/configs/t5_lora.py:runlocal',
+       f'--workdir={tmp_path}', '--config.train.steps=300',
+       '--config.train.log_every=1000', '--config.train.eval_every=0',
+       '--config.train.checkpoint_every=0'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "mesh {'data': 8" in result.stdout
+  assert 'flaxlora: done, step 300' in result.stdout
