@@ -120,3 +120,12 @@ def assert_every_param_has_axes(params, axes) -> dict:
     assert len(spec) == value.ndim, (path, spec)
     assert all(isinstance(name, str) and name for name in spec), (path, spec)
   return flat_axes
+
+
+def default_or_slow(cases, default):
+  """pytest params of `cases` (tuples), those not in `default` marked slow:
+  the default suite runs a subset that covers every behaviour once, CI's
+  slow run the rest of the grid."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  return [pytest.param(*case, marks=() if case in default else
+                       pytest.mark.slow) for case in cases]

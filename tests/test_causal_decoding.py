@@ -1,13 +1,20 @@
 """causal_decoding: greedy and beam tokens equal transformers' `generate` on
 tiny random causal LMs (left padding, rows that end early); sampling warpers
 equal transformers'; adapters and mixed-adapter batches decode like their
-merged weights."""
+merged weights.
+
+Each test runs on a family given by indirect parametrization of the
+module-scoped `pair` (loaded once per family); the default suite runs every
+family, greedy, beam search (both stopping rules), sampling, and adapters
+and mixed batches with greedy and beam once, the slow run the rest of the
+family x setting grid."""
 import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
 
+import helpers
 from flaxlora import models
 from flaxlora.models import causal_decoding
 from flaxlora.peft import lora
@@ -18,9 +25,12 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 L = 8
+FAMILIES = ('llama', 'gpt2')
+GREEDY, BEAM = dict(num_beams=1), dict(num_beams=3)
+BEAM_EARLY = dict(num_beams=2, length_penalty=0.0, early_stopping=True)
 
 
-@pytest.fixture(scope='module', params=['llama', 'gpt2'])
+@pytest.fixture(scope='module')
 def pair(request, tmp_path_factory):
   folder = tmp_path_factory.mktemp(request.param)
   ref = causal_tests.save_hf(request.param, folder)
@@ -51,9 +61,10 @@ def early_eos(ref, ids, mask) -> int:
   return int(hf_generate(ref, ids, mask, eos=causal_tests.V + 5)[0, 2])
 
 
-@pytest.mark.parametrize('settings', [
-    dict(num_beams=1), dict(num_beams=3),
-    dict(num_beams=2, length_penalty=0.0, early_stopping=True)])
+@pytest.mark.parametrize('pair,settings', helpers.default_or_slow(
+    [(f, s) for f in FAMILIES for s in (GREEDY, BEAM, BEAM_EARLY)],
+    [('llama', GREEDY), ('gpt2', BEAM), ('llama', BEAM_EARLY)]),
+                         indirect=['pair'])
 def test_tokens_match_transformers_generate(pair, settings):
   ref, model, params = pair
   ids, mask = causal_tests.batch(3)
@@ -66,6 +77,8 @@ def test_tokens_match_transformers_generate(pair, settings):
     assert (want == eos).any() and (want[:, -1] == 0).any()
 
 
+@pytest.mark.parametrize('pair', helpers.default_or_slow(
+    [(f,) for f in FAMILIES], [('gpt2',)]), indirect=True)
 def test_beam_search_differs_from_greedy_somewhere(pair):
   ref, model, params = pair
   ids, mask = causal_tests.batch(4)
@@ -97,6 +110,8 @@ def test_warpers_match_transformers():
     assert np.isinf(got).any() or not (top_k or top_p < 1)
 
 
+@pytest.mark.parametrize('pair', helpers.default_or_slow(
+    [(f,) for f in FAMILIES], [('llama',)]), indirect=True)
 def test_sampling_is_seeded(pair):
   _, model, params = pair
   ids, mask = causal_tests.batch(5)
@@ -133,7 +148,9 @@ def _merged(params, adapter, scale=2.0):
           for k, v in params.items()}
 
 
-@pytest.mark.parametrize('num_beams', [1, 2])
+@pytest.mark.parametrize('pair,num_beams', helpers.default_or_slow(
+    [(f, k) for f in FAMILIES for k in (1, 2)], [('llama', 1), ('gpt2', 2)]),
+                         indirect=['pair'])
 def test_adapters_and_mixed_batches_decode_like_merged_weights(pair,
                                                                num_beams):
   _, model, base = pair
@@ -150,8 +167,9 @@ def test_adapters_and_mixed_batches_decode_like_merged_weights(pair,
   assert (adapted != run(base)).any()
   rows = np.array([0, 1, -1, 1])
   mixed = run(multi.apply(base, multi.stack(pairs, base), rows)[0])
-  alone = [run(base) if r < 0 else run(pairs[r][0].apply(base, pairs[r][1])[0])
-           for r in rows]
+  single = {-1: run(base), 0: adapted,  # each decoded once
+            1: run(pairs[1][0].apply(base, pairs[1][1])[0])}
+  alone = [single[r] for r in rows]
   np.testing.assert_array_equal(mixed, np.stack([a[i] for i, a in
                                                  enumerate(alone)]))
 

@@ -4,6 +4,11 @@ configs/llama_lora.py:runlocal (and gpt2_lora.py:runlocal for LoRA) with
 its peft section swapped: a few trainer steps must lower the train loss
 from the first batch, change the adapter, and the adapted model must
 decode (greedy, with the method's model kwargs).
+
+The default suite trains one method of each way of adapting the model
+(kernels: LoRA; scales: IA3; a soft prompt; a key/value prefix), and LoRA
+on GPT-2; the LoRA variants, which go through the same adapted-kernel path
+of the family, run in the slow suite (each has its own tests on T5/BERT).
 """
 import pathlib
 import tempfile
@@ -13,6 +18,7 @@ import numpy as np
 import pytest
 
 import config_reads
+import helpers
 from flaxlora import optimizers
 from flaxlora import run_setup
 from flaxlora import steps
@@ -38,6 +44,9 @@ METHODS = {
     'prefix': (dict(method='prefix_tuning', num_tokens=4, projection=False),
                3e-2),
 }
+DEFAULT = ('lora', 'ia3', 'prompt', 'prefix')
+
+
 def _config(name, peft, lr):
   config = config_reads.shorten(config_reads.get_config(name, 'runlocal'))
   config.peft = peft
@@ -63,7 +72,8 @@ def _train(config, num_steps=6):
   return losses, before, jax.device_get(state.adapter), run, state.adapter
 
 
-@pytest.mark.parametrize('method', sorted(METHODS))
+@pytest.mark.parametrize('method', helpers.default_or_slow(
+    [(m,) for m in sorted(METHODS)], [(m,) for m in DEFAULT]))
 def test_every_method_trains_and_decodes_on_llama(method):
   peft, lr = METHODS[method]
   losses, before, after, run, adapter = _train(

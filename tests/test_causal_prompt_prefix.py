@@ -47,6 +47,12 @@ KINDS = {
                                                num_virtual_tokens=3)),
 }
 CASES = [(f, k) for f in sorted(HF) for k in sorted(KINDS)]
+# The default suite takes each family and each kind once a test (the
+# llama prefix: grouped key/value heads); the slow run the rest.
+LOAD_CASES = helpers.default_or_slow(CASES, [('llama', 'prompt'),
+                                             ('gpt2', 'prefix')])
+EXPORT_CASES = helpers.default_or_slow(CASES, [('llama', 'prefix'),
+                                               ('gpt2', 'prompt')])
 IDS = np.random.RandomState(0).randint(1, 61, (3, 7))
 MASK = np.ones_like(IDS)
 MASK[1, :2] = 0  # left padding
@@ -98,7 +104,7 @@ def _torch_greedy(model, row):
   return ids[0, row.shape[0]:]
 
 
-@pytest.mark.parametrize('family,kind', CASES)
+@pytest.mark.parametrize('family,kind', LOAD_CASES)
 def test_peft_made_adapter_gives_peft_logits_and_tokens(family, kind, bases,
                                                         tmp_path):
   folder, model, base = bases[family]
@@ -129,7 +135,7 @@ def _perturb(tree):
       x + 0.5 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize('family,kind', CASES)
+@pytest.mark.parametrize('family,kind', EXPORT_CASES)
 def test_flaxlora_adapter_loads_with_auto_peft_causal_lm(family, kind, bases,
                                                          tmp_path):
   folder, model, base = bases[family]
