@@ -36,6 +36,7 @@ import time
 from typing import Any
 
 from configs import llama_lora
+from flaxlora import errors
 from flaxlora import metrics as metrics_lib
 from flaxlora import optimizers
 from flaxlora.data import pipeline
@@ -275,4 +276,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(errors.guarded(main))  # bad input: one line, exit 2
