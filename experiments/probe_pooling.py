@@ -44,7 +44,7 @@ def main(argv):
         f'{config.task!r}; the probe reads a BERT classifier\'s vectors: '
         'pass a BERT classification config.')
   r = resolved.resolve(config)
-  data = task_data.load(config, build.tokenizer(r))
+  data = task_data.load(config, build.tokenizer(r), files=r.files)
   model, params, _, _ = build.model_and_params(r, jax.random.PRNGKey(0))
   model = model.clone(head=None, pooling='cls')  # -> (hidden, pooled)
   keep = np.random.default_rng(0).permutation(

@@ -106,9 +106,9 @@ def _mesh(config: Any) -> Any:
 def rebuild(workdir: pathlib.Path, config: Any) -> run_setup.Run:
   """The run's model, base, method, tokenizer and eval data on this host's
   devices."""
-  r = resolved.resolve(config, mesh=_mesh(config))
+  r = resolved.resolve(config, mesh=_mesh(config), reads=('eval',))
   tokenizer = build.tokenizer(r)
-  data = task_data.load_eval(config, tokenizer)
+  data = task_data.load_eval(config, tokenizer, files=r.files)
   size = config.train.eval_batch_size
   try:
     distributed.process_rows(r.mesh, r.rules, size)

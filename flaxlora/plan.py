@@ -145,7 +145,7 @@ class Step:
 def abstract_step(config: Any, device_list: Sequence[Any]) -> Step:
   """The run's train step (`run_setup.train_step_fn`) on shapes only."""
   config = without_weights(config)
-  r = resolved.resolve(config, devices=device_list)
+  r = resolved.resolve(config, devices=device_list, reads=())
   mesh, rules = r.mesh, r.rules
   kept = {}
 

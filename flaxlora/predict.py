@@ -132,7 +132,8 @@ def from_peft(config: Any, peft_dir: str | pathlib.Path
   lengths, eval settings); its peft section is unused: the method comes
   from the folder (`peft.folders.load`: LoRA, IA3, prompt or prefix).
   """
-  r = resolved.resolve(config, mesh=sharding.make_mesh({'data': -1}))
+  r = resolved.resolve(config, mesh=sharding.make_mesh({'data': -1}),
+                       reads=())
   model, base, base_axes, family = build.model_and_params(
       r, jax.random.PRNGKey(0))
   method, adapter = folders.load(peft_dir, model, base)

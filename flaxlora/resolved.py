@@ -2,6 +2,7 @@
 
     r = resolved.resolve(config)       # run_setup.setup, evaluation, plan...
     tokenizer = build.tokenizer(r)
+    data = task_data.load(config, tokenizer, files=r.files)
     built = build.model_and_method(r, tokenizer)
     summary['resolved'] = r.record()   # summary.json
 
@@ -9,11 +10,12 @@
 or a hub id, fetched or found in the cache; '' builds `config.model.init`)
 and reads its config.json once, checks the family against it, settles the
 PEFT method's arguments, the compute and base dtypes, the mesh and the
-sharding rules, and names the data the run reads. `flaxlora.build` takes the
-`Resolved` and never resolves a path or reads config.json itself, so what
-a run does is decided here and recorded from here (`record`): the path as
-the config gives it (never the machine's absolute folder), where it was
-found, the family, method, dtypes, mesh and data.
+sharding rules, and checks the data files the run reads (`files`).
+`flaxlora.build` and `task_data.load` take the `Resolved` (its files) and
+never resolve a path or read config.json themselves, so what a run does is
+decided here and recorded from here (`record`): the path as the config
+gives it (never the machine's absolute folder), where it was found, the
+family, method, dtypes, mesh and data.
 """
 import dataclasses
 import pathlib
@@ -27,6 +29,7 @@ from flaxlora import build
 from flaxlora import errors
 from flaxlora import models
 from flaxlora import sharding
+from flaxlora.data import task_data
 from flaxlora.models import gguf
 
 # Where `model.path` was found ('init': built from `model.init`).
@@ -57,6 +60,8 @@ class Resolved:
     mesh: the device mesh.
     rules: the logical -> mesh axis rules.
     data: the data source and the files or hub dataset it reads, as given.
+    files: the data files it reads, checked (`task_data.data_files`: by
+      field, 'train_file', 'eval_file'), for `task_data.load(..., files=)`.
   """
   config: Any
   model_path: str
@@ -72,6 +77,7 @@ class Resolved:
   mesh: jax.sharding.Mesh
   rules: sharding.Rules
   data: Mapping[str, Any]
+  files: Mapping[str, pathlib.Path]
 
   def record(self) -> dict[str, Any]:
     """The resolved facts for summary.json (JSON; paths as given)."""
@@ -141,14 +147,19 @@ def _data(d: Any) -> dict[str, Any]:
 
 
 def resolve(config: Any, *, devices: Sequence[jax.Device] | None = None,
-            mesh: jax.sharding.Mesh | None = None) -> Resolved:
+            mesh: jax.sharding.Mesh | None = None,
+            reads: Sequence[str] = task_data.READS) -> Resolved:
   """The run `config` describes, resolved (see the module docstring).
 
   Args:
     config: the run's ml-collections config.
     devices: the mesh's devices (default all); unused with `mesh`.
     mesh: a mesh made elsewhere (a rebuilt run's fallback mesh).
+    reads: the data the run reads, of `task_data.READS` (('eval',) for
+      evaluation, () for the tools that read none); their files are
+      checked first, so a missing one fails before anything else.
   """
+  files = task_data.data_files(config, reads)
   m = config.model
   if m.family not in models.FAMILIES:
     raise errors.UserError(f'model.family={m.family!r}: use one of '
@@ -173,4 +184,4 @@ def resolve(config: Any, *, devices: Sequence[jax.Device] | None = None,
       mesh=mesh if mesh is not None else sharding.make_mesh(config.mesh,
                                                             devices),
       rules=sharding.resolve_rules(config.get('sharding_rules', None)),
-      data=frozen(_data(config.data)))
+      data=frozen(_data(config.data)), files=frozen(files))

@@ -76,14 +76,14 @@ def _check_batch(config: Any, mesh: Any, rules: Any) -> None:
 
 def setup(config: Any, workdir: pathlib.Path,
           devices: Sequence[jax.Device] | None = None) -> Run:
-  """Resolves the config once (`resolved.resolve`: model path, family,
-  method, mesh over `devices`, default all), builds data (first: input
+  """Resolves the config once (`resolved.resolve`: data files, model path,
+  family, method, mesh over `devices`, default all), builds data (first: input
   errors surface before any compile), then the model, base params
   (NF4-quantised once for QLoRA), task and method
   (`build.model_and_method`)."""
   r = resolved.resolve(config, devices=devices)
   tokenizer = build.tokenizer(r)
-  data = task_data.load(config, tokenizer)
+  data = task_data.load(config, tokenizer, files=r.files)
   steps_per_epoch = len(data.train) // config.train.batch_size
   if not steps_per_epoch:
     raise ValueError(

@@ -1,7 +1,8 @@
 """A config is resolved once (`flaxlora.resolved`): the model path located
 and its config.json read once per run (a folder, or a hub id found in a
 planted hub cache), the resolved facts recorded in summary.json, and a bad
-path a one-line error naming the field."""
+path a one-line error naming the field; the data files checked there once
+and read through the resolved paths."""
 import json
 import pathlib
 
@@ -16,7 +17,12 @@ from flaxlora import models
 from flaxlora import resolved
 from flaxlora import trainer
 from flaxlora import workdir as workdir_lib
+from flaxlora.data import sources
+from flaxlora.data import task_data
 from flaxlora.models import hf_io
+
+
+TSV = 'sentence\tlabel\n' + 'good great \t1\nbad sad \t0\n' * 20
 
 
 def _checkpoint_config(folder: pathlib.Path):
@@ -63,7 +69,10 @@ def test_a_checkpoint_run_resolves_once_and_records_it(tmp_path,
   assert on_disk == want and str(tmp_path) not in json.dumps(on_disk)
 
 
-def test_resolved_fields_follow_the_config(tmp_path):
+def test_resolved_fields_follow_the_config(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  for name in ('train.tsv', 'dev.tsv'):
+    (tmp_path / name).write_text(TSV)
   config = config_reads.get_config('bert_sentiment_lora', 'runlocal')
   config.model.base_dtype = 'bfloat16'
   config.peft.targets = ''  # the family's preset
@@ -80,6 +89,8 @@ def test_resolved_fields_follow_the_config(tmp_path):
                             'tensor': 1}
   assert record['data'] == {'source': 'files', 'train_file': 'train.tsv',
                             'eval_file': 'dev.tsv'}
+  assert r.files == {'train_file': pathlib.Path('train.tsv'),
+                     'eval_file': pathlib.Path('dev.tsv')}
   # The family is checked against the checkpoint's config.json, once.
   _checkpoint_config(tmp_path / 'bert')
   config.model.update(path=str(tmp_path / 'bert'), family='t5')
@@ -125,3 +136,64 @@ def test_a_hub_id_is_found_in_the_cache_once_and_its_revision_recorded(
   model, params, _, _ = build.model_and_params(r, jax.random.PRNGKey(1))
   assert not located and model.config.hidden_size == 32
   assert jax.tree.leaves(params)
+
+
+def _files_config(train_file: str, eval_file: str):
+  config = config_reads.shorten(
+      config_reads.get_config('bert_sentiment_lora', 'runlocal'))
+  config.data.update(source='files', train_file=train_file,
+                     eval_file=eval_file)
+  return config
+
+
+def test_a_run_reads_its_data_files_through_the_resolved_paths(
+    tmp_path, monkeypatch):
+  monkeypatch.setenv('HOME', str(tmp_path))  # '~' is tmp_path
+  (tmp_path / 'train.tsv').write_text(TSV)
+  (tmp_path / 'dev.tsv').write_text(TSV.replace('great', 'fine'))
+  config = _files_config('~/train.tsv', '~/dev.tsv')
+  resolutions, read = [], []
+  data_files, read_classification = (task_data.data_files,
+                                     sources.read_classification)
+
+  def counted_data_files(*args, **kwargs):
+    resolutions.append(args)
+    return data_files(*args, **kwargs)
+
+  def counted_read(path, **kwargs):
+    read.append(path)
+    return read_classification(path, **kwargs)
+
+  monkeypatch.setattr(task_data, 'data_files', counted_data_files)
+  monkeypatch.setattr(sources, 'read_classification', counted_read)
+  summary = trainer.train_and_evaluate(config, tmp_path / 'run')
+  assert len(resolutions) == 1  # once, in resolved.resolve
+  assert read == [tmp_path / 'train.tsv', tmp_path / 'dev.tsv']
+  assert summary['resolved']['data'] == {
+      'source': 'files', 'train_file': '~/train.tsv', 'eval_file': '~/dev.tsv'}
+  # Evaluation reads (and checks) the eval file alone.
+  config.data.train_file = str(tmp_path / 'gone.tsv')
+  r = resolved.resolve(config, reads=('eval',))
+  assert r.files == {'eval_file': tmp_path / 'dev.tsv'}
+  assert not resolved.resolve(config, reads=()).files  # predict, inspect
+
+
+@pytest.mark.parametrize('field', ['train_file', 'eval_file'])
+def test_a_missing_data_file_fails_at_resolve_before_the_model(
+    tmp_path, monkeypatch, field):
+  (tmp_path / 'train.tsv').write_text(TSV)
+  config = _files_config(str(tmp_path / 'train.tsv'), str(tmp_path / 'dev.tsv'))
+  config.data[field] = missing = str(tmp_path / 'none.tsv')
+  built = []
+  for name in ('tokenizer', 'abstract_params', 'model_and_method'):
+    monkeypatch.setattr(build, name, lambda *a, n=name, **k: built.append(n))
+  with pytest.raises(FileNotFoundError) as caught:
+    trainer.train_and_evaluate(config, tmp_path / 'run')
+  message = str(caught.value)
+  assert '\n' not in message and not built
+  assert message == (f'data.{field}={missing!r} does not exist. Fix the '
+                     f'path (--config.data.{field}=...).')
+  assert not (tmp_path / 'run').exists()
+  # The same line from resolve itself: the check lives there.
+  with pytest.raises(FileNotFoundError, match=f'data.{field}='):
+    resolved.resolve(config)

@@ -18,7 +18,7 @@ Sources (`data.source`):
 """
 import dataclasses
 import pathlib
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -35,6 +35,8 @@ KINDS = ('classification', 'squad', 'seq2seq')
 TEXT_TASKS = ('seq2seq', 'causal_lm')
 # How `data.max_train_examples` picks its records.
 SUBSETS = ('random', 'longest')
+# What a run reads (`data_files`).
+READS = ('train', 'eval')
 GENERATED_KIND = {'majority': 'classification', 'lookup': 'squad',
                   **{k: 'seq2seq' for k in synthetic.SEQ2SEQ}}
 
@@ -90,8 +92,28 @@ def _check_file(path: str, option: str) -> str:
   return path
 
 
-def _read_file(d: Any, kind: str, path: str, option: str, articles: str):
-  path = _check_file(path, option)
+def data_files(config: Any, reads: Sequence[str] = READS
+               ) -> dict[str, pathlib.Path]:
+  """The data files a run reads for `reads` (of READS), by field
+  ('train_file', 'eval_file'; `data.eval_from_train` reads the eval records
+  from the train file), checked to exist, with '~' expanded; {} unless
+  `data.source` is 'files'. `resolved.resolve` calls it once per run; a
+  missing file is one line naming the field and the fix."""
+  d = config.data
+  if d.source != 'files':
+    return {}
+  held_out = int(d.get('eval_from_train', 0))
+  fields = []
+  if 'train' in reads or (held_out and 'eval' in reads):
+    fields.append('train_file')
+  if 'eval' in reads and not held_out:
+    fields.append('eval_file')
+  return {f: pathlib.Path(_check_file(d[f], f'data.{f}')).expanduser()
+          for f in fields}
+
+
+def _read_file(d: Any, kind: str, path: pathlib.Path, option: str,
+               articles: str):
   if kind == 'classification':
     return sources.read_classification(
         path, labels=tuple(d.labels), text_field=d.text_field,
@@ -116,8 +138,10 @@ def _split(records: list, held_out: int, seed: int, path: str):
   return train, held
 
 
-def read_records(config: Any) -> tuple[list, list, str]:
-  """(train records, eval records, their kind)."""
+def read_records(config: Any, files: Mapping[str, pathlib.Path] | None = None
+                 ) -> tuple[list, list, str]:
+  """(train records, eval records, their kind); `files` as `data_files`
+  gives them (`Resolved.files`; default: resolved here)."""
   d, kind = config.data, record_kind(config)
   if d.source == 'generated':
     g = d.generated
@@ -135,7 +159,8 @@ def read_records(config: Any) -> tuple[list, list, str]:
   if d.source != 'files':
     raise ValueError(f"data.source={d.source!r}: use 'files', 'hub' or "
                      "'generated'.")
-  train = _read_file(d, kind, d.train_file, 'data.train_file',
+  files = data_files(config) if files is None else files
+  train = _read_file(d, kind, files['train_file'], 'data.train_file',
                      d.get('train_articles', ''))
   held_out = int(d.get('eval_from_train', 0))
   if held_out and (d.eval_file or d.get('eval_articles', '')):
@@ -146,7 +171,7 @@ def read_records(config: Any) -> tuple[list, list, str]:
         "ignored; set them to '' or data.eval_from_train to 0.")
   if held_out:
     return (*_split(train, held_out, d.split_seed, d.train_file), kind)
-  return train, _read_file(d, kind, d.eval_file, 'data.eval_file',
+  return train, _read_file(d, kind, files['eval_file'], 'data.eval_file',
                            d.get('eval_articles', '')), kind
 
 
@@ -246,24 +271,29 @@ def tokenize(records: list, config: Any, tokenizer: Any,
       target_buckets=tuple(d.get('target_buckets', ())))
 
 
-def load_eval(config: Any, tokenizer: Any) -> Data:
+def load_eval(config: Any, tokenizer: Any,
+              files: Mapping[str, pathlib.Path] | None = None) -> Data:
   """Only the eval data (`train` is None), e.g. `data.eval_file` alone: the
-  train file is not read (`experiments.evaluate`)."""
+  train file is not read (`experiments.evaluate`); `files` as
+  `data_files(config, ('eval',))` gives them (default: resolved here)."""
   d, kind = config.data, record_kind(config)
+  files = data_files(config, ('eval',)) if files is None else files
   if d.source == 'files' and not int(d.get('eval_from_train', 0)):
-    records = _read_file(d, kind, d.eval_file, 'data.eval_file',
+    records = _read_file(d, kind, files['eval_file'], 'data.eval_file',
                          d.get('eval_articles', ''))
   else:
-    records = read_records(config)[1]
+    records = read_records(config, files)[1]
   records = _eval_records(records, config)
   if config.task in TEXT_TASKS:
     records = to_text(records, kind, config)
   return Data(None, tokenize(records, config, tokenizer), records, kind)
 
 
-def load(config: Any, tokenizer: Any) -> Data:
-  """Reads, subsets, converts and tokenizes the run's data."""
-  train, evaluation, kind = read_records(config)
+def load(config: Any, tokenizer: Any,
+         files: Mapping[str, pathlib.Path] | None = None) -> Data:
+  """Reads, subsets, converts and tokenizes the run's data; `files` as
+  `data_files` gives them (`Resolved.files`; default: resolved here)."""
+  train, evaluation, kind = read_records(config, files)
   train = _subset(train, config.data.max_train_examples,
                   config.data.split_seed,
                   config.data.get('train_subset', 'random'))

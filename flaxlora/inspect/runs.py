@@ -73,7 +73,7 @@ def load_run(workdir: str | pathlib.Path) -> LoadedRun:
         f'{adapter_dir / export.ADAPTER_FILE} does not exist; the run in '
         f'{workdir} has not finished (it is written with summary.json).')
   config = read_config(workdir)
-  r = resolved.resolve(config, mesh=_mesh(config))
+  r = resolved.resolve(config, mesh=_mesh(config), reads=())
   tokenizer = build.tokenizer(r)
   b = build.model_and_method(r, tokenizer)
   init_adapter = b.method.init(b.adapter_rng, b.base)
