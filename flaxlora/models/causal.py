@@ -248,3 +248,20 @@ def param_axes(model: Any) -> Any:
   return nn.get_partition_spec(
       jax.eval_shape(lambda r: _boxed_init(model, r),
                      jax.random.PRNGKey(0)))
+
+
+def output_logits(model: Any, params: Any, x: Array,
+                  rng: jax.Array | None = None) -> Array:
+  """The output layer of causal LM `model` (its `HEAD` module, over the
+  same params) on hidden states x [..., H] (`model.apply(..., head=False)`)
+  -> logits [..., V] in the model's dtype, constrained like the model's own
+  (batch, and vocab by the rules). `rng`: dropout of an adapted output
+  kernel (None: deterministic)."""
+  head = model.HEAD(model.config, model.dtype)
+  if rng is None:
+    logits = head.apply({'params': params}, x)
+  else:
+    logits = head.apply({'params': params}, x, False,
+                        rngs={'dropout': rng})
+  return layers.constrain(logits, ('batch',) + (None,) * (x.ndim - 2) +
+                          ('vocab',))

@@ -139,9 +139,10 @@ class GPT2(nn.Module):
                positions: Array | None = None,
                segment_ids: Array | None = None, deterministic: bool = True,
                cache: causal.Cache | None = None, prompt: Array | None = None,
-               prefix_kv: Array | None = None):
+               prefix_kv: Array | None = None, head: bool = True):
     """Logits [B, T, V]; with a cache (logits, new cache). Arguments as in
-    `llama.Llama.__call__` (prefix_kv [L, 2, P, H])."""
+    `llama.Llama.__call__` (prefix_kv [L, 2, P, H]; head=False: the final
+    hidden states [B, T, H])."""
     c = self.config
     if prefix_kv is not None and cache is not None:
       raise ValueError('prefix_kv with a cache: pass it to init_cache.')
@@ -171,12 +172,31 @@ class GPT2(nn.Module):
       x = layers.constrain(x, ('batch', None, None))
       new_layers.append(buffers)
     x = layers.LayerNorm(c.layer_norm_epsilon, self.dtype, name='ln_f')(x)
+    if not head and cache is None:
+      return x[:, num_prompt:]
     logits = layers.constrain(wte.attend(x[:, num_prompt:]),
                               ('batch', None, 'vocab'))
     if cache is None:
       return logits
     return logits, {'index': cache['index'] + x.shape[1],
                     'mask': key_mask, 'layers': tuple(new_layers)}
+
+
+class Head(nn.Module):
+  """`GPT2`'s tied output layer alone, over the same params (wte): hidden
+  states [..., H] -> logits [..., V]."""
+  config: GPT2Config
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    del deterministic  # no adapted kernel in a tied table
+    c = self.config
+    return layers.Embed(c.vocab_size, c.n_embd, ('vocab', 'embed'),
+                        self.dtype, name='wte').attend(x)
+
+
+GPT2.HEAD = Head
 
 
 def build(config: GPT2Config, *, dtype: Any = jnp.float32,

@@ -149,7 +149,7 @@ class Llama(nn.Module):
                positions: Array | None = None,
                segment_ids: Array | None = None, deterministic: bool = True,
                cache: causal.Cache | None = None, prompt: Array | None = None,
-               prefix_kv: Array | None = None):
+               prefix_kv: Array | None = None, head: bool = True):
     """Logits [B, T, V] (in `dtype`) for input_ids [B, T].
 
     Args:
@@ -165,6 +165,9 @@ class Llama(nn.Module):
       prefix_kv: [L, 2, P, K*D] keys/values before the tokens in every
         layer (prefix tuning); with a cache, put them in the cache instead
         (`init_cache`).
+      head: False returns the final hidden states [B, T, H] instead of the
+        logits (no cache), for `causal.output_logits` to apply the output
+        layer a chunk at a time (the loss's `model.loss_chunk`).
     """
     c = self.config
     if prefix_kv is not None and cache is not None:
@@ -194,6 +197,8 @@ class Llama(nn.Module):
       new_layers.append(buffers)
     x = layers.RMSNorm(c.rms_norm_eps, self.dtype, name='norm')(x)
     x = x[:, num_prompt:]
+    if not head and cache is None:
+      return x
     if c.tie_word_embeddings:
       logits = embed.attend(x)
     else:
@@ -205,6 +210,25 @@ class Llama(nn.Module):
       return logits
     return logits, {'index': cache['index'] + x.shape[1] + num_prompt,
                     'mask': key_mask, 'layers': tuple(new_layers)}
+
+
+class Head(nn.Module):
+  """`Llama`'s output layer alone, over the same params (the tied
+  embedding or lm_head): hidden states [..., H] -> logits [..., V]."""
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    c = self.config
+    if c.tie_word_embeddings:
+      return layers.Embed(c.vocab_size, c.hidden_size, ('vocab', 'embed'),
+                          self.dtype, name='embed_tokens').attend(x)
+    return layers.Dense(c.vocab_size, ('embed', 'vocab'), dtype=self.dtype,
+                        name='lm_head')(x, deterministic)
+
+
+Llama.HEAD = Head
 
 
 def build(config: LlamaConfig, *, dtype: Any = jnp.float32,
