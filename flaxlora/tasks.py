@@ -314,7 +314,8 @@ class CausalLM(Seq2Seq):
   def __init__(self, config: Any, model: Any):
     super().__init__(config, model)
     # Positions per chunk of the output layer and loss (0: all at once).
-    self.loss_chunk = int(config.model.get('loss_chunk', 0))
+    model_config = config.get('model', None) or {}
+    self.loss_chunk = int(model_config.get('loss_chunk', 0))
     if self.loss_chunk < 0:
       raise ValueError(f'model.loss_chunk={self.loss_chunk}: use 0 (the '
                        'whole sequence at once) or a positive chunk length.')
