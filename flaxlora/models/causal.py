@@ -193,8 +193,13 @@ def write_cache(buffers: dict[str, Array], index: Array, k: Array,
                                             start)}
 
 
+# Query positions per block of `attend(..., chunked=True)`.
+QUERY_BLOCK = 256
+
+
 def attend(q: Array, k: Array, v: Array, keep: Array, *, dtype: Any,
-           dropout: Any, deterministic: bool) -> Array:
+           dropout: Any, deterministic: bool, chunked: bool = False
+           ) -> Array:
   """Scaled dot-product attention with K key/value heads for N query heads.
 
   Args:
@@ -206,6 +211,10 @@ def attend(q: Array, k: Array, v: Array, keep: Array, *, dtype: Any,
     dtype: compute dtype.
     dropout: a `layers.Dropout` for the attention probabilities.
     deterministic: disables dropout.
+    chunked: `QUERY_BLOCK` queries at a time, in a scan whose steps are
+      rematerialised: the scores [B, N, T, S] and their gradient never live
+      at once, only one block's (`model.attention='chunked'`); the same
+      values. Needs no attention dropout (rate 0 or deterministic).
 
   Returns:
     [B, N, T, D] in `dtype`.
@@ -214,12 +223,34 @@ def attend(q: Array, k: Array, v: Array, keep: Array, *, dtype: Any,
   groups = n // k.shape[1]
   q = q.reshape(b, k.shape[1], groups, t, d)  # [B, K, G, T, D]
   q = q * jnp.asarray(d**-0.5, q.dtype)
-  scores = layers.einsum('bkgtd,bksd->bkgts', q, k, dtype=dtype)
-  scores = jnp.where(keep[:, :, None], scores, _NEG)  # [B, K, G, T, S]
-  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  probs = dropout(probs, deterministic=deterministic)
-  out = layers.einsum('bkgts,bksd->bkgtd', probs, v, dtype=dtype)
-  return out.astype(dtype).reshape(b, n, t, d)
+
+  def block(q, keep):
+    scores = layers.einsum('bkgtd,bksd->bkgts', q, k, dtype=dtype)
+    scores = jnp.where(keep[:, :, None], scores, _NEG)  # [B, K, G, T, S]
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+  if not chunked or t <= QUERY_BLOCK:
+    probs = dropout(block(q, keep), deterministic=deterministic)
+    out = layers.einsum('bkgts,bksd->bkgtd', probs, v, dtype=dtype)
+    return out.astype(dtype).reshape(b, n, t, d)
+  if dropout.rate and not deterministic:
+    raise ValueError("model.attention='chunked' has no attention dropout: "
+                     'set model.dropout=0 or use the reference attention.')
+  blocks = -(-t // QUERY_BLOCK)
+  pad = blocks * QUERY_BLOCK - t
+  q = jnp.pad(q, ((0, 0),) * 3 + ((0, pad), (0, 0)))
+  keep = jnp.pad(keep, ((0, 0), (0, 0), (0, pad), (0, 0)))
+  qs = jnp.moveaxis(q.reshape(q.shape[:3] + (blocks, QUERY_BLOCK, d)), 3, 0)
+  keeps = jnp.moveaxis(keep.reshape(b, 1, blocks, QUERY_BLOCK, -1), 2, 0)
+
+  @jax.checkpoint
+  def one(q, keep):
+    return layers.einsum('bkgts,bksd->bkgtd', block(q, keep), v,
+                         dtype=dtype).astype(dtype)
+
+  _, out = jax.lax.scan(lambda _, x: (None, one(*x)), None, (qs, keeps))
+  out = jnp.moveaxis(out, 0, 3).reshape(q.shape)[:, :, :, :t]
+  return out.reshape(b, n, t, d)
 
 
 def prepend_prompt(x: Array, mask: Array, prompt: Array | None

@@ -66,6 +66,7 @@ class Attention(nn.Module):
   """Multi-head causal self-attention from a fused q|k|v projection."""
   config: GPT2Config
   dtype: Any = jnp.float32
+  attention: str = 'reference'  # attention.CAUSAL_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x, keep, deterministic=True, prefix=None, buffers=None,
@@ -87,7 +88,8 @@ class Attention(nn.Module):
       v = jnp.concatenate([p(prefix[1]), v], axis=2)
     out = causal.attend(q, k, v, keep, dtype=self.dtype,
                         dropout=layers.Dropout(c.attn_pdrop),
-                        deterministic=deterministic)
+                        deterministic=deterministic,
+                        chunked=self.attention == 'chunked')
     out = layers.Dense(h, ('heads', 'embed'), use_bias=True, dtype=self.dtype,
                        name='c_proj')(causal.merge_heads(out), deterministic)
     return out, buffers
@@ -112,6 +114,7 @@ class Block(nn.Module):
   """x + attn(ln_1(x)), then x + mlp(ln_2(x)), with residual dropout."""
   config: GPT2Config
   dtype: Any = jnp.float32
+  attention: str = 'reference'
 
   @nn.compact
   def __call__(self, x, keep, deterministic=True, prefix=None, buffers=None,
@@ -120,7 +123,7 @@ class Block(nn.Module):
     norm = lambda name: layers.LayerNorm(c.layer_norm_epsilon, self.dtype,
                                          name=name)
     drop = layers.Dropout(c.resid_pdrop)
-    y, buffers = Attention(c, self.dtype, name='attn')(
+    y, buffers = Attention(c, self.dtype, self.attention, name='attn')(
         norm('ln_1')(x), keep, deterministic, prefix, buffers, index)
     x = x + drop(y, deterministic=deterministic)
     y = Mlp(c, self.dtype, name='mlp')(norm('ln_2')(x), deterministic)
@@ -133,6 +136,7 @@ class GPT2(nn.Module):
   config: GPT2Config
   dtype: Any = jnp.float32
   remat: str = 'none'
+  attention: str = 'reference'  # attention.CAUSAL_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
@@ -164,7 +168,8 @@ class GPT2(nn.Module):
     # `deterministic` (argument 3 of Block.__call__) is a Python bool.
     block = remat_lib.wrap(Block, self.remat, static_argnums=(3,))
     for i in range(c.n_layer):
-      x, buffers = block(c, self.dtype, name=f'h_{i}')(
+      x, buffers = block(c, self.dtype, self.attention,
+                         name=f'h_{i}')(
           x, keep, deterministic,
           None if prefix_kv is None else prefix_kv[i],
           None if cache is None else cache['layers'][i],
@@ -201,11 +206,11 @@ GPT2.HEAD = Head
 
 def build(config: GPT2Config, *, dtype: Any = jnp.float32,
           remat: str = 'none', attention: str = 'reference') -> GPT2:
-  """A GPT2 module; `remat` is one of `remat.POLICIES`; `attention` must
-  be 'reference' (the fused kernels are T5's and BERT's so far)."""
+  """A GPT2 module; `remat` is one of `remat.POLICIES`; `attention` one
+  of `attention.CAUSAL_IMPLEMENTATIONS` (see `llama.build`)."""
   remat_lib.wrap(Block, remat)  # checks the name
   attention_lib.reference_only(attention, 'gpt2')
-  return GPT2(config, dtype, remat)
+  return GPT2(config, dtype, remat, attention)
 
 
 # Fresh fp32 params, and their logical axes: shared by the causal families.

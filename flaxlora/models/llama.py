@@ -58,6 +58,7 @@ class Attention(nn.Module):
   """Grouped-query self-attention with RoPE."""
   config: LlamaConfig
   dtype: Any = jnp.float32
+  attention: str = 'reference'  # attention.CAUSAL_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x, rope, keep, deterministic=True, prefix=None,
@@ -94,7 +95,8 @@ class Attention(nn.Module):
       v = jnp.concatenate([p(prefix[1]), v], axis=2)
     out = causal.attend(q, kx, v, keep, dtype=self.dtype,
                         dropout=layers.Dropout(c.attention_dropout),
-                        deterministic=deterministic)
+                        deterministic=deterministic,
+                        chunked=self.attention == 'chunked')
     out = dense(c.hidden_size, ('heads', 'embed'), c.attention_bias,
                 'o_proj')(causal.merge_heads(out), deterministic)
     return out, buffers
@@ -122,13 +124,15 @@ class Block(nn.Module):
   """x + attn(norm(x)), then x + mlp(norm(x))."""
   config: LlamaConfig
   dtype: Any = jnp.float32
+  attention: str = 'reference'
 
   @nn.compact
   def __call__(self, x, rope, keep, deterministic=True, prefix=None,
                buffers=None, index=None):
     c = self.config
     norm = lambda name: layers.RMSNorm(c.rms_norm_eps, self.dtype, name=name)
-    h, buffers = Attention(c, self.dtype, name='self_attn')(
+    h, buffers = Attention(c, self.dtype, self.attention,
+                           name='self_attn')(
         norm('input_layernorm')(x), rope, keep, deterministic, prefix,
         buffers, index)
     x = x + h
@@ -143,6 +147,7 @@ class Llama(nn.Module):
   config: LlamaConfig
   dtype: Any = jnp.float32
   remat: str = 'none'
+  attention: str = 'reference'  # attention.CAUSAL_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
@@ -188,7 +193,8 @@ class Llama(nn.Module):
     # `deterministic` (argument 4 of Block.__call__) is a Python bool.
     block = remat_lib.wrap(Block, self.remat, static_argnums=(4,))
     for i in range(c.num_hidden_layers):
-      x, buffers = block(c, self.dtype, name=f'layers_{i}')(
+      x, buffers = block(c, self.dtype, self.attention,
+                         name=f'layers_{i}')(
           x, rope, keep, deterministic,
           None if prefix_kv is None else prefix_kv[i],
           None if cache is None else cache['layers'][i],
@@ -233,11 +239,12 @@ Llama.HEAD = Head
 
 def build(config: LlamaConfig, *, dtype: Any = jnp.float32,
           remat: str = 'none', attention: str = 'reference') -> Llama:
-  """A Llama module; `remat` is one of `remat.POLICIES`; `attention` must
-  be 'reference' (the fused kernels are T5's and BERT's so far)."""
+  """A Llama module; `remat` is one of `remat.POLICIES`; `attention` one
+  of `attention.CAUSAL_IMPLEMENTATIONS` ('chunked': `causal.attend` a block
+  of queries at a time; the fused kernels are T5's and BERT's so far)."""
   remat_lib.wrap(Block, remat)  # checks the name
   attention_lib.reference_only(attention, 'llama')
-  return Llama(config, dtype, remat)
+  return Llama(config, dtype, remat, attention)
 
 
 # Fresh fp32 params, and their logical axes: shared by the causal families.

@@ -1,7 +1,10 @@
-"""model.loss_chunk: a causal LM's output layer and loss a chunk of
-positions at a time (`tasks.chunked_ce`). The loss and its gradient equal
-the whole-logits path (the reference, kept); the compiled step holds fewer
-temporaries; a run trains through the config field."""
+"""Causal LMs a chunk at a time: model.loss_chunk (the output layer and
+loss over chunks of positions, `tasks.chunked_ce`) and
+model.attention='chunked' (a block of queries at a time,
+`causal.attend`). Loss and gradient equal the whole path (the reference,
+kept); the compiled step holds fewer temporaries; runs train through the
+config fields."""
+import dataclasses
 import pathlib
 import tempfile
 
@@ -16,6 +19,7 @@ import config_reads
 from flaxlora import optimizers
 from flaxlora import run_setup
 from flaxlora import tasks
+from flaxlora.models import causal
 from flaxlora.models import gpt2
 from flaxlora.models import llama
 from flaxlora.peft.lora import method as lora_method
@@ -50,11 +54,11 @@ def _batch():
           'weight': jnp.array([1.0, 1.0, 0.5])}
 
 
-def _loss_and_grad(family, chunk):
+def _loss_and_grad(family, chunk, attention='reference', packed=False):
   """(mean loss, its gradient w.r.t. a LoRA adapter on every kernel,
   lm_head's included) of a tiny model."""
   module, config = FAMILIES[family]
-  model = module.build(config)
+  model = module.build(config, attention=attention)
   base = module.init(model, jax.random.PRNGKey(0))
   method = lora_method.lora(rank=4, alpha=8.0, targets=r".*kernel")
   adapter = method.init(jax.random.PRNGKey(2), base)
@@ -64,6 +68,9 @@ def _loss_and_grad(family, chunk):
   adapter = jax.tree.unflatten(tree, [
       x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
   task, batch = _task(model, chunk), _batch()
+  if packed:  # two segments per row, positions restarting at each
+    batch['segment_ids'] = jnp.array([[1] * 6 + [2] * 4] * B)
+    batch['positions'] = jnp.array([list(range(6)) + list(range(4))] * B)
 
   def loss(adapter):
     params, kwargs = method.apply(base, adapter)
@@ -111,18 +118,42 @@ def test_negative_loss_chunk_is_refused():
     _task(module.build(config), -1)
 
 
-def _setup(chunk, vocab):
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+@pytest.mark.parametrize('packed', [False, True])
+def test_chunked_attention_equals_the_reference(family, packed, monkeypatch):
+  monkeypatch.setattr(causal, 'QUERY_BLOCK', 4)  # 10 = 4 + 4 + 2 (+2 pad)
+  whole, whole_grad = _loss_and_grad(family, 0, 'reference', packed)
+  chunked, chunked_grad = _loss_and_grad(family, 0, 'chunked', packed)
+  np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(chunked_grad), jax.tree.leaves(whole_grad)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  if packed:  # the segments change the loss: the mask reaches the blocks
+    assert abs(float(chunked) - float(_loss_and_grad(family, 0)[0])) > 1e-4
+
+
+def test_chunked_attention_refuses_attention_dropout(monkeypatch):
+  monkeypatch.setattr(causal, 'QUERY_BLOCK', 4)
+  config = dataclasses.replace(FAMILIES['llama'][1], attention_dropout=0.1)
+  model = llama.build(config, attention='chunked')
+  params = llama.init(model, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match='no attention dropout'):
+    model.apply({'params': params}, _batch()['input_ids'],
+                deterministic=False, rngs={'dropout': jax.random.PRNGKey(1)})
+  with pytest.raises(ValueError, match="'reference', 'chunked'"):
+    llama.build(config, attention='xla')
+
+
+def _setup(**model):
   config = config_reads.shorten(config_reads.get_config('llama_lora',
                                                         'runlocal'))
-  config.model.loss_chunk = chunk
-  config.model.init.vocab_size = vocab
+  config.model.update(model)
   config.train.batch_size = 64  # the logits dominate the step's temps
   return config, run_setup.setup(config, pathlib.Path(tempfile.mkdtemp()))
 
 
-def _train_and_compile(chunk, vocab):
+def _train_and_compile(**model):
   """(losses of two train steps, compiled temp bytes of the step)."""
-  config, run = _setup(chunk, vocab)
+  config, run = _setup(**model)
   tx = optimizers.optimizer(config.optimizer, run.total_steps, run.method)
   state, shardings = run_setup.init_state(run, tx)
   step = run_setup.train_step_fn(run, tx, shardings)
@@ -140,8 +171,18 @@ def _train_and_compile(chunk, vocab):
 
 def test_loss_chunk_trains_through_the_config_with_fewer_temp_bytes():
   # A vocabulary large enough that the logits dominate the step.
-  whole, whole_temp = _train_and_compile(0, 8192)
-  chunked, chunked_temp = _train_and_compile(8, 8192)
+  vocab = dict(config_reads.get_config('llama_lora', 'runlocal').model.init,
+               vocab_size=8192)
+  whole, whole_temp = _train_and_compile(loss_chunk=0, init=vocab)
+  chunked, chunked_temp = _train_and_compile(loss_chunk=8, init=vocab)
   # The second step's loss shows the first update was the same too.
   np.testing.assert_allclose(chunked, whole, rtol=2e-5)
   assert chunked_temp * 1.5 < whole_temp, (chunked_temp, whole_temp)
+
+
+def test_chunked_attention_trains_through_the_config(monkeypatch):
+  monkeypatch.setattr(causal, 'QUERY_BLOCK', 4)
+  whole, whole_temp = _train_and_compile(attention='reference')
+  chunked, chunked_temp = _train_and_compile(attention='chunked')
+  np.testing.assert_allclose(chunked, whole, rtol=2e-5)
+  assert chunked_temp != whole_temp  # another program: blocks in a scan
