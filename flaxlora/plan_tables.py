@@ -3,6 +3,7 @@ the docs (docs/pod_scale.md), one row per report, memory in GiB per chip.
 
     print(plan_tables.table([plan.plan(config, chips.target('v5e-16'))]))
 """
+import re
 from typing import Any, Sequence
 
 from flaxlora import chips
@@ -43,7 +44,8 @@ def markdown(reports: Sequence[dict[str, Any]]) -> str:
   for r in reports:
     total = r['bytes'].get('total')
     hbm = f"{r['hbm_bytes'] / chips.GIB:.0f}"
-    used = (f'{total / chips.GIB:.1f} ({hbm})' if total else f'- ({hbm})')
+    used = (f'{total / chips.GIB:.1f} ({hbm})' if total else
+            f'temps {refused_temps(r)} ({hbm})')
     lines.append('| ' + ' | '.join([
         r['model'].split('/')[-1], r['peft'],
         f"{r['batch_size']} x {r['sequence']}",
@@ -54,6 +56,14 @@ def markdown(reports: Sequence[dict[str, Any]]) -> str:
         f"{r['mfu']:.0%}" if 'mfu' in r else '-',
         str(r.get('max_batch', '-'))]) + ' |')
   return '\n'.join(lines)
+
+
+def refused_temps(report: dict[str, Any]) -> str:
+  """The temporaries a refusing compiler asked for ('20.02G'), '-' when
+  the report has no such message."""
+  found = re.search(r'HLO temporaries \(([\d.]+\w?)\)',
+                    report.get('error', ''))
+  return found.group(1) if found else '-'
 
 
 def _seconds(t: float) -> str:
