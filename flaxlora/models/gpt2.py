@@ -168,8 +168,7 @@ class GPT2(nn.Module):
     # `deterministic` (argument 3 of Block.__call__) is a Python bool.
     block = remat_lib.wrap(Block, self.remat, static_argnums=(3,))
     for i in range(c.n_layer):
-      x, buffers = block(c, self.dtype, self.attention,
-                         name=f'h_{i}')(
+      x, buffers = block(c, self.dtype, self.attention, name=f'h_{i}')(
           x, keep, deterministic,
           None if prefix_kv is None else prefix_kv[i],
           None if cache is None else cache['layers'][i],

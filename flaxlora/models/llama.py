@@ -170,9 +170,8 @@ class Llama(nn.Module):
       prefix_kv: [L, 2, P, K*D] keys/values before the tokens in every
         layer (prefix tuning); with a cache, put them in the cache instead
         (`init_cache`).
-      head: False returns the final hidden states [B, T, H] instead of the
-        logits (no cache), for `causal.output_logits` to apply the output
-        layer a chunk at a time (the loss's `model.loss_chunk`).
+      head: False: the final hidden states [B, T, H] instead (no cache), for
+        `causal.output_logits` by chunks (the loss's `model.loss_chunk`).
     """
     c = self.config
     if prefix_kv is not None and cache is not None:
@@ -193,8 +192,7 @@ class Llama(nn.Module):
     # `deterministic` (argument 4 of Block.__call__) is a Python bool.
     block = remat_lib.wrap(Block, self.remat, static_argnums=(4,))
     for i in range(c.num_hidden_layers):
-      x, buffers = block(c, self.dtype, self.attention,
-                         name=f'layers_{i}')(
+      x, buffers = block(c, self.dtype, self.attention, name=f'layers_{i}')(
           x, rope, keep, deterministic,
           None if prefix_kv is None else prefix_kv[i],
           None if cache is None else cache['layers'][i],
@@ -205,17 +203,19 @@ class Llama(nn.Module):
     x = x[:, num_prompt:]
     if not head and cache is None:
       return x
-    if c.tie_word_embeddings:
-      logits = embed.attend(x)
-    else:
-      logits = layers.Dense(c.vocab_size, ('embed', 'vocab'),
-                            dtype=self.dtype, name='lm_head')(x,
-                                                              deterministic)
+    logits = (embed.attend(x) if c.tie_word_embeddings else
+              _lm_head(c, self.dtype)(x, deterministic))
     logits = layers.constrain(logits, ('batch', None, 'vocab'))
     if cache is None:
       return logits
     return logits, {'index': cache['index'] + x.shape[1] + num_prompt,
                     'mask': key_mask, 'layers': tuple(new_layers)}
+
+
+def _lm_head(c: LlamaConfig, dtype: Any) -> layers.Dense:
+  """The untied output layer (a submodule of the caller)."""
+  return layers.Dense(c.vocab_size, ('embed', 'vocab'), dtype=dtype,
+                      name='lm_head')
 
 
 class Head(nn.Module):
@@ -230,8 +230,7 @@ class Head(nn.Module):
     if c.tie_word_embeddings:
       return layers.Embed(c.vocab_size, c.hidden_size, ('vocab', 'embed'),
                           self.dtype, name='embed_tokens').attend(x)
-    return layers.Dense(c.vocab_size, ('embed', 'vocab'), dtype=self.dtype,
-                        name='lm_head')(x, deterministic)
+    return _lm_head(c, self.dtype)(x, deterministic)
 
 
 Llama.HEAD = Head
