@@ -228,7 +228,9 @@ def causal_config(family: str, path: str) -> ml_collections.ConfigDict:
   """
   c = base_config()
   c.task = 'causal_lm'
-  c.model.update(family=family, path=path)
+  # loss_chunk: positions per chunk of the output layer and the loss (the
+  # full [B, T, V] logits never live at once; 0: all at once).
+  c.model.update(family=family, path=path, loss_chunk=0)
   c.tokenizer = ''  # the checkpoint's own
   c.data.update(format='seq2seq', metric='rouge', source_field='document',
                 target_field='summary', id_field='id', eval_from_train=0,

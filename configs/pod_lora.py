@@ -14,7 +14,8 @@ and stored in bf16, products in bf16, every block rematerialised
 kernel, AdamW. T5: XSum, inputs 512 / targets 128 tokens, global batch 128.
 BERT: SST-2 classification, 128 tokens, global batch 256. Llama-shaped
 decoders: XSum as prompt -> summary, rows of 2048 tokens (1920 + 128,
-packed), global batch 32.
+packed), global batch 32, the loss 128 positions at a time
+(model.loss_chunk) and chunked attention.
 
 Variants (after ':', comma-separated):
   model=flan-t5-xxl|flan-t5-xl|t5-v1_1-xxl|bert-large|llama-3-8b|qwen2-7b
@@ -64,6 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.update(prompt='{source}', chat_template=False, pack=True,
                   max_source_length=1920, max_target_length=128)
     c.data.buckets = ()
+    # The output layer and loss 128 positions at a time, attention 256
+    # queries at a time: the [B, T, V] logits and [B, N, T, T] scores of
+    # 2048-token rows never live whole (docs/memory.md).
+    c.model.update(loss_chunk=128, attention='chunked')
   else:
     c = common.bert_config('classification', 'classification')
     c.model.path = path

@@ -28,6 +28,7 @@ import optax
 
 from flaxlora import metrics as metrics_lib
 from flaxlora.data import squad as squad_data
+from flaxlora.models import causal
 
 
 def _apply(model, params, kwargs, inputs, rng):
@@ -42,6 +43,38 @@ def _apply(model, params, kwargs, inputs, rng):
 def _ce(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), labels)
+
+
+def chunked_ce(head: Callable[[jax.Array, jax.Array], jax.Array],
+               hidden: jax.Array, labels: jax.Array, chunk: int) -> jax.Array:
+  """Cross-entropy [B, T] (fp32) of `labels` [B, T] under the logits
+  `head(hidden[:, a:b], i)` [B, b - a, V] of the i-th chunk of `chunk`
+  positions (the last one padded), so that at most one chunk's logits and
+  their gradient are live: the chunks run in a scan and each is
+  rematerialised (`jax.checkpoint`) in the backward pass. Equals
+  `_ce(head(hidden), labels)` up to float rounding.
+
+  Args:
+    head: (hidden [B, C, H], chunk index int32 []) -> logits [B, C, V].
+    hidden: [B, T, H] the final hidden states.
+    labels: [B, T] int token ids.
+    chunk: C > 0, positions per chunk.
+  """
+  b, t = labels.shape
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+  labels = jnp.pad(labels, ((0, 0), (0, pad)))
+  xs = jnp.swapaxes(hidden.reshape(b, n, chunk, -1), 0, 1)  # [N, B, C, H]
+  ys = jnp.swapaxes(labels.reshape(b, n, chunk), 0, 1)  # [N, B, C]
+
+  @jax.checkpoint
+  def one(x, y, i):
+    return _ce(head(x, i), y)
+
+  _, ce = jax.lax.scan(lambda _, xyi: (None, one(*xyi)), None,
+                       (xs, ys, jnp.arange(n, dtype=jnp.int32)))
+  return jnp.swapaxes(ce, 0, 1).reshape(b, n * chunk)[:, :t]
 
 
 def _loss_metrics(outputs: list[dict]) -> dict[str, float]:
@@ -278,17 +311,45 @@ class CausalLM(Seq2Seq):
   # Packed rows' columns, passed on to the model when present.
   PACKED = ('segment_ids', 'positions')
 
-  def _logits(self, params, kwargs, batch, rng):
+  def __init__(self, config: Any, model: Any):
+    super().__init__(config, model)
+    # Positions per chunk of the output layer and loss (0: all at once).
+    model_config = config.get('model', None) or {}
+    self.loss_chunk = int(model_config.get('loss_chunk', 0))
+    if self.loss_chunk < 0:
+      raise ValueError(f'model.loss_chunk={self.loss_chunk}: use 0 (the '
+                       'whole sequence at once) or a positive chunk length.')
+
+  def _logits(self, params, kwargs, batch, rng, head=True):
     inputs = {k: batch[k] for k in self.PACKED if k in batch}
     kwargs = dict(kwargs, attention_mask=batch['attention_mask'], **inputs)
+    if not head:
+      kwargs['head'] = False
     logits = _apply(self.model, params, kwargs, (batch['input_ids'],), rng)
     # A prompt-tuning prefix adds positions in front: keep the tokens'.
     return logits[:, logits.shape[1] - batch['input_ids'].shape[1]:]
 
+  def _next_token_ce(self, params, kwargs, batch, rng):
+    """Cross-entropy [B, T-1] of each next token: the logits of the whole
+    batch at once, or (model.loss_chunk) `chunked_ce` over the hidden
+    states, the full logits never materialised."""
+    ids = batch['input_ids']
+    if not self.loss_chunk:
+      logits = self._logits(params, kwargs, batch, rng)  # [B, T, V]
+      return _ce(logits[:, :-1], ids[:, 1:])
+    hidden = self._logits(params, kwargs, batch, rng, head=False)
+
+    def head(x, i):
+      key = None if rng is None else jax.random.fold_in(rng, i)
+      return causal.output_logits(self.model, params, x, key)
+
+    # The last position predicts nothing: its label is a pad, dropped.
+    labels = jnp.pad(ids[:, 1:], ((0, 0), (0, 1)))
+    return chunked_ce(head, hidden, labels, self.loss_chunk)[:, :-1]
+
   def _token_ce(self, params, kwargs, batch, rng):
     """Cross-entropy [B, T-1] of each next token and its weight."""
-    logits = self._logits(params, kwargs, batch, rng)  # [B, T, V]
-    ce = _ce(logits[:, :-1], batch['input_ids'][:, 1:])
+    ce = self._next_token_ce(params, kwargs, batch, rng)
     weights = batch['loss_mask'][:, 1:] * batch['weight'][:, None]
     if 'segment_ids' in batch:  # never predict across two sequences
       segments = batch['segment_ids']

@@ -15,6 +15,7 @@ from configs import pod_lora
 from flaxlora import build
 from flaxlora import chips
 from flaxlora import plan
+from flaxlora import plan_tables
 from flaxlora import resolved
 from flaxlora import sharding
 from flaxlora.data import pipeline
@@ -195,3 +196,16 @@ def test_presets_have_the_published_parameter_counts(model, billions):
   _, params = build.abstract_params(resolved.resolve(config, reads=()))
   count = sum(x.size for x in jax.tree.leaves(params))
   assert count == pytest.approx(billions * 1e9, rel=0.01)
+
+
+def test_markdown_shows_the_temps_a_refusing_compiler_asked_for():
+  report = {'model': 'm', 'peft': 'lora', 'batch_size': 4, 'sequence': '8',
+            'remat': 'block', 'base_dtype': 'bfloat16', 'target': 'v5e-1',
+            'mesh': {'data': 1, 'fsdp': 1, 'tensor': 1}, 'grad_accum_steps': 2,
+            'bytes': {'base': 1}, 'hbm_bytes': chips.GIB * 16, 'fits': False,
+            'error': 'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the '
+                     'total memory required for HLO temporaries (16.11G) '
+                     'exceeds available HBM (15.75G).'}
+  row = plan_tables.markdown([report]).splitlines()[-1]
+  assert '| 4 x 8 (2 x 2) |' in row and '| 1x1x1 | temps 16.11G (16) |' in row
+  assert plan_tables.refused_temps(dict(report, error='')) == '-'

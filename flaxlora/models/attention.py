@@ -67,11 +67,17 @@ def check_implementation(name: str) -> None:
                      f'not on {jax.default_backend()!r}; use \'xla\'.')
 
 
+# What the causal families (llama, gpt2) run: their own attention, whole
+# or a block of queries at a time (`causal.attend`).
+CAUSAL_IMPLEMENTATIONS = ('reference', 'chunked')
+
+
 def reference_only(name: str, family: str) -> None:
-  """Refuses a fused `model.attention` for a family that has none yet."""
-  if name != 'reference':
+  """Refuses a fused `model.attention` for a causal family (it has none
+  yet): only CAUSAL_IMPLEMENTATIONS."""
+  if name not in CAUSAL_IMPLEMENTATIONS:
     raise ValueError(f'model.attention={name!r}: {family} runs its own '
-                     "attention only; use model.attention='reference'.")
+                     f'attention only; use one of {CAUSAL_IMPLEMENTATIONS}.')
 
 
 def fused(q: Array, k: Array, v: Array, *, bias: Array | None,

@@ -197,6 +197,7 @@ def write_cache(buffers: dict[str, Array], index: Array, k: Array,
                                             start)}
 
 
+<<<<<<< HEAD
 def keys_values(k: Array, v: Array, prefix: Array | None,
                 buffers: dict[str, Array] | None, index: Array | None
                 ) -> tuple[Array, Array, dict[str, Array] | None]:
@@ -223,10 +224,15 @@ def keys_values(k: Array, v: Array, prefix: Array | None,
     k = jnp.concatenate([widen(prefix[0]), k], axis=2)
     v = jnp.concatenate([widen(prefix[1]), v], axis=2)
   return k, v, None
+=======
+# Query positions per block of `attend(..., chunked=True)`.
+QUERY_BLOCK = 256
+>>>>>>> podfit
 
 
 def attend(q: Array, k: Array, v: Array, keep: Array, *, dtype: Any,
-           dropout: Any, deterministic: bool) -> Array:
+           dropout: Any, deterministic: bool, chunked: bool = False
+           ) -> Array:
   """Scaled dot-product attention with K key/value heads for N query heads.
 
   Args:
@@ -238,6 +244,10 @@ def attend(q: Array, k: Array, v: Array, keep: Array, *, dtype: Any,
     dtype: compute dtype.
     dropout: a `layers.Dropout` for the attention probabilities.
     deterministic: disables dropout.
+    chunked: `QUERY_BLOCK` queries at a time, in a scan whose steps are
+      rematerialised: the scores [B, N, T, S] and their gradient never live
+      at once, only one block's (`model.attention='chunked'`); the same
+      values. Needs no attention dropout (rate 0 or deterministic).
 
   Returns:
     [B, N, T, D] in `dtype`.
@@ -246,12 +256,34 @@ def attend(q: Array, k: Array, v: Array, keep: Array, *, dtype: Any,
   groups = n // k.shape[1]
   q = q.reshape(b, k.shape[1], groups, t, d)  # [B, K, G, T, D]
   q = q * jnp.asarray(d**-0.5, q.dtype)
-  scores = layers.einsum('bkgtd,bksd->bkgts', q, k, dtype=dtype)
-  scores = jnp.where(keep[:, :, None], scores, _NEG)  # [B, K, G, T, S]
-  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  probs = dropout(probs, deterministic=deterministic)
-  out = layers.einsum('bkgts,bksd->bkgtd', probs, v, dtype=dtype)
-  return out.astype(dtype).reshape(b, n, t, d)
+
+  def block(q, keep):
+    scores = layers.einsum('bkgtd,bksd->bkgts', q, k, dtype=dtype)
+    scores = jnp.where(keep[:, :, None], scores, _NEG)  # [B, K, G, T, S]
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+  if not chunked or t <= QUERY_BLOCK:
+    probs = dropout(block(q, keep), deterministic=deterministic)
+    out = layers.einsum('bkgts,bksd->bkgtd', probs, v, dtype=dtype)
+    return out.astype(dtype).reshape(b, n, t, d)
+  if dropout.rate and not deterministic:
+    raise ValueError("model.attention='chunked' has no attention dropout: "
+                     'set model.dropout=0 or use the reference attention.')
+  blocks = -(-t // QUERY_BLOCK)
+  pad = blocks * QUERY_BLOCK - t
+  q = jnp.pad(q, ((0, 0),) * 3 + ((0, pad), (0, 0)))
+  keep = jnp.pad(keep, ((0, 0), (0, 0), (0, pad), (0, 0)))
+  qs = jnp.moveaxis(q.reshape(q.shape[:3] + (blocks, QUERY_BLOCK, d)), 3, 0)
+  keeps = jnp.moveaxis(keep.reshape(b, 1, blocks, QUERY_BLOCK, -1), 2, 0)
+
+  @jax.checkpoint
+  def one(q, keep):
+    return layers.einsum('bkgts,bksd->bkgtd', block(q, keep), v,
+                         dtype=dtype).astype(dtype)
+
+  _, out = jax.lax.scan(lambda _, x: (None, one(*x)), None, (qs, keeps))
+  out = jnp.moveaxis(out, 0, 3).reshape(q.shape)[:, :, :, :t]
+  return out.reshape(b, n, t, d)
 
 
 def prepend_prompt(x: Array, mask: Array, prompt: Array | None
@@ -346,3 +378,20 @@ def param_axes(model: Any) -> Any:
   return nn.get_partition_spec(
       jax.eval_shape(lambda r: _boxed_init(model, r),
                      jax.random.PRNGKey(0)))
+
+
+def output_logits(model: Any, params: Any, x: Array,
+                  rng: jax.Array | None = None) -> Array:
+  """The output layer of causal LM `model` (its `HEAD` module, over the
+  same params) on hidden states x [..., H] (`model.apply(..., head=False)`)
+  -> logits [..., V] in the model's dtype, constrained like the model's own
+  (batch, and vocab by the rules). `rng`: dropout of an adapted output
+  kernel (None: deterministic)."""
+  head = model.HEAD(model.config, model.dtype)
+  if rng is None:
+    logits = head.apply({'params': params}, x)
+  else:
+    logits = head.apply({'params': params}, x, False,
+                        rngs={'dropout': rng})
+  return layers.constrain(logits, ('batch',) + (None,) * (x.ndim - 2) +
+                          ('vocab',))

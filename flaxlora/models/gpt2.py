@@ -65,6 +65,7 @@ class Attention(nn.Module):
   """Multi-head causal self-attention from a fused q|k|v projection."""
   config: GPT2Config
   dtype: Any = jnp.float32
+  attention: str = 'reference'  # attention.CAUSAL_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x, keep, deterministic=True, prefix=None, buffers=None,
@@ -78,7 +79,8 @@ class Attention(nn.Module):
     k, v, buffers = causal.keys_values(k, v, prefix, buffers, index)
     out = causal.attend(q, k, v, keep, dtype=self.dtype,
                         dropout=layers.Dropout(c.attn_pdrop),
-                        deterministic=deterministic)
+                        deterministic=deterministic,
+                        chunked=self.attention == 'chunked')
     out = layers.Dense(h, ('heads', 'embed'), use_bias=True, dtype=self.dtype,
                        name='c_proj')(causal.merge_heads(out), deterministic)
     return out, buffers
@@ -103,6 +105,7 @@ class Block(nn.Module):
   """x + attn(ln_1(x)), then x + mlp(ln_2(x)), with residual dropout."""
   config: GPT2Config
   dtype: Any = jnp.float32
+  attention: str = 'reference'
 
   @nn.compact
   def __call__(self, x, keep, deterministic=True, prefix=None, buffers=None,
@@ -111,7 +114,7 @@ class Block(nn.Module):
     norm = lambda name: layers.LayerNorm(c.layer_norm_epsilon, self.dtype,
                                          name=name)
     drop = layers.Dropout(c.resid_pdrop)
-    y, buffers = Attention(c, self.dtype, name='attn')(
+    y, buffers = Attention(c, self.dtype, self.attention, name='attn')(
         norm('ln_1')(x), keep, deterministic, prefix, buffers, index)
     x = x + drop(y, deterministic=deterministic)
     y = Mlp(c, self.dtype, name='mlp')(norm('ln_2')(x), deterministic)
@@ -124,15 +127,17 @@ class GPT2(nn.Module):
   config: GPT2Config
   dtype: Any = jnp.float32
   remat: str = 'none'
+  attention: str = 'reference'  # attention.CAUSAL_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                positions: Array | None = None,
                segment_ids: Array | None = None, deterministic: bool = True,
                cache: causal.Cache | None = None, prompt: Array | None = None,
-               prefix_kv: Array | None = None):
+               prefix_kv: Array | None = None, head: bool = True):
     """Logits [B, T, V]; with a cache (logits, new cache). Arguments as in
-    `llama.Llama.__call__` (prefix_kv [L, 2, P, H])."""
+    `llama.Llama.__call__` (prefix_kv [L, 2, P, H]; head=False: the final
+    hidden states [B, T, H])."""
     c = self.config
     embed = lambda n, axes, name: layers.Embed(  # pylint: disable=g-long-lambda
         n, c.n_embd, axes, self.dtype, nn.initializers.normal(0.02),
@@ -147,22 +152,61 @@ class GPT2(nn.Module):
     # `deterministic` (argument 3 of Block.__call__) is a Python bool.
     block = remat_lib.wrap(Block, self.remat, static_argnums=(3,))
     for i in range(c.n_layer):
+<<<<<<< HEAD
       x, buffers = block(c, self.dtype, name=f'h_{i}')(
           x, inp.keep, deterministic, *causal.layer_args(i, cache, prefix_kv))
       x = layers.constrain(x, ('batch', None, None))
       new_layers.append(buffers)
     x = layers.LayerNorm(c.layer_norm_epsilon, self.dtype, name='ln_f')(x)
     logits = layers.constrain(wte.attend(x[:, inp.num_prompt:]),
+=======
+      x, buffers = block(c, self.dtype, self.attention, name=f'h_{i}')(
+          x, keep, deterministic,
+          None if prefix_kv is None else prefix_kv[i],
+          None if cache is None else cache['layers'][i],
+          None if cache is None else cache['index'])
+      x = layers.constrain(x, ('batch', None, None))
+      new_layers.append(buffers)
+    x = layers.LayerNorm(c.layer_norm_epsilon, self.dtype, name='ln_f')(x)
+    if not head and cache is None:
+      return x[:, num_prompt:]
+    logits = layers.constrain(wte.attend(x[:, num_prompt:]),
+>>>>>>> podfit
                               ('batch', None, 'vocab'))
     if cache is None:
       return logits
     return logits, causal.next_cache(cache, inp, new_layers)
 
 
+class Head(nn.Module):
+  """`GPT2`'s tied output layer alone, over the same params (wte): hidden
+  states [..., H] -> logits [..., V]."""
+  config: GPT2Config
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    del deterministic  # no adapted kernel in a tied table
+    c = self.config
+    return layers.Embed(c.vocab_size, c.n_embd, ('vocab', 'embed'),
+                        self.dtype, name='wte').attend(x)
+
+
+GPT2.HEAD = Head
+
+
 def build(config: GPT2Config, *, dtype: Any = jnp.float32,
           remat: str = 'none', attention: str = 'reference') -> GPT2:
+<<<<<<< HEAD
   """A GPT2 module; see `causal.build`."""
   return causal.build(GPT2, Block, 'gpt2', config, dtype, remat, attention)
+=======
+  """A GPT2 module; `remat` is one of `remat.POLICIES`; `attention` one
+  of `attention.CAUSAL_IMPLEMENTATIONS` (see `llama.build`)."""
+  remat_lib.wrap(Block, remat)  # checks the name
+  attention_lib.reference_only(attention, 'gpt2')
+  return GPT2(config, dtype, remat, attention)
+>>>>>>> podfit
 
 
 # Fresh fp32 params, and their logical axes: shared by the causal families.

@@ -57,6 +57,7 @@ class Attention(nn.Module):
   """Grouped-query self-attention with RoPE."""
   config: LlamaConfig
   dtype: Any = jnp.float32
+  attention: str = 'reference'  # attention.CAUSAL_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x, rope, keep, deterministic=True, prefix=None,
@@ -85,7 +86,8 @@ class Attention(nn.Module):
                                         buffers, index)
     out = causal.attend(q, kx, v, keep, dtype=self.dtype,
                         dropout=layers.Dropout(c.attention_dropout),
-                        deterministic=deterministic)
+                        deterministic=deterministic,
+                        chunked=self.attention == 'chunked')
     out = dense(c.hidden_size, ('heads', 'embed'), c.attention_bias,
                 'o_proj')(causal.merge_heads(out), deterministic)
     return out, buffers
@@ -113,13 +115,15 @@ class Block(nn.Module):
   """x + attn(norm(x)), then x + mlp(norm(x))."""
   config: LlamaConfig
   dtype: Any = jnp.float32
+  attention: str = 'reference'
 
   @nn.compact
   def __call__(self, x, rope, keep, deterministic=True, prefix=None,
                buffers=None, index=None):
     c = self.config
     norm = lambda name: layers.RMSNorm(c.rms_norm_eps, self.dtype, name=name)
-    h, buffers = Attention(c, self.dtype, name='self_attn')(
+    h, buffers = Attention(c, self.dtype, self.attention,
+                           name='self_attn')(
         norm('input_layernorm')(x), rope, keep, deterministic, prefix,
         buffers, index)
     x = x + h
@@ -134,13 +138,14 @@ class Llama(nn.Module):
   config: LlamaConfig
   dtype: Any = jnp.float32
   remat: str = 'none'
+  attention: str = 'reference'  # attention.CAUSAL_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                positions: Array | None = None,
                segment_ids: Array | None = None, deterministic: bool = True,
                cache: causal.Cache | None = None, prompt: Array | None = None,
-               prefix_kv: Array | None = None):
+               prefix_kv: Array | None = None, head: bool = True):
     """Logits [B, T, V] (in `dtype`) for input_ids [B, T].
 
     Args:
@@ -156,6 +161,8 @@ class Llama(nn.Module):
       prefix_kv: [L, 2, P, K*D] keys/values before the tokens in every
         layer (prefix tuning); with a cache, put them in the cache instead
         (`init_cache`).
+      head: False: the final hidden states [B, T, H] instead (no cache), for
+        `causal.output_logits` by chunks (the loss's `model.loss_chunk`).
     """
     c = self.config
     embed = layers.Embed(c.vocab_size, c.hidden_size, ('vocab', 'embed'),
@@ -169,6 +176,7 @@ class Llama(nn.Module):
     # `deterministic` (argument 4 of Block.__call__) is a Python bool.
     block = remat_lib.wrap(Block, self.remat, static_argnums=(4,))
     for i in range(c.num_hidden_layers):
+<<<<<<< HEAD
       x, buffers = block(c, self.dtype, name=f'layers_{i}')(
           x, rope, inp.keep, deterministic,
           *causal.layer_args(i, cache, prefix_kv))
@@ -182,16 +190,64 @@ class Llama(nn.Module):
       logits = layers.Dense(c.vocab_size, ('embed', 'vocab'),
                             dtype=self.dtype, name='lm_head')(x,
                                                               deterministic)
+=======
+      x, buffers = block(c, self.dtype, self.attention, name=f'layers_{i}')(
+          x, rope, keep, deterministic,
+          None if prefix_kv is None else prefix_kv[i],
+          None if cache is None else cache['layers'][i],
+          None if cache is None else cache['index'])
+      x = layers.constrain(x, ('batch', None, None))
+      new_layers.append(buffers)
+    x = layers.RMSNorm(c.rms_norm_eps, self.dtype, name='norm')(x)
+    x = x[:, num_prompt:]
+    if not head and cache is None:
+      return x
+    logits = (embed.attend(x) if c.tie_word_embeddings else
+              _lm_head(c, self.dtype)(x, deterministic))
+>>>>>>> podfit
     logits = layers.constrain(logits, ('batch', None, 'vocab'))
     if cache is None:
       return logits
     return logits, causal.next_cache(cache, inp, new_layers)
 
 
+def _lm_head(c: LlamaConfig, dtype: Any) -> layers.Dense:
+  """The untied output layer (a submodule of the caller)."""
+  return layers.Dense(c.vocab_size, ('embed', 'vocab'), dtype=dtype,
+                      name='lm_head')
+
+
+class Head(nn.Module):
+  """`Llama`'s output layer alone, over the same params (the tied
+  embedding or lm_head): hidden states [..., H] -> logits [..., V]."""
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    c = self.config
+    if c.tie_word_embeddings:
+      return layers.Embed(c.vocab_size, c.hidden_size, ('vocab', 'embed'),
+                          self.dtype, name='embed_tokens').attend(x)
+    return _lm_head(c, self.dtype)(x, deterministic)
+
+
+Llama.HEAD = Head
+
+
 def build(config: LlamaConfig, *, dtype: Any = jnp.float32,
           remat: str = 'none', attention: str = 'reference') -> Llama:
+<<<<<<< HEAD
   """A Llama module; see `causal.build`."""
   return causal.build(Llama, Block, 'llama', config, dtype, remat, attention)
+=======
+  """A Llama module; `remat` is one of `remat.POLICIES`; `attention` one
+  of `attention.CAUSAL_IMPLEMENTATIONS` ('chunked': `causal.attend` a block
+  of queries at a time; the fused kernels are T5's and BERT's so far)."""
+  remat_lib.wrap(Block, remat)  # checks the name
+  attention_lib.reference_only(attention, 'llama')
+  return Llama(config, dtype, remat, attention)
+>>>>>>> podfit
 
 
 # Fresh fp32 params, and their logical axes: shared by the causal families.
