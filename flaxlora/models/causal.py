@@ -197,7 +197,6 @@ def write_cache(buffers: dict[str, Array], index: Array, k: Array,
                                             start)}
 
 
-<<<<<<< HEAD
 def keys_values(k: Array, v: Array, prefix: Array | None,
                 buffers: dict[str, Array] | None, index: Array | None
                 ) -> tuple[Array, Array, dict[str, Array] | None]:
@@ -224,10 +223,10 @@ def keys_values(k: Array, v: Array, prefix: Array | None,
     k = jnp.concatenate([widen(prefix[0]), k], axis=2)
     v = jnp.concatenate([widen(prefix[1]), v], axis=2)
   return k, v, None
-=======
+
+
 # Query positions per block of `attend(..., chunked=True)`.
 QUERY_BLOCK = 256
->>>>>>> podfit
 
 
 def attend(q: Array, k: Array, v: Array, keep: Array, *, dtype: Any,
@@ -356,12 +355,14 @@ def next_cache(cache: Cache, inp: Inputs,
 
 def build(module: type[nn.Module], block: type[nn.Module], family: str,
           config: Any, dtype: Any, remat: str, attention: str) -> nn.Module:
-  """`module(config, dtype, remat)` once `remat` (one of `remat.POLICIES`,
-  on every `block`) and `attention` ('reference' only: the fused kernels
-  are T5's and BERT's so far) are checked."""
+  """`module(config, dtype, remat, attention)` once `remat` (one of
+  `remat.POLICIES`, on every `block`) and `attention` (one of
+  `attention.CAUSAL_IMPLEMENTATIONS`; 'chunked': `attend` a block of
+  queries at a time; the fused kernels are T5's and BERT's so far) are
+  checked."""
   remat_lib.wrap(block, remat)  # checks the name
   attention_lib.reference_only(attention, family)
-  return module(config, dtype, remat)
+  return module(config, dtype, remat, attention)
 
 
 def _boxed_init(model: Any, rng: jax.Array) -> Any:

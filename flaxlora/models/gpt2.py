@@ -152,26 +152,14 @@ class GPT2(nn.Module):
     # `deterministic` (argument 3 of Block.__call__) is a Python bool.
     block = remat_lib.wrap(Block, self.remat, static_argnums=(3,))
     for i in range(c.n_layer):
-<<<<<<< HEAD
-      x, buffers = block(c, self.dtype, name=f'h_{i}')(
+      x, buffers = block(c, self.dtype, self.attention, name=f'h_{i}')(
           x, inp.keep, deterministic, *causal.layer_args(i, cache, prefix_kv))
       x = layers.constrain(x, ('batch', None, None))
       new_layers.append(buffers)
     x = layers.LayerNorm(c.layer_norm_epsilon, self.dtype, name='ln_f')(x)
-    logits = layers.constrain(wte.attend(x[:, inp.num_prompt:]),
-=======
-      x, buffers = block(c, self.dtype, self.attention, name=f'h_{i}')(
-          x, keep, deterministic,
-          None if prefix_kv is None else prefix_kv[i],
-          None if cache is None else cache['layers'][i],
-          None if cache is None else cache['index'])
-      x = layers.constrain(x, ('batch', None, None))
-      new_layers.append(buffers)
-    x = layers.LayerNorm(c.layer_norm_epsilon, self.dtype, name='ln_f')(x)
     if not head and cache is None:
-      return x[:, num_prompt:]
-    logits = layers.constrain(wte.attend(x[:, num_prompt:]),
->>>>>>> podfit
+      return x[:, inp.num_prompt:]
+    logits = layers.constrain(wte.attend(x[:, inp.num_prompt:]),
                               ('batch', None, 'vocab'))
     if cache is None:
       return logits
@@ -197,16 +185,8 @@ GPT2.HEAD = Head
 
 def build(config: GPT2Config, *, dtype: Any = jnp.float32,
           remat: str = 'none', attention: str = 'reference') -> GPT2:
-<<<<<<< HEAD
   """A GPT2 module; see `causal.build`."""
   return causal.build(GPT2, Block, 'gpt2', config, dtype, remat, attention)
-=======
-  """A GPT2 module; `remat` is one of `remat.POLICIES`; `attention` one
-  of `attention.CAUSAL_IMPLEMENTATIONS` (see `llama.build`)."""
-  remat_lib.wrap(Block, remat)  # checks the name
-  attention_lib.reference_only(attention, 'gpt2')
-  return GPT2(config, dtype, remat, attention)
->>>>>>> podfit
 
 
 # Fresh fp32 params, and their logical axes: shared by the causal families.

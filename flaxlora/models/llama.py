@@ -176,35 +176,17 @@ class Llama(nn.Module):
     # `deterministic` (argument 4 of Block.__call__) is a Python bool.
     block = remat_lib.wrap(Block, self.remat, static_argnums=(4,))
     for i in range(c.num_hidden_layers):
-<<<<<<< HEAD
-      x, buffers = block(c, self.dtype, name=f'layers_{i}')(
+      x, buffers = block(c, self.dtype, self.attention, name=f'layers_{i}')(
           x, rope, inp.keep, deterministic,
           *causal.layer_args(i, cache, prefix_kv))
       x = layers.constrain(x, ('batch', None, None))
       new_layers.append(buffers)
     x = layers.RMSNorm(c.rms_norm_eps, self.dtype, name='norm')(x)
     x = x[:, inp.num_prompt:]
-    if c.tie_word_embeddings:
-      logits = embed.attend(x)
-    else:
-      logits = layers.Dense(c.vocab_size, ('embed', 'vocab'),
-                            dtype=self.dtype, name='lm_head')(x,
-                                                              deterministic)
-=======
-      x, buffers = block(c, self.dtype, self.attention, name=f'layers_{i}')(
-          x, rope, keep, deterministic,
-          None if prefix_kv is None else prefix_kv[i],
-          None if cache is None else cache['layers'][i],
-          None if cache is None else cache['index'])
-      x = layers.constrain(x, ('batch', None, None))
-      new_layers.append(buffers)
-    x = layers.RMSNorm(c.rms_norm_eps, self.dtype, name='norm')(x)
-    x = x[:, num_prompt:]
     if not head and cache is None:
       return x
     logits = (embed.attend(x) if c.tie_word_embeddings else
               _lm_head(c, self.dtype)(x, deterministic))
->>>>>>> podfit
     logits = layers.constrain(logits, ('batch', None, 'vocab'))
     if cache is None:
       return logits
@@ -237,17 +219,8 @@ Llama.HEAD = Head
 
 def build(config: LlamaConfig, *, dtype: Any = jnp.float32,
           remat: str = 'none', attention: str = 'reference') -> Llama:
-<<<<<<< HEAD
   """A Llama module; see `causal.build`."""
   return causal.build(Llama, Block, 'llama', config, dtype, remat, attention)
-=======
-  """A Llama module; `remat` is one of `remat.POLICIES`; `attention` one
-  of `attention.CAUSAL_IMPLEMENTATIONS` ('chunked': `causal.attend` a block
-  of queries at a time; the fused kernels are T5's and BERT's so far)."""
-  remat_lib.wrap(Block, remat)  # checks the name
-  attention_lib.reference_only(attention, 'llama')
-  return Llama(config, dtype, remat, attention)
->>>>>>> podfit
 
 
 # Fresh fp32 params, and their logical axes: shared by the causal families.
