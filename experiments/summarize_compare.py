@@ -224,9 +224,11 @@ def run_part(part: str, config, args) -> dict[str, Any]:
 
 def table(record: dict[str, Any]) -> str:
   """The Markdown table of the record's parts."""
+  # The load average beside the minutes: on a shared machine they are
+  # wall time under that load, not a speed measurement.
   lines = ['| run | ROUGE-1 | ROUGE-2 | ROUGE-L | train steps | minutes '
-           '| CPU (cores) | date |',
-           '|---|---|---|---|---|---|---|---|']
+           '| load | CPU (cores) | date |',
+           '|---|---|---|---|---|---|---|---|---|']
   for part in PARTS:
     if part not in record:
       continue
@@ -234,7 +236,8 @@ def table(record: dict[str, Any]) -> str:
     lines.append(
         f"| {LABELS[part]} | {m['rouge1']:.2f} | {m['rouge2']:.2f} | "
         f"{m['rougeL']:.2f} | {r.get('steps', 0)} | "
-        f"{r['seconds'] / 60:.1f} | {r['hardware']['cpu']} "
+        f"{r['seconds'] / 60:.1f} | {r['hardware']['load_average'][0]} | "
+        f"{r['hardware']['cpu']} "
         f"({r['hardware']['cores']}) | {r['date'][:10]} |")
   return '\n'.join(lines)
 

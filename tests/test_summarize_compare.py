@@ -10,7 +10,8 @@ def _entry(rouge_l, steps=0):
   return {'metrics': {'rouge1': rouge_l + 5, 'rouge2': 1.0,
                       'rougeL': rouge_l, 'rougeLsum': rouge_l},
           'steps': steps, 'seconds': 600.0, 'date': '2026-12-07T15:00:00',
-          'hardware': {'cpu': 'AMD EPYC', 'cores': 2}}
+          'hardware': {'cpu': 'AMD EPYC', 'cores': 2,
+                       'load_average': [0.5, 0.4, 0.3]}}
 
 
 def test_the_recipe_is_the_local_data_config_with_overrides():
@@ -34,7 +35,8 @@ def test_the_doc_table_is_rendered_from_the_record(tmp_path):
   assert text.endswith('after\n')
   rows = [line for line in text.splitlines() if line.startswith('| ')]
   assert rows[1].startswith('| SmolLM2-135M-Instruct, zero-shot | 17.25 |')
-  assert '| PyTorch PEFT LoRA | 25.50 | 1.00 | 20.50 | 100 | 10.0 |' in rows[2]
+  assert ('| PyTorch PEFT LoRA | 25.50 | 1.00 | 20.50 | 100 | 10.0 | 0.5 |'
+          in rows[2])
   doc.write_text('no markers')
   with pytest.raises(ValueError, match='markers'):
     summarize_compare.write_table(record, doc)
