@@ -286,6 +286,7 @@ ROWS = [
     ('model.shard_activations', T5, {'model.shard_activations': False},
      'compiled', {}),
     ('model.attention', T5, {'model.attention': 'xla'}, 'compiled', {}),
+    ('model.loss_chunk', LLAMA, {'model.loss_chunk': 8}, 'compiled', {}),
     ('peft.method', BERT, {'peft.method': 'qlora'}, 'train', {}),
     ('peft.rank', BERT, {'peft.rank': 4}, 'train', {}),
     ('peft.alpha', BERT, {'peft.alpha': 32.0}, 'train', {}),
