@@ -200,7 +200,7 @@ def flaxlora_lora(config, workdir: str) -> dict[str, Any]:
   metrics = {k[len('eval_'):]: v for k, v in summary.items()
              if k.startswith('eval_rouge')}
   return {'metrics': metrics, 'steps': summary['step'],
-          'eval_loss': summary.get('eval_loss'), 'workdir': workdir}
+          'eval_loss': summary.get('eval_loss')}
 
 
 def run_part(part: str, config, args) -> dict[str, Any]:
@@ -218,8 +218,18 @@ def run_part(part: str, config, args) -> dict[str, Any]:
                     'load_average']),
                 date=datetime.datetime.now().isoformat(timespec='seconds'),
                 commit=commit(), overrides=args.set,
-                config=json.loads(config.to_json()))
+                config=portable(json.loads(config.to_json())))
   return result
+
+
+def portable(config: dict[str, Any]) -> dict[str, Any]:
+  """The config with its data files relative to the repository (no
+  machine paths in a committed record)."""
+  data = dict(config['data'])
+  for key in ('train_file', 'eval_file'):
+    if data.get(key):
+      data[key] = os.path.relpath(data[key], REPO)
+  return {**config, 'data': data}
 
 
 def table(record: dict[str, Any]) -> str:
