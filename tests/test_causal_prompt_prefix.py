@@ -20,9 +20,9 @@ import jax
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import helpers
+from test_causal_peft import HF  # the tiny transformers models
 from flaxlora import models
 from flaxlora.models import causal_decoding
 from flaxlora.peft import prefix
@@ -30,13 +30,6 @@ from flaxlora.peft import prompt
 
 peft = pytest.importorskip('peft')
 
-HF = {
-    'llama': (transformers.LlamaForCausalLM, transformers.LlamaConfig(
-        vocab_size=61, hidden_size=32, intermediate_size=48,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)),
-    'gpt2': (transformers.GPT2LMHeadModel, transformers.GPT2Config(
-        vocab_size=61, n_positions=32, n_embd=32, n_layer=2, n_head=4)),
-}
 # kind -> (flaxlora module, flaxlora factory, PEFT config)
 KINDS = {
     'prompt': (prompt, lambda: prompt.prompt_tuning(num_tokens=3),
