@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlora import models
+from flaxlora import provenance
 from flaxlora import sharding
 from flaxlora.models import causal_decoding
 from flaxlora.models import decoding
@@ -162,7 +163,8 @@ def run_benchmark(shape: dict[str, Any], repeats: int,
   same = float(np.mean(runners['torch_fp32']()[:, 1:] == tokens))
   same_tp = (float(np.mean(runners['flaxlora_fp32_tp']() == tokens))
              if cpu_devices > 1 else None)
-  results = {'shape': shape, 'repeats': repeats, 'fp32_token_agreement': same,
+  results = {'model': 't5', 'shape': shape, 'repeats': repeats,
+             'fp32_token_agreement': same,
              'tp_devices': cpu_devices,
              'fp32_tp_token_agreement_with_fp32': same_tp,
              'cpu_count': os.cpu_count(), 'jax_backend': jax.default_backend(),
@@ -281,6 +283,7 @@ def main(argv=None) -> dict[str, Any]:
       jax.config.update('jax_num_cpu_devices', args.cpu_devices)
     results = run_benchmark(QUICK if args.quick else FULL, args.repeats,
                             args.cpu_devices)
+  results.update(provenance.record())
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(results, f, indent=2)

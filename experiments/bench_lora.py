@@ -67,8 +67,9 @@ ROWS = {
            ('flax_fp32_nodrop', 'nodrop', 'flax'),
            ('peft_fp32', '', 'peft'), ('peft_bf16', '', 'peft_bf16'),
            ('flax_fp32_dp', '', 'flax_dp')),
-    'bert': (('flax_fp32', '', 'flax'), ('flax_full', 'full', 'flax'),
-             ('peft_fp32', '', 'peft'), ('flax_fp32_dp', '', 'flax_dp')),
+    'bert': (('flax_fp32', '', 'flax'), ('flax_mixed', 'mixed', 'flax'),
+             ('flax_full', 'full', 'flax'), ('peft_fp32', '', 'peft'),
+             ('peft_bf16', '', 'peft_bf16'), ('flax_fp32_dp', '', 'flax_dp')),
     'llama': (('flax_fp32', '', 'flax'), ('flax_mixed', 'mixed', 'flax'),
               ('peft_fp32', '', 'peft'), ('peft_bf16', '', 'peft_bf16')),
 }
@@ -133,18 +134,25 @@ def time_steps(step: Callable[[], Any], steps: int, warmup: int
 
 
 def matmul_peak(n: int) -> dict[str, float]:
-  """Measured fp32 matmul FLOP/s of JAX and torch on [n, n] x [n, n].
+  """Measured matmul FLOP/s of JAX and torch on [n, n] x [n, n], fp32 and
+  bf16 (keys 'jax_flops_per_s', 'jax_bf16_flops_per_s', 'torch_...').
 
   The fastest of 7 runs: on a shared machine that is the closest to peak.
   """
   import torch  # pylint: disable=g-import-not-at-top
-  x = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   mm = jax.jit(lambda a: a @ a)
-  jax_t = min(time_steps(lambda: mm(x).block_until_ready(), 7, 2)['times_s'])
-  tx = torch.randn(n, n)
-  torch_t = min(time_steps(lambda: tx @ tx, 7, 2)['times_s'])
-  return {'jax_flops_per_s': 2 * n**3 / jax_t,
-          'torch_flops_per_s': 2 * n**3 / torch_t}
+  peak = {}
+  for suffix, jax_dtype, torch_dtype in (('', jnp.float32, torch.float32),
+                                         ('_bf16', jnp.bfloat16,
+                                          torch.bfloat16)):
+    x = jax.random.normal(jax.random.PRNGKey(0), (n, n), jax_dtype)
+    jax_t = min(time_steps(lambda: mm(x).block_until_ready(), 7, 2)
+                ['times_s'])
+    tx = torch.randn(n, n, dtype=torch_dtype)
+    torch_t = min(time_steps(lambda: tx @ tx, 7, 2)['times_s'])
+    peak[f'jax{suffix}_flops_per_s'] = 2 * n**3 / jax_t
+    peak[f'torch{suffix}_flops_per_s'] = 2 * n**3 / torch_t
+  return peak
 
 
 def measure(contenders: dict[str, Callable[[], Any]], steps: int,
@@ -224,6 +232,8 @@ def summarize(results: dict[str, Any], peak: dict[str, float]
                               default=None)
   flax_best = fastest(['t5/flax_fp32', 't5/flax_mixed'])
   peft_best = fastest(['t5/peft_fp32', 't5/peft_bf16'])
+  bert_flax = fastest(['bert/flax_fp32', 'bert/flax_mixed'])
+  bert_peft = fastest(['bert/peft_fp32', 'bert/peft_bf16'])
   llama_flax = fastest(['llama/flax_fp32', 'llama/flax_mixed'])
   llama_peft = fastest(['llama/peft_fp32', 'llama/peft_bf16'])
   summary = {
@@ -241,6 +251,9 @@ def summarize(results: dict[str, Any], peak: dict[str, float]
                                        't5/flax_full'),
       'bert_flax_fp32_vs_peft_fp32': _ratio(results, 'bert/peft_fp32',
                                             'bert/flax_fp32'),
+      'bert_fastest_vs_fastest': (_ratio(results, bert_peft, bert_flax)
+                                  if bert_flax and bert_peft else None),
+      'bert_fastest': {'flax': bert_flax, 'peft': bert_peft},
       # The same step data-parallel over one XLA CPU device per core.
       't5_flax_fp32_dp_vs_peft_fp32': _ratio(results, 't5/peft_fp32',
                                              't5/flax_fp32_dp'),
@@ -265,8 +278,10 @@ def summarize(results: dict[str, Any], peak: dict[str, float]
     if flops:
       rate = flops / numbers['median_s']
       key = 'torch' if 'peft' in name else 'jax'
+      precision = '_bf16' if name.endswith(('_mixed', '_bf16')) else ''
       numbers['flops_per_s'] = rate
-      numbers['fraction_of_matmul_peak'] = rate / peak[f'{key}_flops_per_s']
+      numbers['fraction_of_matmul_peak'] = (
+          rate / peak[f'{key}{precision}_flops_per_s'])
       bf16 = peaks.fraction(  # accelerators only (experiments.peaks)
           flops, numbers['median_s'], jax.devices()[0].device_kind,
           jax.device_count() if name.endswith('_dp') else 1)
@@ -302,8 +317,10 @@ def main(argv=None) -> dict[str, Any]:
   torch.set_num_threads(os.cpu_count() or 1)
   size = 256 if args.quick else 1024
   peak = matmul_peak(size)
-  print(f'fp32 matmul peak: jax {peak["jax_flops_per_s"] / 1e9:.1f} GFLOP/s,'
-        f' torch {peak["torch_flops_per_s"] / 1e9:.1f} GFLOP/s; '
+  print(f'matmul peak (GFLOP/s): fp32 jax {peak["jax_flops_per_s"] / 1e9:.1f}'
+        f', torch {peak["torch_flops_per_s"] / 1e9:.1f}; bf16 jax '
+        f'{peak["jax_bf16_flops_per_s"] / 1e9:.1f}, torch '
+        f'{peak["torch_bf16_flops_per_s"] / 1e9:.1f}; '
         f'{os.cpu_count()} CPUs of {provenance.cpu_model()} with '
         f'{", ".join(provenance.cpu_features()) or "no listed ISA features"} '
         '(shared machines make numbers noisy)')
@@ -318,7 +335,8 @@ def main(argv=None) -> dict[str, Any]:
             'cpu_model': provenance.cpu_model(),
             'cpu_features': list(provenance.cpu_features()),
             'peak_rss_gb': provenance.peak_rss_gb(),
-            'matmul_peak': peak, 'results': results, 'summary': summary}
+            'matmul_peak': peak, 'results': results, 'summary': summary,
+            **provenance.record()}
   print(json.dumps(summary, indent=2))
   for name, numbers in results.items():  # GPU/TPU: experiments.peaks
     if 'fraction_of_bf16_peak' in numbers:

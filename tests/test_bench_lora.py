@@ -13,6 +13,7 @@ from safetensors import numpy as st_numpy
 from configs import bench_bert_lora
 from configs import bench_t5_lora
 from experiments import bench_lora
+from experiments import bench_table
 from experiments import lora_contenders
 from flaxlora import build
 from flaxlora import export
@@ -81,9 +82,24 @@ def test_quick_benchmark_writes_rows_and_ratios(tmp_path):
                             '--warmup', '0', '--cpu_devices', '1',
                             '--out', str(out)])
   assert json.loads(out.read_text())['summary'] == report['summary']
-  assert set(report['results']) == {'bert/flax_fp32', 'bert/flax_full',
-                                    'bert/peft_fp32'}
-  assert report['configs']['bert/flax_full'] == (
-      'configs/bench_bert_lora.py:quick,full')
+  results, peak = report['results'], report['matmul_peak']
+  assert set(results) == {'bert/flax_fp32', 'bert/flax_mixed',
+                          'bert/flax_full', 'bert/peft_fp32',
+                          'bert/peft_bf16'}
+  assert report['configs']['bert/flax_mixed'] == (
+      'configs/bench_bert_lora.py:quick,mixed')
   assert report['summary']['bert_flax_fp32_vs_peft_fp32'] > 0
-  assert report['results']['bert/flax_fp32']['step_flops'] > 0
+  assert report['summary']['bert_fastest_vs_fastest'] > 0
+  assert results['bert/flax_fp32']['step_flops'] > 0
+  # Each precision's share is of its own peak, measured in the same run.
+  for name, key in (('flax_fp32', 'jax_flops_per_s'),
+                    ('flax_mixed', 'jax_bf16_flops_per_s'),
+                    ('peft_bf16', 'torch_bf16_flops_per_s')):
+    row = results[f'bert/{name}']
+    assert row['fraction_of_matmul_peak'] == pytest.approx(
+        row['flops_per_s'] / peak[key])
+  assert report['hardware']['cpu_model'] == report['cpu_model']
+  assert report['date'] and 'commit' in report
+  # The record renders as the page's MiniLM-BERT row.
+  (row,) = bench_table.train_rows(report)
+  assert row.startswith(f'| {report["cpu_model"]} (') and 'MiniLM-BERT' in row
