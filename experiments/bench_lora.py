@@ -23,7 +23,8 @@ The flaxlora rows time exactly the step `experiments.run` compiles for the
 config (`run_setup.train_step_fn`); the PEFT rows start from the same model
 and adapter and do the same work per step (see
 `experiments.lora_contenders`). `--quick` uses the configs' `:quick`
-variants.
+variants. Without `--only`, each family runs in a process of its own
+(`each_family_apart`) and the reports are merged.
 The `*_fp32_dp` rows run the same flaxlora fp32 step data-parallel over
 `--cpu_devices` XLA CPU devices (default: one per core; the config's mesh
 over them, as `experiments.run --cpu_devices` trains): XLA:CPU runs each
@@ -41,6 +42,7 @@ import json
 import os
 import pathlib
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -309,8 +311,52 @@ def _parse(argv):
   return args
 
 
+def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
+  """One report of several families' reports (`--only` runs): their rows,
+  configs and summaries together, each matmul peak the highest measured
+  (every row's share stays that of its own run's peak)."""
+  merged = dict(reports[-1])
+  for key in ('configs', 'results'):
+    merged[key] = {k: v for r in reports for k, v in r[key].items()}
+  merged['summary'] = {k: v for r in reports for k, v in r['summary'].items()
+                       if v is not None and v != {'flax': None, 'peft': None}}
+  merged['matmul_peak'] = {k: max(r['matmul_peak'][k] for r in reports)
+                           for k in reports[-1]['matmul_peak']}
+  merged['peak_rss_gb'] = max(r['peak_rss_gb'] for r in reports)
+  return merged
+
+
+def each_family_apart(args: argparse.Namespace) -> dict[str, Any]:
+  """Every family's `--only` run in a process of its own, merged.
+
+  A process that keeps freed host memory (`host_memory`) holds the largest
+  step's temporaries until it exits; one process for every family would
+  hold them all (the SmolLM2-shaped step alone needs 9 GB).
+  """
+  flags = ['--steps', str(args.steps), '--warmup', str(args.warmup),
+           '--cpu_devices', str(args.cpu_devices)] + (
+               ['--quick'] if args.quick else [])
+  release = [] if host_memory.kept() else ['--release_freed_memory']
+  reports = []
+  with tempfile.TemporaryDirectory(prefix='bench_lora_') as scratch:
+    for family in ROWS:
+      out = pathlib.Path(scratch) / f'{family}.json'
+      subprocess.run([sys.executable, '-m', 'experiments.benchmark', *release,
+                      'lora', *flags, '--only', family, '--out', str(out)],
+                     check=True)
+      reports.append(json.loads(out.read_text()))
+  return merge(reports)
+
+
 def main(argv=None) -> dict[str, Any]:
   args = _parse(sys.argv[1:] if argv is None else argv)
+  if args.only is None:
+    report = each_family_apart(args)
+    print(json.dumps(report['summary'], indent=2))
+    with open(args.out, 'w') as f:
+      json.dump(report, f, indent=2)
+    print(f'wrote {args.out}')
+    return report
   if args.cpu_devices > 1:  # before JAX starts its CPU backend
     jax.config.update('jax_num_cpu_devices', args.cpu_devices)
   import torch  # pylint: disable=g-import-not-at-top

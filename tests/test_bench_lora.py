@@ -75,6 +75,24 @@ def test_peft_side_does_the_trainers_update(tmp_path):
   assert abs(flax_losses[2] - flax_losses[1]) > 1e-3 * flax_losses[1]
 
 
+def test_family_reports_merge_into_one():
+  def report(family, peak, summary):
+    return {'configs': {f'{family}/flax_fp32': 'c'},
+            'results': {f'{family}/flax_fp32': {'median_s': 1.0}},
+            'summary': summary, 'peak_rss_gb': peak,
+            'matmul_peak': {'jax_flops_per_s': peak}}
+  merged = bench_lora.merge([
+      report('t5', 2.0, {'t5_fastest_vs_fastest': 1.5, 'bert_x': None,
+                         'bert_fastest': {'flax': None, 'peft': None}}),
+      report('bert', 1.0, {'t5_fastest_vs_fastest': None, 'bert_x': 1.2,
+                           'bert_fastest': {'flax': 'a', 'peft': 'b'}})])
+  assert set(merged['results']) == {'t5/flax_fp32', 'bert/flax_fp32'}
+  assert merged['summary'] == {'t5_fastest_vs_fastest': 1.5, 'bert_x': 1.2,
+                               'bert_fastest': {'flax': 'a', 'peft': 'b'}}
+  assert merged['matmul_peak'] == {'jax_flops_per_s': 2.0}
+  assert merged['peak_rss_gb'] == 2.0
+
+
 @pytest.mark.slow  # ~30 s: every contender of both families
 def test_quick_benchmark_writes_rows_and_ratios(tmp_path):
   out = tmp_path / 'bench.json'
