@@ -89,6 +89,12 @@ def _machine(report: dict[str, Any]) -> str:
   return f'{cpu_of(report)} ({cores})'
 
 
+def _load(report: dict[str, Any]) -> str:
+  """The 15-minute load average when the run ended: 0 on a quiet host."""
+  load = report.get('hardware', {}).get('load_average')
+  return f'{load[2]:.1f}' if load else '—'
+
+
 def train_rows(report: dict[str, Any]) -> list[str]:
   """One row per model family of a `lora` record."""
   rows, results, summary = [], report['results'], report['summary']
@@ -101,7 +107,7 @@ def train_rows(report: dict[str, Any]) -> list[str]:
         _ms(get('flax_mixed')), _ms(get('peft_fp32')), _ms(get('peft_bf16')),
         _x(summary.get(f'{family}_flax_fp32_vs_peft_fp32')),
         _x(summary.get(f'{family}_fastest_vs_fastest')),
-        _share(get('flax_fp32')), _share(get('flax_mixed')),
+        _share(get('flax_fp32')), _share(get('flax_mixed')), _load(report),
         report['date'][:10], '']).strip())
   return rows
 
@@ -117,7 +123,7 @@ def generate_row(report: dict[str, Any]) -> str:
       _x(tps['flaxlora_fp32'] / tps['torch_fp32']),
       _x(tps['flaxlora_bf16'] / tps['torch_bf16_autocast']),
       _x(ours / theirs), f'{report["fp32_token_agreement"]:.3f}',
-      report['date'][:10]]
+      _load(report), report['date'][:10]]
   return '| ' + ' | '.join(cells) + ' |'
 
 
@@ -138,21 +144,26 @@ def markdown(records: list[dict[str, Any]]) -> str:
       '### Train step: `python -m experiments.benchmark lora`', '',
       'Milliseconds per step (median); ratios are PEFT time over flaxlora '
       'time; a share is FLOP/s over the matmul peak of the same precision, '
-      'measured in the same run.', '',
+      'measured in the same run; load is the 15-minute load average at the '
+      'end (on 2 cores, above ~0.5 other work shared the machine; the '
+      'contenders of a row run interleaved, step by step, so both sides '
+      'share it alike).', '',
       '| CPU (cores) | model | flaxlora fp32 | flaxlora mixed bf16 | PEFT '
       'fp32 | PEFT bf16 autocast | fp32 vs fp32 | fastest vs fastest | fp32 '
-      'share of peak | mixed share of bf16 peak | date |',
-      '|' + '---|' * 11]
+      'share of peak | mixed share of bf16 peak | load | date |',
+      '|' + '---|' * 12]
   lines += [row for r in lora for row in train_rows(r)]
   lines += [
       '', '### Generation: `python -m experiments.benchmark generate '
       '[--only llama]`', '',
       'Generated tokens per second (greedy, 8 prompts, 64 new tokens, key/'
-      'value cache); ratios are flaxlora over transformers.', '',
+      'value cache); ratios are flaxlora over transformers. Each runner\'s '
+      'calls run back to back (not interleaved), so a load that changes '
+      'during the run can favour either side.', '',
       '| CPU (cores) | model | flaxlora fp32 | flaxlora bf16 | transformers '
       'fp32 | transformers bf16 autocast | fp32 vs fp32 | bf16 vs bf16 | '
-      'fastest vs fastest | fp32 tokens equal | date |',
-      '|' + '---|' * 11]
+      'fastest vs fastest | fp32 tokens equal | load | date |',
+      '|' + '---|' * 12]
   lines += [generate_row(r) for r in generate]
   lines += ['', '### Matmul peaks of those runs (GFLOP/s, [1024, 1024] '
             'products)', '',

@@ -127,7 +127,8 @@ def commit() -> dict[str, Any]:
 
 def record() -> dict[str, Any]:
   """{'hardware', 'date', 'commit', 'dirty'} for a run's summary."""
-  return {'hardware': {**hardware(), 'peak_rss_gb': peak_rss_gb()},
+  return {'hardware': {**hardware(), 'peak_rss_gb': peak_rss_gb(),
+                       'load_average': [round(x, 1) for x in os.getloadavg()]},
           'date': datetime.datetime.now(datetime.timezone.utc).isoformat(
               timespec='seconds'),
           **commit()}
