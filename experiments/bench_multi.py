@@ -25,8 +25,9 @@ their ratio, is the most batching can give on this machine, and
 
 `lowrank_ms` times the one choice inside `multi.MultiLoraKernel`: x W plus
 the per-row low-rank term x a[k] b[k] of one [64, T, 512] -> 512 kernel at
-R = 16, by gathering each row's factors (what `multi` does), by one product
-over all K * R columns masked to each row's slot (`onehot`) and by
+R = 16, by gathering each row's factors (what `multi` does for T > 1), by
+one product over all K * R columns masked to each row's slot (`onehot`,
+what it does for T = 1) and by
 `jax.lax.ragged_dot` over rows sorted by adapter (skyrl-tx's grouping),
 for T = 64 (an encoder call) and T = 1 (a decode step); `base_only` is
 x W alone.
@@ -166,16 +167,10 @@ def bert_classification(shape, repeats):
   return _compare('bert_classification', pairs, base, run, rows, repeats)
 
 
-def _gathered(x, a, b, slot):
-  h = jnp.einsum('bti,bir->btr', x, a[slot])
-  return jnp.einsum('btr,bro->bto', h, b[slot])
-
-
-def _onehot(x, a, b, slot):
-  """Every row through all K * R columns, masked to its own slot's."""
-  mask = (jnp.arange(a.shape[0]) == slot[:, None]).astype(x.dtype)  # [B, K]
-  h = jnp.einsum('bti,kir->btkr', x, a) * mask[:, None, :, None]
-  return jnp.einsum('btkr,kro->bto', h, b)
+def _library(low_rank):
+  """One of `multi`'s two forms of the low-rank term, at scale 1."""
+  return lambda x, a, b, slot: low_rank(
+      x, a, b, slot, jnp.ones(slot.shape, jnp.float32), jnp.float32)
 
 
 def _ragged(x, a, b, slot):
@@ -203,7 +198,8 @@ def lowrank_ms(repeats: int, adapters=8, rows=64, width=512, rank=16
     calls = 10 if length > 1 else 200
     fns = {}
     for name, fn in (('base_only', lambda x, a, b, slot: 0.0),
-                     ('gather', _gathered), ('onehot', _onehot),
+                     ('gather', _library(multi.gathered_low_rank)),
+                     ('onehot', _library(multi.one_hot_low_rank)),
                      ('ragged_dot', _ragged)):
       f = jax.jit(lambda x, a, b, slot, fn=fn: x @ w + fn(x, a, b, slot))
       fns[name] = lambda f=f, x=x: [f(x, a, b, slot).block_until_ready()

@@ -234,3 +234,30 @@ def test_errors_name_the_fix(bert_case):
   dora = lora.lora(rank=2, targets='bert', use_dora=True)
   with pytest.raises(ValueError, match='DoRA'):
     multi.stack([(dora, dora.init(jax.random.PRNGKey(0), base))], base)
+
+
+@pytest.mark.parametrize('length', [1, 5])
+def test_both_low_rank_forms_equal_numpy_and_decode_takes_one_hot(
+    length, monkeypatch):
+  rng = np.random.RandomState(0)
+  a, b = rng.randn(3, 6, 2), rng.randn(3, 2, 4)  # K=3 slots, R=2
+  x, slot = rng.randn(4, length, 6), np.array([2, 0, 1, 2])
+  scale = np.array([0.5, 1.0, 0.0, 2.0])
+  want = np.stack([s * (x[r] @ a[k] @ b[k])
+                   for r, (k, s) in enumerate(zip(slot, scale))])
+  for form in (multi.gathered_low_rank, multi.one_hot_low_rank):
+    got = form(*map(np.float32, (x, a, b)), slot, np.float32(scale),
+               np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.abs(want).max() > 0.1
+  # The kernel picks by length: one token per row is a decode step.
+  taken = []
+  for name in ('gathered_low_rank', 'one_hot_low_rank'):
+    form = getattr(multi, name)
+    monkeypatch.setattr(multi, name, lambda *args, f=form, n=name: (
+        taken.append(n), f(*args))[1])
+  kernel = multi.MultiLoraKernel(
+      w=np.float32(rng.randn(6, 4)), ids=np.int32(slot),
+      a=np.float32(a), b=np.float32(b), scale=np.float32([0.5, 1.0, 2.0]))
+  kernel.dot(np.float32(x), dtype=np.float32)
+  assert taken == ['one_hot_low_rank' if length == 1 else 'gathered_low_rank']

@@ -18,21 +18,21 @@ computes, for row b with slot k = ids[b],
 
     y[b] = x[b] W + scale[k] (x[b] a[k]) b[k]  (+ x[b] delta[k] + bias_delta[k])
 
-gathering each row's factors (Punica's BGMV shape), chosen by measurement
-on a loaded 2-core CPU (`experiments.bench_multi`; interleaved runs, ratios
-only). x W plus the low-rank term of one 512 -> 512 kernel, 64 rows over
-K = 8 adapters at R = 16, took this many times x W alone (two runs):
+by gathering each row's factors (Punica's BGMV shape) when rows hold
+several tokens, and by one-hot products (x @ all K * R columns, those of
+other slots zeroed, @ [K * R, out]) when each row is one token, as in a
+decode step. Measured with `experiments.bench_multi` (x W plus the low-rank
+term of one 512 -> 512 kernel, 64 rows over K = 8 adapters at R = 16): on
+an Intel Xeon with AVX-512, T = 1 took 0.63 ms gathered and 0.29 ms one-hot
+against 0.14 ms for x W alone, and T = 64 took 8.1 ms gathered and 9.8 ms
+one-hot. On a loaded 2-core AMD EPYC, interleaved, as multiples of x W:
 
                        gather      one-hot K*R   ragged_dot (skyrl-tx)
     T = 64 (encoder)   1.02, 1.33  1.17, 1.70    1.45, 3.43
     T = 1 (decode)     3.0, 1.58   4.4, 1.17     4.4, 1.68
 
-(one-hot: x @ all K * R columns masked to the row's slot, @ [K*R, out];
-ragged_dot: rows sorted by adapter, one group each.) Whole calls do not see
-the T = 1 difference: a mixed T5 generate of 64 rows took 1.04x the base
-model's time with the gather and 1.05x with one-hot decode steps, a mixed
-BERT forward 1.03x and 1.04x; so the gather serves every T, with no branch
-on the shape. A mixed batch then gains over one call per adapter what
+(ragged_dot: rows sorted by adapter, one group each.) A mixed batch then
+gains over one call per adapter what
 batching gains the base model itself. On that CPU 8 calls of 8 rows took
 1.7-1.9x one call of 64 for T5 generate and 0.75-0.86x for BERT (64 x 128
 tokens of activations outgrow the caches): the 4x of memory-bound
@@ -104,15 +104,39 @@ class MultiLoraKernel(layers.WrapsKernel):
     extra = jnp.zeros(rows.shape[:2] + (y.shape[-1],), jnp.float32)
     if self.a is not None:
       scale = jnp.where(keep, self.scale[slot], 0.0)       # [B']
-      h = layers.einsum('bti,bir->btr', rows, self.a[slot], dtype=dtype)
-      h = h * scale[:, None, None]
-      extra += layers.einsum('btr,bro->bto', h, self.b[slot], dtype=dtype)
+      low_rank = one_hot_low_rank if rows.shape[1] == 1 else gathered_low_rank
+      extra += low_rank(rows, self.a, self.b, slot, scale, dtype)
     if self.delta is not None:
       delta = self.delta[slot] * keep[:, None, None]       # [B', in, out]
       extra += layers.einsum('bti,bio->bto', rows, delta, dtype=dtype)
     if self.bias_delta is not None:
       extra += (self.bias_delta[slot] * keep[:, None])[:, None, :]
     return (y + extra.reshape(y.shape)).astype(dtype)
+
+
+def gathered_low_rank(x: Array, a: Array, b: Array, slot: Array,
+                      scale: Array, dtype: jnp.dtype) -> Array:
+  """scale[r] (x[r] a[slot[r]]) b[slot[r]] with each row's factors gathered.
+
+  x [B, T, in], a [K, in, R], b [K, R, out], slot and scale [B] ->
+  [B, T, out] in fp32.
+  """
+  h = layers.einsum('bti,bir->btr', x, a[slot], dtype=dtype)
+  h = h * scale[:, None, None]
+  return layers.einsum('btr,bro->bto', h, b[slot], dtype=dtype)
+
+
+def one_hot_low_rank(x: Array, a: Array, b: Array, slot: Array,
+                     scale: Array, dtype: jnp.dtype) -> Array:
+  """`gathered_low_rank` as two plain products over all K * R columns, each
+  row's own R of them kept (the others times 0): no per-row copy of the
+  factors, the better form when rows are few tokens long (decoding)."""
+  k, d_in, r = a.shape
+  h = layers.matmul(x, jnp.moveaxis(a, 0, 1).reshape(d_in, k * r),
+                    dtype=dtype)                          # [B, T, K * R]
+  mask = jax.nn.one_hot(slot, k, dtype=h.dtype) * scale[:, None]  # [B, K]
+  h = h * jnp.repeat(mask, r, axis=1)[:, None, :]
+  return layers.matmul(h, b.reshape(k * r, -1), dtype=dtype)
 
 
 def _rows(ids: Array, rows: int) -> tuple[Array, Array]:
