@@ -228,50 +228,43 @@ def summarize(results: dict[str, Any], peak: dict[str, float]
               ) -> dict[str, Any]:
   """Speed-ups (slow time / fast time; > 1: flaxlora faster), the LoRA
   step time as a fraction of full fine-tuning's, dropout's share of the
-  step, and FLOP/s as a fraction of the matmul peak."""
-  fastest = lambda names: min((n for n in names if n in results),
-                              key=lambda n: results[n]['median_s'],
-                              default=None)
-  flax_best = fastest(['t5/flax_fp32', 't5/flax_mixed'])
-  peft_best = fastest(['t5/peft_fp32', 't5/peft_bf16'])
-  bert_flax = fastest(['bert/flax_fp32', 'bert/flax_mixed'])
-  bert_peft = fastest(['bert/peft_fp32', 'bert/peft_bf16'])
-  llama_flax = fastest(['llama/flax_fp32', 'llama/flax_mixed'])
-  llama_peft = fastest(['llama/peft_fp32', 'llama/peft_bf16'])
-  summary = {
-      't5_flax_fp32_vs_peft_fp32': _ratio(results, 't5/peft_fp32',
-                                          't5/flax_fp32'),
-      't5_fastest_vs_fastest': (_ratio(results, peft_best, flax_best)
-                                if flax_best and peft_best else None),
-      't5_fastest': {'flax': flax_best, 'peft': peft_best},
-      'llama_flax_fp32_vs_peft_fp32': _ratio(results, 'llama/peft_fp32',
-                                             'llama/flax_fp32'),
-      'llama_fastest_vs_fastest': (_ratio(results, llama_peft, llama_flax)
-                                   if llama_flax and llama_peft else None),
-      'llama_fastest': {'flax': llama_flax, 'peft': llama_peft},
-      't5_lora_over_full_step': _ratio(results, 't5/flax_fp32',
-                                       't5/flax_full'),
-      'bert_flax_fp32_vs_peft_fp32': _ratio(results, 'bert/peft_fp32',
-                                            'bert/flax_fp32'),
-      'bert_fastest_vs_fastest': (_ratio(results, bert_peft, bert_flax)
-                                  if bert_flax and bert_peft else None),
-      'bert_fastest': {'flax': bert_flax, 'peft': bert_peft},
-      # The same step data-parallel over one XLA CPU device per core.
-      't5_flax_fp32_dp_vs_peft_fp32': _ratio(results, 't5/peft_fp32',
-                                             't5/flax_fp32_dp'),
-      'bert_flax_fp32_dp_vs_peft_fp32': _ratio(results, 'bert/peft_fp32',
-                                               'bert/flax_fp32_dp'),
-      'bert_lora_over_full_step': _ratio(results, 'bert/flax_fp32',
-                                         'bert/flax_full'),
-      # Fastest steps: the least disturbed by other load on the machine.
-      't5_flax_fp32_vs_peft_fp32_min': _ratio(results, 't5/peft_fp32',
-                                              't5/flax_fp32', 'min_s'),
-      'bert_flax_fp32_vs_peft_fp32_min': _ratio(results, 'bert/peft_fp32',
-                                                'bert/flax_fp32', 'min_s'),
-      't5_model_dropout_share_of_lora_step': (
-          1.0 - 1.0 / _ratio(results, 't5/flax_fp32', 't5/flax_fp32_nodrop')
-          if 't5/flax_fp32_nodrop' in results else None),
-  }
+  step; `add_peak_shares` adds each row's FLOP/s to `results`."""
+  summary = {}
+  for family in ROWS:
+    flax_best = _fastest(results, f'{family}/flax_fp32', f'{family}/flax_mixed')
+    peft_best = _fastest(results, f'{family}/peft_fp32', f'{family}/peft_bf16')
+    summary.update({
+        f'{family}_flax_fp32_vs_peft_fp32': _ratio(
+            results, f'{family}/peft_fp32', f'{family}/flax_fp32'),
+        f'{family}_fastest_vs_fastest': (
+            _ratio(results, peft_best, flax_best)
+            if flax_best and peft_best else None),
+        f'{family}_fastest': {'flax': flax_best, 'peft': peft_best},
+        f'{family}_lora_over_full_step': _ratio(
+            results, f'{family}/flax_fp32', f'{family}/flax_full'),
+        # The same step data-parallel over one XLA CPU device per core.
+        f'{family}_flax_fp32_dp_vs_peft_fp32': _ratio(
+            results, f'{family}/peft_fp32', f'{family}/flax_fp32_dp'),
+        # Fastest steps: the least disturbed by other load on the machine.
+        f'{family}_flax_fp32_vs_peft_fp32_min': _ratio(
+            results, f'{family}/peft_fp32', f'{family}/flax_fp32', 'min_s'),
+    })
+  summary['t5_model_dropout_share_of_lora_step'] = (
+      1.0 - 1.0 / _ratio(results, 't5/flax_fp32', 't5/flax_fp32_nodrop')
+      if 't5/flax_fp32_nodrop' in results else None)
+  add_peak_shares(results, peak)
+  return summary
+
+
+def _fastest(results: dict[str, Any], *names: str) -> str | None:
+  return min((n for n in names if n in results),
+             key=lambda n: results[n]['median_s'], default=None)
+
+
+def add_peak_shares(results: dict[str, Any], peak: dict[str, float]) -> None:
+  """Each row's FLOP/s and its fraction of the matmul peak of its precision
+  (JAX's for flaxlora, torch's for PEFT); on accelerators, of the chip's
+  bf16 peak too (`experiments.peaks`)."""
   for name, numbers in results.items():
     model = name.split('/')[0]
     # PEFT does the math of flaxlora's LoRA step: count it with its flops.
@@ -284,12 +277,11 @@ def summarize(results: dict[str, Any], peak: dict[str, float]
       numbers['flops_per_s'] = rate
       numbers['fraction_of_matmul_peak'] = (
           rate / peak[f'{key}{precision}_flops_per_s'])
-      bf16 = peaks.fraction(  # accelerators only (experiments.peaks)
+      bf16 = peaks.fraction(
           flops, numbers['median_s'], jax.devices()[0].device_kind,
           jax.device_count() if name.endswith('_dp') else 1)
       if bf16 is not None:
         numbers['fraction_of_bf16_peak'] = bf16
-  return summary
 
 
 def _parse(argv):

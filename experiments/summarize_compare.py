@@ -234,11 +234,11 @@ def portable(config: dict[str, Any]) -> dict[str, Any]:
 
 def table(record: dict[str, Any]) -> str:
   """The Markdown table of the record's parts."""
-  # The load average beside the minutes: on a shared machine they are
-  # wall time under that load, not a speed measurement.
+  # The load averages at the start and end beside the minutes: on a shared
+  # machine they are wall time under that load, not a speed measurement.
   lines = ['| run | ROUGE-1 | ROUGE-2 | ROUGE-L | train steps | minutes '
-           '| load | CPU (cores) | date |',
-           '|---|---|---|---|---|---|---|---|---|']
+           '| load | CPU (cores) | date | recipe |',
+           '|---|---|---|---|---|---|---|---|---|---|']
   for part in PARTS:
     if part not in record:
       continue
@@ -246,10 +246,33 @@ def table(record: dict[str, Any]) -> str:
     lines.append(
         f"| {LABELS[part]} | {m['rouge1']:.2f} | {m['rouge2']:.2f} | "
         f"{m['rougeL']:.2f} | {r.get('steps', 0)} | "
-        f"{r['seconds'] / 60:.1f} | {r['hardware']['load_average'][0]} | "
+        f"{r['seconds'] / 60:.1f} | {_load(r['hardware'])} | "
         f"{r['hardware']['cpu']} "
-        f"({r['hardware']['cores']}) | {r['date'][:10]} |")
+        f"({r['hardware']['cores']}) | {r['date'][:10]} | "
+        f"{recipe_text(part, r.get('config'))} |")
   return '\n'.join(lines)
+
+
+def _load(hardware: dict[str, Any]) -> str:
+  """'start / end' 1-minute load averages ('start' alone if no end)."""
+  start = hardware['load_average'][0]
+  end = hardware.get('load_average_end')
+  return f'{start} / {end[0]}' if end else f'{start}'
+
+
+def recipe_text(part: str, config: dict[str, Any] | None) -> str:
+  """What an entry's run did, from its recorded config."""
+  if not config:
+    return '—'
+  e, t = config['eval'], config['train']
+  decode = (f"greedy, <= {e['max_new_tokens']} tokens" if e['num_beams'] <= 1
+            else f"beam {e['num_beams']}, <= {e['max_new_tokens']} tokens")
+  if part == 'zero_shot':
+    return decode
+  p, o = config['peft'], config['optimizer']
+  return (f"LoRA r={p['rank']}, alpha {p['alpha']:g}; AdamW {o['lr']:g}, "
+          f"{o['schedule']}, {t['epochs']:g} epoch of batch "
+          f"{t['batch_size']}; {config['model']['dtype']} products; {decode}")
 
 
 def write_table(record_path: pathlib.Path, doc: pathlib.Path) -> None:
