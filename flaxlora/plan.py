@@ -16,8 +16,11 @@ compiler's figures give, per chip:
            temporaries (activations, gradients, workspace), and the total
            the compiler places in HBM, vs the chip's HBM;
   FLOPs    of the compiled (partitioned) step, and the model's useful FLOPs:
-           the step traced without rematerialisation (`model.remat` 'none'),
-           so recomputed forward passes are not counted as useful work;
+           the step traced without rematerialisation (`model.remat` 'none')
+           and unrolled, so recomputed forward passes are not counted as
+           useful work. XLA's cost analysis counts a loop's body once: for
+           a scan over layers (`model.scan_layers`) the layers it leaves
+           out are added (`scan_missed_flops`), their bytes estimated;
   time     the roofline: max(FLOPs / peak, HBM bytes accessed / bandwidth)
            and the MFU it implies (useful FLOPs / (roofline time x peak)).
 
@@ -190,9 +193,9 @@ def is_out_of_memory(error: Exception) -> bool:
   return 'RESOURCE_EXHAUSTED' in str(error)
 
 
-def useful_flops(config: Any, num_chips: int) -> float:
-  """The model's useful FLOPs per chip: XLA's cost analysis of the whole
-  (unpartitioned) step traced without rematerialisation, over `num_chips`.
+def lowered_flops(config: Any, **model: Any) -> float:
+  """XLA's cost analysis of the whole (unpartitioned) step with the `model`
+  fields changed (e.g. remat='none'): its FLOPs.
 
   Lowered for one CPU device: FLOPs of the unpartitioned program do not
   depend on the backend, and the TPU compiler gives no cost analysis before
@@ -200,10 +203,26 @@ def useful_flops(config: Any, num_chips: int) -> float:
   """
   config = ml_collections.ConfigDict(config.to_dict())
   config.mesh = {'data': 1, 'fsdp': 1, 'tensor': 1}
-  if config.model.get('remat', 'none') != 'none':
-    config.model.remat = 'none'
+  config.model.update(model)
   cost = abstract_step(config, jax.devices('cpu')[:1]).lower().cost_analysis()
-  return float(cost['flops']) / num_chips
+  return float(cost['flops'])
+
+
+def useful_flops(config: Any, num_chips: int) -> float:
+  """The model's useful FLOPs per chip: the step without rematerialisation
+  and unrolled (`lowered_flops`), over `num_chips`."""
+  return lowered_flops(config, remat='none', scan_layers=False) / num_chips
+
+
+def scan_missed_flops(config: Any, num_chips: int) -> float:
+  """The FLOPs per chip that a cost analysis of a `model.scan_layers` step
+  leaves out, 0 without the scan: XLA counts a loop's body once, so every
+  layer of a scan but one. The unrolled step's lowered FLOPs minus the
+  scanned step's (the same remat), over `num_chips`."""
+  if not config.model.get('scan_layers', False):
+    return 0.0
+  unrolled = lowered_flops(config, scan_layers=False)
+  return (unrolled - lowered_flops(config)) / num_chips
 
 
 def compile_step(step: Step) -> tuple[Any, dict[str, float]]:
@@ -255,6 +274,7 @@ def plan(config: Any, t: chips.Target,
       'grad_accum_steps': int(config.optimizer.grad_accum_steps),
       'model_dtype': config.model.dtype,
       'remat': config.model.get('remat', 'none'),
+      'scan_layers': bool(config.model.get('scan_layers', False)),
       'base_dtype': config.model.get('base_dtype', 'float32'),
       'bytes': {'base': chip_bytes(step.base),
                 'adapter': chip_bytes(step.state.adapter),
@@ -274,6 +294,14 @@ def plan(config: Any, t: chips.Target,
                 headroom=round(1 - total / t.chip.hbm_bytes, 4))
   cost = compiled.cost_analysis()
   flops, accessed = float(cost['flops']), float(cost['bytes accessed'])
+  missed = scan_missed_flops(config, len(device_list))
+  if missed:
+    # The scanned layers' bytes are estimated like their FLOPs: the
+    # compiled step's bytes scaled by the same factor.
+    report.update(compiled_flops=flops, compiled_bytes_accessed=accessed,
+                  scan_missed_flops=missed)
+    accessed *= (flops + missed) / flops
+    flops += missed
   report.update(flops=flops, bytes_accessed=accessed,
                 useful_flops=useful_flops(config, len(device_list)))
   if t.chip.peak_flops:

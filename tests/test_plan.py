@@ -155,7 +155,8 @@ def test_pod_configs_name_presets_and_valid_methods(variant):
   assert presets.config_json(config.model.path)['model_type'] in (
       't5', 'bert', 'llama', 'qwen2')
   assert build.peft_method(config.peft, config.model.family).init
-  assert (config.mesh.fsdp, config.model.remat) == (-1, 'block')
+  assert (config.mesh.fsdp, config.model.remat, config.model.scan_layers) == (
+      -1, 'block', True)
 
 
 def test_missing_libtpu_is_one_line_with_the_install():
