@@ -18,9 +18,8 @@ compiler's figures give, per chip:
   FLOPs    of the compiled (partitioned) step, and the model's useful FLOPs:
            the step traced without rematerialisation (`model.remat` 'none')
            and unrolled, so recomputed forward passes are not counted as
-           useful work. XLA's cost analysis counts a loop's body once: for
-           a scan over layers (`model.scan_layers`) the layers it leaves
-           out are added (`scan_missed_flops`), their bytes estimated;
+           useful work; with scans over layers (`model.scan_layers`) the
+           layers a cost analysis leaves out are added (`plan_cost`);
   time     the roofline: max(FLOPs / peak, HBM bytes accessed / bandwidth)
            and the MFU it implies (useful FLOPs / (roofline time x peak)).
 
@@ -41,11 +40,13 @@ import numpy as np
 from flaxlora import build
 from flaxlora import chips
 from flaxlora import optimizers
+from flaxlora import plan_cost
 from flaxlora import resolved
 from flaxlora import run_setup
 from flaxlora import sharding
 from flaxlora import steps
 from flaxlora import tasks
+from flaxlora.models import layer_scan
 from flaxlora.models import presets
 from flaxlora.peft import base as peft_base
 
@@ -193,9 +194,10 @@ def is_out_of_memory(error: Exception) -> bool:
   return 'RESOURCE_EXHAUSTED' in str(error)
 
 
-def lowered_flops(config: Any, **model: Any) -> float:
-  """XLA's cost analysis of the whole (unpartitioned) step with the `model`
-  fields changed (e.g. remat='none'): its FLOPs.
+def useful_flops(config: Any, num_chips: int) -> float:
+  """The model's useful FLOPs per chip: XLA's cost analysis of the whole
+  (unpartitioned) step traced without rematerialisation and unrolled, over
+  `num_chips`.
 
   Lowered for one CPU device: FLOPs of the unpartitioned program do not
   depend on the backend, and the TPU compiler gives no cost analysis before
@@ -203,26 +205,12 @@ def lowered_flops(config: Any, **model: Any) -> float:
   """
   config = ml_collections.ConfigDict(config.to_dict())
   config.mesh = {'data': 1, 'fsdp': 1, 'tensor': 1}
-  config.model.update(model)
+  if config.model.get('remat', 'none') != 'none':
+    config.model.remat = 'none'
+  if config.model.get('scan_layers', False):
+    config.model.scan_layers = False
   cost = abstract_step(config, jax.devices('cpu')[:1]).lower().cost_analysis()
-  return float(cost['flops'])
-
-
-def useful_flops(config: Any, num_chips: int) -> float:
-  """The model's useful FLOPs per chip: the step without rematerialisation
-  and unrolled (`lowered_flops`), over `num_chips`."""
-  return lowered_flops(config, remat='none', scan_layers=False) / num_chips
-
-
-def scan_missed_flops(config: Any, num_chips: int) -> float:
-  """The FLOPs per chip that a cost analysis of a `model.scan_layers` step
-  leaves out, 0 without the scan: XLA counts a loop's body once, so every
-  layer of a scan but one. The unrolled step's lowered FLOPs minus the
-  scanned step's (the same remat), over `num_chips`."""
-  if not config.model.get('scan_layers', False):
-    return 0.0
-  unrolled = lowered_flops(config, scan_layers=False)
-  return (unrolled - lowered_flops(config)) / num_chips
+  return float(cost['flops']) / num_chips
 
 
 def compile_step(step: Step) -> tuple[Any, dict[str, float]]:
@@ -282,7 +270,8 @@ def plan(config: Any, t: chips.Target,
                 'batch': chip_bytes(step.batch)},
       'hbm_bytes': t.chip.hbm_bytes,
   }
-  compiled, seconds = compile_step(step)
+  with layer_scan.unrolled() as lengths:
+    compiled, seconds = compile_step(step)
   report.update(seconds)
   if isinstance(compiled, str):
     report.update(fits=False, error=compiled)
@@ -292,28 +281,14 @@ def plan(config: Any, t: chips.Target,
                          total=total)
   report.update(fits=total <= t.chip.hbm_bytes,
                 headroom=round(1 - total / t.chip.hbm_bytes, 4))
-  cost = compiled.cost_analysis()
-  flops, accessed = float(cost['flops']), float(cost['bytes accessed'])
-  missed = scan_missed_flops(config, len(device_list))
-  if missed:
-    # The scanned layers' bytes are estimated like their FLOPs: the
-    # compiled step's bytes scaled by the same factor.
-    report.update(compiled_flops=flops, compiled_bytes_accessed=accessed,
-                  scan_missed_flops=missed)
-    accessed *= (flops + missed) / flops
-    flops += missed
-  report.update(flops=flops, bytes_accessed=accessed,
-                useful_flops=useful_flops(config, len(device_list)))
-  if t.chip.peak_flops:
-    compute, memory_s = (flops / t.chip.peak_flops,
-                         accessed / t.chip.hbm_bandwidth)
-    roofline = max(compute, memory_s)
-    report.update(
-        compute_seconds=compute, memory_seconds=memory_s,
-        roofline_seconds=roofline,
-        bound='compute' if compute >= memory_s else 'memory',
-        mfu=round(report['useful_flops'] / (roofline * t.chip.peak_flops),
-                  4))
+  cost = plan_cost.cost(compiled)
+  del compiled
+  if lengths:
+    cost = plan_cost.scanned(cost, lengths, lambda: compile_step(
+        abstract_step(config, device_list))[0])
+  report.update(cost, useful_flops=useful_flops(config, len(device_list)))
+  if t.chip.peak_flops and 'flops' in report:
+    report.update(plan_cost.roofline(report, t.chip))
   return report
 
 

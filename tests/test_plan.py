@@ -147,6 +147,20 @@ def test_plan_on_the_host_devices_through_the_cli(tmp_path):
   assert '| cpu |' in rows[2] and '| yes |' in rows[2]
 
 
+def test_a_scanned_step_is_costed_with_every_layer():
+  # XLA's cost analysis counts a loop's body once: the plan compiles the
+  # scanned step again with 2 layers per iteration and adds the rest.
+  config = pod_lora.get_config(TINY)  # 2 + 2 layers, scanned
+  scanned = plan.plan(config, chips.target('cpu'))
+  config.model.scan_layers = False
+  unrolled = plan.plan(config, chips.target('cpu'))
+  assert scanned['scan_lengths'] == [2, 2] and 'scan_lengths' not in unrolled
+  assert scanned['compiled_flops'] < 0.8 * scanned['flops']
+  assert scanned['flops'] == pytest.approx(unrolled['flops'], rel=0.1)
+  assert scanned['bytes_accessed'] == pytest.approx(
+      unrolled['bytes_accessed'], rel=0.3)
+
+
 @pytest.mark.parametrize('variant', [
     'model=flan-t5-xxl', 'model=flan-t5-xl,method=qlora', 'model=bert-large',
     'model=llama-3-8b', 'model=qwen2-7b,method=qlora,batch=4'])
