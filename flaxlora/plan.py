@@ -46,7 +46,6 @@ from flaxlora import run_setup
 from flaxlora import sharding
 from flaxlora import steps
 from flaxlora import tasks
-from flaxlora.models import layer_scan
 from flaxlora.models import presets
 from flaxlora.peft import base as peft_base
 
@@ -194,23 +193,25 @@ def is_out_of_memory(error: Exception) -> bool:
   return 'RESOURCE_EXHAUSTED' in str(error)
 
 
-def useful_flops(config: Any, num_chips: int) -> float:
-  """The model's useful FLOPs per chip: XLA's cost analysis of the whole
-  (unpartitioned) step traced without rematerialisation and unrolled, over
-  `num_chips`.
+def lowered_cost(config: Any, **model: Any) -> dict[str, float]:
+  """XLA's cost analysis of the whole (unpartitioned) step, with the
+  `model` fields changed (e.g. remat='none'): `plan_cost.cost`'s keys.
 
-  Lowered for one CPU device: FLOPs of the unpartitioned program do not
-  depend on the backend, and the TPU compiler gives no cost analysis before
-  it partitions.
+  Lowered for one CPU device: the unpartitioned program does not depend on
+  the backend, and the TPU compiler gives no cost analysis before it
+  partitions.
   """
   config = ml_collections.ConfigDict(config.to_dict())
   config.mesh = {'data': 1, 'fsdp': 1, 'tensor': 1}
-  if config.model.get('remat', 'none') != 'none':
-    config.model.remat = 'none'
-  if config.model.get('scan_layers', False):
-    config.model.scan_layers = False
-  cost = abstract_step(config, jax.devices('cpu')[:1]).lower().cost_analysis()
-  return float(cost['flops']) / num_chips
+  config.model.update(model)
+  return plan_cost.cost(abstract_step(config, jax.devices('cpu')[:1]).lower())
+
+
+def useful_flops(config: Any, num_chips: int) -> float:
+  """The model's useful FLOPs per chip: the step without rematerialisation
+  and unrolled (`lowered_cost`), over `num_chips`."""
+  return lowered_cost(config, remat='none', scan_layers=False)['flops'] / (
+      num_chips)
 
 
 def compile_step(step: Step) -> tuple[Any, dict[str, float]]:
@@ -270,8 +271,7 @@ def plan(config: Any, t: chips.Target,
                 'batch': chip_bytes(step.batch)},
       'hbm_bytes': t.chip.hbm_bytes,
   }
-  with layer_scan.unrolled() as lengths:
-    compiled, seconds = compile_step(step)
+  compiled, seconds = compile_step(step)
   report.update(seconds)
   if isinstance(compiled, str):
     report.update(fits=False, error=compiled)
@@ -282,10 +282,9 @@ def plan(config: Any, t: chips.Target,
   report.update(fits=total <= t.chip.hbm_bytes,
                 headroom=round(1 - total / t.chip.hbm_bytes, 4))
   cost = plan_cost.cost(compiled)
-  del compiled
-  if lengths:
-    cost = plan_cost.scanned(cost, lengths, lambda: compile_step(
-        abstract_step(config, device_list))[0])
+  if report['scan_layers']:
+    cost = plan_cost.scanned(cost, lowered_cost(config),
+                             lowered_cost(config, scan_layers=False))
   report.update(cost, useful_flops=useful_flops(config, len(device_list)))
   if t.chip.peak_flops and 'flops' in report:
     report.update(plan_cost.roofline(report, t.chip))

@@ -7,52 +7,38 @@ step time and MFU they imply.
 
 XLA's cost analysis counts a loop's body once: a step whose layers are one
 scan (`model.scan_layers`) reports one layer of each stack. `scanned`
-compiles the step again with two layers per loop iteration
-(`layer_scan.unrolled(2)`): the difference is one layer of each scan, and
-L - 1 of them are added.
+scales the compiled step's figures by what the same step unrolled costs
+over the scanned one, both lowered unpartitioned (before optimisation):
+exact for the FLOPs of the layers, an estimate for their bytes (it assumes
+the compiler fuses the layers as it fuses the rest of the step).
 """
-from typing import Any, Callable, Sequence
-
-from flaxlora.models import layer_scan
+from typing import Any
 
 
 def cost(compiled: Any) -> dict[str, float]:
-  """{'flops', 'bytes_accessed'} of a compiled step (XLA's analysis)."""
+  """{'flops', 'bytes_accessed'} of a compiled or lowered step (XLA's
+  analysis)."""
   analysis = compiled.cost_analysis()
   return {'flops': float(analysis['flops']),
           'bytes_accessed': float(analysis['bytes accessed'])}
 
 
-def scanned(once: dict[str, float], lengths: Sequence[int],
-            compile_again: Callable[[], Any]) -> dict[str, Any]:
-  """The FLOPs and bytes of a step whose scans over layers have `lengths`.
+def scanned(compiled: dict[str, float], lowered: dict[str, float],
+            unrolled: dict[str, float]) -> dict[str, float]:
+  """The `cost` of a step with scans over layers, every layer counted.
 
   Args:
-    once: `cost` of the compiled step (each loop's body counted once).
-    lengths: its scans' lengths (`layer_scan.unrolled`).
-    compile_again: compiles the same step (the compiled step, or a string:
-      the compiler refused it); called inside `layer_scan.unrolled(2)`.
+    compiled: the compiled (partitioned) step's `cost`: one layer a scan.
+    lowered: the same step lowered unpartitioned: one layer a scan.
+    unrolled: the step with its layers unrolled, lowered unpartitioned.
 
   Returns:
-    'scan_lengths', 'compiled_flops', 'compiled_bytes_accessed' and, when
-    every scan has one length L (1, or even), 'flops' and 'bytes_accessed'
-    with L - 1 more layers of each scan; without 'flops' (other lengths, or
-    the second compile refused) a report has no roofline.
+    `compiled` scaled by unrolled / lowered, per key; the compiler's own
+    figures under 'compiled_flops' and 'compiled_bytes_accessed'.
   """
-  report = {'scan_lengths': list(lengths), 'compiled_flops': once['flops'],
-            'compiled_bytes_accessed': once['bytes_accessed']}
-  length = lengths[0]
-  if set(lengths) == {1}:
-    return dict(report, **once)
-  if len(set(lengths)) != 1 or length % 2:
-    return report
-  with layer_scan.unrolled(2):
-    twice = compile_again()
-  if isinstance(twice, str):
-    return report
-  twice = cost(twice)
-  return dict(report, **{k: once[k] + (length - 1) * (twice[k] - once[k])
-                         for k in once})
+  out = {f'compiled_{k}': v for k, v in compiled.items()}
+  out.update({k: compiled[k] * unrolled[k] / lowered[k] for k in compiled})
+  return out
 
 
 def roofline(report: dict[str, Any], chip: Any) -> dict[str, Any]:

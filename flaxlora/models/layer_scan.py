@@ -19,9 +19,7 @@ one stacked copy of the layers' params inside the step. Every layer must
 have the same structure, leaf shapes and dtypes (`stack` names the first
 difference). Init, and the cached decoding paths, stay unrolled.
 """
-import contextlib
-import contextvars
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -32,24 +30,6 @@ from flaxlora.models import remat as remat_lib
 Array = jax.Array
 # (layer params, x [B, T, H], the layer's slice of `per_layer`, rngs) -> x.
 Layer = Callable[[Any, Array, Any, dict[str, Array]], Array]
-# (layers per loop iteration, the lengths of the scans traced) inside
-# `unrolled`.
-_UNROLLED = contextvars.ContextVar('flaxlora_layer_scan', default=None)
-
-
-@contextlib.contextmanager
-def unrolled(layers_per_iteration: int = 1) -> Iterator[list[int]]:
-  """Inside the block every scan traced runs `layers_per_iteration` layers
-  per loop iteration (`jax.lax.scan`'s unroll; the same values) and appends
-  its length to the list yielded. XLA's cost analysis counts a loop's body
-  once: `plan_cost` costs one layer as the difference of a step compiled
-  with 2 and with 1."""
-  lengths = []
-  token = _UNROLLED.set((layers_per_iteration, lengths))
-  try:
-    yield lengths
-  finally:
-    _UNROLLED.reset(token)
 
 
 def layer_params(module: nn.Module, names: Sequence[str]) -> list[Any]:
@@ -154,8 +134,6 @@ def run(layer: Layer, x: Array, trees: Sequence[Any], names: Sequence[str],
   """
   treedef, stacked = stack(trees, names)
   keys = None if rng is None else jax.random.split(rng, len(trees))
-  unroll, lengths = _UNROLLED.get() or (1, [])
-  lengths.append(len(trees))
 
   def body(x, xs):
     leaves, extra, key = xs
@@ -163,7 +141,7 @@ def run(layer: Layer, x: Array, trees: Sequence[Any], names: Sequence[str],
     return layer(jax.tree.unflatten(treedef, leaves), x, extra, rngs), None
 
   body = remat_lib.checkpoint(body, remat)
-  return jax.lax.scan(body, x, (stacked, per_layer, keys), unroll=unroll)[0]
+  return jax.lax.scan(body, x, (stacked, per_layer, keys))[0]
 
 
 def blocks(module: nn.Module, cell: nn.Module, names: Sequence[str],
