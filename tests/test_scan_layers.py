@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 import helpers
+from flaxlora import sharding
 from flaxlora.models import bert
 from flaxlora.models import gpt2
+from flaxlora.models import layers
 from flaxlora.models import llama
 from flaxlora.models import remat
 from flaxlora.models import t5
@@ -202,3 +204,26 @@ def test_the_scanned_program_does_not_grow_with_depth():
   # the gradients back, and the LoRA adapter's own per-layer leaves.
   assert len(s6) - len(s2) < 0.25 * (len(u6) - len(u2))
   assert len(u6) > 2.5 * len(u2)
+
+
+def _primitives(jaxpr, inside_scan=False):
+  """Names of the primitives of a jaxpr and its sub-jaxprs, those inside a
+  scan's body marked with a leading 'scan/'."""
+  names = []
+  for eqn in jaxpr.eqns:
+    names.append(('scan/' if inside_scan else '') + eqn.primitive.name)
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      names += _primitives(sub, inside_scan or eqn.primitive.name == 'scan')
+  return names
+
+
+def test_activation_constraints_apply_inside_the_loop():
+  model = _build('t5', scan_layers=True)
+  params = jax.eval_shape(lambda: t5.init(model, jax.random.PRNGKey(0)))
+  mesh = sharding.make_mesh({'data': -1})
+  with layers.activation_sharding(mesh, sharding.RULES):
+    jaxpr = jax.make_jaxpr(lambda p: _logits('t5', model, p))(params)
+  names = _primitives(jaxpr.jaxpr)
+  # The blocks' own constraints (attention heads, MLP hidden states, each
+  # block's output), in both stacks' loops.
+  assert names.count('scan/sharding_constraint') >= 4, names
