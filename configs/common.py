@@ -8,8 +8,8 @@ Sections every config has:
   task       'seq2seq' | 'classification' | 'squad' | 'causal_lm'
   model      family, path (folder, hub id or 'pkg:<python package>') or a
              tiny `init` spec (random init, for runlocal), dtype, dropout;
-             the memory options remat, base_dtype, shard_activations,
-             attention (docs/memory.md); BERT adds head
+             the memory options remat, scan_layers, base_dtype,
+             shard_activations, attention (docs/memory.md); BERT adds head
              and num_labels
   tokenizer  path (folder/hub id/'pkg:...') or 'bytes' (byte-level)
   peft       method (a name in flaxlora.peft.registry) and its arguments
@@ -131,14 +131,15 @@ def base_config() -> ml_collections.ConfigDict:
   # pooling (BERT classifiers): 'cls' or 'mean' (see flaxlora.models.bert).
   # dtype: the products' dtype, 'float32', 'bfloat16' or 'auto' (bfloat16
   # where the CPU has bf16 matmul instructions or on an accelerator).
-  # remat: 'none', 'block' or 'dots'; base_dtype: the frozen base's
-  # storage, 'float32' or 'bfloat16'; shard_activations: constrain
-  # activations by sharding_rules; attention: 'reference', 'xla' or
-  # 'cudnn' (docs/memory.md).
+  # remat: 'none', 'block' or 'dots'; scan_layers: the blocks as one
+  # scan over layers (one block's program whatever the depth);
+  # base_dtype: the frozen base's storage, 'float32' or 'bfloat16';
+  # shard_activations: constrain activations by sharding_rules;
+  # attention: 'reference', 'xla' or 'cudnn' (docs/memory.md).
   c.model = dict(family='', path='', init={}, dtype='float32',
                  dropout=-1.0, pooling='cls', remat='none',
-                 base_dtype='float32', shard_activations=True,
-                 attention='reference')
+                 scan_layers=False, base_dtype='float32',
+                 shard_activations=True, attention='reference')
   c.tokenizer = ''
   c.peft = dict(method='lora', rank=8, alpha=16.0, targets='',
                 dropout=0.0, use_rslora=False, loraplus_ratio=1.0,

@@ -10,12 +10,13 @@ compiles for the pod-scale table (docs/pod_scale.md).
 `experiments.plan` builds its shapes from `flaxlora.models.presets` (no
 download). The base is sharded FSDP-style over every chip (mesh fsdp=-1)
 and stored in bf16, products in bf16, every block rematerialised
-(model.remat=block), LoRA r=16 (alpha 32) on every attention and MLP
-kernel, AdamW. T5: XSum, inputs 512 / targets 128 tokens, global batch 128.
-BERT: SST-2 classification, 128 tokens, global batch 256. Llama-shaped
-decoders: XSum as prompt -> summary, rows of 2048 tokens (1920 + 128,
-packed), global batch 32, the loss 128 positions at a time
-(model.loss_chunk) and chunked attention.
+(model.remat=block) and each stack's blocks one scan (model.scan_layers),
+LoRA r=16 (alpha 32) on every attention and MLP kernel, AdamW. T5: XSum,
+inputs 512 / targets 128 tokens, global batch 128. BERT: SST-2
+classification, 128 tokens, global batch 256. Llama-shaped decoders: XSum
+as prompt -> summary, rows of 2048 tokens (1920 + 128, packed), global
+batch 32, the loss 128 positions at a time (model.loss_chunk) and chunked
+attention.
 
 Variants (after ':', comma-separated):
   model=flan-t5-xxl|flan-t5-xl|t5-v1_1-xxl|bert-large|llama-3-8b|qwen2-7b
@@ -75,8 +76,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     common.sst2_data(c)
     c.data.buckets = ()
   # bf16 products, the frozen base stored in bf16 (the adapter, its
-  # optimizer state and updates in fp32), every block rematerialised.
-  c.model.update(dtype='bfloat16', base_dtype='bfloat16', remat='block')
+  # optimizer state and updates in fp32), every block rematerialised, the
+  # blocks of a stack one scan (one block's program whatever the depth).
+  c.model.update(dtype='bfloat16', base_dtype='bfloat16', remat='block',
+                 scan_layers=True)
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.peft.update(method=arg.method, rank=16, alpha=32.0,
                 targets=TARGETS[family])

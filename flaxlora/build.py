@@ -164,9 +164,11 @@ def _head_kwargs(config: Any) -> dict[str, Any]:
 
 def _model_kwargs(config: Any) -> dict[str, Any]:
   """The family `build` arguments of the config: head (BERT) and the
-  memory options (`docs/memory.md`)."""
+  memory options (`docs/memory.md`; a workdir's config.json written before
+  `model.scan_layers` existed has none: False)."""
   m = config.model
-  return dict(_head_kwargs(config), remat=m.remat, attention=m.attention)
+  return dict(_head_kwargs(config), remat=m.remat, attention=m.attention,
+              scan_layers=bool(m.get('scan_layers', False)))
 
 
 def model_and_params(r: Any, rng: jax.Array):

@@ -16,8 +16,10 @@ compiler's figures give, per chip:
            temporaries (activations, gradients, workspace), and the total
            the compiler places in HBM, vs the chip's HBM;
   FLOPs    of the compiled (partitioned) step, and the model's useful FLOPs:
-           the step traced without rematerialisation (`model.remat` 'none'),
-           so recomputed forward passes are not counted as useful work;
+           the step traced without rematerialisation (`model.remat` 'none')
+           and unrolled, so recomputed forward passes are not counted as
+           useful work; with scans over layers (`model.scan_layers`) the
+           layers a cost analysis leaves out are added (`plan_cost`);
   time     the roofline: max(FLOPs / peak, HBM bytes accessed / bandwidth)
            and the MFU it implies (useful FLOPs / (roofline time x peak)).
 
@@ -38,6 +40,7 @@ import numpy as np
 from flaxlora import build
 from flaxlora import chips
 from flaxlora import optimizers
+from flaxlora import plan_cost
 from flaxlora import resolved
 from flaxlora import run_setup
 from flaxlora import sharding
@@ -190,20 +193,25 @@ def is_out_of_memory(error: Exception) -> bool:
   return 'RESOURCE_EXHAUSTED' in str(error)
 
 
-def useful_flops(config: Any, num_chips: int) -> float:
-  """The model's useful FLOPs per chip: XLA's cost analysis of the whole
-  (unpartitioned) step traced without rematerialisation, over `num_chips`.
+def lowered_cost(config: Any, **model: Any) -> dict[str, float]:
+  """XLA's cost analysis of the whole (unpartitioned) step, with the
+  `model` fields changed (e.g. remat='none'): `plan_cost.cost`'s keys.
 
-  Lowered for one CPU device: FLOPs of the unpartitioned program do not
-  depend on the backend, and the TPU compiler gives no cost analysis before
-  it partitions.
+  Lowered for one CPU device: the unpartitioned program does not depend on
+  the backend, and the TPU compiler gives no cost analysis before it
+  partitions.
   """
   config = ml_collections.ConfigDict(config.to_dict())
   config.mesh = {'data': 1, 'fsdp': 1, 'tensor': 1}
-  if config.model.get('remat', 'none') != 'none':
-    config.model.remat = 'none'
-  cost = abstract_step(config, jax.devices('cpu')[:1]).lower().cost_analysis()
-  return float(cost['flops']) / num_chips
+  config.model.update(model)
+  return plan_cost.cost(abstract_step(config, jax.devices('cpu')[:1]).lower())
+
+
+def useful_flops(config: Any, num_chips: int) -> float:
+  """The model's useful FLOPs per chip: the step without rematerialisation
+  and unrolled (`lowered_cost`), over `num_chips`."""
+  return lowered_cost(config, remat='none', scan_layers=False)['flops'] / (
+      num_chips)
 
 
 def compile_step(step: Step) -> tuple[Any, dict[str, float]]:
@@ -255,6 +263,7 @@ def plan(config: Any, t: chips.Target,
       'grad_accum_steps': int(config.optimizer.grad_accum_steps),
       'model_dtype': config.model.dtype,
       'remat': config.model.get('remat', 'none'),
+      'scan_layers': bool(config.model.get('scan_layers', False)),
       'base_dtype': config.model.get('base_dtype', 'float32'),
       'bytes': {'base': chip_bytes(step.base),
                 'adapter': chip_bytes(step.state.adapter),
@@ -272,20 +281,13 @@ def plan(config: Any, t: chips.Target,
                          total=total)
   report.update(fits=total <= t.chip.hbm_bytes,
                 headroom=round(1 - total / t.chip.hbm_bytes, 4))
-  cost = compiled.cost_analysis()
-  flops, accessed = float(cost['flops']), float(cost['bytes accessed'])
-  report.update(flops=flops, bytes_accessed=accessed,
-                useful_flops=useful_flops(config, len(device_list)))
-  if t.chip.peak_flops:
-    compute, memory_s = (flops / t.chip.peak_flops,
-                         accessed / t.chip.hbm_bandwidth)
-    roofline = max(compute, memory_s)
-    report.update(
-        compute_seconds=compute, memory_seconds=memory_s,
-        roofline_seconds=roofline,
-        bound='compute' if compute >= memory_s else 'memory',
-        mfu=round(report['useful_flops'] / (roofline * t.chip.peak_flops),
-                  4))
+  cost = plan_cost.cost(compiled)
+  if report['scan_layers']:
+    cost = plan_cost.scanned(cost, lowered_cost(config),
+                             lowered_cost(config, scan_layers=False))
+  report.update(cost, useful_flops=useful_flops(config, len(device_list)))
+  if t.chip.peak_flops and 'flops' in report:
+    report.update(plan_cost.roofline(report, t.chip))
   return report
 
 

@@ -49,7 +49,8 @@ def markdown(reports: Sequence[dict[str, Any]]) -> str:
     lines.append('| ' + ' | '.join([
         r['model'].split('/')[-1], r['peft'],
         f"{r['batch_size']} x {r['sequence']}" + _micro(r),
-        r['remat'], r['base_dtype'], r['target'], _mesh(r), used,
+        r['remat'] + (', scan' if r.get('scan_layers') else ''),
+        r['base_dtype'], r['target'], _mesh(r), used,
         f"{r['headroom']:.0%}" if 'headroom' in r else '-',
         'yes' if r['fits'] else 'no',
         _seconds(r['roofline_seconds']) if 'roofline_seconds' in r else '-',

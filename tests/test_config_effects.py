@@ -282,6 +282,7 @@ ROWS = [
     ('model.num_labels', BERT, {'model.num_labels': 3}, 'model', {}),
     ('model.pooling', BERT, {'model.pooling': 'mean'}, 'train', {}),
     ('model.remat', T5, {'model.remat': 'block'}, 'compiled', {}),
+    ('model.scan_layers', T5, {'model.scan_layers': True}, 'compiled', {}),
     ('model.base_dtype', BERT, {'model.base_dtype': 'bfloat16'}, 'train', {}),
     ('model.shard_activations', T5, {'model.shard_activations': False},
      'compiled', {}),

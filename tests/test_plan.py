@@ -147,6 +147,20 @@ def test_plan_on_the_host_devices_through_the_cli(tmp_path):
   assert '| cpu |' in rows[2] and '| yes |' in rows[2]
 
 
+def test_a_scanned_step_is_costed_with_every_layer():
+  # XLA's cost analysis counts a loop's body once: the plan scales the
+  # scanned step's figures by what the unrolled step costs over it.
+  config = pod_lora.get_config(TINY)  # 2 + 2 layers, scanned
+  scanned = plan.plan(config, chips.target('cpu'))
+  config.model.scan_layers = False
+  unrolled = plan.plan(config, chips.target('cpu'))
+  assert 'compiled_flops' in scanned and 'compiled_flops' not in unrolled
+  assert scanned['compiled_flops'] < 0.8 * scanned['flops']
+  assert scanned['flops'] == pytest.approx(unrolled['flops'], rel=0.1)
+  assert scanned['bytes_accessed'] == pytest.approx(
+      unrolled['bytes_accessed'], rel=0.3)
+
+
 @pytest.mark.parametrize('variant', [
     'model=flan-t5-xxl', 'model=flan-t5-xl,method=qlora', 'model=bert-large',
     'model=llama-3-8b', 'model=qwen2-7b,method=qlora,batch=4'])
@@ -155,7 +169,8 @@ def test_pod_configs_name_presets_and_valid_methods(variant):
   assert presets.config_json(config.model.path)['model_type'] in (
       't5', 'bert', 'llama', 'qwen2')
   assert build.peft_method(config.peft, config.model.family).init
-  assert (config.mesh.fsdp, config.model.remat) == (-1, 'block')
+  assert (config.mesh.fsdp, config.model.remat, config.model.scan_layers) == (
+      -1, 'block', True)
 
 
 def test_missing_libtpu_is_one_line_with_the_install():

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from flaxlora.models import attention
 from flaxlora.models import bert_hf
+from flaxlora.models import layer_scan
 from flaxlora.models import layers
 from flaxlora.models import remat as remat_lib
 
@@ -192,17 +193,23 @@ class Encoder(nn.Module):
   dtype: jnp.dtype
   remat: str = 'none'
   attention_impl: str = 'reference'
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool,
                prefix_kv: Array | None = None) -> Array:
     """x [B, T, H], key mask [B, P + T], prefix_kv [L, 2, P, H] -> [B, T, H]
     """
+    names = [f'layer_{i}' for i in range(self.config.num_hidden_layers)]
+    if self.scan_layers and not self.is_initializing():
+      return layer_scan.blocks(
+          self, Layer(self.config, self.dtype, self.attention_impl,
+                      parent=None), names, x, (mask,), deterministic,
+          prefix_kv)
     # `deterministic` (argument 3 of Layer.__call__) is a Python bool.
     layer = remat_lib.wrap(Layer, self.remat, static_argnums=(3,))
-    for i in range(self.config.num_hidden_layers):
-      x = layer(self.config, self.dtype, self.attention_impl,
-                name=f'layer_{i}')(
+    for i, name in enumerate(names):
+      x = layer(self.config, self.dtype, self.attention_impl, name=name)(
           x, mask, deterministic, None if prefix_kv is None else prefix_kv[i])
     return x
 
@@ -225,6 +232,8 @@ class Bert(nn.Module):
       class for 'mean' (`models.save` refuses it).
     remat: rematerialisation of every layer (`remat.POLICIES`).
     attention_impl: one of `attention.IMPLEMENTATIONS`.
+    scan_layers: the encoder's layers as one scan (`layer_scan`) after
+      init.
   """
   config: BertConfig
   head: str | None = None
@@ -233,6 +242,7 @@ class Bert(nn.Module):
   pooling: str = 'cls'
   remat: str = 'none'
   attention_impl: str = 'reference'
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
@@ -275,7 +285,7 @@ class Bert(nn.Module):
     x = Embeddings(cfg, self.dtype, name='embeddings')(
         input_ids, token_type_ids, deterministic, prompt, num_prefix)
     x = Encoder(cfg, self.dtype, self.remat, self.attention_impl,
-                name='encoder')(
+                self.scan_layers, name='encoder')(
         x, attention.key_mask(attention_mask, num_prefix), deterministic,
         prefix_kv)
     dense = lambda n, axes, name: layers.Dense(
@@ -318,7 +328,7 @@ _check_attention = attention.check_implementation
 def build(config: BertConfig, *, dtype: jnp.dtype = jnp.float32,
           head: str | None = AUTO, num_labels: int | None = None,
           pooling: str = 'cls', remat: str = 'none',
-          attention: str = 'reference') -> Bert:
+          attention: str = 'reference', scan_layers: bool = False) -> Bert:
   """A Bert module.
 
   Args:
@@ -330,6 +340,7 @@ def build(config: BertConfig, *, dtype: jnp.dtype = jnp.float32,
     pooling: 'cls' or 'mean' (see `Bert`).
     remat: one of `remat.POLICIES` (see `Bert`).
     attention: one of `attention.IMPLEMENTATIONS`.
+    scan_layers: the encoder's layers as one scan (see `Bert`).
   """
   head = config.head if head == AUTO else head
   if head not in HEADS:
@@ -350,7 +361,8 @@ def build(config: BertConfig, *, dtype: jnp.dtype = jnp.float32,
   remat_lib.wrap(Layer, remat)  # checks the name
   _check_attention(attention)
   return Bert(config, head=head, num_labels=num_labels, dtype=dtype,
-              pooling=pooling, remat=remat, attention_impl=attention)
+              pooling=pooling, remat=remat, attention_impl=attention,
+              scan_layers=bool(scan_layers))
 
 
 def _boxed_init(model: Bert, rng: Array) -> Any:

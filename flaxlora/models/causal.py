@@ -1,8 +1,8 @@
 """Pieces shared by the causal (decoder-only) language models, `llama` and
 `gpt2`: positions, the attention mask, the key/value cache and attention over
 grouped key/value heads; what a call does around its blocks (`inputs`: the
-soft prompt, positions and mask; `layer_args`: each layer's prefix or cache;
-`next_cache`) and `build`, so that a family writes only its blocks.
+soft prompt, positions and mask; `next_cache`; the loop over the blocks is
+`causal_stack`'s) and `build`, so that a family writes only its blocks.
 
 A causal LM is called as
 
@@ -336,16 +336,6 @@ def inputs(embeddings: Array, input_ids: Array, attention_mask: Array | None,
   return Inputs(x, num_prompt, positions, keep, key_mask)
 
 
-def layer_args(i: int, cache: Cache | None, prefix_kv: Array | None
-               ) -> tuple[Array | None, dict[str, Array] | None,
-                          Array | None]:
-  """Layer i's (prefix [2, P, K*D], cache buffers, cache index), each None
-  when absent."""
-  if cache is None:
-    return None if prefix_kv is None else prefix_kv[i], None, None
-  return None, cache['layers'][i], cache['index']
-
-
 def next_cache(cache: Cache, inp: Inputs,
                new_layers: Sequence[dict[str, Array]]) -> Cache:
   """The cache after a call that wrote `inp.x`'s P + T positions."""
@@ -354,15 +344,16 @@ def next_cache(cache: Cache, inp: Inputs,
 
 
 def build(module: type[nn.Module], block: type[nn.Module], family: str,
-          config: Any, dtype: Any, remat: str, attention: str) -> nn.Module:
-  """`module(config, dtype, remat, attention)` once `remat` (one of
-  `remat.POLICIES`, on every `block`) and `attention` (one of
+          config: Any, dtype: Any, remat: str, attention: str,
+          scan_layers: bool = False) -> nn.Module:
+  """`module(config, dtype, remat, attention, scan_layers)` once `remat`
+  (one of `remat.POLICIES`, on every `block`) and `attention` (one of
   `attention.CAUSAL_IMPLEMENTATIONS`; 'chunked': `attend` a block of
   queries at a time; the fused kernels are T5's and BERT's so far) are
-  checked."""
+  checked; `scan_layers`: see `causal_stack.blocks`."""
   remat_lib.wrap(block, remat)  # checks the name
   attention_lib.reference_only(attention, family)
-  return module(config, dtype, remat, attention)
+  return module(config, dtype, remat, attention, bool(scan_layers))
 
 
 def _boxed_init(model: Any, rng: jax.Array) -> Any:

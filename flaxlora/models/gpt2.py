@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from flaxlora.models import causal
+from flaxlora.models import causal_stack
 from flaxlora.models import hf_io
 from flaxlora.models import layers
-from flaxlora.models import remat as remat_lib
 
 Array = jax.Array
 _ACTIVATIONS = ('gelu_new', 'gelu_pytorch_tanh', 'gelu')
@@ -123,11 +123,13 @@ class Block(nn.Module):
 
 class GPT2(nn.Module):
   """GPT-2 with its tied output layer; called like `llama.Llama`. `remat`:
-  one of `remat.POLICIES`, on every block."""
+  one of `remat.POLICIES`, on every block; `scan_layers`: see
+  `causal_stack.blocks`."""
   config: GPT2Config
   dtype: Any = jnp.float32
   remat: str = 'none'
   attention: str = 'reference'  # attention.CAUSAL_IMPLEMENTATIONS
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
@@ -148,14 +150,9 @@ class GPT2(nn.Module):
     x = inp.x + embed(c.n_positions, ('positions', 'embed'), 'wpe')(
         inp.positions)
     x = layers.Dropout(c.embd_pdrop)(x, deterministic=deterministic)
-    new_layers = []
-    # `deterministic` (argument 3 of Block.__call__) is a Python bool.
-    block = remat_lib.wrap(Block, self.remat, static_argnums=(3,))
-    for i in range(c.n_layer):
-      x, buffers = block(c, self.dtype, self.attention, name=f'h_{i}')(
-          x, inp.keep, deterministic, *causal.layer_args(i, cache, prefix_kv))
-      x = layers.constrain(x, ('batch', None, None))
-      new_layers.append(buffers)
+    x, new_layers = causal_stack.blocks(
+        self, Block, [f'h_{i}' for i in range(c.n_layer)], x, (inp.keep,),
+        deterministic, cache, prefix_kv)
     x = layers.LayerNorm(c.layer_norm_epsilon, self.dtype, name='ln_f')(x)
     if not head and cache is None:
       return x[:, inp.num_prompt:]
@@ -184,9 +181,11 @@ GPT2.HEAD = Head
 
 
 def build(config: GPT2Config, *, dtype: Any = jnp.float32,
-          remat: str = 'none', attention: str = 'reference') -> GPT2:
+          remat: str = 'none', attention: str = 'reference',
+          scan_layers: bool = False) -> GPT2:
   """A GPT2 module; see `causal.build`."""
-  return causal.build(GPT2, Block, 'gpt2', config, dtype, remat, attention)
+  return causal.build(GPT2, Block, 'gpt2', config, dtype, remat, attention,
+                      scan_layers)
 
 
 # Fresh fp32 params, and their logical axes: shared by the causal families.

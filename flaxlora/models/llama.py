@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from flaxlora.models import causal
+from flaxlora.models import causal_stack
 from flaxlora.models import layers
-from flaxlora.models import remat as remat_lib
 from flaxlora.models import llama_hf
 
 Array = jax.Array
@@ -134,11 +134,13 @@ class Block(nn.Module):
 
 class Llama(nn.Module):
   """The causal LM; see the module docstring and `causal`. `remat`: one of
-  `remat.POLICIES`, on every block."""
+  `remat.POLICIES`, on every block; `scan_layers`: see
+  `causal_stack.blocks`."""
   config: LlamaConfig
   dtype: Any = jnp.float32
   remat: str = 'none'
   attention: str = 'reference'  # attention.CAUSAL_IMPLEMENTATIONS
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
@@ -172,15 +174,9 @@ class Llama(nn.Module):
                         positions, segment_ids, cache, prompt, prefix_kv,
                         c.sliding_window)
     rope = rope_tables(c, inp.positions)
-    x, new_layers = inp.x, []
-    # `deterministic` (argument 4 of Block.__call__) is a Python bool.
-    block = remat_lib.wrap(Block, self.remat, static_argnums=(4,))
-    for i in range(c.num_hidden_layers):
-      x, buffers = block(c, self.dtype, self.attention, name=f'layers_{i}')(
-          x, rope, inp.keep, deterministic,
-          *causal.layer_args(i, cache, prefix_kv))
-      x = layers.constrain(x, ('batch', None, None))
-      new_layers.append(buffers)
+    x, new_layers = causal_stack.blocks(
+        self, Block, [f'layers_{i}' for i in range(c.num_hidden_layers)],
+        inp.x, (rope, inp.keep), deterministic, cache, prefix_kv)
     x = layers.RMSNorm(c.rms_norm_eps, self.dtype, name='norm')(x)
     x = x[:, inp.num_prompt:]
     if not head and cache is None:
@@ -218,9 +214,11 @@ Llama.HEAD = Head
 
 
 def build(config: LlamaConfig, *, dtype: Any = jnp.float32,
-          remat: str = 'none', attention: str = 'reference') -> Llama:
+          remat: str = 'none', attention: str = 'reference',
+          scan_layers: bool = False) -> Llama:
   """A Llama module; see `causal.build`."""
-  return causal.build(Llama, Block, 'llama', config, dtype, remat, attention)
+  return causal.build(Llama, Block, 'llama', config, dtype, remat, attention,
+                      scan_layers)
 
 
 # Fresh fp32 params, and their logical axes: shared by the causal families.

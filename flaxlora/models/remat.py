@@ -1,6 +1,7 @@
 """Rematerialisation (activation checkpointing) of transformer blocks.
 
     Block = remat.wrap(Block, 'dots', static_argnums=(5,))
+    body = remat.checkpoint(body, 'dots')  # a scan's body over layers
 
 The backward pass of a block needs its forward intermediates. Without remat
 every block keeps them all until its gradient is taken, so the activations
@@ -17,14 +18,24 @@ policy saves and recomputes the rest in the backward pass:
 
 Values and gradients are the same under every policy (the same operations
 run; only when they run changes). Every model family applies `wrap` to its
-block class, so `model.remat` means the same thing in each.
+block class, and `layer_scan` applies `checkpoint` to its loop body (one
+block), so `model.remat` means the same thing in each.
 """
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 
 POLICIES = ('none', 'block', 'dots')
+
+
+def _saveable(policy: str) -> Callable[..., bool] | None:
+  """What `policy` saves: None (nothing but the inputs) for 'block'."""
+  if policy not in POLICIES:
+    raise ValueError(f'model.remat={policy!r}: use one of {POLICIES}.')
+  if policy == 'dots':
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return None
 
 
 def wrap(block: type[nn.Module], policy: str,
@@ -38,12 +49,19 @@ def wrap(block: type[nn.Module], policy: str,
       (Python bools such as `deterministic`), counting `self` as 0; they
       must be passed positionally.
   """
-  if policy not in POLICIES:
-    raise ValueError(f'model.remat={policy!r}: use one of {POLICIES}.')
+  saveable = _saveable(policy)
   if policy == 'none':
     return block
-  saveable = (None if policy == 'block' else
-              jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
   return nn.remat(block, policy=saveable,
                   static_argnums=tuple(static_argnums))
 
+
+def checkpoint(fn: Callable[..., Any], policy: str) -> Callable[..., Any]:
+  """`fn`, a pure function of arrays (the body of a scan over layers),
+  rematerialised by `policy` (one of POLICIES); 'none' returns `fn`."""
+  saveable = _saveable(policy)
+  if policy == 'none':
+    return fn
+  # prevent_cse=False: inside a scan the loop already keeps the recomputation
+  # apart from the forward pass (jax.checkpoint's advice for scans).
+  return jax.checkpoint(fn, policy=saveable, prevent_cse=False)

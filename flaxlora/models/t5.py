@@ -55,20 +55,26 @@ class T5(nn.Module):
     dtype: compute dtype.
     remat: rematerialisation of every block (`remat.POLICIES`).
     attention_impl: one of `attention.IMPLEMENTATIONS`.
+    scan_layers: each stack's blocks as one scan (`layer_scan`) in
+      `__call__`, `encode` and `decode`; the cached decoding steps stay
+      unrolled.
   """
   config: T5Config
   dtype: Any = jnp.float32
   remat: str = 'none'
   attention_impl: str = 'reference'
+  scan_layers: bool = False
 
   def setup(self):
     c = self.config
     self.shared = layers.Embed(c.vocab_size, c.d_model, dtype=self.dtype,
                                embedding_init=nn.initializers.normal(1.0))
     self.encoder = t5_stack.Stack(c, False, self.shared, self.dtype,
-                                  self.remat, self.attention_impl)
+                                  self.remat, self.attention_impl,
+                                  self.scan_layers)
     self.decoder = t5_stack.Stack(c, True, self.shared, self.dtype,
-                                  self.remat, self.attention_impl)
+                                  self.remat, self.attention_impl,
+                                  self.scan_layers)
     if not c.tie_word_embeddings:
       self.lm_head = layers.Dense(
           c.vocab_size, axes=('embed', 'vocab'), dtype=self.dtype,
@@ -185,12 +191,13 @@ _check_attention = attention.check_implementation
 
 
 def build(config: T5Config, *, dtype: Any = jnp.float32,
-          remat: str = 'none', attention: str = 'reference') -> T5:
+          remat: str = 'none', attention: str = 'reference',
+          scan_layers: bool = False) -> T5:
   """A T5 module; `remat` is one of `remat.POLICIES`, `attention` of
-  `attention.IMPLEMENTATIONS`."""
+  `attention.IMPLEMENTATIONS`, `scan_layers` scans each stack's blocks."""
   remat_lib.wrap(t5_stack.Block, remat)  # checks the name
   _check_attention(attention)
-  return T5(config, dtype, remat, attention)
+  return T5(config, dtype, remat, attention, bool(scan_layers))
 
 
 def _dummy_inputs():

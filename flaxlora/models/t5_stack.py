@@ -5,7 +5,9 @@ attention masks (unpacked, packed and one cached decoding step).
 The relative position bias is computed once per stack (its table lives in
 `relpos_bias`) and shared by all blocks; as in the reference, attention
 scores are not scaled by 1/sqrt(D). `t5.T5` puts two stacks around one
-shared embedding.
+shared embedding. With `scan_layers` a stack's call (training, evaluation)
+runs its blocks as one scan (`layer_scan`); init and the cached decoding
+steps stay unrolled, over the same per-block params.
 """
 from typing import Any
 
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlora.models import attention
+from flaxlora.models import layer_scan
 from flaxlora.models import layers
 from flaxlora.models import remat as remat_lib
 from flaxlora.models import t5_hf
@@ -133,13 +136,15 @@ def _mask_bias(mask: Array) -> Array:
 
 
 class Stack(nn.Module):
-  """The encoder (`decoder=False`) or decoder stack, sharing `embed`."""
+  """The encoder (`decoder=False`) or decoder stack, sharing `embed`;
+  `scan_layers`: `__call__` scans its blocks (see the module docstring)."""
   config: t5_hf.T5Config
   decoder: bool
   embed: nn.Module
   dtype: Any = jnp.float32
   remat: str = 'none'
   attention_impl: str = 'reference'
+  scan_layers: bool = False
 
   def setup(self):
     c = self.config
@@ -198,9 +203,16 @@ class Stack(nn.Module):
     else:
       self_bias, cross_bias = self._biases(mask, encoder_mask, x.shape[1],
                                            attention.prefix_length(prefix_kv))
-    for i, block in enumerate(self._blocks()):
-      x = block(x, self_bias, encoded, cross_bias, deterministic, None,
-                None if prefix_kv is None else prefix_kv[i])
+    if self.scan_layers and not self.is_initializing():
+      x = layer_scan.blocks(
+          self, Block(self.config, self.decoder, self.dtype,
+                      self.attention_impl, parent=None),
+          [f'block_{i}' for i in range(self.depth)], x,
+          (self_bias, encoded, cross_bias), deterministic, prefix_kv)
+    else:
+      for i, block in enumerate(self._blocks()):
+        x = block(x, self_bias, encoded, cross_bias, deterministic, None,
+                  None if prefix_kv is None else prefix_kv[i])
     return self.dropout(self.final_norm(x), deterministic=deterministic)
 
   def _biases(self, mask, encoder_mask, length, num_prefix):
