@@ -90,9 +90,10 @@ def _machine(report: dict[str, Any]) -> str:
 
 
 def _load(report: dict[str, Any]) -> str:
-  """The 15-minute load average when the run ended: 0 on a quiet host."""
+  """The 1-minute load average when the run ended (the benchmark's own
+  two busy cores make about 2)."""
   load = report.get('hardware', {}).get('load_average')
-  return f'{load[2]:.1f}' if load else '—'
+  return f'{load[0]:.1f}' if load else '—'
 
 
 def train_rows(report: dict[str, Any]) -> list[str]:
@@ -144,8 +145,9 @@ def markdown(records: list[dict[str, Any]]) -> str:
       '### Train step: `python -m experiments.benchmark lora`', '',
       'Milliseconds per step (median); ratios are PEFT time over flaxlora '
       'time; a share is FLOP/s over the matmul peak of the same precision, '
-      'measured in the same run; load is the 15-minute load average at the '
-      'end (on 2 cores, above ~0.5 other work shared the machine; the '
+      'measured in the same run; load is the 1-minute load average at the '
+      'end (on 2 cores the benchmark itself makes about 2: above that other '
+      'work shared the machine; the '
       'contenders of a row run interleaved, step by step, so both sides '
       'share it alike).', '',
       '| CPU (cores) | model | flaxlora fp32 | flaxlora mixed bf16 | PEFT '
