@@ -231,6 +231,8 @@ def summarize(results: dict[str, Any], peak: dict[str, float]
   step; `add_peak_shares` adds each row's FLOP/s to `results`."""
   summary = {}
   for family in ROWS:
+    if f'{family}/flax_fp32' not in results:  # not run (--only)
+      continue
     flax_best = _fastest(results, f'{family}/flax_fp32', f'{family}/flax_mixed')
     peft_best = _fastest(results, f'{family}/peft_fp32', f'{family}/peft_bf16')
     summary.update({
@@ -311,7 +313,7 @@ def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
   for key in ('configs', 'results'):
     merged[key] = {k: v for r in reports for k, v in r[key].items()}
   merged['summary'] = {k: v for r in reports for k, v in r['summary'].items()
-                       if v is not None and v != {'flax': None, 'peft': None}}
+                       if v is not None}
   merged['matmul_peak'] = {k: max(r['matmul_peak'][k] for r in reports)
                            for k in reports[-1]['matmul_peak']}
   merged['peak_rss_gb'] = max(r['peak_rss_gb'] for r in reports)

@@ -6,9 +6,8 @@ r"""The benchmark tables of docs/benchmarks.md, generated from records.
 
 A record is the JSON a benchmark wrote (`lora`, or `generate` of T5 or of
 a Llama), kept as `experiments/results/bench/<kind>_<cpu>.json`: one per
-benchmark and CPU model, the newest replacing the older. `--add` stamps a
-record that has no date and commit with the time it is added and the
-checkout's commit (`recorded_on_add`). The page's tables, between its
+benchmark and CPU model, the newest replacing the older; it carries the
+run's date, commit and hardware (`provenance.record()`). The page's tables, between its
 markers, are made from the records and nothing else: the train step and
 generation side by side with PyTorch (ratios > 1: flaxlora faster) and the
 matmul peaks measured in the same run.
@@ -24,7 +23,6 @@ from absl import flags
 
 from flaxlora import atomic
 from flaxlora import errors
-from flaxlora import provenance
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECORDS = ROOT / 'experiments' / 'results' / 'bench'
@@ -60,11 +58,11 @@ def add(path: str) -> pathlib.Path:
     report = json.loads(pathlib.Path(path).read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f'--add={path}: {e}') from e
+  kind(report)  # a benchmark's JSON, or a one-line error
   if 'date' not in report:
-    stamp = provenance.record()
-    report.update(date=stamp['date'], commit=stamp['commit'],
-                  dirty=stamp['dirty'], recorded_on_add=True)
-    report.setdefault('hardware', stamp['hardware'])
+    raise ValueError(f'--add={path}: no date, commit or hardware (written '
+                     'before benchmarks recorded them); run the benchmark '
+                     'again.')
   target = record_path(report)
   target.parent.mkdir(parents=True, exist_ok=True)
   atomic.write_file(target, json.dumps(report, indent=2) + '\n')

@@ -30,6 +30,10 @@ def test_add_refuses_what_no_benchmark_wrote(tmp_path):
   other.write_text(json.dumps({'eval_accuracy': 0.9}))
   with pytest.raises(ValueError, match='not the JSON of `experiments'):
     bench_table.add(str(other))
+  undated = tmp_path / 'old_bench.json'
+  undated.write_text(json.dumps({'configs': {}, 'summary': {}}))
+  with pytest.raises(ValueError, match='no date, commit or hardware'):
+    bench_table.add(str(undated))
   with pytest.raises(ValueError, match='--add=.*missing.json'):
     bench_table.add(str(tmp_path / 'missing.json'))
 
